@@ -1,0 +1,53 @@
+"""The `rl3d` command group. Subcommands live one per module in rl3d.cli and load lazily,
+so `rl3d --help` stays fast and a command's heavy imports (torch) happen only when it runs."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+
+import click
+
+from rl3d.cli import __version__
+
+# command name -> module in rl3d.cli exposing `command`
+COMMANDS = {
+    "synth": "synth",
+    "codec": "codec",
+    "render": "render",
+    "gen": "gen",
+    "sft": "sft",
+    "reward": "reward",
+    "train-scorer": "train_scorer",
+    "rl-step": "rl_step",
+    "eval": "eval",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [n for n, m in COMMANDS.items() if importlib.util.find_spec(f"rl3d.cli.{m}") is not None]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f"rl3d.cli.{COMMANDS[name]}").command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="rl3d")
+def main():
+    """rl3d: reinforcement learning (Hi-GRPO) of autoregressive text-to-3D models.
+
+    Stages exchange Parquet tables and GLB files on disk:
+    synth -> gen -> render -> reward -> rl-step, and eval for benchmarks.
+    """
+    # offline by design: never let a library reach a model hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="[rl3d] %(message)s")
+
+
+if __name__ == "__main__":
+    main()

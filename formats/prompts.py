@@ -1,0 +1,86 @@
+"""Prompt files: .txt (one per line), .jsonl, .csv, .parquet with a `prompt` column and optional
+`prompt_id`, `category` (and any extra columns such as `spec`, kept as strings).
+prompt_id defaults to a stable hash of the text."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rl3d.formats.errors import InputError
+
+
+def prompt_hash(text: str) -> str:
+    return "p" + hashlib.sha1(text.strip().encode()).hexdigest()[:12]
+
+
+def read_prompts(path: str | os.PathLike) -> pa.Table:
+    """-> a prompts table (prompt_id, prompt, category + extra string columns), in file order."""
+    p = Path(path)
+    if p.is_dir() or any(ch in str(path) for ch in "*?["):
+        from rl3d.formats.tables import list_parts
+
+        rows = []
+        for f in list_parts(p):
+            rows += _rows_parquet(f)
+        return _to_table(rows, str(path))
+    if not p.exists():
+        raise InputError(f"{p}: prompt file not found")
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        rows = [{"prompt": line.strip()} for line in p.read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    elif suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{p}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{p}:{n}: expected a JSON object per line")
+            rows.append(obj)
+    elif suffix == ".csv":
+        with open(p, newline="") as f:
+            rows = list(csv.DictReader(f))
+    elif suffix == ".parquet":
+        rows = _rows_parquet(p)
+    else:
+        raise InputError(f"{p}: unknown prompt file type {suffix!r} (use .txt, .jsonl, .csv or .parquet)")
+    return _to_table(rows, str(p))
+
+
+def _rows_parquet(f: Path) -> list[dict]:
+    try:
+        return pq.read_table(f).to_pylist()
+    except Exception as e:
+        raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__})") from None
+
+
+def _to_table(rows: list[dict], source: str) -> pa.Table:
+    out, seen = [], {}
+    for n, r in enumerate(rows, 1):
+        text = r.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{source}: row {n}: missing or empty 'prompt'")
+        pid = str(r.get("prompt_id") or prompt_hash(text))
+        if pid in seen:
+            if seen[pid] == text.strip():
+                continue  # the same prompt twice: one group
+            raise InputError(f"{source}: row {n}: prompt_id {pid!r} reused for a different prompt")
+        seen[pid] = text.strip()
+        row = {k: (v if isinstance(v, str) or v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+               for k, v in r.items() if k not in ("prompt", "prompt_id", "category")}
+        row.update(prompt_id=pid, prompt=text.strip(), category=(r.get("category") or None))
+        out.append(row)
+    if not out:
+        raise InputError(f"{source}: no prompts")
+    cols = ["prompt_id", "prompt", "category"] + sorted({k for r in out for k in r} - {"prompt_id", "prompt", "category"})
+    return pa.table({c: pa.array([r.get(c) for r in out], pa.string()) for c in cols})

@@ -1,0 +1,212 @@
+"""Sharded, atomic, resumable stage outputs.
+
+Layout of a stage output directory:
+    part-00000-of-00004.parquet     one Parquet part per shard
+    _shards/00000-of-00004.json     completion marker of a shard (written after its part)
+    _manifest.json                  stage, config, config hash, shard count, completeness (written last)
+    meshes/ images/ ...             media files, each written atomically
+
+A killed stage leaves either nothing or a whole part: files are written under a temporary
+name, fsynced and renamed. Readers refuse a directory whose shards are not all complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rl3d.formats.errors import InputError
+
+MANIFEST = "_manifest.json"
+MARKERS = "_shards"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise InputError(f"--shard {self.index}/{self.count}: need 0 <= I < N")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:05d}-of-{self.count:05d}"
+
+    def owns(self, key: str) -> bool:
+        """Deterministic assignment by a stable hash of the key (a prompt_id: groups never split)."""
+        return self.count == 1 or stable_hash(key) % self.count == self.index
+
+
+def parse_shard(text: str | None, env: dict | None = None) -> Shard:
+    """`I/N`; without it, SLURM_ARRAY_TASK_ID with N from SLURM_ARRAY_TASK_COUNT; else 0/1."""
+    env = os.environ if env is None else env
+    if text:
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise InputError(f"--shard {text!r}: expected I/N, e.g. 0/8") from None
+        return Shard(i, n)
+    if "SLURM_ARRAY_TASK_ID" in env:
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise InputError("SLURM_ARRAY_TASK_ID is set but the shard count is not: pass --shard I/N")
+        return Shard(int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
+                     int(env["SLURM_ARRAY_TASK_COUNT"]))
+    return Shard(0, 1)
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def part_path(out: Path, shard: Shard) -> Path:
+    return Path(out) / f"part-{shard.tag}.parquet"
+
+
+def marker_path(out: Path, shard: Shard) -> Path:
+    return Path(out) / MARKERS / f"{shard.tag}.json"
+
+
+def _tmp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def atomic_write_json(final: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(final, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+class atomic_path:
+    """Context manager yielding a temp path to write to; renamed to `final` on success only.
+
+    Keeps the final suffix so libraries that pick a format by extension (trimesh, PIL) work.
+    """
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".tmp-{os.getpid()}-{self.final.name}")
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.final)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+        return False
+
+
+def write_part(table: pa.Table, out: Path, shard: Shard) -> Path:
+    final = part_path(out, shard)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def read_manifest(out: Path) -> dict | None:
+    p = Path(out) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"{p}: manifest is not valid JSON") from None
+
+
+def completed_shards(out: Path, count: int) -> set[int]:
+    d = Path(out) / MARKERS
+    done = set()
+    for i in range(count):
+        if (d / f"{Shard(i, count).tag}.json").exists():
+            done.add(i)
+    return done
+
+
+def check_complete(out: Path) -> None:
+    """Raise InputError unless every shard recorded by the manifest has its completion marker.
+
+    A directory without a manifest (hand-made parts) is accepted as is.
+    """
+    m = read_manifest(out)
+    if m is None:
+        return
+    n = int(m["num_shards"])
+    missing = sorted(set(range(n)) - completed_shards(out, n))
+    if missing:
+        shown = ",".join(str(i) for i in missing[:20]) + ("..." if len(missing) > 20 else "")
+        raise InputError(f"{out}: incomplete stage output: shards {shown} of {n} not finished "
+                         f"(rerun `rl3d {m.get('stage', '<stage>')}` for them)")
+
+
+def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) -> bool:
+    """Prepare `out` for one shard. Returns False when the shard is already complete (skip).
+
+    Refuses to mix outputs of different configs or shard counts unless --overwrite.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    h = config_hash(config)
+    m = read_manifest(out)
+    if m is not None and not overwrite:
+        if m.get("config_hash") != h:
+            raise InputError(f"{out}: holds output of a different config (hash {m.get('config_hash')} != {h}); "
+                             f"use --overwrite or another --out")
+        if int(m.get("num_shards", shard.count)) != shard.count:
+            raise InputError(f"{out}: was written with {m['num_shards']} shards, not {shard.count}; "
+                             f"use --overwrite or the same --shard count")
+    if overwrite:
+        marker_path(out, shard).unlink(missing_ok=True)
+        if m is not None and int(m.get("num_shards", shard.count)) != shard.count:
+            # a different shard count invalidates every old part and marker
+            for f in list(out.glob("part-*.parquet")) + list((out / MARKERS).glob("*.json")):
+                f.unlink()
+    elif marker_path(out, shard).exists():
+        return False
+    for tmp in out.glob(".*.tmp-*"):  # leftovers of a killed writer
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
+    return True
+
+
+def finish(out: Path, stage: str, config: dict, shard: Shard, stats: dict) -> None:
+    """Mark a shard complete (after its part was written), then refresh the manifest."""
+    atomic_write_json(marker_path(out, shard), {"shard": shard.index, "num_shards": shard.count,
+                                                "finished_at": time.time(), **stats})
+    atomic_write_json(Path(out) / MANIFEST, _manifest(out, stage, config, config_hash(config), shard.count))
+
+
+def _manifest(out: Path, stage: str, config: dict, h: str, count: int) -> dict:
+    from rl3d.cli import __version__
+
+    done = completed_shards(out, count)
+    return {"stage": stage, "rl3d_version": __version__, "config": config, "config_hash": h,
+            "num_shards": count, "completed_shards": sorted(done), "complete": len(done) == count}

@@ -1,0 +1,171 @@
+"""Parquet table contracts shared by every stage.
+
+Each table kind has a name, a version and a set of required columns with their Arrow types.
+Extra columns are allowed (reward tables grow one column per term). Readers validate and
+fail with one line naming the file and the missing or mistyped column.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rl3d.formats.errors import InputError
+
+META_TABLE = b"rl3d.table"
+META_VERSION = b"rl3d.version"
+META_CONFIG = b"rl3d.config"  # JSON of the config that produced the table
+META_POLICY = b"rl3d.policy"  # policy id (path, hash, step) where one was involved
+
+_str, _i32, _i64, _f32, _f64 = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64()
+
+# Required columns per table kind. Types are checked when the column is present.
+SCHEMAS: dict[str, tuple[int, dict[str, pa.DataType]]] = {
+    "prompts": (1, {"prompt_id": _str, "prompt": _str, "category": _str}),
+    # procedural objects from `rl3d synth`: ground truth for sft, spec checks and eval
+    "objects": (1, {
+        "sample_id": _str, "prompt_id": _str, "prompt": _str, "category": _str,
+        "family": _str, "split": _str, "spec": _str, "plan": _str, "detail": _str,
+        "voxels": pa.binary(), "mesh_tokens": pa.list_(_i32), "mesh_path": _str,
+        "status": _str, "message": _str,
+    }),
+    # rollouts from `rl3d gen`: one row per (prompt_id, sample_index, level)
+    "samples": (1, {
+        "sample_id": _str, "prompt_id": _str, "sample_index": _i32, "level": _str,
+        "prompt": _str, "input_ids": pa.list_(_i32), "prompt_len": _i32,
+        "reasoning_start": _i32, "reasoning_end": _i32, "mesh_start": _i32, "mesh_end": _i32,
+        "logprobs": pa.list_(_f32), "reasoning": _str, "mesh_tokens": pa.list_(_i32),
+        "status": _str, "message": _str, "mesh_path": _str, "policy_id": _str,
+        "policy_step": _i64, "seed": _i64,
+    }),
+    # one row per (sample_id, view) from `rl3d render`
+    "renders": (1, {
+        "sample_id": _str, "view": _i32, "azimuth": _f32, "elevation": _f32,
+        "image_path": _str, "status": _str, "message": _str,
+    }),
+    # one row per sample from `rl3d reward`; plus <term>, <term>_raw, <term>_status ... columns
+    "rewards": (1, {
+        "sample_id": _str, "prompt_id": _str, "sample_index": _i32, "level": _str,
+        "total": _f64, "status": _str, "message": _str,
+    }),
+    # per-sample advantages written by `rl3d rl-step` for audit
+    "advantages": (1, {
+        "sample_id": _str, "prompt_id": _str, "sample_index": _i32, "level": _str,
+        "reward": _f64, "advantage": _f64, "kept": pa.bool_(),
+    }),
+    # one row per (step or policy, metric)
+    "metrics": (1, {"name": _str, "value": _f64}),
+}
+
+# media paths inside tables are stored relative to the stage's output directory
+MEDIA_COLUMNS = ("mesh_path", "image_path", "sheet_path", "depth_path", "normal_path")
+
+
+def schema_metadata(kind: str, config: dict | None = None, policy: str | None = None) -> dict[bytes, bytes]:
+    version, _ = SCHEMAS[kind]
+    meta = {META_TABLE: kind.encode(), META_VERSION: str(version).encode()}
+    if config is not None:
+        meta[META_CONFIG] = json.dumps(config, sort_keys=True, default=str).encode()
+    if policy is not None:
+        meta[META_POLICY] = policy.encode()
+    return meta
+
+
+def with_metadata(table: pa.Table, kind: str, config: dict | None = None, policy: str | None = None) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta.update(schema_metadata(kind, config, policy))
+    return table.replace_schema_metadata(meta)
+
+
+def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
+    """Check required columns and their types; raise InputError naming the file and column."""
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown table kind {kind!r}")
+    _, cols = SCHEMAS[kind]
+    for name, typ in cols.items():
+        if name not in table.column_names:
+            raise InputError(f"{source}: missing column {name!r} for a {kind} table")
+        got = table.schema.field(name).type
+        if not _compatible(got, typ):
+            raise InputError(f"{source}: column {name!r} has type {got}, expected {typ}")
+    return table
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    if got == want:
+        return True
+    if pa.types.is_null(got):  # an all-null column written by pandas/pyarrow is fine
+        return True
+    if pa.types.is_integer(want) and pa.types.is_integer(got):
+        return True
+    if pa.types.is_floating(want) and (pa.types.is_floating(got) or pa.types.is_integer(got)):
+        return True
+    if pa.types.is_string(want) and (pa.types.is_large_string(got) or pa.types.is_string(got)):
+        return True
+    if pa.types.is_binary(want) and pa.types.is_large_binary(got):
+        return True
+    if pa.types.is_list(want) and (pa.types.is_list(got) or pa.types.is_large_list(got)):
+        return _compatible(got.value_type, want.value_type)
+    return False
+
+
+def list_parts(path: str | os.PathLike) -> list[Path]:
+    """A file, a directory of part files, or a glob -> the sorted list of Parquet files."""
+    p = Path(path)
+    if p.is_dir():
+        from rl3d.formats.shards import check_complete
+
+        check_complete(p)
+        files = sorted(p.glob("part-*.parquet")) or sorted(p.glob("*.parquet"))
+        if not files:
+            raise InputError(f"{p}: no Parquet files in directory")
+        return files
+    if p.is_file():
+        return [p]
+    matches = sorted(Path(m) for m in glob.glob(str(path)))
+    files = [m for m in matches if m.suffix == ".parquet"]
+    if not files:
+        raise InputError(f"{path}: no such file, directory or glob match")
+    return files
+
+
+def read_table(path: str | os.PathLike, kind: str, columns: list[str] | None = None) -> pa.Table:
+    """Read and validate a table; media path columns are made absolute (see MEDIA_COLUMNS)."""
+    parts = []
+    for f in list_parts(path):
+        try:
+            t = pq.read_table(f, columns=columns)
+        except Exception as e:  # corrupt or non-Parquet file
+            raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        validate(t, kind, str(f)) if columns is None else None
+        parts.append(absolute_media(t, f.parent))
+    if len(parts) == 1:
+        return parts[0]
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def absolute_media(table: pa.Table, base: Path) -> pa.Table:
+    for name in MEDIA_COLUMNS:
+        if name in table.column_names:
+            vals = [None if v is None or v == "" else str((base / v).resolve()) if not os.path.isabs(v) else v
+                    for v in table.column(name).to_pylist()]
+            table = table.set_column(table.column_names.index(name), name, pa.array(vals, pa.string()))
+    return table
+
+
+def table_config(path: str | os.PathLike) -> dict:
+    """The config JSON stored in the first part's schema metadata ({} if none)."""
+    f = list_parts(path)[0]
+    meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta.get(META_CONFIG, b"{}"))
+
+
+def table_policy(path: str | os.PathLike) -> str | None:
+    f = list_parts(path)[0]
+    meta = pq.read_schema(f).metadata or {}
+    v = meta.get(META_POLICY)
+    return v.decode() if v else None

@@ -1,0 +1,103 @@
+"""The stage contract of DESIGN.md, in one place, so every command gets it for free.
+
+A stage is a function `produce(shard, progress) -> (pa.Table, stats)` for one shard; `run_stage`
+handles skip-if-complete, --overwrite, the atomic part write, the completion marker, the
+manifest, the table metadata and the summary that the CLI prints (or emits as --json).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import pyarrow as pa
+
+from rl3d.formats import shards as shards_io
+from rl3d.formats import tables
+from rl3d.formats.shards import Shard
+
+T = TypeVar("T")
+log = logging.getLogger("rl3d")
+
+
+@dataclass
+class StageOptions:
+    out: Path
+    shard: Shard = field(default_factory=lambda: Shard(0, 1))
+    overwrite: bool = False
+    seed: int = 0
+    quiet: bool = False
+    json: bool = False
+
+
+class Progress:
+    """Rich progress bar on a terminal, plain log lines otherwise, nothing with --quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def track(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        if self.quiet:
+            yield from items
+            return
+        if self.tty:
+            from rich.progress import track
+
+            yield from track(items, total=total, description=desc, console=_stderr_console(), transient=True)
+            return
+        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+        step = max(1, (total or 10) // 10)
+        t0 = time.time()
+        for i, x in enumerate(items, 1):
+            yield x
+            if total and (i % step == 0 or i == total):
+                print(f"[rl3d] {desc} {i}/{total} ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[rl3d] {msg}", file=sys.stderr, flush=True)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,
+              produce: Callable[[Shard, Progress], tuple[pa.Table, dict]],
+              policy: str | None = None) -> dict:
+    """Run one shard of a stage under the contract; return a summary dict."""
+    progress = Progress(opts.quiet)
+    out = Path(opts.out)
+    t0 = time.time()
+    if not shards_io.begin(out, stage, config, opts.shard, opts.overwrite):
+        progress.log(f"{stage}: shard {opts.shard.index}/{opts.shard.count} already complete in {out}, skipping")
+        return {"stage": stage, "out": str(out), "shard": opts.shard.tag, "skipped": True}
+    table, stats = produce(opts.shard, progress)
+    table = tables.with_metadata(table, kind, config, policy)
+    tables.validate(table, kind, f"{stage} output")
+    part = shards_io.write_part(table, out, opts.shard)
+    stats = {"rows": table.num_rows, "seconds": round(time.time() - t0, 3), **stats}
+    shards_io.finish(out, stage, config, opts.shard, stats)
+    return {"stage": stage, "out": str(out), "part": str(part), "shard": opts.shard.tag, "skipped": False, **stats}
+
+
+@contextmanager
+def timed(stats: dict, key: str):
+    t0 = time.time()
+    yield
+    stats[key] = round(stats.get(key, 0.0) + time.time() - t0, 4)
+
+
+def status_counts(table: pa.Table) -> dict:
+    """{'ok': n, 'error': m, ...} from a table's status column."""
+    out: dict[str, int] = {}
+    for s in table.column("status").to_pylist() if "status" in table.column_names else []:
+        out[s] = out.get(s, 0) + 1
+    return out
