@@ -76,8 +76,11 @@ def _to_table(rows: list[dict], source: str) -> pa.Table:
                 continue  # the same prompt twice: one group
             raise InputError(f"{source}: row {n}: prompt_id {pid!r} reused for a different prompt")
         seen[pid] = text.strip()
-        row = {k: (v if isinstance(v, str) or v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-               for k, v in r.items() if k not in ("prompt", "prompt_id", "category")}
+        # extra columns travel as strings (e.g. a synth `spec` JSON); binary and list columns
+        # (voxels, tokens of an objects table) are not prompt metadata and are dropped
+        row = {k: (v if isinstance(v, str) or v is None else json.dumps(v) if isinstance(v, dict) else str(v))
+               for k, v in r.items()
+               if k not in ("prompt", "prompt_id", "category") and not isinstance(v, (bytes, list))}
         row.update(prompt_id=pid, prompt=text.strip(), category=(r.get("category") or None))
         out.append(row)
     if not out:

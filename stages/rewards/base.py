@@ -1,0 +1,43 @@
+"""The interface every reward backend implements.
+
+A backend scores a batch of items (one per sample) for one term and returns one TermResult per
+item. A backend never invents a number: when it cannot score an item it returns a result with
+value None, a status other than "ok", and a message. `per_view` holds raw per-view scores for
+audit when the backend scores rendered views; the reward stage aggregates them (max/mean/min)
+as the config says, so backends that score views return per_view and leave value None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RewardItem:
+    sample_id: str
+    prompt: str
+    level: str                      # "coarse" | "fine" | "single"
+    image_paths: list[str]          # rendered views, in view order (may be empty)
+    mesh_path: str | None = None    # GLB
+    grid: object | None = None      # uint8[32,32,32] voxel grid when the codec decoded one
+    spec: dict | None = None        # synth spec when the prompt came from the synth grammar
+    category: str | None = None
+    reasoning: str = ""             # the sample's plan / detail text
+
+
+@dataclass
+class TermResult:
+    value: float | None = None                  # the term's raw value (None when per_view is used or on error)
+    per_view: list[float] | None = None         # raw per-view scores, aggregated by the stage
+    status: str = "ok"                          # "ok" | "not_applicable" | "backend_error" | "parse_error" | ...
+    message: str = ""
+    details: dict = field(default_factory=dict)  # sub-scores, parsed judge fields, per-attribute checks
+
+
+class RewardBackend:
+    """Base class. Subclasses set `name`, take their options in __init__ (from the config's
+    term table) and implement score(). Models are loaded once, in __init__ or lazily."""
+
+    name = "base"
+
+    def score(self, items: list[RewardItem]) -> list[TermResult]:
+        raise NotImplementedError
