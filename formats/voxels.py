@@ -46,6 +46,19 @@ def from_bytes(data: bytes, r: int = RESOLUTION) -> np.ndarray:
     return a.reshape(r, r, r).copy()
 
 
+def coarsen_grid(grid: np.ndarray, factor: int = 2) -> np.ndarray:
+    """A blockier version of a grid at the same resolution: each factor^3 cell becomes solid in its
+    majority colour when at least half of it is occupied. The level-1 (coarse) SFT target."""
+    r = grid.shape[0]
+    n = r // factor
+    cells = grid.reshape(n, factor, n, factor, n, factor).transpose(0, 2, 4, 1, 3, 5).reshape(n, n, n, -1)
+    occupied = (cells > 0).sum(-1) * 2 >= factor ** 3
+    counts = np.stack([(cells == c).sum(-1) for c in range(1, NUM_COLORS + 1)], -1)
+    colour = (counts.argmax(-1) + 1).astype(np.uint8)
+    small = np.where(occupied, colour, 0).astype(np.uint8)
+    return small.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
+
+
 def voxel_iou(a: np.ndarray, b: np.ndarray) -> float:
     oa, ob = a > 0, b > 0
     union = np.logical_or(oa, ob).sum()
