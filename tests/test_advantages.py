@@ -1,0 +1,77 @@
+"""Advantages and back-flow on hand-made reward tables."""
+import numpy as np
+import pytest
+
+from rl3d.formats.errors import InputError
+from rl3d.stages.advantages import compute_advantages
+
+
+def _traj(pid, rewards_coarse, rewards_fine):
+    rows = []
+    for i, (rc, rf) in enumerate(zip(rewards_coarse, rewards_fine)):
+        rows.append(dict(sample_id=f"{pid}-{i}-coarse", prompt_id=pid, sample_index=i, level="coarse", total=rc, status="ok"))
+        rows.append(dict(sample_id=f"{pid}-{i}-fine", prompt_id=pid, sample_index=i, level="fine", total=rf, status="ok"))
+    return rows
+
+
+def _by_id(out):
+    return {a.sample_id: a for a in out}
+
+
+def test_hi_grpo_back_flow_and_group_normalisation():
+    out, stats = compute_advantages(_traj("p", [1.0, 0.0, 0.5], [0.0, 1.0, 2.0]), lam=1.0)
+    a = _by_id(out)
+    r_high = np.array([1.0, 1.0, 2.5])          # R_high + 1.0 * R_low
+    exp_high = (r_high - r_high.mean()) / (r_high.std() + 1e-4)
+    r_low = np.array([0.0, 1.0, 2.0])
+    exp_low = (r_low - r_low.mean()) / (r_low.std() + 1e-4)
+    assert [a[f"p-{i}-coarse"].reward for i in range(3)] == pytest.approx(list(r_high))
+    assert [a[f"p-{i}-coarse"].advantage for i in range(3)] == pytest.approx(list(exp_high))
+    assert [a[f"p-{i}-fine"].advantage for i in range(3)] == pytest.approx(list(exp_low))
+    assert stats == {"groups": 1, "dropped_failed": 0, "dropped_no_spread": 0}
+
+
+def test_lambda_zero_has_no_back_flow():
+    out, _ = compute_advantages(_traj("p", [1.0, 0.0], [5.0, 9.0]), lam=0.0)
+    a = _by_id(out)
+    assert a["p-0-coarse"].advantage > 0 > a["p-1-coarse"].advantage
+
+
+def test_zero_spread_groups_kept_with_zero_advantage_or_dropped():
+    rows = _traj("p", [0.3, 0.3], [1.0, 1.0]) + _traj("q", [0.0, 1.0], [0.0, 1.0])
+    out, stats = compute_advantages(rows, lam=1.0)
+    a = _by_id(out)
+    assert a["p-0-fine"].advantage == 0.0 and a["p-0-fine"].kept
+    out, stats = compute_advantages(rows, lam=1.0, dynamic_sampling="zero-std")
+    a = _by_id(out)
+    assert not a["p-0-fine"].kept and not a["p-0-coarse"].kept and a["q-0-fine"].kept
+    assert stats["dropped_no_spread"] == 2  # both levels of p
+    out, stats = compute_advantages(rows, lam=1.0, dynamic_sampling="min-std", min_std=0.6)
+    assert stats["dropped_no_spread"] == 3  # p (both levels) and q's fine level (std 0.5)
+
+
+def test_failed_reward_drops_the_whole_group_or_errors():
+    rows = _traj("p", [1.0, None], [0.0, 1.0]) + _traj("q", [0.0, 1.0], [0.0, 1.0])
+    out, stats = compute_advantages(rows)
+    a = _by_id(out)
+    assert not any(a[f"p-{i}-{lv}"].kept for i in range(2) for lv in ("coarse", "fine"))
+    assert a["q-1-fine"].kept and stats["dropped_failed"] == 1
+    with pytest.raises(InputError, match="p-1-coarse has no reward"):
+        compute_advantages(rows, failed_rewards="error")
+
+
+def test_single_sample_group_has_zero_advantage_and_flat_grpo():
+    out, _ = compute_advantages(_traj("p", [1.0], [2.0]))
+    assert all(x.advantage == 0.0 for x in out)
+    rows = [dict(sample_id=f"s{i}", prompt_id="p", sample_index=i, level="single", total=float(i), status="ok")
+            for i in range(4)]
+    out, _ = compute_advantages(rows, algo="grpo", adv_std="none")
+    assert [x.advantage for x in out] == pytest.approx([-1.5, -0.5, 0.5, 1.5])
+    with pytest.raises(InputError, match="grpo expects level 'single'"):
+        compute_advantages(_traj("p", [1.0], [2.0]), algo="grpo")
+
+
+def test_hi_grpo_requires_paired_levels():
+    rows = _traj("p", [1.0, 0.0], [0.0, 1.0])[:-1]
+    with pytest.raises(InputError, match="one coarse and one fine row per sample_index"):
+        compute_advantages(rows)
