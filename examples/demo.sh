@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The Hi-GRPO loop on the embedded default, step after step:
+#   gen -> render -> reward -> rl-step, each step in RUN/step-NNNNNN/, then an eval of the result.
+# Resumable: every stage skips work already complete, so rerunning after a failure continues.
+# Usage: examples/demo.sh [RUN_DIR]   (env: STEPS, PROMPTS_N, GROUP, LR, VIEWS, RES, SEED)
+set -euo pipefail
+RUN=${1:-runs/demo}
+STEPS=${STEPS:-2}
+PROMPTS_N=${PROMPTS_N:-8}
+GROUP=${GROUP:-4}
+LR=${LR:-2e-5}
+VIEWS=${VIEWS:-4}
+RES=${RES:-192}
+SEED=${SEED:-0}
+BENCH_LIMIT=${BENCH_LIMIT:-12}
+RL3D=${RL3D:-rl3d}
+
+mkdir -p "$RUN"
+policy=$(python -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
+echo "[demo] initial policy: $policy"
+$RL3D synth --n "$PROMPTS_N" --seed 7 --split train --out "$RUN/prompts" --quiet
+
+for i in $(seq 1 "$STEPS"); do
+  step=$(printf 'step-%06d' "$i")
+  d="$RUN/$step"
+  echo "[demo] $step"
+  $RL3D gen --prompts "$RUN/prompts" --policy "$policy" --out "$d/gen" --group-size "$GROUP" \
+            --mode hi-grpo --seed $((SEED + i)) --quiet
+  $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --quiet
+  $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+  $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
+                --lr "$LR" --seed "$SEED" --run-metrics "$RUN/metrics.parquet" --quiet
+  policy="$d/policy"
+done
+
+$RL3D eval --bench synth-reasoning --limit "$BENCH_LIMIT" --samples-per-prompt 1 \
+           --policy "$(python -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")" \
+           --policy "$policy" --run "$RUN" --out "$RUN/eval" --quiet
+echo "[demo] done: report at $RUN/eval/report.html, run metrics at $RUN/metrics.parquet"
