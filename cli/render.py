@@ -1,0 +1,39 @@
+"""`rl3d render`: multi-view PNG renders of every mesh in a samples table or a GLB directory."""
+from __future__ import annotations
+
+import click
+
+from rl3d.cli.common import handle_errors, pop_stage_options, report, stage_options
+
+
+@click.command("render")
+@click.option("--samples", required=True, type=click.Path(exists=True),
+              help="Table with sample_id + mesh_path columns (file, shard dir or glob: gen samples, "
+                   "synth objects), or a directory of .glb files (sample_id = file stem).")
+@click.option("--views", default=6, show_default=True, type=int,
+              help="Evenly spaced azimuths (from a 3/4 front view) at --elevation.")
+@click.option("--elevation", default=20.0, show_default=True, type=float, help="Camera elevation in degrees.")
+@click.option("--preset", type=click.Choice(["default", "orbit"]), default="default", show_default=True,
+              help="orbit: 16 views, 8 azimuths at 10 and 40 degrees elevation (ignores --views).")
+@click.option("--resolution", default=512, show_default=True, type=int, help="Image width = height in pixels.")
+@click.option("--background", default="white", show_default=True, help="Colour name or hex, e.g. '#202020'.")
+@click.option("--fov", default=40.0, show_default=True, type=float, help="Vertical field of view in degrees.")
+@click.option("--depth", is_flag=True, help="Also save z-depth as 16-bit PNG (millimetres, 0 = background).")
+@click.option("--normals", is_flag=True, help="Also save camera-space normal maps as PNG.")
+@click.option("--no-sheet", is_flag=True, help="Skip the per-mesh contact sheet (sheet.png).")
+@click.option("--workers", default=None, type=int, help="Processes rendering meshes in parallel [min(2, cores)].")
+@stage_options
+@handle_errors
+def command(samples, views, elevation, preset, resolution, background, fov, depth, normals, no_sheet, workers, **kw):
+    """Render every mesh to PNG views (headless CPU ray casting, deterministic).
+
+    Writes images/<sample_id>/view-XX.png, a contact sheet per mesh, and a renders table
+    (one row per sample and view; failed meshes keep a status and message).
+    """
+    from rl3d.stages.render import run_render
+
+    opts = pop_stage_options(kw)
+    summary = run_render(samples, opts, views=views, preset=preset, elevation=elevation, resolution=resolution,
+                         background=background, fov=fov, depth=depth, normals=normals, sheet=not no_sheet,
+                         workers=workers)
+    report(summary, opts)

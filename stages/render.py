@@ -1,0 +1,380 @@
+"""`rl3d render`: headless multi-view renders of meshes (CPU ray casting, deterministic).
+
+Renderer: open3d's RaycastingScene (Embree BVH, no GL needed) casts the rays of ALL views of a
+mesh in one call; shading is numpy. Our meshes are flat-coloured (one palette colour per face),
+so a face's shade in a view depends only on (view, face): we build a small per-view look-up
+table of shaded face colours and gather it by the hit primitive id, which is much cheaper than
+shading every pixel. Lighting, in the camera frame so every view is lit alike: ambient +
+Lambert headlight + a key light from the upper left; faces are two-sided.
+
+Cameras look at the origin with +Y up from one distance, the smallest at which the unit cube
+[-0.5, 0.5]^3 (the voxel grid) fits every view. Azimuth 0 looks at the object's front (camera on +Z),
+azimuth 90 looks from +X (the object's left); elevation > 0 looks down from above.
+
+Outputs per mesh (under the stage out dir): images/<sample_id>/view-XX.png, optional
+depth-XX.png (uint16 z-depth in millimetres, 0 = background) and normal-XX.png (camera-space
+normals, x right, y up, z towards the camera, as (n + 1) / 2 * 255; background 0), and sheet.png,
+a captioned contact sheet of the views for people.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rl3d.formats.errors import InputError
+
+DEFAULT_ELEVATION = 20.0
+DEFAULT_FOV = 40.0
+FIT_MARGIN = 1.04  # the cube's silhouette fills at most 1/1.04 of the frame
+AMBIENT, HEADLIGHT, KEY = 0.30, 0.45, 0.35
+KEY_DIR_CAM = np.array([-0.45, 0.75, 0.5], np.float32)  # towards the key light: upper left, in front
+PRESETS = ("default", "orbit")
+COPY_COLUMNS = ("prompt_id", "level", "sample_index", "prompt")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    views: int = 6
+    preset: str = "default"
+    elevation: float = DEFAULT_ELEVATION
+    resolution: int = 512
+    background: str = "white"
+    fov: float = DEFAULT_FOV
+    depth: bool = False
+    normals: bool = False
+    sheet: bool = True
+
+
+# ---- cameras --------------------------------------------------------------------------------
+
+def view_angles(views: int = 6, preset: str = "default", elevation: float = DEFAULT_ELEVATION):
+    """(azimuths, elevations) in degrees, float32[V]. default: `views` evenly spaced azimuths at
+    one elevation, starting 30 degrees off the front (3/4 view); orbit: 8 azimuths at 10 degrees
+    and 8 at 40 degrees, the upper ring turned by 22.5 degrees."""
+    if preset == "orbit":
+        az = np.concatenate([np.arange(8) * 45.0, np.arange(8) * 45.0 + 22.5])
+        el = np.concatenate([np.full(8, 10.0), np.full(8, 40.0)])
+    elif preset == "default":
+        if views < 1:
+            raise InputError(f"--views {views}: need at least one view")
+        az = (30.0 + np.arange(views) * 360.0 / views) % 360.0
+        el = np.full(views, float(elevation))
+    else:
+        raise InputError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    return az.astype(np.float32), el.astype(np.float32)
+
+
+def fit_distance(fov: float, azimuths, elevations, margin: float = FIT_MARGIN) -> float:
+    """Smallest camera distance at which all 8 corners of the unit cube lie inside every view
+    (with `margin`): one distance for all views, so sizes compare across views and meshes."""
+    _, right, up, fwd = camera_frames(azimuths, elevations, 1.0)
+    corners = np.array(np.meshgrid([-0.5, 0.5], [-0.5, 0.5], [-0.5, 0.5], indexing="ij")).reshape(3, -1).T
+    x, y, z = np.abs(corners @ right.T), np.abs(corners @ up.T), corners @ fwd.T  # [8, V]
+    # corner inside the frustum: max(|x|, |y|) <= tan(fov/2) / margin * (distance + z)
+    t = math.tan(math.radians(fov) / 2) / margin
+    return float(np.max(np.maximum(x, y) / t - z))
+
+
+def camera_frames(azimuths, elevations, distance: float):
+    """Eye positions and (right, up, forward) unit vectors, float32[V, 3] each."""
+    az, el = np.radians(np.asarray(azimuths, np.float64)), np.radians(np.asarray(elevations, np.float64))
+    eye = distance * np.stack([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)], -1)
+    fwd = -eye / np.linalg.norm(eye, axis=-1, keepdims=True)
+    right = np.cross(fwd, [0.0, 1.0, 0.0])
+    right /= np.linalg.norm(right, axis=-1, keepdims=True)  # elevation is never +-90 here
+    up = np.cross(right, fwd)
+    return tuple(a.astype(np.float32) for a in (eye, right, up, fwd))
+
+
+def camera_rays(eye, right, up, fwd, resolution: int, fov: float) -> np.ndarray:
+    """float32[V, H, W, 6] pinhole rays. Directions have unit forward component, so the hit
+    distance open3d returns is the z-depth."""
+    half = math.tan(math.radians(fov) / 2)
+    s = ((np.arange(resolution, dtype=np.float32) + 0.5) / resolution * 2 - 1) * half
+    n = len(eye)
+    rays = np.empty((n, resolution, resolution, 6), np.float32)
+    rays[..., :3] = eye[:, None, None, :]
+    # direction = fwd + u * right + v * up, with image x to the right and image y down
+    horiz = fwd[:, None, :] + s[None, :, None] * right[:, None, :]  # [V, W, 3]
+    np.add(horiz[:, None, :, :], -s[None, :, None, None] * up[:, None, None, :], out=rays[..., 3:])
+    return rays
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_rays(az: tuple, el: tuple, resolution: int, fov: float):
+    """Rays as an open3d tensor; every mesh of a render run shares the same cameras."""
+    import open3d as o3d
+
+    frames = camera_frames(az, el, fit_distance(fov, az, el))
+    return frames, o3d.core.Tensor(camera_rays(*frames, resolution, fov))
+
+
+# ---- rendering --------------------------------------------------------------------------------
+
+def mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertices float32[N,3], faces uint32[F,3], face colours uint8[F,3] of a trimesh mesh."""
+    from rl3d.formats.glb import face_rgb
+
+    v = np.asarray(mesh.vertices, np.float32)
+    f = np.asarray(mesh.faces, np.int64)
+    if len(f) == 0:
+        raise ValueError("mesh holds no triangles")
+    return v, f.astype(np.uint32), face_rgb(mesh)
+
+
+def face_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    ln = np.linalg.norm(n, axis=1, keepdims=True)
+    return np.divide(n, ln, out=np.zeros_like(n), where=ln > 0)
+
+
+def parse_color(text) -> tuple[int, int, int]:
+    """A colour name or hex (#fff, #ffffff) or an (r, g, b) tuple -> (r, g, b)."""
+    if isinstance(text, (tuple, list)):
+        return tuple(int(c) for c in text[:3])
+    from PIL import ImageColor
+
+    try:
+        return ImageColor.getrgb(str(text))[:3]
+    except ValueError:
+        raise InputError(f"--background {text!r}: not a colour name or hex (#rrggbb)") from None
+
+
+def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float = DEFAULT_FOV,
+                 background="white", *, with_normals: bool = True) -> dict:
+    """Render all views of one mesh with one cast_rays call.
+
+    Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth, 0 where empty), normal float32
+    [V,H,W,3] (camera space, 0 where empty; None unless with_normals) and mask bool[V,H,W].
+    """
+    import open3d as o3d
+
+    verts, faces, colours = mesh_arrays(mesh)
+    az = tuple(float(a) for a in np.atleast_1d(azimuths))
+    el = tuple(float(e) for e in np.atleast_1d(elevations))
+    (eye, right, up, fwd), rays = _cached_rays(az, el, int(resolution), float(fov))
+    nviews, nf = len(eye), len(faces)
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(verts), o3d.core.Tensor(faces))
+    hits = scene.cast_rays(rays)
+    pid = hits["primitive_ids"].numpy()  # uint32, INVALID_ID where the ray misses
+    depth = hits["t_hit"].numpy()
+    mask = pid != o3d.t.geometry.RaycastingScene.INVALID_ID
+    depth[~mask] = 0
+
+    # camera-space face normals per view, turned towards the camera (two-sided faces)
+    fn = face_normals(verts, faces)
+    cam = np.stack([fn @ right.T, fn @ up.T, -(fn @ fwd.T)], -1).transpose(1, 0, 2)  # [V, F, 3]
+    cam *= np.where(cam[..., 2:3] < 0, -1.0, 1.0).astype(np.float32)
+    key = KEY_DIR_CAM / np.linalg.norm(KEY_DIR_CAM)
+    shade = AMBIENT + HEADLIGHT * cam[..., 2] + KEY * np.maximum(cam @ key, 0)  # [V, F]
+    # shaded face colours per view as packed RGBA uint32 (one 4-byte gather per pixel);
+    # last row of each view: the background
+    lut = np.empty((nviews, nf + 1, 4), np.uint8)
+    lut[:, :nf, :3] = np.clip(colours[None].astype(np.float32) * shade[..., None], 0, 255).round()
+    lut[:, nf, :3] = parse_color(background)
+    lut[..., 3] = 255
+    # flat look-up index per pixel: view * (F + 1) + primitive id (background -> F)
+    idx = pid
+    idx[~mask] = nf
+    idx += (np.arange(nviews, dtype=np.uint32) * np.uint32(nf + 1))[:, None, None]
+    rgba = lut.view(np.uint32).reshape(-1).take(idx)
+    rgb = np.ascontiguousarray(rgba.view(np.uint8).reshape(*idx.shape, 4)[..., :3])
+    normal = None
+    if with_normals:
+        normal_lut = np.concatenate([cam.astype(np.float32), np.zeros((nviews, 1, 3), np.float32)], 1)
+        normal = normal_lut.reshape(-1, 3)[idx]
+    return {"rgb": rgb, "depth": depth, "normal": normal, "mask": mask}
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    from rl3d.formats.shards import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def contact_sheet(rgb: np.ndarray, caption: str, labels: list[str], background, tile: int = 256) -> np.ndarray:
+    """Views on a grid (3x2 for 6 views) under a caption bar, uint8[H, W, 3]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = len(rgb)
+    rows = max(1, math.ceil(math.sqrt(n / 1.5)))
+    cols = math.ceil(n / rows)
+    bar, pad = 30, 4
+    bg = parse_color(background)
+    sheet = Image.new("RGB", (cols * tile + (cols + 1) * pad, bar + rows * tile + (rows + 1) * pad), bg)
+    draw = ImageDraw.Draw(sheet)
+    small = ImageFont.load_default(size=12)
+    for i, img in enumerate(rgb):
+        x, y = pad + (i % cols) * (tile + pad), bar + pad + (i // cols) * (tile + pad)
+        sheet.paste(Image.fromarray(img).resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
+        draw.text((x + 4, y + tile - 16), labels[i], fill=(110, 110, 110), font=small)
+    draw.rectangle([0, 0, sheet.width, bar - 1], fill=(40, 40, 40))
+    font = ImageFont.load_default(size=15)
+    text = caption
+    while len(text) > 4 and draw.textlength(text, font=font) > sheet.width - 16:
+        text = text[:-4] + "..."
+    draw.text((8, 7), text, fill=(255, 255, 255), font=font)
+    return np.asarray(sheet)
+
+
+def _safe_dir_name(sample_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=+" else "_" for c in sample_id) or "_"
+
+
+def render_one(job: dict, out: str, opts: RenderOptions) -> list[dict]:
+    """Render one mesh job (a dict: sample_id, mesh_path, status, message, copied keys) into
+    rows of the renders table, one per view. Errors become rows, never exceptions."""
+    az, el = view_angles(opts.views, opts.preset, opts.elevation)
+    base = {k: job[k] for k in COPY_COLUMNS if k in job}
+    rows = [{"sample_id": job["sample_id"], "view": i, "azimuth": float(az[i]), "elevation": float(el[i]),
+             "image_path": "", "status": "ok", "message": "", **base} for i in range(len(az))]
+    for r in rows:
+        r.update({"depth_path": "", "normal_path": ""} if opts.depth or opts.normals else {})
+        if opts.sheet:
+            r["sheet_path"] = ""
+
+    def fail(status, message):
+        for r in rows:
+            r.update(status=status, message=message)
+        return rows
+
+    if job.get("status", "ok") != "ok":
+        return fail(job["status"], f"upstream {job['status']}: {job.get('message') or ''}".strip())
+    if not job.get("mesh_path"):
+        return fail("render_error", "no mesh_path")
+    try:
+        from rl3d.formats.glb import read_glb
+
+        mesh = read_glb(job["mesh_path"])
+        res = render_views(mesh, az, el, opts.resolution, opts.fov, opts.background, with_normals=opts.normals)
+    except Exception as e:  # corrupt GLB, empty mesh, degenerate geometry
+        return fail("render_error", f"{type(e).__name__}: {e}"[:500])
+
+    rel = Path("images") / _safe_dir_name(job["sample_id"])
+    for i, r in enumerate(rows):
+        r["image_path"] = str(rel / f"view-{i:02d}.png")
+        _save_png(res["rgb"][i], Path(out) / r["image_path"])
+        if opts.depth:
+            r["depth_path"] = str(rel / f"depth-{i:02d}.png")
+            mm = np.clip(np.round(res["depth"][i] * 1000), 0, 65535).astype(np.uint16)
+            _save_png(mm, Path(out) / r["depth_path"])
+        if opts.normals:
+            r["normal_path"] = str(rel / f"normal-{i:02d}.png")
+            nrm = np.where(res["mask"][i][..., None], np.round((res["normal"][i] + 1) * 127.5), 0)
+            _save_png(np.clip(nrm, 0, 255).astype(np.uint8), Path(out) / r["normal_path"])
+    if opts.sheet:
+        caption = job["sample_id"] + (f"  |  {job['prompt']}" if job.get("prompt") else "")
+        labels = [f"az {a:.0f}  el {e:.0f}" for a, e in zip(az, el)]
+        sheet_rel = str(rel / "sheet.png")
+        _save_png(contact_sheet(res["rgb"], caption, labels, opts.background), Path(out) / sheet_rel)
+        for r in rows:
+            r["sheet_path"] = sheet_rel
+    return rows
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+def read_jobs(samples: str | os.PathLike) -> list[dict]:
+    """Mesh jobs from a samples/objects table (needs sample_id + mesh_path) or a dir of GLBs."""
+    p = Path(samples)
+    if p.is_dir() and not any(p.glob("*.parquet")) and any(p.glob("*.glb")):
+        return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""}
+                for g in sorted(p.glob("*.glb"))]
+    from rl3d.formats.tables import absolute_media, list_parts
+
+    jobs = []
+    for f in list_parts(p):
+        try:
+            names = pq.read_schema(f).names
+        except Exception as e:
+            raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for need in ("sample_id", "mesh_path"):
+            if need not in names:
+                raise InputError(f"{f}: missing column {need!r} (render needs sample_id and mesh_path)")
+        cols = ["sample_id", "mesh_path"] + [c for c in ("status", "message", *COPY_COLUMNS) if c in names]
+        t = absolute_media(pq.read_table(f, columns=cols), f.parent)
+        for i, row in enumerate(t.to_pylist()):
+            if not row["sample_id"]:
+                raise InputError(f"{f}: row {i}: empty sample_id")
+            row["status"] = row.get("status") or "ok"
+            row["message"] = row.get("message") or ""
+            row["mesh_path"] = row["mesh_path"] or ""
+            jobs.append(row)
+    return jobs
+
+
+def _render_batch(args) -> list[dict]:
+    jobs, out, opts = args
+    return [r for job in jobs for r in render_one(job, out, opts)]
+
+
+def renders_table(rows: list[dict], opts: RenderOptions, copied: list[str]) -> pa.Table:
+    cols = {"sample_id": pa.string(), "view": pa.int32(), "azimuth": pa.float32(), "elevation": pa.float32(),
+            "image_path": pa.string(), "status": pa.string(), "message": pa.string()}
+    types = {"prompt_id": pa.string(), "level": pa.string(), "sample_index": pa.int32(), "prompt": pa.string()}
+    cols.update({c: types[c] for c in copied})
+    if opts.depth or opts.normals:
+        cols.update(depth_path=pa.string(), normal_path=pa.string())
+    if opts.sheet:
+        cols["sheet_path"] = pa.string()
+    return pa.table({c: pa.array([r.get(c) for r in rows], t) for c, t in cols.items()})
+
+
+def run_render(samples, opts, views: int = 6, preset: str = "default", elevation: float = DEFAULT_ELEVATION,
+               resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
+               normals: bool = False, sheet: bool = True, workers: int | None = None) -> dict:
+    """Render every mesh of `samples` (table or GLB dir) owned by opts.shard into opts.out."""
+    from rl3d.stages.contract import run_stage
+
+    if resolution < 8 or resolution > 4096:
+        raise InputError(f"--resolution {resolution}: expected 8..4096")
+    if not 1.0 <= fov <= 150.0:
+        raise InputError(f"--fov {fov}: expected 1..150 degrees")
+    parse_color(background)
+    view_angles(views, preset, elevation)  # validate before any work
+    ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
+                          bool(depth), bool(normals), bool(sheet))
+    jobs = read_jobs(samples)
+    workers = workers or min(2, os.cpu_count() or 1)
+    config = {"samples": str(Path(samples).resolve()), **asdict(ropts)}
+    copied = [c for c in COPY_COLUMNS if any(c in j for j in jobs)]  # same schema in every shard
+
+    def produce(shard, progress):
+        mine = [j for j in jobs if shard.owns(j.get("prompt_id") or j["sample_id"])]
+        t0 = time.time()
+        rows: list[dict] = []
+        if workers <= 1 or len(mine) <= 1:
+            for job in progress.track(mine, total=len(mine), desc="render"):
+                rows += render_one(job, str(opts.out), ropts)
+        else:
+            # a few meshes per task keeps process overhead low; map keeps input order (determinism)
+            chunk = max(1, min(8, len(mine) // (workers * 4)))
+            batches = [(mine[i:i + chunk], str(opts.out), ropts) for i in range(0, len(mine), chunk)]
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                for part in progress.track(pool.map(_render_batch, batches), total=len(batches), desc="render"):
+                    rows += part
+        secs = time.time() - t0
+        ok = sum(1 for r in rows if r["status"] == "ok")
+        failed = sorted({r["sample_id"] for r in rows if r["status"] != "ok"})
+        stats = {"meshes": len(mine), "views": len(rows), "ok_views": ok, "failed_meshes": len(failed),
+                 "views_per_s": round(ok / secs, 2) if secs > 0 else None}
+        return renders_table(rows, ropts, copied), stats
+
+    return run_stage("render", "renders", opts, config, produce)

@@ -1,0 +1,193 @@
+"""`rl3d render`: determinism, sizes, colours, orientation, error rows, sharding."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rl3d.cli.main import main
+from rl3d.formats.glb import write_glb
+from rl3d.formats.tables import read_table
+from rl3d.formats.voxels import color_id, grid_to_mesh
+from rl3d.stages.render import parse_color, render_views, view_angles
+
+RES = 96
+
+
+def grid_with(*boxes) -> np.ndarray:
+    g = np.zeros((32, 32, 32), np.uint8)
+    for (x0, x1, y0, y1, z0, z1), colour in boxes:
+        g[x0:x1, y0:y1, z0:z1] = color_id(colour)
+    return g
+
+
+def red_cube():
+    return grid_to_mesh(grid_with(((8, 24, 0, 16, 8, 24), "red")))
+
+
+def column():
+    """Tall in +Y: a red column with a yellow top."""
+    return grid_to_mesh(grid_with(((13, 19, 0, 26, 13, 19), "red"), ((13, 19, 26, 32, 13, 19), "yellow")))
+
+
+def test_render_views_shapes_background_and_determinism():
+    az, el = view_angles(6)
+    a = render_views(red_cube(), az, el, RES, background="#102030")
+    b = render_views(red_cube(), az, el, RES, background="#102030")
+    assert a["rgb"].shape == (6, RES, RES, 3) and a["rgb"].dtype == np.uint8
+    assert a["depth"].shape == a["mask"].shape == (6, RES, RES) and a["normal"].shape == (6, RES, RES, 3)
+    for k in ("rgb", "depth", "normal", "mask"):
+        assert np.array_equal(a[k], b[k])
+    m = a["mask"]
+    assert 0.05 < m.mean() < 0.8 and m.reshape(6, -1).any(1).all()  # every view sees the object
+    assert (a["rgb"][~m] == (16, 32, 48)).all()                       # background exact
+    assert (a["depth"][m] > 0).all() and (a["depth"][~m] == 0).all()
+    n = np.linalg.norm(a["normal"][m], axis=-1)
+    assert np.allclose(n, 1, atol=1e-4) and (a["normal"][m][:, 2] >= 0).all()  # facing the camera
+
+
+def test_red_cube_is_red_and_lit():
+    az, el = view_angles(4)
+    out = render_views(red_cube(), az, el, RES)
+    fg = out["rgb"][out["mask"]].astype(int)
+    assert (fg[:, 0] > fg[:, 1] + 60).all() and (fg[:, 0] > fg[:, 2] + 60).all()
+    assert len(np.unique(fg[:, 0])) >= 2  # faces are shaded differently (lit, not flat fill)
+
+
+def test_orientation_tall_object_top_at_top_and_x_to_the_right():
+    out = render_views(column(), [0.0, 90.0], [0.0, 20.0], RES)
+    for v in range(2):
+        ys, xs = np.nonzero(out["mask"][v])
+        assert np.ptp(ys) > 2 * np.ptp(xs)  # tall in +Y -> tall in the image
+        rgb = out["rgb"][v]
+        yellow = (rgb[..., 0] > 120) & (rgb[..., 1] > 100) & (rgb[..., 2] < 60)
+        red = (rgb[..., 0] > 100) & (rgb[..., 1] < 60)
+        assert np.nonzero(yellow)[0].mean() < np.nonzero(red)[0].mean()  # top at the top
+    # front view (azimuth 0, camera on +Z): +X (the object's left) is on the image's right
+    side = grid_to_mesh(grid_with(((26, 32, 0, 6, 14, 18), "blue")))
+    front = render_views(side, [0.0], [0.0], RES)
+    assert np.nonzero(front["mask"][0])[1].mean() > RES * 0.6
+
+
+def test_parse_color():
+    assert parse_color("white") == (255, 255, 255) and parse_color("#ff0000") == (255, 0, 0)
+    from rl3d.formats.errors import InputError
+
+    with pytest.raises(InputError, match="--background"):
+        parse_color("nocolour")
+
+
+@pytest.fixture(scope="module")
+def glb_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("glbs")
+    write_glb(red_cube(), d / "cube.glb")
+    write_glb(column(), d / "column.glb")
+    (d / "broken.glb").write_bytes(b"glTF\x02\x00\x00\x00garbage")
+    return d
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["render", *args, "--quiet"])
+
+
+def test_cli_glb_dir_outputs_and_error_rows(glb_dir, tmp_path):
+    r = run_cli("--samples", str(glb_dir), "--out", str(tmp_path / "r"), "--resolution", "64", "--views", "6",
+                "--depth", "--normals", "--workers", "1", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["meshes"] == 3 and summary["failed_meshes"] == 1 and summary["rows"] == 18
+    t = read_table(tmp_path / "r", "renders").to_pylist()
+    broken = [x for x in t if x["sample_id"] == "broken"]
+    assert len(broken) == 6 and all(x["status"] == "render_error" and "broken.glb" in x["message"] for x in broken)
+    assert all(not x["image_path"] for x in broken)
+    ok = [x for x in t if x["status"] == "ok"]
+    assert len(ok) == 12 and sorted({x["view"] for x in ok}) == list(range(6))
+    for x in ok:
+        img = Image.open(x["image_path"])
+        assert img.size == (64, 64) and img.mode == "RGB"
+        assert Image.open(x["depth_path"]).mode.startswith("I")  # 16-bit depth
+        assert np.asarray(Image.open(x["normal_path"])).shape == (64, 64, 3)
+    sheet = Image.open(ok[0]["sheet_path"])
+    assert sheet.width > sheet.height  # 3 x 2 grid + caption
+    assert ok[0]["image_path"].startswith(str((tmp_path / "r").resolve()))  # absolute once read
+    stored = [v for v in pq.read_table(tmp_path / "r" / "part-00000-of-00001.parquet").column("image_path").to_pylist() if v]
+    assert stored and all(v.startswith("images/") for v in stored)  # relative on disk
+
+
+def test_cli_png_bytes_are_deterministic(glb_dir, tmp_path):
+    for name in ("a", "b"):
+        assert run_cli("--samples", str(glb_dir), "--out", str(tmp_path / name), "--resolution", "64",
+                       "--workers", "1").exit_code == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "images").rglob("*.png"))
+    assert len(files) == 2 * 7  # 6 views + sheet per good mesh
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def samples_table(path, glb_dir):
+    rows = []
+    for p in range(4):
+        for i in range(2):
+            rows.append({"sample_id": f"p{p}-{i}-single", "prompt_id": f"p{p}", "sample_index": i, "level": "single",
+                         "prompt": f"prompt {p}", "mesh_path": "../glbs/cube.glb" if i == 0 else "../glbs/column.glb",
+                         "status": "ok", "message": ""})
+    rows[1].update(status="decode_error", message="bad token at 7", mesh_path="")
+    rows[2].update(mesh_path="")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent.parent / "glbs").mkdir(exist_ok=True)
+    for f in ("cube.glb", "column.glb"):
+        (path.parent.parent / "glbs" / f).write_bytes((glb_dir / f).read_bytes())
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_cli_samples_table_status_rows_and_copied_keys(glb_dir, tmp_path):
+    samples_table(tmp_path / "gen" / "samples.parquet", glb_dir)
+    r = run_cli("--samples", str(tmp_path / "gen" / "samples.parquet"), "--out", str(tmp_path / "r"),
+                "--resolution", "48", "--views", "2", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    t = {(x["sample_id"], x["view"]): x for x in read_table(tmp_path / "r", "renders").to_pylist()}
+    assert len(t) == 16
+    assert t[("p0-1-single", 0)]["status"] == "decode_error" and "bad token at 7" in t[("p0-1-single", 0)]["message"]
+    assert t[("p1-0-single", 1)]["status"] == "render_error" and "mesh_path" in t[("p1-0-single", 1)]["message"]
+    good = t[("p3-1-single", 1)]
+    assert good["status"] == "ok" and good["prompt_id"] == "p3" and good["sample_index"] == 1 and good["level"] == "single"
+    assert good["azimuth"] == pytest.approx(210.0) and good["elevation"] == pytest.approx(20.0)
+
+
+def test_cli_shard_union_equals_unsharded(glb_dir, tmp_path):
+    samples_table(tmp_path / "gen" / "samples.parquet", glb_dir)
+    src = str(tmp_path / "gen" / "samples.parquet")
+    common = ["--samples", src, "--resolution", "32", "--views", "2", "--no-sheet"]
+    assert run_cli(*common, "--out", str(tmp_path / "full"), "--workers", "2").exit_code == 0
+    for i in range(2):
+        assert run_cli(*common, "--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--workers", "1").exit_code == 0
+
+    def rows(d):
+        keep = ("sample_id", "view", "status", "message", "prompt_id")
+        out = {}
+        for x in read_table(d, "renders").to_pylist():
+            img = open(x["image_path"], "rb").read() if x["image_path"] else b""
+            out[(x["sample_id"], x["view"])] = ({k: x[k] for k in keep}, img)
+        return out
+
+    full, sharded = rows(tmp_path / "full"), rows(tmp_path / "sharded")
+    assert full == sharded and len(full) == 16
+    parts = [pq.read_table(p).column("prompt_id").to_pylist() for p in sorted((tmp_path / "sharded").glob("part-*"))]
+    assert not set(parts[0]) & set(parts[1])  # groups never straddle shards
+
+
+def test_cli_bad_inputs(tmp_path):
+    pq.write_table(pa.table({"sample_id": ["a"]}), tmp_path / "x.parquet")
+    r = run_cli("--samples", str(tmp_path / "x.parquet"), "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2 and "mesh_path" in r.output and "x.parquet" in r.output
+    (tmp_path / "empty").mkdir()
+    r = run_cli("--samples", str(tmp_path / "empty"), "--out", str(tmp_path / "r2"))
+    assert r.exit_code == 2
+    pq.write_table(pa.table({"sample_id": ["a"], "mesh_path": ["a.glb"]}), tmp_path / "y.parquet")
+    r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r3"), "--background", "zzz")
+    assert r.exit_code == 2 and "--background" in r.output
