@@ -44,6 +44,15 @@ class Canvas:
     def erase(self, mask: np.ndarray) -> None:
         self.labels[mask] = 0
 
+    def recolor(self, part: str, mask: np.ndarray) -> None:
+        """Relabel already-filled voxels inside mask (paint without changing the geometry)."""
+        self.labels[mask & (self.labels > 0)] = self._id(part)
+
+    def region(self, x0=0, x1=R, y0=0, y1=R, z0=0, z1=R) -> np.ndarray:
+        m = np.zeros((R, R, R), bool)
+        m[max(0, int(x0)):int(x1), max(0, int(y0)):int(y1), max(0, int(z0)):int(z1)] = True
+        return m
+
     def box(self, part: str, x0, x1, y0, y1, z0, z1) -> None:
         """Fill [x0,x1) x [y0,y1) x [z0,z1), clipped to the grid (integer bounds)."""
         sl = tuple(slice(max(0, int(a)), min(R, int(b))) for a, b in ((x0, x1), (y0, y1), (z0, z1)))
@@ -201,6 +210,12 @@ class Family:
         return {}
 
     # --- text -------------------------------------------------------------------------------
+    def subject(self, spec: dict, rng) -> str:
+        """The caption's noun phrase, e.g. 'a red chair'."""
+        noun = choose(rng, self.nouns)
+        col = spec["colors"].get(self.main_part)
+        return f"{article(col)} {col} {noun}" if col else f"{article(noun)} {noun}"
+
     def features(self, spec: dict, rng) -> list[str]:
         """Caption phrases beyond the main colour, e.g. ['four brown legs', 'a red backrest']."""
         return []

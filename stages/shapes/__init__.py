@@ -1,0 +1,15 @@
+"""The procedural shape world's object families, by category (see docs/shape_world.md)."""
+from __future__ import annotations
+
+from rl3d.stages.shapes.base import Canvas, Family
+from rl3d.stages.shapes.mechanical import Chair, Table
+from rl3d.stages.shapes.organic import Cactus, Mushroom, Snowman, Tree
+from rl3d.stages.shapes.structural import Stairs, Tower
+
+CATEGORIES = ("spatial_structural", "mechanical_affordance", "physical_plausibility", "organic_forms",
+              "rare_entities", "stylized_abstract")
+
+FAMILY_CLASSES = (Tower, Stairs, Table, Chair, Tree, Cactus, Snowman, Mushroom)
+FAMILIES: dict[str, Family] = {cls.name: cls() for cls in FAMILY_CLASSES}
+
+__all__ = ["CATEGORIES", "FAMILIES", "Canvas", "Family"]
