@@ -1,0 +1,162 @@
+"""Policy loading, the constraint masks and log-prob recomputation, on a tiny random Qwen2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rl3d.formats.errors import InputError
+from rl3d.stages import policy as pol
+
+WORDS = "a the red blue green box chair table leg legs seat back round tall short wide plan part top".split()
+SPECIALS = ["<|pad|>", "<|endoftext|>", "[UNK]", "<|user|>", "<|assistant|>", "<mesh-start>", "<mesh-end>"]
+
+
+def tiny_codec():
+    from rl3d.formats.codec import VoxelCodec
+
+    g = np.zeros((2, 32, 32, 32), np.uint8)
+    g[0, 4:12, 0:8, 4:20] = 3
+    g[1, 10:30, 0:5, 2:6] = 5
+    return VoxelCodec.build(g, n_patterns=2)  # 1 + 2 * 16 = 33 mesh tokens
+
+
+def tiny_tokenizer(codec):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rl3d.formats.codec import mesh_token_text
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tk.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   unk_token="[UNK]")
+    fast.add_tokens([AddedToken(mesh_token_text(i), special=True) for i in range(codec.vocab_size)],
+                    special_tokens=True)
+    return fast
+
+
+def make_tiny_policy(out: Path, seed: int = 0, step: int = 3) -> Path:
+    """Random-init Qwen2 (hidden 32, 2 layers) + word tokenizer + tiny codec, saved by save_policy."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    codec = tiny_codec()
+    tok = tiny_tokenizer(codec)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, vocab_size=len(tok) + 3, max_position_embeddings=2048,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # make text tokens and <mesh-start> likely enough to see short plans
+        model.lm_head.weight.mul_(8.0)
+    return pol.save_policy(out, model, tok, codec, step=step, base="random-init")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = make_tiny_policy(tmp_path_factory.mktemp("pol") / "policy")
+    return pol.load_policy(d, device="cpu", dtype="float32")
+
+
+def test_load_policy_roundtrip(tiny):
+    assert tiny.step == 3 and tiny.meta["base"] == "random-init"
+    path, rest = tiny.policy_id.split("@")
+    assert Path(path) == tiny.path and path.startswith("/")
+    assert rest.endswith("#step3") and len(rest.split("#")[0]) == 12
+    assert tiny.model.dtype == torch.float32 and not tiny.model.training
+    assert (tiny.path / "codec" / "codebook.npz").is_file()
+    assert json.loads((tiny.path / pol.POLICY_META).read_text())["model_class"] == "Qwen2ForCausalLM"
+    # mesh ids in codec order
+    ids, start, end, eos = pol.mesh_token_ids(tiny.tokenizer, tiny.codec)
+    assert ids.tolist() == [tiny.tokenizer.convert_tokens_to_ids(f"<mesh{i}>") for i in range(33)]
+    assert (start, end, eos) == (tiny.special.mesh_start, tiny.special.mesh_end, tiny.special.eos)
+    assert tiny.special.vocab_size == len(tiny.tokenizer) + 3
+
+
+def test_load_policy_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        pol.load_policy(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="has no config.json"):
+        pol.load_policy(tmp_path / "empty")
+
+
+def test_allowed_mask(tiny):
+    sp = tiny.special
+    m = pol.allowed_mask(sp)
+    words = [tiny.tokenizer.convert_tokens_to_ids(w) for w in WORDS]
+    r = m[pol.KIND_REASONING]
+    assert r[words].all() and r[sp.mesh_start]
+    assert not r[sp.mesh_ids].any() and not r[[sp.mesh_end, sp.eos, sp.pad]].any()
+    assert not r[len(tiny.tokenizer):].any()  # spare output rows are never text
+    assert m[pol.KIND_MESH].nonzero()[:, 0].tolist() == sorted(sp.mesh_ids.tolist())
+    for k, t in [(pol.KIND_FORCE_START, sp.mesh_start), (pol.KIND_FORCE_END, sp.mesh_end), (pol.KIND_FORCE_EOS, sp.eos)]:
+        assert m[k].nonzero()[:, 0].tolist() == [t]
+
+
+def _fake_rows(tiny, n_reason=(3, 0), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sp, rows = tiny.special, []
+    for i, n in enumerate(n_reason):
+        words = " ".join(WORDS[j] for j in torch.randint(len(WORDS), (n,), generator=g).tolist())
+        mesh = torch.randint(tiny.codec.vocab_size, (tiny.codec.seq_len,), generator=g)
+        text = pol.build_prompt("a red chair" if i % 2 else "table", "single")
+        rows.append(pol.build_sequence(tiny.tokenizer, sp, text, words, mesh))
+    return rows
+
+
+def test_build_sequence_and_kinds(tiny):
+    sp = tiny.special
+    row = _fake_rows(tiny, (3,))[0]
+    ids = row["input_ids"]
+    assert ids[row["reasoning_end"]] == sp.mesh_start and row["mesh_end"] - row["mesh_start"] == 512
+    assert ids[row["mesh_end"]] == sp.mesh_end and ids[row["mesh_end"] + 1] == sp.eos and len(ids) == row["mesh_end"] + 2
+    b = pol.collate([row], sp)
+    k = b["kinds"][0]
+    assert (k[:3] == pol.KIND_REASONING).all() and k[3] == pol.KIND_REASONING
+    assert (k[4:516] == pol.KIND_MESH).all() and k[516] == pol.KIND_FORCE_END and k[517] == pol.KIND_FORCE_EOS
+    row["reasoning_truncated"] = True
+    assert pol.collate([row], sp)["kinds"][0, 3] == pol.KIND_FORCE_START
+
+
+def test_completion_logprobs_matches_naive_and_is_differentiable(tiny):
+    sp, model = tiny.special, tiny.model
+    rows = _fake_rows(tiny, (4, 0))
+    b = pol.collate(rows, sp)
+    with torch.no_grad():
+        lp, mask = pol.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+                                           b["kinds"], sp, temperature=0.7, chunk_size=100)
+    assert lp.dtype == torch.float32 and lp.shape == b["kinds"].shape
+    # naive: each row alone, full logits, masked log_softmax
+    for i, r in enumerate(rows):
+        ids = torch.tensor([r["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, r["prompt_len"] - 1:-1]
+        kinds = b["kinds"][i, :len(r["input_ids"]) - r["prompt_len"]]
+        want = torch.log_softmax(logits / 0.7 + sp.kind_bias("cpu")[kinds], -1)
+        want = want.gather(1, ids[0, r["prompt_len"]:, None])[:, 0]
+        n = len(want)
+        assert torch.allclose(lp[i, :n], want, atol=1e-5)
+        assert mask[i, :n].all() and not mask[i, n:].any() and (lp[i, n:] == 0).all()
+        forced = (kinds == pol.KIND_FORCE_END) | (kinds == pol.KIND_FORCE_EOS)
+        assert forced.sum() == 2 and (lp[i, :n][forced] == 0).all()
+    # right padding gives the same values as left padding; grads flow through the checkpointed chunks
+    P = b["attention_mask"].shape[1]
+    ids_r = torch.full_like(b["input_ids"], sp.pad)
+    att_r = torch.zeros_like(b["attention_mask"])
+    for i, r in enumerate(rows):
+        ids_r[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        att_r[i, :len(r["input_ids"])] = 1
+    model.zero_grad()
+    lp2, _ = pol.completion_logprobs(model, ids_r, att_r, b["prompt_lens"], b["kinds"], sp, 0.7, chunk_size=64)
+    assert torch.allclose(lp2.detach(), lp, atol=1e-5)
+    (lp2 * mask).sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
