@@ -49,8 +49,8 @@ class Tree(Family):
             tier_h = (top - th + (n - 1)) // n  # tiers overlap by 1 layer
             y = th
             for i in range(n):  # each tier's base clearly wider than the tip of the one below
-                r0 = 12 - 7 * i / max(n - 1, 1)
-                cv.cyl_y("leaves", r0, y, y + tier_h, r_top=1.0 if i == n - 1 else r0 * 0.3)
+                r0 = 12 - 6 * i / max(n - 1, 1)
+                cv.cyl_y("leaves", r0, y, y + tier_h, r_top=1.0 if i == n - 1 else r0 * 0.25)
                 y += tier_h - 1
             cv.cyl_y("trunk", p["trunk_radius"], 0, th + 1)
         else:
