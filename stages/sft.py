@@ -1,0 +1,724 @@
+"""`rl3d sft`: supervised warm start of a policy on synth objects, in exactly the sequence format
+gen produces (docs/internals.md "Policy sequences"):
+
+    flat:     build_prompt(p, "single")          | detail | <mesh-start> tokens(grid)          <mesh-end> eos
+    hi-grpo:  build_prompt(p, "coarse")          | plan   | <mesh-start> tokens(coarsen(grid)) <mesh-end> eos
+              build_prompt(p, "fine", plan=plan) | detail | <mesh-start> tokens(grid)          <mesh-end> eos
+    both:     the three sequences above (a policy usable by gen in either mode)
+
+The loss is next-token cross-entropy on completion tokens only (prompt positions are -100).
+Training runs under accelerate (CPU, one GPU, `accelerate launch` for several), checkpoints
+every --save-every steps into OUT/checkpoints/step-NNNNNN/ (save_pretrained + optimizer,
+scheduler, RNG and the data cursor) and resumes from the latest one. The data order is a pure
+function of (seed, step), so a resumed run replays the uninterrupted one exactly on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rl3d.formats.errors import InputError
+from rl3d.stages.contract import Progress
+
+MODES = ("hi-grpo", "flat", "both")
+MODE_LEVELS = {"hi-grpo": ("coarse", "fine"), "flat": ("single",), "both": ("coarse", "fine", "single")}
+EVAL_SPLITS = ("eval", "val", "valid", "validation")
+POLICY_FILE = "rl3d_policy.json"
+STATE_FILE = "trainer_state.pt"
+ENCODE_CHUNK = 1024  # grids per codec call while preparing data
+
+_COMMON = dict(max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+               attention_dropout=0.0, hidden_act="silu", initializer_range=0.02, use_cache=True)
+# Named Qwen2ForCausalLM shapes for training from scratch. "default" is the shipped policy
+# (~6.8M parameters with the default codec's 8177 mesh tokens: ~27 MB as float32 safetensors).
+CONFIGS = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64),
+    "default": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=704),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=1408),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                 intermediate_size=2048),
+}
+
+
+@dataclass
+class SFTOptions:
+    data: Path
+    out: Path
+    init: Path | None = None
+    config: str | None = None
+    mode: str = "hi-grpo"
+    codec: Path | None = None
+    text_vocab: int = 1024
+    batch_size: int = 16
+    grad_accum: int = 1
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 3e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_every: int | None = None
+    eval_rows: int = 512
+    eval_fraction: float = 0.02
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    save_dtype: str = "float32"
+    seed: int = 0
+    overwrite: bool = False
+    quiet: bool = False
+
+    def trajectory_key(self) -> dict:
+        """The options that decide the training trajectory: a resume must match them."""
+        d = asdict(self)
+        for k in ("out", "eval_every", "save_every", "keep_checkpoints", "log_every", "save_dtype", "overwrite",
+                  "quiet", "eval_rows"):
+            d.pop(k)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+@dataclass
+class Packed:
+    """Tokenised sequences, ragged: sequence i is ids[offsets[i]:offsets[i+1]], its completion
+    starts at prompt_lens[i]."""
+    ids: np.ndarray
+    offsets: np.ndarray
+    prompt_lens: np.ndarray
+    levels: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def subset(self, idx: np.ndarray) -> "Packed":
+        lens = self.lengths[idx]
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        ids = np.concatenate([self.ids[self.offsets[i]:self.offsets[i + 1]] for i in idx]) if len(idx) else \
+            np.zeros(0, np.int32)
+        return Packed(ids, offsets, self.prompt_lens[idx], [self.levels[i] for i in idx] if self.levels else [])
+
+
+def required_columns(mode: str) -> tuple[str, ...]:
+    return ("prompt", "detail") + (("plan",) if mode != "flat" else ())
+
+
+def read_sft_rows(path, mode: str) -> dict:
+    """Columns of an objects table (or any table with prompt, plan, detail and voxels or
+    mesh_tokens) as Python lists / a pyarrow voxels column; rows with status != ok dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rl3d.formats.tables import list_parts
+
+    want = required_columns(mode)
+    parts = []
+    for f in list_parts(path):
+        try:
+            names = pq.read_schema(f).names
+        except Exception as e:
+            raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for c in want:
+            if c not in names:
+                raise InputError(f"{f}: missing column {c!r} (sft --mode {mode} needs {', '.join(want)} "
+                                 f"and voxels or mesh_tokens)")
+        if "voxels" not in names and "mesh_tokens" not in names:
+            raise InputError(f"{f}: missing column 'voxels' (or 'mesh_tokens'): no mesh targets")
+        cols = [c for c in (*want, "plan", "voxels", "mesh_tokens", "split", "status", "prompt_id") if c in names]
+        parts.append(pq.read_table(f, columns=list(dict.fromkeys(cols))))
+    table = pa.concat_tables(parts, promote_options="default")
+    if "status" in table.column_names:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+    if table.num_rows == 0:
+        raise InputError(f"{path}: no usable rows (status ok) for sft")
+    rows = {c: table.column(c).to_pylist() for c in table.column_names if c not in ("voxels", "mesh_tokens")}
+    for c in want:
+        bad = [i for i, v in enumerate(rows[c]) if not isinstance(v, str)]
+        if bad:
+            raise InputError(f"{path}: row {bad[0]}: column {c!r} is empty (null)")
+    rows["voxels"] = table.column("voxels") if "voxels" in table.column_names else None
+    rows["mesh_tokens"] = table.column("mesh_tokens") if "mesh_tokens" in table.column_names else None
+    rows["n"] = table.num_rows
+    rows["source"] = str(path)
+    return rows
+
+
+def _grids(rows: dict, idx: np.ndarray, codec) -> np.ndarray:
+    """uint8[len(idx), 32, 32, 32]: the voxels column, else the decoded mesh tokens."""
+    r = codec.resolution
+    if rows["voxels"] is not None:
+        col = rows["voxels"].take(idx).to_pylist()
+        bad = [i for i, v in zip(idx, col) if v is None or len(v) != r ** 3]
+        if bad:
+            raise InputError(f"{rows['source']}: row {bad[0]}: voxels blob is not {r}^3 bytes")
+        return np.frombuffer(b"".join(col), np.uint8).reshape(len(idx), r, r, r)
+    return codec.decode_batch(_listed_tokens(rows, idx, codec))
+
+
+def _listed_tokens(rows: dict, idx: np.ndarray, codec) -> np.ndarray:
+    from rl3d.formats.codec import CodecError
+
+    col = rows["mesh_tokens"].take(idx).combine_chunks()
+    lens = np.diff(np.asarray(col.offsets))
+    bad = np.flatnonzero(lens != codec.seq_len)
+    if len(bad):
+        raise InputError(f"{rows['source']}: row {idx[bad[0]]}: mesh_tokens has {lens[bad[0]]} tokens, "
+                         f"expected {codec.seq_len}")
+    tok = np.asarray(col.flatten()).reshape(len(idx), codec.seq_len)
+    try:  # ids outside the codec vocabulary
+        if tok.size and (tok.min() < 0 or tok.max() >= codec.vocab_size):
+            raise CodecError(f"mesh token ids outside [0, {codec.vocab_size})")
+    except CodecError as e:
+        raise InputError(f"{rows['source']}: {e}") from None
+    return tok.astype(np.int32)
+
+
+def mesh_targets(rows: dict, codec, levels: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """level -> int32[n, seq_len] codec tokens: the exact grid for fine/single, its coarsened grid
+    for coarse. Voxels are re-encoded with the policy's codec (the table may predate a codebook);
+    a table without voxels uses its mesh_tokens (and decodes them for the coarse level)."""
+    from rl3d.formats.voxels import coarsen_grid
+
+    n = rows["n"]
+    out = {lv: np.zeros((n, codec.seq_len), np.int32) for lv in levels}
+    for s in range(0, n, ENCODE_CHUNK):
+        idx = np.arange(s, min(n, s + ENCODE_CHUNK))
+        exact = None
+        if rows["voxels"] is None:
+            exact = _listed_tokens(rows, idx, codec)
+        need_grid = rows["voxels"] is not None or "coarse" in levels
+        grids = _grids(rows, idx, codec) if need_grid else None
+        if exact is None:
+            exact = codec.encode_batch(grids)
+        for lv in levels:
+            if lv == "coarse":
+                out[lv][idx] = codec.encode_batch(np.stack([coarsen_grid(g) for g in grids]))
+            else:
+                out[lv][idx] = exact
+    return out
+
+
+def level_texts(rows: dict, level: str) -> tuple[list[str], list[str]]:
+    """(prompt texts, reasoning texts) of every row at one level."""
+    from rl3d.stages.policy import build_prompt
+
+    if level == "coarse":
+        return [build_prompt(p, "coarse") for p in rows["prompt"]], [s.strip() for s in rows["plan"]]
+    if level == "fine":
+        return ([build_prompt(p, "fine", plan=s) for p, s in zip(rows["prompt"], rows["plan"])],
+                [d.strip() for d in rows["detail"]])
+    return [build_prompt(p, "single") for p in rows["prompt"]], [d.strip() for d in rows["detail"]]
+
+
+def tokenize_sequences(tokenizer, prompts: list[str], reasonings: list[str], mesh: np.ndarray,
+                       mesh_offset: int) -> Packed:
+    """prompt | reasoning | <mesh-start> mesh <mesh-end> eos, tokenised with two batched calls.
+    Prompt and reasoning are tokenised separately, as gen sees them (prompt given, reasoning sampled)."""
+    from rl3d.formats.codec import MESH_END, MESH_START
+
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(reasonings, add_special_tokens=False)["input_ids"]
+    ms, me = tokenizer.convert_tokens_to_ids([MESH_START, MESH_END])
+    tail = np.full((len(prompts), mesh.shape[1] + 3), me, np.int32)
+    tail[:, 0] = ms
+    tail[:, 1:-2] = mesh + mesh_offset
+    tail[:, -1] = tokenizer.eos_token_id
+    p_len = np.fromiter((len(x) for x in p_ids), np.int64, len(p_ids))
+    r_len = np.fromiter((len(x) for x in r_ids), np.int64, len(r_ids))
+    lens = p_len + r_len + tail.shape[1]
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ids = np.empty(offsets[-1], np.int32)
+    # scatter the three pieces with flat index arithmetic (no per-token Python)
+    flat_p = np.fromiter((t for x in p_ids for t in x), np.int32, int(p_len.sum()))
+    flat_r = np.fromiter((t for x in r_ids for t in x), np.int32, int(r_len.sum()))
+    ids[_segment_positions(offsets[:-1], p_len)] = flat_p
+    ids[_segment_positions(offsets[:-1] + p_len, r_len)] = flat_r
+    ids[_segment_positions(offsets[:-1] + p_len + r_len, np.full(len(lens), tail.shape[1]))] = tail.ravel()
+    return Packed(ids, offsets, p_len.astype(np.int32))
+
+
+def _segment_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenated aranges start_i .. start_i + len_i - 1."""
+    total = int(lens.sum())
+    seg_start = np.repeat(np.cumsum(lens) - lens, lens)
+    return np.repeat(starts, lens) + (np.arange(total) - seg_start)
+
+
+def collate(packed: Packed, idx, pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
+    import torch
+
+    idx = np.asarray(idx)
+    lens = packed.lengths[idx]
+    width = int(lens.max())
+    pos = np.arange(width)[None, :]
+    valid = pos < lens[:, None]
+    src = np.where(valid, packed.offsets[idx][:, None] + pos, 0)
+    ids = np.where(valid, packed.ids[src], pad_id).astype(np.int64)
+    labels = np.where(valid & (pos >= packed.prompt_lens[idx][:, None]), ids, -100)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(valid.astype(np.int64)),
+            "labels": torch.from_numpy(labels)}
+
+
+def split_objects(rows: dict, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train object indices, eval object indices, excluded count). An eval split in the table wins;
+    otherwise a seeded held-out fraction. Other splits (e.g. test) are kept out of both."""
+    n = rows["n"]
+    split = rows.get("split")
+    if split is not None:
+        split = np.array([s or "train" for s in split])
+        is_eval = np.isin(split, EVAL_SPLITS)
+        is_train = split == "train"
+        if is_eval.any():
+            return np.flatnonzero(is_train), np.flatnonzero(is_eval), int(n - is_train.sum() - is_eval.sum())
+        train = np.flatnonzero(is_train)
+        excluded = n - len(train)
+    else:
+        train, excluded = np.arange(n), 0
+    n_eval = int(round(eval_fraction * len(train))) if len(train) > 1 else 0
+    n_eval = min(max(n_eval, 1 if eval_fraction > 0 and len(train) > 1 else 0), len(train) - 1)
+    perm = np.random.default_rng([seed, 7]).permutation(len(train))
+    return np.sort(train[perm[n_eval:]]), np.sort(train[perm[:n_eval]]), int(excluded)
+
+
+def build_dataset(rows: dict, objects: np.ndarray, mode: str, tokenizer, codec, mesh: dict) -> Packed:
+    """All sequences of the given objects, level by level, concatenated."""
+    from rl3d.stages.tokenizer import mesh_token_offset
+
+    offset = mesh_token_offset(tokenizer)
+    if len(objects) == 0:
+        return Packed(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
+    parts = []
+    for lv in MODE_LEVELS[mode]:
+        sub = {k: [rows[k][i] for i in objects] for k in ("prompt", "plan", "detail") if k in rows}
+        prompts, reasonings = level_texts(sub, lv)
+        pk = tokenize_sequences(tokenizer, prompts, reasonings, mesh[lv][objects], offset)
+        pk.levels = [lv] * len(pk)
+        parts.append(pk)
+    lens = np.concatenate([p.lengths for p in parts])
+    return Packed(np.concatenate([p.ids for p in parts]), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                  np.concatenate([p.prompt_lens for p in parts]), [lv for p in parts for lv in p.levels])
+
+
+def step_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
+    """Sequence indices of one optimizer step: an endless stream of per-epoch seeded permutations.
+    A pure function of (seed, step) - this is the data cursor that makes resume exact."""
+    start = step * global_batch
+    pos = np.arange(start, start + global_batch)
+    epochs = pos // n
+    out = np.empty(global_batch, np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        sel = epochs == e
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+def build_model(config_name: str, vocab_size: int, tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if config_name not in CONFIGS:
+        raise InputError(f"--config: unknown config {config_name!r} (choose from {', '.join(CONFIGS)})")
+    cfg = Qwen2Config(vocab_size=vocab_size, **_COMMON, **CONFIGS[config_name],
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    return Qwen2ForCausalLM(cfg)
+
+
+def load_init(path: Path, n_mesh: int):
+    """(model float32, tokenizer) from a policy / causal-LM dir; mesh tokens added when missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl3d.stages.tokenizer import add_mesh_tokens
+
+    if not (Path(path) / "config.json").is_file():
+        raise InputError(f"{path}: not a model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+    try:
+        add_mesh_tokens(tok, n_mesh)
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    return model, tok
+
+
+def policy_codec(opts: SFTOptions):
+    from rl3d.formats.codec import VoxelCodec
+
+    path = opts.codec
+    if path is None and opts.init is not None and (Path(opts.init) / POLICY_FILE).is_file():
+        meta = json.loads((Path(opts.init) / POLICY_FILE).read_text())
+        if meta.get("codec") not in (None, "default"):
+            path = Path(opts.init) / meta["codec"]
+    try:
+        return VoxelCodec.load(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"--codec: {e}") from None
+
+
+def set_special_ids(model, tokenizer) -> None:
+    """Pad/eos ids on the model and a sane generation config (sampling as in HI-GRPO.md)."""
+    from transformers import GenerationConfig
+
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = None
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        do_sample=True, temperature=0.7, top_p=0.7, max_length=model.config.max_position_embeddings)
+
+
+def completion_loss(model, batch, mesh_lo: int, mesh_hi: int):
+    """(sum of token NLL over completion tokens, per-kind sums for metrics) of one micro-batch."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                          reduction="none").view_as(target)
+    with torch.no_grad():
+        valid = target != -100
+        mesh = valid & (target >= mesh_lo) & (target < mesh_hi)
+        correct = (logits.argmax(-1) == target) & mesh
+        stats = torch.stack([nll[valid].sum(), valid.sum(), nll[mesh].sum(), mesh.sum(), correct.sum()]).double()
+    return nll.sum(), stats
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, keep: int) -> Path:
+    import torch
+
+    final = out / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # atomic: a checkpoint dir with trainer_state.pt is complete
+    for old in sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_rng(rng: dict) -> None:
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save_dtype: str, extra: dict) -> Path:
+    """A self-contained policy dir: weights (safetensors), tokenizer, generation config, a copy of
+    the codec and rl3d_policy.json. Written beside and renamed, so it is never half there."""
+    import torch
+
+    from rl3d.stages.tokenizer import mesh_token_offset
+
+    final = out / "final"
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m = copy.deepcopy(model).to(getattr(torch, save_dtype))
+    m.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    codec.save(tmp / "codec")
+    meta = {"format": 1, "model_class": type(model).__name__, "codec": "codec", "codec_hash": codec.content_hash(),
+            "step": step, "mode": mode, "levels": list(MODE_LEVELS[mode]),
+            "mesh_token_offset": mesh_token_offset(tokenizer), "mesh_vocab_size": codec.vocab_size,
+            "mesh_seq_len": codec.seq_len, "dtype": save_dtype, **extra}
+    (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+
+class Metrics:
+    """metrics.jsonl (appended as we go), metrics.parquet (long: step, name, value) and TensorBoard
+    when installed. Only the main process writes."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int):
+        self.out, self.enabled = out, enabled
+        self.jsonl = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.jsonl.is_file():  # drop what an interrupted run logged after its last checkpoint
+            keep = [ln for ln in self.jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.jsonl.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+        except Exception:  # tensorboard not installed: jsonl + parquet only
+            self.tb = None
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def write_parquet(self, config: dict) -> None:
+        if not self.enabled or not self.jsonl.is_file():
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from rl3d.formats import tables
+        from rl3d.formats.shards import atomic_path
+
+        steps, names, values = [], [], []
+        for ln in self.jsonl.read_text().splitlines():
+            rec = json.loads(ln)
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    steps.append(rec["step"]), names.append(k), values.append(float(v))
+        t = pa.table({"step": pa.array(steps, pa.int64()), "name": pa.array(names, pa.string()),
+                      "value": pa.array(values, pa.float64())})
+        t = tables.with_metadata(t, "metrics", config)
+        with atomic_path(self.out / "metrics.parquet") as tmp:
+            pq.write_table(t, tmp)
+        if self.tb is not None:
+            self.tb.flush()
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
+    """Train; return a summary dict. See the module docstring."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    from rl3d.formats.shards import atomic_write_json
+    from rl3d.stages.tokenizer import build_tokenizer, mesh_token_offset
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bar would interleave with ours
+    progress = progress or Progress(opts.quiet)
+    t0 = time.time()
+    _check_options(opts)
+    out = Path(opts.out)
+    acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    main = acc.is_main_process
+    if opts.overwrite and main:
+        for name in ("checkpoints", "final", "final.tmp", "tensorboard", "metrics.jsonl", "metrics.parquet",
+                     "sft_config.json"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    key = opts.trajectory_key()
+    cfg_file = out / "sft_config.json"
+    if cfg_file.is_file():
+        before = json.loads(cfg_file.read_text())
+        diff = sorted(k for k in set(before) | set(key) if before.get(k) != key.get(k))
+        if diff:
+            raise InputError(f"{cfg_file}: this run differs from the one in {out} in {', '.join(diff)} "
+                             f"(use --overwrite to start over, or another --out)")
+        done = out / "final" / POLICY_FILE
+        if done.is_file():
+            progress.log(f"sft: {out}/final already complete, skipping")
+            meta = json.loads(done.read_text())
+            return {"stage": "sft", "out": str(out), "final": str(out / "final"), "steps": meta["step"],
+                    "skipped": True}
+
+    codec = policy_codec(opts)
+    levels = MODE_LEVELS[opts.mode]
+    rows = read_sft_rows(opts.data, opts.mode)
+    set_seed(opts.seed)
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(resume))
+        model = AutoModelForCausalLM.from_pretrained(str(resume), dtype="float32")
+    elif opts.init is not None:
+        model, tokenizer = load_init(Path(opts.init), codec.vocab_size)
+    else:
+        texts = [t for c in ("prompt", "plan", "detail") if c in rows for t in rows[c]]
+        tokenizer = build_tokenizer(texts, codec, opts.text_vocab)
+        model = build_model(opts.config, len(tokenizer), tokenizer)
+    set_special_ids(model, tokenizer)
+    mesh_lo = mesh_token_offset(tokenizer)
+
+    with _timed(progress, "sft: preparing sequences"):
+        train_obj, eval_obj, excluded = split_objects(rows, opts.eval_fraction, opts.seed)
+        mesh = mesh_targets(rows, codec, levels)
+        train = build_dataset(rows, train_obj, opts.mode, tokenizer, codec, mesh)
+        evals = build_dataset(rows, eval_obj, opts.mode, tokenizer, codec, mesh)
+    max_len = model.config.max_position_embeddings
+    too_long = int((train.lengths > max_len).sum() + (evals.lengths > max_len).sum())
+    train = train.subset(np.flatnonzero(train.lengths <= max_len))
+    evals = evals.subset(np.flatnonzero(evals.lengths <= max_len))
+    if len(evals) > opts.eval_rows:
+        evals = evals.subset(np.sort(np.random.default_rng([opts.seed, 11]).permutation(len(evals))[:opts.eval_rows]))
+    if len(train) == 0:
+        raise InputError(f"{opts.data}: no training sequences fit the model's {max_len} positions")
+
+    per_step = opts.batch_size * opts.grad_accum * acc.num_processes
+    total = opts.steps if opts.steps is not None else max(1, math.ceil((opts.epochs or 1.0) * len(train) / per_step))
+    eval_every = opts.eval_every or max(1, total // 10)
+    save_every = opts.save_every or max(1, total // 5)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(opts.warmup * total)), total)
+    start = 0
+    if resume is not None:
+        state = torch.load(resume / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start = int(state["step"])
+        progress.log(f"sft: resuming from {resume} (step {start})")
+    model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per step
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg_file, key)
+    metrics = Metrics(out, main, start)
+    n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
+    if start == 0:
+        progress.log(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(evals)} eval sequences, "
+                     f"{total} steps of {per_step} sequences")
+    mesh_hi = mesh_lo + codec.vocab_size
+
+    def evaluate() -> dict:
+        model.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
+        mine = np.arange(acc.process_index, len(evals), acc.num_processes)
+        with torch.no_grad():
+            for s in range(0, len(mine), opts.batch_size):
+                batch = {k: v.to(acc.device) for k, v in collate(evals, mine[s:s + opts.batch_size],
+                                                                 tokenizer.pad_token_id).items()}
+                sums += completion_loss(model, batch, mesh_lo, mesh_hi)[1]
+        sums = acc.reduce(sums, "sum").cpu().numpy()
+        model.train()
+        return {"eval_loss": sums[0] / max(sums[1], 1), "eval_mesh_loss": sums[2] / max(sums[3], 1),
+                "eval_mesh_acc": sums[4] / max(sums[3], 1)}
+
+    model.train()
+    window = np.zeros(5)
+    last_eval: dict = {}
+    t_log, tokens_log = time.time(), 0
+    for step in progress.track(range(start, total), total=total - start, desc="sft"):
+        idx = step_indices(step, len(train), per_step, opts.seed)
+        mine = idx[acc.process_index::acc.num_processes]
+        micro = [mine[i:i + opts.batch_size] for i in range(0, len(mine), opts.batch_size)]
+        batches = [collate(train, m, tokenizer.pad_token_id) for m in micro]
+        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        for i, b in enumerate(batches):
+            b = {k: v.to(acc.device) for k, v in b.items()}
+            ctx = acc.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
+            with ctx:
+                loss_sum, stats = completion_loss(model, b, mesh_lo, mesh_hi)
+                acc.backward(loss_sum / n_tok)
+            window += stats.cpu().numpy()
+            tokens_log += int(b["attention_mask"].sum())
+        grad_norm = acc.clip_grad_norm_(model.parameters(), opts.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % opts.log_every == 0 or done == total:
+            dt = max(time.time() - t_log, 1e-9)
+            rec = {"loss": window[0] / max(window[1], 1), "mesh_loss": window[2] / max(window[3], 1),
+                   "mesh_acc": window[4] / max(window[3], 1), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "tokens_per_s": tokens_log * acc.num_processes / dt,
+                   "epoch": done * per_step / len(train)}
+            metrics.log(done, rec)
+            window[:] = 0
+            t_log, tokens_log = time.time(), 0
+        if done % eval_every == 0 or done == total:
+            if len(evals):
+                last_eval = evaluate()
+                metrics.log(done, last_eval)
+                progress.log(f"sft: step {done}/{total} eval_loss {last_eval['eval_loss']:.4f} "
+                             f"mesh_acc {last_eval['eval_mesh_acc']:.3f}")
+        if done % save_every == 0 or done == total:
+            acc.wait_for_everyone()
+            if main:
+                save_checkpoint(out, done, acc.unwrap_model(model), tokenizer, optimizer, scheduler,
+                                opts.keep_checkpoints)
+                metrics.write_parquet(key)
+            acc.wait_for_everyone()
+
+    final = out / "final"
+    if main:
+        extra = {"sft": key, "params": n_params, "train_sequences": len(train), "eval": last_eval}
+        export_policy(out, acc.unwrap_model(model), tokenizer, codec, total, opts.mode, opts.save_dtype, extra)
+        metrics.write_parquet(key)
+    acc.wait_for_everyone()
+    last = _last_train_loss(out / "metrics.jsonl")
+    return {"stage": "sft", "out": str(out), "final": str(final), "steps": total, "resumed_from": start,
+            "train_sequences": len(train), "eval_sequences": len(evals), "excluded_rows": excluded,
+            "too_long": too_long, "params": n_params, "train_loss": last, **last_eval,
+            "seconds": round(time.time() - t0, 3), "skipped": False}
+
+
+def _check_options(opts: SFTOptions) -> None:
+    if opts.mode not in MODES:
+        raise InputError(f"--mode: unknown mode {opts.mode!r} (choose from {', '.join(MODES)})")
+    if (opts.init is None) == (opts.config is None):
+        raise InputError("sft: give exactly one of --init DIR (fine-tune a checkpoint) or --config NAME (from scratch)")
+    if opts.config is not None and opts.config not in CONFIGS:
+        raise InputError(f"--config: unknown config {opts.config!r} (choose from {', '.join(CONFIGS)})")
+    if opts.steps is not None and opts.epochs is not None:
+        raise InputError("sft: give --steps or --epochs, not both")
+    if opts.save_dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"--save-dtype: unknown dtype {opts.save_dtype!r}")
+
+
+def _last_train_loss(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    losses = [json.loads(ln).get("loss") for ln in path.read_text().splitlines() if ln]
+    losses = [x for x in losses if x is not None]
+    return losses[-1] if losses else None
+
+
+@contextlib.contextmanager
+def _timed(progress: Progress, what: str):
+    t = time.time()
+    yield
+    progress.log(f"{what}: {time.time() - t:.1f}s")
