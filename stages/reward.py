@@ -1,0 +1,303 @@
+"""`rl3d reward`: score samples (gen output, or synth objects for reference scoring) with the
+terms a reward config lists for each sample's level, into the "rewards" table.
+
+Per term T the table holds T (weight * scale * raw), T_raw (the raw value, aggregated over views),
+T_views (raw per-view scores, for audit), T_status, T_message and T_details (JSON). Per row:
+`total` = sum of the level's weighted terms; `status` "ok" only when every term of the level is
+"ok" or "not_applicable" (not_applicable terms add nothing and are listed in `message`). A failed
+term is never replaced by a number: a failed required term makes `total` null and `status`
+"<term status>:<term name>"; failed optional terms leave the total of the others with status
+"partial". The Hi-GRPO back-flow R_high + lambda * R_low is not applied here (rl-step does it).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rl3d.formats import tables
+from rl3d.formats.errors import InputError
+from rl3d.formats.shards import Shard
+from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed
+from rl3d.stages.rewards.base import RewardItem, TermResult
+from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
+
+OK_STATES = ("ok", "not_applicable")
+_BACKEND_CACHE: dict[str, object] = {}  # one instance per (backend, options) per process
+
+
+def get_backend(term: TermConfig):
+    key = term.backend_key()
+    if key not in _BACKEND_CACHE:
+        _BACKEND_CACHE[key] = make_backend(term)
+    return _BACKEND_CACHE[key]
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def read_scored_rows(path) -> tuple[pa.Table, str]:
+    """A gen samples table or a synth objects table -> (table, kind)."""
+    first = tables.list_parts(path)[0]
+    try:
+        names = pq.read_schema(first).names
+    except Exception as e:
+        raise InputError(f"{first}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    kind = "samples" if "sample_index" in names else "objects" if "voxels" in names else None
+    if kind is None:
+        raise InputError(f"{first}: neither a samples table (no 'sample_index') nor an objects table (no 'voxels')")
+    return tables.read_table(path, kind), kind
+
+
+def group_renders(path, wanted: set[str]) -> dict[str, list[dict]]:
+    """sample_id -> its render rows sorted by view."""
+    t = tables.read_table(path, "renders", columns=None)
+    cols = {c: t.column(c).to_pylist() for c in ("sample_id", "view", "image_path", "status", "message")}
+    out: dict[str, list[dict]] = defaultdict(list)
+    for i, sid in enumerate(cols["sample_id"]):
+        if sid in wanted:
+            out[sid].append({c: cols[c][i] for c in cols})
+    for rows in out.values():
+        rows.sort(key=lambda r: r["view"])
+    return out
+
+
+def render_state(rows: list[dict]) -> tuple[str, str, list[str]]:
+    """(status, message, image paths) of one sample's renders."""
+    if not rows:
+        return "missing_renders", "no render rows for this sample", []
+    bad = [r for r in rows if r["status"] != "ok" or not r["image_path"]]
+    if bad:
+        return "render_error", f"view {bad[0]['view']}: {bad[0]['status']}: {bad[0]['message'] or ''}".strip(), []
+    return "ok", "", [r["image_path"] for r in rows]
+
+
+def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[list, list[str]]:
+    """Per row: the voxel grid (or None) and a decode error message ('' when fine)."""
+    from rl3d.formats.voxels import from_bytes
+
+    n = len(rows["sample_id"])
+    grids: list = [None] * n
+    errors = [""] * n
+    if kind == "objects":
+        for i, blob in enumerate(rows["voxels"]):
+            try:
+                grids[i] = from_bytes(blob)
+            except (ValueError, TypeError) as e:
+                errors[i] = f"voxels: {e}"
+        return grids, errors
+    from rl3d.formats.codec import VoxelCodec
+
+    try:
+        codec = VoxelCodec.load(codec_path or None)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"codec {codec_path or '(shipped)'}: {e}") from None
+    good = [i for i, t in enumerate(rows["mesh_tokens"])
+            if rows["status"][i] == "ok" and t is not None and len(t) == codec.seq_len]
+    for i, t in enumerate(rows["mesh_tokens"]):
+        if rows["status"][i] == "ok" and i not in set(good):
+            errors[i] = f"expected {codec.seq_len} mesh tokens, got {0 if t is None else len(t)}"
+    if good:
+        toks = np.asarray([rows["mesh_tokens"][i] for i in good], np.int64)
+        in_range = (toks >= 0).all(1) & (toks < codec.vocab_size).all(1)
+        ok = [i for i, g in zip(good, in_range) if g]
+        for i, g in zip(good, in_range):
+            if not g:
+                errors[i] = f"mesh token ids outside [0, {codec.vocab_size})"
+        if ok:
+            decoded = codec.decode_batch(toks[in_range])
+            for i, g in zip(ok, decoded):
+                grids[i] = g
+    return grids, errors
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+def aggregate(res: TermResult, how: str) -> tuple[float | None, list[float] | None, str, str]:
+    """A backend result -> (raw value, per-view scores, status, message)."""
+    views = None if res.per_view is None else [None if v is None else float(v) for v in res.per_view]
+    if res.status != "ok":
+        return None, views, res.status, res.message or ""
+    if views is None:
+        if res.value is None:
+            return None, None, "backend_error", "backend returned status ok without a value"
+        raw = float(res.value)
+    elif how == "none":
+        if res.value is None:
+            return None, views, "config_error", "backend scores views: aggregate must be max, mean or min"
+        raw = float(res.value)
+    else:
+        vals = [v for v in views if v is not None and math.isfinite(v)]
+        if len(vals) != len(views) or not vals:
+            return None, views, "view_error", f"{len(views) - len(vals)} of {len(views)} views have no finite score"
+        raw = float({"max": np.max, "mean": np.mean, "min": np.min}[how](vals))
+    if not math.isfinite(raw):
+        return None, views, "nan_score", f"raw value {raw}"
+    return raw, views, "ok", res.message or ""
+
+
+def score_term(term: TermConfig, backend, items: list[RewardItem], batch: int) -> list[TermResult]:
+    """Score items in batches; an exception or a wrong-length answer fails that batch's items."""
+    out: list[TermResult] = []
+    for s in range(0, len(items), batch):
+        chunk = items[s:s + batch]
+        try:
+            res = backend.score(chunk)
+            if len(res) != len(chunk):
+                raise RuntimeError(f"returned {len(res)} results for {len(chunk)} items")
+        except InputError:
+            raise
+        except Exception as e:  # the backend's failure is the rows' status, never a number
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            res = [TermResult(status="backend_error", message=msg) for _ in chunk]
+        out.extend(res)
+    return out
+
+
+def combine(terms: list[TermConfig], cells: dict[str, dict]) -> tuple[float | None, str, str]:
+    """A row's (total, status, message) from its terms' cells."""
+    failed = [t for t in terms if cells[t.name]["status"] not in OK_STATES]
+    na = [t.name for t in terms if cells[t.name]["status"] == "not_applicable"]
+    notes = [f"{t.name}: {cells[t.name]['status']}: {cells[t.name]['message']}".rstrip(": ") for t in failed]
+    if na:
+        notes.append("not_applicable: " + ", ".join(na))
+    message = "; ".join(notes)
+    req = [t for t in failed if t.required]
+    if req:
+        return None, f"{cells[req[0].name]['status']}:{req[0].name}", message
+    scored = [cells[t.name]["value"] for t in terms if cells[t.name]["status"] == "ok"]
+    if not scored:
+        return None, "no_applicable_terms", message
+    return float(sum(scored)), ("partial" if failed else "ok"), message
+
+
+def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders: dict[str, list[dict]] | None,
+                 progress: Progress, stats: dict, batch: int = 64) -> pa.Table:
+    n = len(rows["sample_id"])
+    levels = rows["level"]
+    grids, decode_err = decode_grids(rows, kind, config.codec)
+    rstate = [render_state(renders.get(sid, [])) if renders is not None else ("missing_renders", "no --renders given", [])
+              for sid in rows["sample_id"]]
+    items = [RewardItem(sample_id=rows["sample_id"][i], prompt=rows["prompt"][i], level=levels[i],
+                        image_paths=rstate[i][2], mesh_path=rows["mesh_path"][i] or None, grid=grids[i],
+                        spec=_parse_spec(rows.get("spec", [None] * n)[i]),
+                        category=rows.get("category", [None] * n)[i],
+                        reasoning=rows.get("reasoning", rows.get("plan", [""] * n))[i] or "")
+             for i in range(n)]
+    row_status = [rows["status"][i] if rows["status"][i] != "ok" else ("decode_error" if decode_err[i] else "ok")
+                  for i in range(n)]
+    row_msg = [decode_err[i] or (rows["message"][i] or "") for i in range(n)]
+
+    names = config.term_names()
+    cells: list[dict[str, dict]] = [{} for _ in range(n)]
+    jobs = [(lvl, t) for lvl in config.levels for t in config.terms(lvl)]
+    for lvl, term in progress.track(jobs, total=len(jobs), desc="reward terms"):
+        idx = [i for i in range(n) if levels[i] == lvl]
+        if not idx:
+            continue
+        backend = get_backend(term)
+        views = needs_views(term.backend, backend)
+        run = []
+        for i in idx:
+            if row_status[i] != "ok":
+                cells[i][term.name] = _cell(None, None, "skipped", f"sample {row_status[i]}")
+            elif views and rstate[i][0] != "ok":
+                cells[i][term.name] = _cell(None, None, rstate[i][0], rstate[i][1])
+            else:
+                run.append(i)
+        with timed(stats, f"seconds_{lvl}_{term.name}"):
+            results = score_term(term, backend, [items[i] for i in run], batch) if run else []
+        for i, res in zip(run, results):
+            raw, pv, st, msg = aggregate(res, term.aggregate)
+            cells[i][term.name] = _cell(raw, pv, st, msg, term.factor, res.details)
+
+    cols: dict[str, list] = {"sample_id": rows["sample_id"], "prompt_id": rows["prompt_id"],
+                             "sample_index": rows["sample_index"], "level": levels,
+                             "total": [], "status": [], "message": []}
+    for i in range(n):
+        terms = config.terms(levels[i])
+        if row_status[i] != "ok":
+            total, st, msg = None, row_status[i], row_msg[i]
+        else:
+            total, st, msg = combine(terms, cells[i])
+        cols["total"].append(total)
+        cols["status"].append(st)
+        cols["message"].append(msg)
+    arrays = {k: pa.array(v, tables.SCHEMAS["rewards"][1][k]) for k, v in cols.items()}
+    for name in names:
+        c = [cells[i].get(name) for i in range(n)]
+        arrays[name] = pa.array([x and x["value"] for x in c], pa.float64())
+        arrays[f"{name}_raw"] = pa.array([x and x["raw"] for x in c], pa.float64())
+        arrays[f"{name}_views"] = pa.array([x and x["views"] for x in c], pa.list_(pa.float64()))
+        arrays[f"{name}_status"] = pa.array([x and x["status"] for x in c], pa.string())
+        arrays[f"{name}_message"] = pa.array([x and x["message"] for x in c], pa.string())
+        arrays[f"{name}_details"] = pa.array([x and x["details"] for x in c], pa.string())
+    return pa.table(arrays)
+
+
+def _cell(raw, views, status, message, factor=1.0, details=None) -> dict:
+    return {"raw": raw, "value": None if raw is None else raw * factor, "views": views, "status": status,
+            "message": message, "details": json.dumps(details, sort_keys=True, default=str) if details else None}
+
+
+def _parse_spec(v):
+    if v is None or v == "":
+        return None
+    if isinstance(v, dict):
+        return v
+    try:
+        d = json.loads(v)
+    except (TypeError, json.JSONDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def load_rows(table: pa.Table, kind: str, shard: Shard) -> dict[str, list]:
+    """Columns as lists for the rows this shard owns; objects get level 'single', sample_index 0."""
+    keep = [i for i, p in enumerate(table.column("prompt_id").to_pylist()) if shard.owns(p)]
+    t = table.take(pa.array(keep, pa.int64()))
+    want = ["sample_id", "prompt_id", "prompt", "mesh_tokens", "mesh_path", "status", "message",
+            "sample_index", "level", "voxels", "spec", "category", "reasoning", "plan"]
+    rows = {c: t.column(c).to_pylist() for c in want if c in t.column_names}
+    if kind == "objects":
+        rows["sample_index"] = [0] * t.num_rows
+        rows["level"] = ["single"] * t.num_rows
+    return rows
+
+
+def check_levels(rows: dict[str, list], config: RewardConfig, source: str) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    for lvl in rows["level"]:
+        counts[lvl] += 1
+    for lvl, c in counts.items():
+        if not config.terms(lvl):
+            hint = " (use a flat preset such as flat or paper-flat)" if lvl == "single" else ""
+            raise InputError(f"{source}: {c} rows have level {lvl!r} but config {config.name!r} has no "
+                             f"terms for it{hint}")
+
+
+def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64) -> dict:
+    cfg = load_config(config)
+    record = {"reward": cfg.to_dict(), "samples": str(samples), "renders": str(renders) if renders else None}
+
+    def produce(shard: Shard, progress: Progress):
+        stats: dict = {}
+        table, kind = read_scored_rows(samples)
+        rows = load_rows(table, kind, shard)
+        check_levels(rows, cfg, str(samples))
+        # every backend is built before any scoring so that a bad option fails fast
+        for lvl in cfg.levels:
+            for t in cfg.terms(lvl):
+                if lvl in set(rows["level"]):
+                    get_backend(t)
+        rgroups = group_renders(renders, set(rows["sample_id"])) if renders else None
+        out = reward_table(rows, kind, cfg, rgroups, progress, stats, batch)
+        stats["status"] = status_counts(out)
+        return out, stats
+
+    policy = tables.table_policy(samples)
+    return run_stage("reward", "rewards", opts, record, produce, policy=policy)

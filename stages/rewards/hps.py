@@ -1,0 +1,87 @@
+"""HPS v2.1 (Human Preference Score) reward: open_clip ViT-H-14 with the HPS v2.1 checkpoint,
+score = cos(text, image) per view, as HPSv2's own scorer and the AR3D-R1 code compute it
+(typically 0.2-0.35). Optional extra: `pip install rl3d[hps]` (open_clip_torch), imported lazily.
+The checkpoint file (HPS_v2.1_compressed.pt) is given by the user; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rl3d.formats.errors import InputError
+from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
+from rl3d.stages.rewards.clip import load_rgb, pick_device
+
+_MODELS: dict[tuple, tuple] = {}
+
+
+def import_open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise InputError("the hps backend needs open_clip: pip install rl3d[hps]") from None
+    return open_clip
+
+
+def load_hps(checkpoint: str, arch: str, device: str):
+    """(model, preprocess, tokenizer), once per process per (checkpoint, arch, device)."""
+    key = (os.path.realpath(checkpoint), arch, device)
+    if key not in _MODELS:
+        import torch
+
+        open_clip = import_open_clip()
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        model.load_state_dict(state)
+        _MODELS[key] = (model.eval(), preprocess, open_clip.get_tokenizer(arch))
+    return _MODELS[key]
+
+
+class HPSBackend(RewardBackend):
+    """Options: checkpoint (path to HPS_v2.1_compressed.pt, required), arch (default ViT-H-14),
+    batch_size (views per forward), device (auto | cpu | cuda[:i])."""
+
+    name = "hps"
+    needs_views = True
+
+    def __init__(self, checkpoint: str = "", arch: str = "ViT-H-14", batch_size: int = 32, device: str = "auto"):
+        if not checkpoint:
+            raise InputError("option checkpoint is empty: set it to your HPS_v2.1_compressed.pt "
+                             "(or export RL3D_HPS_CHECKPOINT for the paper presets)")
+        if not Path(checkpoint).is_file():
+            raise InputError(f"option checkpoint: {checkpoint}: no such file")
+        self.device = pick_device(device)
+        self.batch_size = int(batch_size)
+        self.model, self.preprocess, self.tokenizer = load_hps(checkpoint, arch, self.device)
+
+    def _features(self, paths: list[str], prompts: list[str]) -> np.ndarray:
+        import torch
+
+        cos = []
+        with torch.inference_mode():
+            for s in range(0, len(paths), self.batch_size):
+                px = torch.stack([self.preprocess(load_rgb(p)) for p in paths[s:s + self.batch_size]]).to(self.device)
+                tx = self.tokenizer(prompts[s:s + self.batch_size]).to(self.device)
+                im = torch.nn.functional.normalize(self.model.encode_image(px).float(), dim=-1)
+                te = torch.nn.functional.normalize(self.model.encode_text(tx).float(), dim=-1)
+                cos.append((im * te).sum(-1).cpu().numpy())
+        return np.concatenate(cos) if cos else np.zeros(0)
+
+    def score(self, items: list[RewardItem]) -> list[TermResult]:
+        results: list[TermResult | None] = [None] * len(items)
+        paths, prompts, owner = [], [], []
+        for i, it in enumerate(items):
+            if not it.image_paths:
+                results[i] = TermResult(status="missing_renders", message="no rendered views")
+                continue
+            paths += it.image_paths
+            prompts += [it.prompt] * len(it.image_paths)
+            owner += [i] * len(it.image_paths)
+        if paths:
+            cos, owner_a = self._features(paths, prompts), np.asarray(owner)
+            for i in dict.fromkeys(owner):
+                results[i] = TermResult(per_view=[float(v) for v in cos[owner_a == i]])
+        return results
