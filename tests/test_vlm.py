@@ -261,3 +261,13 @@ def test_transformers_path_runs_and_never_scores_garbage(tiny_vl, tmp_path):
     alone = [r.text for r in per_view.engine.generate(requests)]
     per_view.engine.batch_size = 3
     assert batched == alone and all(isinstance(t, str) for t in batched)
+
+
+def test_docs_show_the_current_rubric_texts():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "judges.md").read_text()
+    ph = dict(views_note="{views_note}", prompt="{prompt}", category_line="{category_line}")
+    for r in jp.RUBRICS.values():
+        assert r.template.format(**ph) in doc, f"docs/judges.md is out of date for rubric {r.name}"
+    assert jp.SYSTEM in doc
