@@ -235,7 +235,7 @@ def roundtrip_stats(codec: VoxelCodec, grids: np.ndarray, batch: int = 256) -> d
 
 def grids_from_objects(objects) -> np.ndarray:
     """uint8[B, 32, 32, 32] from an objects table (pyarrow, `voxels` bytes column), a list of
-    rows (dicts with `voxels` bytes or arrays) or an array of grids."""
+    rows / objects with a `grid` array or `voxels` bytes, or an array of grids."""
     from rl3d.formats.voxels import from_bytes
 
     if isinstance(objects, np.ndarray):
@@ -246,9 +246,18 @@ def grids_from_objects(objects) -> np.ndarray:
         ok = objects.column("status").to_pylist() if "status" in objects.column_names else None
         vals = [v for i, v in enumerate(objects.column("voxels").to_pylist()) if v and (ok is None or ok[i] == "ok")]
     else:
-        vals = [o["voxels"] if isinstance(o, dict) else getattr(o, "voxels") for o in objects]
+        vals = [_object_grid(o) for o in objects]
     grids = [from_bytes(v) if isinstance(v, (bytes, bytearray)) else np.asarray(v, np.uint8) for v in vals]
     return np.stack(grids) if grids else np.zeros((0, RESOLUTION, RESOLUTION, RESOLUTION), np.uint8)
+
+
+def _object_grid(o):
+    """A row dict or an object (e.g. stages.synth.SynthObject) holding `grid` or `voxels`."""
+    for key in ("grid", "voxels"):
+        v = o.get(key) if isinstance(o, dict) else getattr(o, key, None)
+        if v is not None:
+            return v
+    raise ValueError(f"object {type(o).__name__} has neither 'grid' nor 'voxels'")
 
 
 def grids_from_table(path: str | os.PathLike) -> np.ndarray:
