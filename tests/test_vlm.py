@@ -176,6 +176,8 @@ def test_options_are_validated(tmp_path):
         VLMJudgeBackend(rubric="alignment", model=str(tmp_path / "missing"))
     with pytest.raises(InputError, match="weights"):
         VLMJudgeBackend(rubric="alignment", endpoint="http://x", model_name="m", weights={"logic": 1})
+    with pytest.raises(InputError, match="finite numbers"):
+        VLMJudgeBackend(rubric="alignment", endpoint="http://x", model_name="m", weights={"alignment": "2"})
     with pytest.raises(InputError, match="views"):
         VLMJudgeBackend(rubric="alignment", endpoint="http://x", model_name="m", views=[-1])
     with pytest.raises(InputError, match="api_key_env"):

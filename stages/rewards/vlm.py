@@ -216,6 +216,9 @@ class VLMJudgeBackend(RewardBackend):
         if weights is not None and not set(weights) <= set(self.rubric.fields):
             raise InputError(f"vlm judge: weights for rubric {rubric!r} may name {list(self.rubric.fields)}, "
                              f"got {sorted(weights)}")
+        if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                           and w == w and abs(w) != float("inf") for w in weights.values()):
+            raise InputError(f"vlm judge: weights must be finite numbers, got {weights!r}")
         if max_new_tokens < 1 or batch_size < 1:
             raise InputError("vlm judge: max_new_tokens and batch_size must be >= 1")
         self.views = list(views) if views is not None else None
