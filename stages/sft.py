@@ -346,13 +346,14 @@ def build_model(config_name: str, vocab_size: int, tokenizer):
 
 def load_init(path: Path, n_mesh: int):
     """(model float32, tokenizer) from a policy / causal-LM dir; mesh tokens added when missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from rl3d.stages.policy import load_tokenizer
     from rl3d.stages.tokenizer import add_mesh_tokens
 
     if not (Path(path) / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
     try:
         add_mesh_tokens(tok, n_mesh)
@@ -442,28 +443,19 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save_dtype: str, extra: dict) -> Path:
-    """A self-contained policy dir: weights (safetensors), tokenizer, generation config, a copy of
-    the codec and rl3d_policy.json. Written beside and renamed, so it is never half there."""
+def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save_dtype: str, base: str | None,
+                  extra: dict) -> Path:
+    """OUT/final: a self-contained policy dir (weights, tokenizer, generation config, a copy of the
+    codec, rl3d_policy.json) written by policy.save_policy, the format load_policy reads."""
     import torch
 
+    from rl3d.stages.policy import save_policy
     from rl3d.stages.tokenizer import mesh_token_offset
 
-    final = out / "final"
-    tmp = out / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    m = copy.deepcopy(model).to(getattr(torch, save_dtype))
-    m.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    codec.save(tmp / "codec")
-    meta = {"format": 1, "model_class": type(model).__name__, "codec": "codec", "codec_hash": codec.content_hash(),
-            "step": step, "mode": mode, "levels": list(MODE_LEVELS[mode]),
-            "mesh_token_offset": mesh_token_offset(tokenizer), "mesh_vocab_size": codec.vocab_size,
-            "mesh_seq_len": codec.seq_len, "dtype": save_dtype, **extra}
-    (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
+    m = copy.deepcopy(model).to(getattr(torch, save_dtype))  # loaders cast to their compute dtype
+    meta = {"mode": mode, "levels": list(MODE_LEVELS[mode]), "mesh_token_offset": mesh_token_offset(tokenizer),
+            "mesh_vocab_size": codec.vocab_size, "mesh_seq_len": codec.seq_len, "dtype": save_dtype, **extra}
+    return save_policy(out / "final", m, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -528,7 +520,9 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    from rl3d.stages.policy import load_tokenizer
 
     from rl3d.formats.shards import atomic_write_json
     from rl3d.stages.tokenizer import build_tokenizer, mesh_token_offset
@@ -543,7 +537,7 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     main = acc.is_main_process
     if opts.overwrite and main:
-        for name in ("checkpoints", "final", "final.tmp", "tensorboard", "metrics.jsonl", "metrics.parquet",
+        for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "metrics.parquet",
                      "sft_config.json"):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -569,7 +563,7 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     set_seed(opts.seed)
     resume = latest_checkpoint(out)
     if resume is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(resume))
+        tokenizer = load_tokenizer(resume)
         model = AutoModelForCausalLM.from_pretrained(str(resume), dtype="float32")
     elif opts.init is not None:
         model, tokenizer = load_init(Path(opts.init), codec.vocab_size)
@@ -686,7 +680,8 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     final = out / "final"
     if main:
         extra = {"sft": key, "params": n_params, "train_sequences": len(train), "eval": last_eval}
-        export_policy(out, acc.unwrap_model(model), tokenizer, codec, total, opts.mode, opts.save_dtype, extra)
+        export_policy(out, acc.unwrap_model(model), tokenizer, codec, total, opts.mode, opts.save_dtype,
+                      str(opts.init) if opts.init else None, extra)
         metrics.write_parquet(key)
     acc.wait_for_everyone()
     last = _last_train_loss(out / "metrics.jsonl")

@@ -15,6 +15,8 @@ from rl3d.stages.policy import ASSISTANT, USER
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CONTROL_TOKENS = (EOS, PAD, USER, ASSISTANT, MESH_START, MESH_END)
+# transformers' Qwen2Tokenizer pre-tokenisation regex
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def build_tokenizer(texts: list[str], codec, vocab_size: int = 1024):
@@ -23,11 +25,16 @@ def build_tokenizer(texts: list[str], codec, vocab_size: int = 1024):
     `vocab_size` is the size of the text part (control tokens + bytes + merges); the codec's
     `codec.vocab_size` mesh tokens come on top. Returns a transformers PreTrainedTokenizerFast.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2's pipeline exactly (NFC, its split regex, byte-level): the saved dir sits beside a
+    # Qwen2 config, so AutoTokenizer rebuilds it as a Qwen2Tokenizer, which must tokenise the same.
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(CONTROL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -59,14 +66,14 @@ def mesh_token_offset(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(mesh_token_text(0))
 
 
-def check_tokenizer(tokenizer, n_mesh: int) -> None:
+def check_tokenizer(tokenizer, n_mesh: int, control: tuple[str, ...] = CONTROL_TOKENS) -> None:
     """Every control and mesh token is one id, and the mesh ids are contiguous (ValueError if not)."""
-    for t in CONTROL_TOKENS:
+    for t in control:
         if len(tokenizer.encode(t, add_special_tokens=False)) != 1:
             raise ValueError(f"tokenizer: {t!r} is not a single token")
-    ids = tokenizer.convert_tokens_to_ids([mesh_token_text(i) for i in range(n_mesh)])
-    unk = tokenizer.unk_token_id
-    if any(i is None or i == unk for i in ids) or ids != list(range(ids[0], ids[0] + n_mesh)):
+    vocab = tokenizer.get_vocab()
+    ids = [vocab.get(mesh_token_text(i)) for i in range(n_mesh)]
+    if None in ids or ids != list(range(ids[0], ids[0] + n_mesh)):
         raise ValueError(f"tokenizer: mesh tokens <mesh0>..<mesh{n_mesh - 1}> are missing or not contiguous")
 
 
@@ -81,14 +88,5 @@ def add_mesh_tokens(tokenizer, n_mesh: int) -> int:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    check_tokenizer_mesh_only(tokenizer, n_mesh)
+    check_tokenizer(tokenizer, n_mesh, control=(MESH_START, MESH_END))
     return len(missing)
-
-
-def check_tokenizer_mesh_only(tokenizer, n_mesh: int) -> None:
-    for t in (MESH_START, MESH_END):
-        if len(tokenizer.encode(t, add_special_tokens=False)) != 1:
-            raise ValueError(f"tokenizer: {t!r} is not a single token")
-    ids = tokenizer.convert_tokens_to_ids([mesh_token_text(i) for i in range(n_mesh)])
-    if ids != list(range(ids[0], ids[0] + n_mesh)):
-        raise ValueError(f"tokenizer: mesh tokens <mesh0>..<mesh{n_mesh - 1}> are not contiguous")
