@@ -1,0 +1,70 @@
+import importlib.util
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rl3d.stages import report as rep
+from rl3d.stages.eval import metric_row
+
+_spec = importlib.util.spec_from_file_location("eval_fixtures", Path(__file__).with_name("test_eval_fixtures.py"))
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+CATS = ["spatial_structural", "organic_forms"]
+
+
+def _rows():
+    # base: A; B improves CLIP and KD, worsens FD; diversity has no better direction
+    vals = {"A": {"clip_score": 20.0, "kd_x100": 0.50, "fd": 10.0, "diversity_iou": 0.4},
+            "B": {"clip_score": 25.0, "kd_x100": 0.30, "fd": 12.0, "diversity_iou": 0.3}}
+    rows = []
+    for p, ms in vals.items():
+        for c in ["all", *CATS]:
+            for m, v in ms.items():
+                rows.append(metric_row(p, c, m, v + (1.0 if c == "organic_forms" and p == "B" and m == "clip_score" else 0), 8))
+        rows += [metric_row(p, c, "spec_accuracy", status="skipped", message="spec accuracy skipped: no specs")
+                 for c in ["all", *CATS]]
+    return rows
+
+
+def test_delta_table_signs():
+    t = {m: rep.delta_table(_rows(), m, ["A", "B"], CATS) for m in ("clip_score", "kd_x100", "fd", "diversity_iou")}
+    clip = {r["category"]: r for r in t["clip_score"]}
+    assert clip["all"]["deltas"]["B"] == pytest.approx(5.0) and clip["all"]["better"]["B"] is True
+    assert clip["organic_forms"]["deltas"]["B"] == pytest.approx(6.0)
+    assert t["kd_x100"][0]["deltas"]["B"] == pytest.approx(-0.2) and t["kd_x100"][0]["better"]["B"] is True
+    assert t["fd"][0]["deltas"]["B"] == pytest.approx(2.0) and t["fd"][0]["better"]["B"] is False
+    assert t["diversity_iou"][0]["better"]["B"] is None
+    assert [r["category"] for r in t["clip_score"]] == ["all", *CATS]
+    assert rep.delta_table(_rows(), "spec_accuracy", ["A", "B"], CATS) == []  # skipped everywhere: no table
+
+
+def test_report_files_contain_policies_categories_and_reasons(tmp_path):
+    imgs = fx.write_pngs(tmp_path / "img", 6, size=64)
+    run = tmp_path / "run_metrics.parquet"
+    pq.write_table(pa.table({"step": [0, 1, 2, 0, 1, 2], "name": ["reward/total"] * 3 + ["kl"] * 3,
+                             "value": [0.1, 0.3, 0.4, 0.0, 0.01, 0.02]}), run)
+    grid = rep.pick_grid([{"prompt_id": "p1", "prompt": "a red chair", "category": CATS[0]},
+                          {"prompt_id": "p2", "prompt": "a tulip", "category": CATS[1]}],
+                         {"A": {"p1": imgs[:3], "p2": imgs[3:]}, "B": {"p1": imgs[:3]}}, {"p1": imgs[:2]}, 4)
+    assert [g["prompt_id"] for g in grid] == ["p1", "p2"]
+    ctx = rep.ReportContext("toy", "hand-made", "abc", CATS,
+                            [{"name": "A", "policy_id": "/x/A@1111#step0", "mode": "hi-grpo", "final_level": "fine"},
+                             {"name": "B", "policy_id": "/x/B@2222#step5", "mode": "flat", "final_level": "single"}],
+                            notes=["a note"], config={"seed": 0}, grid=grid, runs=[str(run)])
+    files = rep.write_report(_rows(), tmp_path / "out", ctx)
+    md, page = files["report_md"].read_text(), files["report_html"].read_text()
+    for text in (md, page):
+        for needle in ["A", "B", "/x/B@2222#step5", *CATS, "spec accuracy skipped: no specs", "+5.000"]:
+            assert needle in text
+    assert "▲" in md and "▼" in md
+    assert "class='worse'" in page and "class='better'" in page
+    assert page.count("data:image/png;base64,") >= 5  # charts + grid + 2 curves, embedded
+    plots = tmp_path / "out" / "plots"
+    for name in ("bar-clip_score.png", "bar-kd_x100.png", "grid.png", "curve-reward_total.png", "curve-kl.png"):
+        with Image.open(plots / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    assert not (plots / "bar-spec_accuracy.png").exists()  # nothing to plot for a skipped metric
