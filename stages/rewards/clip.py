@@ -95,11 +95,13 @@ class ClipScorer:
 
     def _cached(self, cache: OrderedDict, keys: list[str], encode, batch_size: int) -> np.ndarray:
         todo = list(dict.fromkeys(k for k in keys if k not in cache))
+        failed: dict[str, np.ndarray] = {}
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
-            for k, e in zip(chunk, encode(chunk)):
-                cache[k] = e
-        out = np.stack([cache[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)
+            fresh = dict(zip(chunk, encode(chunk)))
+            cache.update({k: e for k, e in fresh.items() if not np.isnan(e).any()})
+            failed.update({k: e for k, e in fresh.items() if np.isnan(e).any()})
+        out = np.stack([cache.get(k, failed.get(k)) for k in keys]) if keys else np.zeros((0, 1), np.float32)
         while len(cache) > self.cache_size:
             cache.popitem(last=False)
         return out
@@ -113,12 +115,23 @@ class ClipScorer:
             return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
 
     def _encode_images(self, paths: list[str]) -> np.ndarray:
+        """Embeddings of the readable images; an unreadable one gets a NaN row (its item fails alone)."""
         import torch
 
-        px = self.image_processor(images=[load_rgb(p) for p in paths], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
-            f = _pooled(self.model.get_image_features(pixel_values=px.to(self.device)))
-            return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+        images, ok = [], []
+        for p in paths:
+            try:
+                images.append(load_rgb(p))
+                ok.append(True)
+            except (OSError, ValueError):
+                ok.append(False)
+        out = np.full((len(paths), self.model.config.projection_dim), np.nan, np.float32)
+        if images:
+            px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.inference_mode():
+                f = _pooled(self.model.get_image_features(pixel_values=px.to(self.device)))
+                out[np.asarray(ok)] = torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+        return out
 
 
 def load_scorer(model_dir: str | os.PathLike | None = None, device: str = "auto") -> ClipScorer:
@@ -173,5 +186,10 @@ class ClipBackend(RewardBackend):
             per = view_scores((img * txt).sum(-1), self.metric, self.scorer.logit_scale)
             owner_a = np.asarray(owner)
             for i in dict.fromkeys(owner):
-                results[i] = TermResult(per_view=[float(v) for v in per[owner_a == i]])
+                mine = per[owner_a == i]
+                if np.isnan(mine).any():
+                    bad = items[i].image_paths[int(np.flatnonzero(np.isnan(mine))[0])]
+                    results[i] = TermResult(status="image_error", message=f"{bad}: not a readable image")
+                else:
+                    results[i] = TermResult(per_view=[float(v) for v in mine])
         return results

@@ -1,0 +1,99 @@
+"""CLIP-family backends through the real loading path, against a direct computation."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rl3d.formats.errors import InputError
+from rl3d.stages.rewards.base import RewardItem
+
+PROMPTS = ["a red chair with four legs", "a blue round table", "a tall green tower"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from rl3d.stages.train_scorer import init_scorer, phrasings, save_scorer
+
+    d = tmp_path_factory.mktemp("clip")
+    model, tok, proc = init_scorer([ph for p in PROMPTS for ph in phrasings(p)], seed=1, hidden=32, layers=1,
+                                   heads=2, image_size=32, patch=8, projection=16)
+    save_scorer(d / "model", model, tok, proc, {})
+    rng = np.random.default_rng(0)
+    imgs = []
+    for i in range(4):
+        p = d / f"v{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8)).save(p)
+        imgs.append(str(p))
+    return d / "model", imgs
+
+
+def direct(model_dir, prompt, paths):
+    """cos(text, image) computed by hand from the saved model and processors."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    from rl3d.stages.rewards.clip import load_rgb
+
+    m = CLIPModel.from_pretrained(str(model_dir)).eval()
+    tok, proc = AutoTokenizer.from_pretrained(str(model_dir)), CLIPImageProcessorPil.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        t = m.get_text_features(**tok([prompt], return_tensors="pt")).pooler_output
+        i = m.get_image_features(**proc(images=[load_rgb(p) for p in paths], return_tensors="pt")).pooler_output
+    t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
+    return (i @ t.T)[:, 0].numpy(), float(m.logit_scale.detach().exp())
+
+
+def test_clip_score_and_pickscore_equal_direct_computation(tiny):
+    from rl3d.stages.rewards.clip import ClipBackend
+
+    model_dir, imgs = tiny
+    cos, scale = direct(model_dir, PROMPTS[0], imgs[:3])
+    items = [RewardItem("a", PROMPTS[0], "coarse", imgs[:3]), RewardItem("b", PROMPTS[1], "coarse", imgs[3:])]
+    cs = ClipBackend(model=str(model_dir), metric="clip_score", batch_size=2).score(items)
+    ps = ClipBackend(model=str(model_dir), metric="pickscore").score(items)
+    np.testing.assert_allclose(cs[0].per_view, np.maximum(100 * cos, 0), atol=1e-3)
+    np.testing.assert_allclose(ps[0].per_view, scale * cos, atol=1e-4)
+    assert len(cs[1].per_view) == 1 and cs[0].value is None
+
+
+def test_missing_views_and_files_are_statuses(tiny):
+    from rl3d.stages.rewards.clip import ClipBackend
+
+    model_dir, imgs = tiny
+    r = ClipBackend(model=str(model_dir)).score([RewardItem("a", "x", "fine", []),
+                                                 RewardItem("b", "x", "fine", [imgs[0], "/nope.png"])])
+    assert [x.status for x in r] == ["missing_renders", "image_error"]
+    assert all(x.value is None and x.per_view is None for x in r)
+
+
+def test_bad_options(tmp_path):
+    from rl3d.stages.rewards.clip import ClipBackend
+
+    with pytest.raises(InputError, match="does not exist"):
+        ClipBackend(model=str(tmp_path / "none"))
+    with pytest.raises(InputError, match="unknown clip metric"):
+        ClipBackend(model=str(tmp_path), metric="aesthetic")
+    with pytest.raises(InputError, match="no config.json"):
+        ClipBackend(model=str(tmp_path))
+
+
+def test_tokenizer_round_trips_and_pads_with_eos():
+    from rl3d.stages.train_scorer import build_tokenizer
+
+    tok = build_tokenizer(PROMPTS * 3, vocab_size=400)
+    ids = tok(["a red chair", "a tall green tower"], padding=True)["input_ids"]
+    assert ids[0][0] == tok.bos_token_id and ids[0][-1] == tok.eos_token_id == tok.pad_token_id
+    assert tok.decode(ids[1], skip_special_tokens=True).strip() == "a tall green tower"
+
+
+def test_hps_without_open_clip_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from rl3d.stages.rewards.hps import HPSBackend
+
+    ckpt = tmp_path / "hps.pt"
+    ckpt.write_bytes(b"x")
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import fails as if not installed
+    with pytest.raises(InputError, match=r"pip install rl3d\[hps\]"):
+        HPSBackend(checkpoint=str(ckpt))
+    with pytest.raises(InputError, match="checkpoint is empty"):
+        HPSBackend()
