@@ -60,7 +60,7 @@ class Canvas:
 
     def cbox(self, part: str, wx, y0, y1, wz, cx=C, cz=C) -> None:
         """Box of widths wx, wz centred on (cx, cz)."""
-        x0, z0 = int(round(cx - wx / 2 + 0.5)), int(round(cz - wz / 2 + 0.5))
+        x0, z0 = int(np.floor(cx - wx / 2 + 1.0)), int(np.floor(cz - wz / 2 + 1.0))  # no half-to-even
         self.box(part, x0, x0 + wx, y0, y1, z0, z0 + wz)
 
     def cyl_y(self, part: str, r, y0, y1, cx=C, cz=C, inner=None, r_top=None) -> None:

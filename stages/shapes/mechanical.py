@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rl3d.stages.shapes import probes
-from rl3d.stages.shapes.base import BRIGHT, C, WOODS, Canvas, Family, choose, num, pick_colors, plural
+from rl3d.stages.shapes.base import BRIGHT, C, R, WOODS, Canvas, Family, choose, num, pick_colors, plural
 
 CAT = "mechanical_affordance"
 
@@ -188,3 +188,137 @@ def _chair_arms(occ: np.ndarray) -> bool:
     front = occ[:, st + 1:st + 8, (zs[0] + zs[-1]) // 2 + 1:]
     edge = max(2, (xs[-1] - xs[0]) // 5)
     return bool(front[xs[0]:xs[0] + edge].any() and front[xs[-1] - edge + 1:xs[-1] + 1].any())
+
+
+class Mug(Family):
+    name, category = "mug", CAT
+    nouns = ("mug", "cup", "coffee mug")
+    parts = {"body": BRIGHT + ("white", "black", "gray"), "handle": BRIGHT + WOODS}
+    part_words = {"body": ("body", "cup"), "handle": ("handle", "handles")}
+    main_part = "body"
+    counts = {"handles": ("handle",)}
+
+    def sample_params(self, rng, rare):
+        handles = int(choose(rng, (1, 1, 1, 2, 0)))
+        p = {"handles": handles, "radius": int(rng.integers(6, 9) if handles == 2 else rng.integers(8, 11)),
+             "height": int(rng.integers(18, 28))}
+        pools = dict(self.parts)
+        if p["handles"] == 0:
+            pools.pop("handle")
+        return p, pick_colors(rng, pools), {"hollow": True}
+
+    def build(self, spec):
+        p = {**self.defaults(), **spec["params"]}
+        cols = dict(spec["colors"])
+        cols.setdefault("handle", cols.get("body", "white"))
+        cv = Canvas(cols)
+        r, h = p["radius"], p["height"]
+        cx = C - (0 if p["handles"] != 1 else 4)
+        rr = min(h * 0.28, 6.0)  # leave room for one handle on +X
+        cv.cyl_y("body", r, 0, 2, cx=cx)
+        cv.cyl_y("body", r, 2, h, cx=cx, inner=r - 2)
+        for side in (1, -1)[:p["handles"]]:
+            hx = cx + side * (r + 2.5)
+            cv.cyl_z("handle", rr, int(C) - 1, int(C) + 2, cx=hx, cy=h * 0.55, inner=rr - 2)
+        # the ring's inner half sits inside the wall: re-hollow the cup interior
+        yy = np.arange(R)[None, :, None]
+        xx, zz = np.meshgrid(np.arange(R), np.arange(R), indexing="ij")
+        inside = ((xx - cx) ** 2 + (zz - C) ** 2 <= (r - 2 + 0.25) ** 2)[:, None, :] & (yy >= 2)
+        cv.erase(inside)
+        return cv
+
+    def probes(self):
+        return {"handles": _handles}
+
+    def features(self, spec, rng):
+        p, c = spec["params"], spec["colors"]
+        if p["handles"] == 0:
+            return [choose(rng, ("no handle", "no handles"))]
+        return [f"{'a' if p['handles'] == 1 else num(2, rng)} {c['handle']} handle{'s' if p['handles'] > 1 else ''}"]
+
+    def plan(self, spec):
+        p = spec["params"]
+        hs = {0: "no handle", 1: "one C-shaped handle on the right side",
+              2: "two C-shaped handles on opposite sides"}[p["handles"]]
+        return (f"A mug: an open-topped hollow cylinder with a solid bottom, {p['height']} voxels tall and "
+                f"{2 * p['radius']} across, with {hs}.")
+
+    def detail(self, spec):
+        p, c = spec["params"], spec["colors"]
+        s = f"Body {c['body']} with walls 2 voxels thick, hollow inside"
+        if p["handles"]:
+            s += f"; handle{'s' if p['handles'] > 1 else ''} {c['handle']}"
+        return s + ". Radially symmetric apart from the handles."
+
+
+def _handles(occ: np.ndarray) -> int:
+    """Pieces that stick out sideways from the body (whose radius is read on the bottom layer)."""
+    xs = np.flatnonzero(occ[:, 0, :].any(1))
+    if not len(xs):
+        return 0
+    side = occ.copy()
+    side[xs[0]:xs[-1] + 1] = False
+    return probes.components_2d(side.any(2))
+
+
+class Cart(Family):
+    name, category = "cart", CAT
+    nouns = ("cart", "wagon", "trolley")
+    parts = {"bed": BRIGHT + WOODS, "wheels": ("black", "gray", "brown", "navy", "white"),
+             "handle": WOODS + BRIGHT}
+    part_words = {"bed": ("bed", "body", "box"), "wheels": ("wheels", "wheel", "tires"), "handle": ("handle",)}
+    main_part = "bed"
+    counts = {"wheels": ("wheel",)}
+
+    def sample_params(self, rng, rare):
+        p = {"wheels": int(choose(rng, (4, 4, 6))), "wheel_radius": int(rng.integers(4, 7)),
+             "length": int(rng.integers(22, 29)), "width": int(rng.integers(14, 21)),
+             "handle": bool(rng.random() < 0.6)}
+        pools = dict(self.parts)
+        if not p["handle"]:
+            pools.pop("handle")
+        return p, pick_colors(rng, pools), {}
+
+    def build(self, spec):
+        p = {**self.defaults(), **spec["params"]}
+        cols = dict(spec["colors"])
+        cols.setdefault("handle", cols.get("bed", "brown"))
+        cv = Canvas(cols)
+        L, W = p["length"], p["width"]
+        axles = p["wheels"] // 2
+        wr = min(p["wheel_radius"], (L - axles) // (2 * axles))  # neighbouring wheels never touch
+        x0, z0 = int(round(C - L / 2 + 0.5)) - (2 if p["handle"] else 0), int(round(C - W / 2 + 0.5))
+        bed_y = wr + 1
+        cv.box("bed", x0, x0 + L, bed_y, bed_y + 2, z0, z0 + W)       # floor
+        for zz in (z0, z0 + W - 1):
+            cv.box("bed", x0, x0 + L, bed_y + 2, bed_y + 7, zz, zz + 1)  # side walls
+        for xx in (x0, x0 + L - 1):
+            cv.box("bed", xx, xx + 1, bed_y + 2, bed_y + 7, z0, z0 + W)
+        for ax in np.linspace(x0 + wr, x0 + L - 1 - wr, axles):
+            for zz in (z0 - 2, z0 + W):
+                cv.cyl_z("wheels", wr, zz, zz + 2, cx=ax, cy=wr - 0.5)
+        if p["handle"]:
+            hx = x0 + L
+            cv.rod("handle", (hx, bed_y + 1, C - 0.5), (min(R - 2, hx + 4), bed_y + 9, C - 0.5), 2)
+        return cv
+
+    def probes(self):
+        return {"wheels": probes.ground_contacts}
+
+    def features(self, spec, rng):
+        p, c = spec["params"], spec["colors"]
+        f = [f"{num(p['wheels'], rng)} {c['wheels']} wheels"]
+        if p["handle"]:
+            f.append(f"a {c['handle']} handle")
+        return f
+
+    def plan(self, spec):
+        p = spec["params"]
+        return (f"A cart: an open rectangular box raised on {plural(p['wheels'], 'wheel')} "
+                f"({p['wheels'] // 2} per side){', with a pulling handle at one end' if p['handle'] else ''}; "
+                f"longer than wide and low.")
+
+    def detail(self, spec):
+        p, c = spec["params"], spec["colors"]
+        return (f"Box {c['bed']}, wheels {c['wheels']} (radius {p['wheel_radius']})"
+                f"{', handle ' + c['handle'] if p['handle'] else ''}. Mirror-symmetric front-back.")

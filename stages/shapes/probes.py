@@ -180,3 +180,15 @@ def floating_parts(occ: np.ndarray) -> int:
         return 0
     grounded = set(np.unique(lab[:, 0, :])) - {0}
     return int(n - len(grounded))
+
+
+def profile_steps_any(occ: np.ndarray) -> int:
+    """Layers change footprint at each new plank: runs of identical occupied footprints."""
+    y0, y1 = y_extent(occ)
+    n, prev = 0, None
+    for y in range(y0, y1):
+        cur = occ[:, y, :]
+        if prev is None or not np.array_equal(cur, prev):
+            n += 1
+        prev = cur
+    return n

@@ -145,3 +145,175 @@ class Stairs(Family):
         if p["runner"] and "runner" in c:
             s += f" with a {c['runner']} carpet runner on the treads"
         return s + f". Equal steps, mirror-symmetric left-right, {p['width']} voxels wide."
+
+
+class Stack(Family):
+    name, category = "stack", CAT
+    nouns = ("stack of blocks", "block stack", "pile of boxes")
+    parts = {"bottom": BRIGHT + WOODS, "middle": BRIGHT + WOODS, "top": BRIGHT + WOODS}
+    part_words = {"bottom": ("bottom", "base", "bottom block"), "middle": ("middle", "middle blocks"),
+                  "top": ("top", "top block")}
+    main_part = "bottom"
+    counts = {"blocks": ("block", "box", "cube")}
+
+    def sample_params(self, rng, rare):
+        n = int(rng.integers(2, 6))
+        p = {"blocks": n, "base_width": int(rng.integers(22, 29)), "shrink": int(rng.integers(3, 6))}
+        pools = dict(self.parts)
+        if n == 2:
+            pools.pop("middle")
+        return p, pick_colors(rng, pools), {}
+
+    def _blocks(self, p):
+        n, w = p["blocks"], p["base_width"]
+        bh = 30 // n
+        out = []
+        for i in range(n):
+            wi = max(2, w - i * p["shrink"])
+            out.append(("bottom" if i == 0 else "top" if i == n - 1 else "middle", wi, i * bh, (i + 1) * bh))
+        return out
+
+    def build(self, spec):
+        p = {**self.defaults(), **spec["params"]}
+        cols = dict(spec["colors"])
+        cols.setdefault("middle", cols.get("bottom", "gray"))
+        cv = Canvas(cols)
+        for part, wi, y0, y1 in self._blocks(p):
+            cv.cbox(part, wi, y0, y1, wi)
+        return cv
+
+    def probes(self):
+        return {"blocks": probes.profile_steps}
+
+    def subject(self, spec, rng):
+        n = spec["params"]["blocks"]
+        return f"{choose(rng, ('a stack of', 'a tower of', 'a pile of'))} {plural(n, choose(rng, ('block', 'box', 'cube')), rng)}"
+
+    def features(self, spec, rng):
+        c = spec["colors"]
+        f = [f"a {c['bottom']} bottom block", f"a {c['top']} top block"]
+        if "middle" in c:
+            f.append(f"{c['middle']} blocks in the middle")
+        return f
+
+    def plan(self, spec):
+        p = spec["params"]
+        return (f"A centred stack of {plural(p['blocks'], 'square block')} of equal height, each smaller "
+                f"than the one below, from {p['base_width']} voxels wide at the base; a stepped pyramid silhouette.")
+
+    def detail(self, spec):
+        c = spec["colors"]
+        s = f"Bottom block {c['bottom']}, top block {c['top']}"
+        if "middle" in c:
+            s += f", middle blocks {c['middle']}"
+        return s + ". All blocks centred on one vertical axis, four-fold symmetric."
+
+
+class Shelf(Family):
+    name, category = "shelf", CAT
+    nouns = ("bookshelf", "shelf", "shelving unit", "bookcase")
+    parts = {"frame": WOODS + BRIGHT, "boards": WOODS + BRIGHT}
+    part_words = {"frame": ("frame", "sides", "side panels"), "boards": ("shelves", "boards", "shelf boards")}
+    main_part = "frame"
+    counts = {"shelves": ("shelf", "shelve", "board")}
+
+    def sample_params(self, rng, rare):
+        p = {"shelves": int(rng.integers(2, 7)), "width": int(rng.integers(16, 27)), "depth": int(rng.integers(7, 11)),
+             "height": int(rng.integers(22, 31)), "back_panel": bool(rng.random() < 0.5)}
+        return p, pick_colors(rng, self.parts), {}
+
+    def build(self, spec):
+        p = {**self.defaults(), **spec["params"]}
+        cv = Canvas(spec["colors"])
+        w, d, h, n = p["width"], p["depth"], p["height"], p["shelves"]
+        x0, z0 = int(round(C - w / 2 + 0.5)), int(round(C - d / 2 + 0.5))
+        cv.box("frame", x0, x0 + 2, 0, h, z0, z0 + d)
+        cv.box("frame", x0 + w - 2, x0 + w, 0, h, z0, z0 + d)
+        if p["back_panel"]:
+            cv.box("frame", x0, x0 + w, 0, h, z0, z0 + 1)
+        for i in range(n):  # boards evenly from the floor to the top
+            y = int(round(i * (h - 1) / (n - 1))) if n > 1 else 0
+            cv.box("boards", x0 + 2, x0 + w - 2, y, y + 1, z0, z0 + d)
+        return cv
+
+    def probes(self):
+        def count(occ):
+            zs = np.flatnonzero(occ.any((0, 1)))
+            xs = np.flatnonzero(occ.any((1, 2)))
+            if not len(zs):
+                return 0
+            col = occ[(xs[0] + xs[-1]) // 2, :, zs[-1]]  # front edge, centre: one run per board
+            return probes.vertical_runs(col)
+        return {"shelves": count}
+
+    def features(self, spec, rng):
+        p, c = spec["params"], spec["colors"]
+        f = [f"{num(p['shelves'], rng)} {c['boards']} shelves"]
+        f.append("a back panel" if p["back_panel"] else "an open back")
+        return f
+
+    def plan(self, spec):
+        p = spec["params"]
+        return (f"A free-standing shelf: two tall side panels joined by {plural(p['shelves'], 'horizontal board')} "
+                f"evenly spaced from bottom to top; {p['height']} voxels tall, {p['width']} wide, shallow.")
+
+    def detail(self, spec):
+        p, c = spec["params"], spec["colors"]
+        return (f"Side panels {c['frame']}, shelf boards {c['boards']}"
+                f"{', closed back panel' if p['back_panel'] else ', open back'}. Mirror-symmetric left-right.")
+
+
+class Bridge(Family):
+    name, category = "bridge", CAT
+    nouns = ("bridge", "footbridge")
+    parts = {"deck": STONE + WOODS, "piers": STONE + WOODS, "railings": BRIGHT + WOODS}
+    part_words = {"deck": ("deck", "road"), "piers": ("piers", "pillars", "supports"),
+                  "railings": ("railings", "rails", "railing")}
+    main_part = "deck"
+    counts = {"piers": ("pier", "pillar", "support")}
+
+    def sample_params(self, rng, rare):
+        p = {"piers": int(rng.integers(2, 6)), "deck_height": int(rng.integers(10, 19)),
+             "width": int(rng.integers(8, 13)), "railings": bool(rng.random() < 0.6)}
+        pools = dict(self.parts)
+        if not p["railings"]:
+            pools.pop("railings")
+        return p, pick_colors(rng, pools), {}
+
+    def build(self, spec):
+        p = {**self.defaults(), **spec["params"]}
+        cols = dict(spec["colors"])
+        cols.setdefault("railings", cols.get("deck", "gray"))
+        cv = Canvas(cols)
+        n, dh, w = p["piers"], p["deck_height"], p["width"]
+        z0 = int(round(C - w / 2 + 0.5))
+        cv.box("deck", 0, R, dh, dh + 2, z0, z0 + w)
+        xs = np.linspace(3, R - 6, n).round().astype(int)
+        for x in xs:
+            cv.box("piers", x, x + 3, 0, dh, z0 + 1, z0 + w - 1)
+        if p["railings"]:
+            for z in (z0, z0 + w - 1):
+                cv.box("railings", 0, R, dh + 4, dh + 5, z, z + 1)
+                for x in range(1, R, 5):
+                    cv.box("railings", x, x + 1, dh + 2, dh + 4, z, z + 1)
+        return cv
+
+    def probes(self):
+        return {"piers": probes.ground_contacts}
+
+    def features(self, spec, rng):
+        p, c = spec["params"], spec["colors"]
+        f = [f"{num(p['piers'], rng)} {c['piers']} piers"]
+        f.append(f"{c['railings']} railings" if p["railings"] else "no railings")
+        return f
+
+    def plan(self, spec):
+        p = spec["params"]
+        return (f"A straight bridge: a long flat deck spanning the full width left to right, {p['deck_height']} "
+                f"voxels above the ground, carried by {plural(p['piers'], 'pier')} evenly spaced beneath it.")
+
+    def detail(self, spec):
+        p, c = spec["params"], spec["colors"]
+        return (f"Deck {c['deck']}, piers {c['piers']}"
+                f"{', railings ' + c['railings'] + ' on both edges' if p['railings'] else ', no railings'}. "
+                f"Mirror-symmetric front-back, regular spacing.")
