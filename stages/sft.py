@@ -174,20 +174,20 @@ def _grids(rows: dict, idx: np.ndarray, codec) -> np.ndarray:
 
 
 def _listed_tokens(rows: dict, idx: np.ndarray, codec) -> np.ndarray:
-    from rl3d.formats.codec import CodecError
-
-    col = rows["mesh_tokens"].take(idx).combine_chunks()
-    lens = np.diff(np.asarray(col.offsets))
+    """int32[len(idx), seq_len] from the mesh_tokens list column, checked against the codec."""
+    col = rows["mesh_tokens"].take(idx)
+    if hasattr(col, "combine_chunks"):  # ChunkedArray -> Array
+        col = col.combine_chunks()
+    lens = np.asarray(col.value_lengths().fill_null(0))
     bad = np.flatnonzero(lens != codec.seq_len)
     if len(bad):
         raise InputError(f"{rows['source']}: row {idx[bad[0]]}: mesh_tokens has {lens[bad[0]]} tokens, "
                          f"expected {codec.seq_len}")
     tok = np.asarray(col.flatten()).reshape(len(idx), codec.seq_len)
-    try:  # ids outside the codec vocabulary
-        if tok.size and (tok.min() < 0 or tok.max() >= codec.vocab_size):
-            raise CodecError(f"mesh token ids outside [0, {codec.vocab_size})")
-    except CodecError as e:
-        raise InputError(f"{rows['source']}: {e}") from None
+    out = (tok < 0) | (tok >= codec.vocab_size)
+    if out.any():
+        row = idx[np.flatnonzero(out.any(1))[0]]
+        raise InputError(f"{rows['source']}: row {row}: mesh_tokens outside the codec's [0, {codec.vocab_size})")
     return tok.astype(np.int32)
 
 
