@@ -7,8 +7,10 @@ table of shaded face colours and gather it by the hit primitive id, which is muc
 shading every pixel. Lighting, in the camera frame so every view is lit alike: ambient +
 Lambert headlight + a key light from the upper left; faces are two-sided.
 
-Cameras look at the origin with +Y up from one distance, the smallest at which the unit cube
-[-0.5, 0.5]^3 (the voxel grid) fits every view. Azimuth 0 looks at the object's front (camera on +Z),
+Cameras have +Y up. Framing "object" (default) looks at the centre of the mesh's bounding box
+from where the box fills ~80% of the frame; framing "cube" looks at the origin from the
+smallest distance at which the unit cube [-0.5, 0.5]^3 (the voxel grid) fits every view, so
+sizes compare across meshes. Azimuth 0 looks at the object's front (camera on +Z),
 azimuth 90 looks from +X (the object's left); elevation > 0 looks down from above.
 
 Outputs per mesh (under the stage out dir): images/<sample_id>/view-XX.png, optional
@@ -34,8 +36,10 @@ from rl3d.formats.errors import InputError
 
 DEFAULT_ELEVATION = 20.0
 DEFAULT_FOV = 40.0
-FIT_MARGIN = 1.04  # the cube's silhouette fills at most 1/1.04 of the frame
-AMBIENT, HEADLIGHT, KEY = 0.30, 0.45, 0.35
+FIT_MARGIN = 1.04  # framing "cube": the unit cube's silhouette fills at most 1/1.04 of the frame
+OBJECT_FILL = 0.8  # framing "object": the mesh's bounding box fills at most 80% of the frame
+FRAMINGS = ("object", "cube")
+AMBIENT, HEADLIGHT, KEY = 0.35, 0.50, 0.30
 KEY_DIR_CAM = np.array([-0.45, 0.75, 0.5], np.float32)  # towards the key light: upper left, in front
 PRESETS = ("default", "orbit")
 COPY_COLUMNS = ("prompt_id", "level", "sample_index", "prompt")
@@ -52,6 +56,7 @@ class RenderOptions:
     depth: bool = False
     normals: bool = False
     sheet: bool = True
+    framing: str = "object"
 
 
 # ---- cameras --------------------------------------------------------------------------------
@@ -73,11 +78,13 @@ def view_angles(views: int = 6, preset: str = "default", elevation: float = DEFA
     return az.astype(np.float32), el.astype(np.float32)
 
 
-def fit_distance(fov: float, azimuths, elevations, margin: float = FIT_MARGIN) -> float:
-    """Smallest camera distance at which all 8 corners of the unit cube lie inside every view
-    (with `margin`): one distance for all views, so sizes compare across views and meshes."""
+def fit_distance(fov: float, azimuths, elevations, margin: float = FIT_MARGIN, half_extents=(0.5, 0.5, 0.5)) -> float:
+    """Smallest camera distance at which all 8 corners of a centred box (default: the unit cube)
+    lie inside every view, the box's silhouette filling at most 1/margin of the frame: one
+    distance for all views."""
     _, right, up, fwd = camera_frames(azimuths, elevations, 1.0)
-    corners = np.array(np.meshgrid([-0.5, 0.5], [-0.5, 0.5], [-0.5, 0.5], indexing="ij")).reshape(3, -1).T
+    h = np.asarray(half_extents, np.float64)
+    corners = np.array(np.meshgrid(*[[-e, e] for e in h], indexing="ij")).reshape(3, -1).T
     x, y, z = np.abs(corners @ right.T), np.abs(corners @ up.T), corners @ fwd.T  # [8, V]
     # corner inside the frustum: max(|x|, |y|) <= tan(fov/2) / margin * (distance + z)
     t = math.tan(math.radians(fov) / 2) / margin
@@ -149,19 +156,39 @@ def parse_color(text) -> tuple[int, int, int]:
         raise InputError(f"--background {text!r}: not a colour name or hex (#rrggbb)") from None
 
 
+def object_scale(verts: np.ndarray, fov: float, az, el) -> tuple[np.ndarray, float]:
+    """Centre and scale that make the mesh's bounding box fill OBJECT_FILL of the frame when
+    seen by the unit-cube cameras (scaling the object = moving the camera closer)."""
+    lo, hi = verts.min(0), verts.max(0)
+    half = np.maximum((hi - lo) / 2, 1e-6)
+    cube = fit_distance(fov, az, el)
+    return (lo + hi) / 2, cube / fit_distance(fov, az, el, 1 / OBJECT_FILL, half)
+
+
 def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float = DEFAULT_FOV,
-                 background="white", *, with_normals: bool = True) -> dict:
+                 background="white", *, framing: str = "object", with_normals: bool = True) -> dict:
     """Render all views of one mesh with one cast_rays call.
 
-    Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth, 0 where empty), normal float32
-    [V,H,W,3] (camera space, 0 where empty; None unless with_normals) and mask bool[V,H,W].
+    framing "object": cameras look at the centre of the mesh's bounding box from the distance
+    at which the box fills ~80% of the frame (sizes are normalised, as in most 3D evals);
+    "cube": cameras look at the origin from the distance at which the unit cube fits, so
+    sizes compare across meshes. +Y is up in both.
+    Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
+    normal float32[V,H,W,3] (camera space, 0 where empty; None unless with_normals) and mask
+    bool[V,H,W].
     """
     import open3d as o3d
 
+    if framing not in FRAMINGS:
+        raise InputError(f"--framing {framing!r}: expected one of {', '.join(FRAMINGS)}")
     verts, faces, colours = mesh_arrays(mesh)
     az = tuple(float(a) for a in np.atleast_1d(azimuths))
     el = tuple(float(e) for e in np.atleast_1d(elevations))
     (eye, right, up, fwd), rays = _cached_rays(az, el, int(resolution), float(fov))
+    scale = 1.0
+    if framing == "object":  # the same rays for every mesh: move and scale the mesh instead
+        centre, scale = object_scale(verts, fov, az, el)
+        verts = ((verts - centre) * scale).astype(np.float32)
     nviews, nf = len(eye), len(faces)
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(o3d.core.Tensor(verts), o3d.core.Tensor(faces))
@@ -170,6 +197,8 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     depth = hits["t_hit"].numpy()
     mask = pid != o3d.t.geometry.RaycastingScene.INVALID_ID
     depth[~mask] = 0
+    if scale != 1.0:
+        depth /= np.float32(scale)  # back to mesh units
 
     # camera-space face normals per view, turned towards the camera (two-sided faces)
     fn = face_normals(verts, faces)
@@ -261,7 +290,8 @@ def render_one(job: dict, out: str, opts: RenderOptions) -> list[dict]:
         from rl3d.formats.glb import read_glb
 
         mesh = read_glb(job["mesh_path"])
-        res = render_views(mesh, az, el, opts.resolution, opts.fov, opts.background, with_normals=opts.normals)
+        res = render_views(mesh, az, el, opts.resolution, opts.fov, opts.background, framing=opts.framing,
+                           with_normals=opts.normals)
     except Exception as e:  # corrupt GLB, empty mesh, degenerate geometry
         return fail("render_error", f"{type(e).__name__}: {e}"[:500])
 
@@ -337,7 +367,8 @@ def renders_table(rows: list[dict], opts: RenderOptions, copied: list[str]) -> p
 
 def run_render(samples, opts, views: int = 6, preset: str = "default", elevation: float = DEFAULT_ELEVATION,
                resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
-               normals: bool = False, sheet: bool = True, workers: int | None = None) -> dict:
+               normals: bool = False, sheet: bool = True, framing: str = "object",
+               workers: int | None = None) -> dict:
     """Render every mesh of `samples` (table or GLB dir) owned by opts.shard into opts.out."""
     from rl3d.stages.contract import run_stage
 
@@ -346,9 +377,11 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
     if not 1.0 <= fov <= 150.0:
         raise InputError(f"--fov {fov}: expected 1..150 degrees")
     parse_color(background)
+    if framing not in FRAMINGS:
+        raise InputError(f"--framing {framing!r}: expected one of {', '.join(FRAMINGS)}")
     view_angles(views, preset, elevation)  # validate before any work
     ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
-                          bool(depth), bool(normals), bool(sheet))
+                          bool(depth), bool(normals), bool(sheet), str(framing))
     jobs = read_jobs(samples)
     workers = workers or min(2, os.cpu_count() or 1)
     config = {"samples": str(Path(samples).resolve()), **asdict(ropts)}

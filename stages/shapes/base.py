@@ -149,7 +149,7 @@ def num(n: int, rng: np.random.Generator | None = None) -> str:
 
 
 def plural(n: int, word: str, rng=None) -> str:
-    return f"{num(n, rng)} {word}" + ("" if n == 1 else ("es" if word.endswith("sh") else "s"))
+    return f"{num(n, rng)} {word}" + ("" if n == 1 else ("es" if word.endswith(("sh", "x", "ch")) else "s"))
 
 
 def choose(rng: np.random.Generator, items):

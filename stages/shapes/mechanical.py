@@ -82,7 +82,7 @@ class Table(Family):
 
 class Chair(Family):
     name, category = "chair", CAT
-    nouns = ("chair", "seat", "stool")
+    nouns = ("chair", "stool", "armchair")
     parts = {"seat": WOODS + BRIGHT, "legs": WOODS + BRIGHT, "back": WOODS + BRIGHT, "arms": WOODS + BRIGHT}
     part_words = {"seat": ("seat",), "legs": ("legs", "leg"), "back": ("back", "backrest"),
                   "arms": ("arms", "armrests", "armrest")}

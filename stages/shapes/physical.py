@@ -78,10 +78,13 @@ class BalancedStack(Family):
         offs = (list(p.get("offsets") or []) + [0] * n)[:n]
         # keep every partial stack balanced: cumulative offsets stay within a quarter length
         # (an offset that would leave that range is taken the other way, never dropped)
+        # crossed planks rest on an 8-voxel-wide plank: offsets there are single voxels within +-2
+        limit = 2 if p["crossed"] else L / 4
         x = 0.0
         for i in range(n):
+            step = int(np.sign(offs[i])) if p["crossed"] else offs[i]
             if i:
-                x = x + offs[i] if abs(x + offs[i]) <= L / 4 else x - offs[i]
+                x = x + step if abs(x + step) <= limit else x - step
             part = "accent" if i == n - 1 else "planks"
             cross = p["crossed"] and i % 2 == 1
             wx, wz = (8, L) if cross else (L, 8)

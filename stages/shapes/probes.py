@@ -108,11 +108,13 @@ def vertical_runs(column: np.ndarray) -> int:
 
 
 def hollowness(occ: np.ndarray) -> float:
-    """Fraction of the filled volume (each layer's holes filled in) that is enclosed empty space."""
-    filled = np.zeros_like(occ)
-    for y in np.flatnonzero(occ.any((0, 2))):
-        filled[:, y, :] = ndimage.binary_fill_holes(occ[:, y, :])
-    solid = ndimage.binary_fill_holes(occ) | filled
+    """Fraction of the filled volume that is enclosed empty space. A voxel counts as enclosed when
+    the 2-D slice through it along any axis surrounds it (so one opening does not empty a shell)."""
+    solid = occ.copy()
+    for ax in range(3):
+        moved = np.moveaxis(occ, ax, 0)
+        filled = np.stack([ndimage.binary_fill_holes(sl) if sl.any() else sl for sl in moved])
+        solid |= np.moveaxis(filled, 0, ax)
     tot = solid.sum()
     return 0.0 if tot == 0 else float((solid & ~occ).sum() / tot)
 

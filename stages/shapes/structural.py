@@ -151,8 +151,7 @@ class Stack(Family):
     name, category = "stack", CAT
     nouns = ("stack of blocks", "block stack", "pile of boxes")
     parts = {"bottom": BRIGHT + WOODS, "middle": BRIGHT + WOODS, "top": BRIGHT + WOODS}
-    part_words = {"bottom": ("bottom", "base", "bottom block"), "middle": ("middle", "middle blocks"),
-                  "top": ("top", "top block")}
+    part_words = {"bottom": ("bottom", "base"), "middle": ("middle", "blocks"), "top": ("top",)}
     main_part = "bottom"
     counts = {"blocks": ("block", "box", "cube")}
 
@@ -187,7 +186,7 @@ class Stack(Family):
 
     def subject(self, spec, rng):
         n = spec["params"]["blocks"]
-        return f"{choose(rng, ('a stack of', 'a tower of', 'a pile of'))} {plural(n, choose(rng, ('block', 'box', 'cube')), rng)}"
+        return f"{choose(rng, ('a stack of', 'a pile of'))} {plural(n, choose(rng, ('block', 'box', 'cube')), rng)}"
 
     def features(self, spec, rng):
         c = spec["colors"]

@@ -104,8 +104,8 @@ class HollowShell(Family):
             cv.cyl_y("shell", r - 0.5, s - t, s)
         else:
             cv.cbox("shell", s, 0, s, s)
-            cv.erase(cv.region(C - s / 2 + 0.5 + t, C + s / 2 + 0.5 - t, t, s - t, C - s / 2 + 0.5 + t,
-                               C + s / 2 + 0.5 - t))
+            b0 = int(np.floor(C - s / 2 + 1.0))  # same corner as cbox
+            cv.erase(cv.region(b0 + t, b0 + s - t, t, s - t, b0 + t, b0 + s - t))
         # a rim band painted around the middle height
         ys = np.flatnonzero(cv.labels.any((0, 2)))
         mid = (ys[0] + ys[-1]) // 2
@@ -113,7 +113,7 @@ class HollowShell(Family):
         if p["opening"] == "top":
             cv.erase(cv.region(C - r / 2, C + r / 2 + 1, ys[-1] - t - 1, R, C - r / 2, C + r / 2 + 1))
         elif p["opening"] == "front":
-            cv.erase(cv.region(C - r / 2, C + r / 2 + 1, mid + 3, mid + 3 + r / 2, C, R))
+            cv.erase(cv.region(C - r / 2, C + r / 2 + 1, mid + 3, mid + 3 + r / 2, C + r - t - 1, R))  # front wall only
         return cv
 
     def probes(self):
