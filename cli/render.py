@@ -18,13 +18,16 @@ from rl3d.cli.common import handle_errors, pop_stage_options, report, stage_opti
 @click.option("--resolution", default=512, show_default=True, type=int, help="Image width = height in pixels.")
 @click.option("--background", default="white", show_default=True, help="Colour name or hex, e.g. '#202020'.")
 @click.option("--fov", default=40.0, show_default=True, type=float, help="Vertical field of view in degrees.")
+@click.option("--framing", type=click.Choice(["object", "cube"]), default="object", show_default=True,
+              help="object: centre the mesh and fill ~80% of the frame; cube: look at the origin with the "
+                   "unit cube (the voxel grid) in view, so sizes compare across meshes.")
 @click.option("--depth", is_flag=True, help="Also save z-depth as 16-bit PNG (millimetres, 0 = background).")
 @click.option("--normals", is_flag=True, help="Also save camera-space normal maps as PNG.")
 @click.option("--no-sheet", is_flag=True, help="Skip the per-mesh contact sheet (sheet.png).")
 @click.option("--workers", default=None, type=int, help="Processes rendering meshes in parallel [min(2, cores)].")
 @stage_options
 @handle_errors
-def command(samples, views, elevation, preset, resolution, background, fov, depth, normals, no_sheet, workers, **kw):
+def command(samples, views, elevation, preset, resolution, background, fov, framing, depth, normals, no_sheet, workers, **kw):
     """Render every mesh to PNG views (headless CPU ray casting, deterministic).
 
     Writes images/<sample_id>/view-XX.png, a contact sheet per mesh, and a renders table
@@ -34,6 +37,6 @@ def command(samples, views, elevation, preset, resolution, background, fov, dept
 
     opts = pop_stage_options(kw)
     summary = run_render(samples, opts, views=views, preset=preset, elevation=elevation, resolution=resolution,
-                         background=background, fov=fov, depth=depth, normals=normals, sheet=not no_sheet,
+                         background=background, fov=fov, framing=framing, depth=depth, normals=normals, sheet=not no_sheet,
                          workers=workers)
     report(summary, opts)

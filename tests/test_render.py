@@ -70,8 +70,34 @@ def test_orientation_tall_object_top_at_top_and_x_to_the_right():
         assert np.nonzero(yellow)[0].mean() < np.nonzero(red)[0].mean()  # top at the top
     # front view (azimuth 0, camera on +Z): +X (the object's left) is on the image's right
     side = grid_to_mesh(grid_with(((26, 32, 0, 6, 14, 18), "blue")))
-    front = render_views(side, [0.0], [0.0], RES)
+    front = render_views(side, [0.0], [0.0], RES, framing="cube")
     assert np.nonzero(front["mask"][0])[1].mean() > RES * 0.6
+
+
+def test_framing_object_centres_and_fills_cube_keeps_scale():
+    small = grid_to_mesh(grid_with(((0, 8, 0, 8, 0, 8), "green")))  # a small box in a corner
+    az, el = view_angles(6)
+    obj = render_views(small, az, el, RES)
+    cube = render_views(small, az, el, RES, framing="cube")
+    assert obj["mask"].sum() > 8 * cube["mask"].sum()
+    for v in range(6):
+        ys, xs = np.nonzero(obj["mask"][v])
+        assert abs(xs.mean() - RES / 2) < RES * 0.08 and abs(ys.mean() - RES / 2) < RES * 0.1  # centred
+        assert 0.5 * RES < max(np.ptp(xs), np.ptp(ys)) < 0.85 * RES  # fills ~60-80%
+    # depth is in mesh units under both framings: the nearest corner of a centred box of half
+    # size h lies at z = D - h * sum|fwd| for a camera at distance D from its centre
+    from rl3d.stages.render import camera_frames, fit_distance, object_scale
+
+    centred = grid_with(((12, 20, 12, 20, 12, 20), "green"))
+    mesh = grid_to_mesh(centred)
+    _, _, _, fwd = camera_frames(az, el, 1.0)
+    d_cube = fit_distance(40.0, az, el)
+    d_obj = d_cube / object_scale(np.asarray(mesh.vertices, np.float32), 40.0, az, el)[1]
+    for framing, dist in (("object", d_obj), ("cube", d_cube)):
+        out = render_views(mesh, az, el, RES, framing=framing)
+        for v in range(6):
+            expect = dist - 0.125 * np.abs(fwd[v]).sum()
+            assert out["depth"][v][out["mask"][v]].min() == pytest.approx(expect, rel=0.02)
 
 
 def test_parse_color():
