@@ -55,7 +55,7 @@ def silhouette_range(family: str) -> tuple[float, float, float, float]:
     a = np.array(vals)
     lo, hi = a.min(0), a.max(0)
     return (lo[0] * (1 - SILHOUETTE_PAD), hi[0] * (1 + SILHOUETTE_PAD),
-            lo[1] * (1 - SILHOUETTE_PAD), min(1.0, hi[1] * (1 + SILHOUETTE_PAD)))
+            lo[1] * (1 - SILHOUETTE_PAD) - 0.02, min(1.0, hi[1] * (1 + SILHOUETTE_PAD) + 0.02))
 
 
 def _reference(spec: dict):
