@@ -327,7 +327,7 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
                 for g in sorted(p.glob("*.glb"))]
     from rl3d.formats.tables import absolute_media, list_parts
 
-    jobs = []
+    jobs, seen = [], set()
     for f in list_parts(p):
         try:
             names = pq.read_schema(f).names
@@ -344,6 +344,9 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
             row["status"] = row.get("status") or "ok"
             row["message"] = row.get("message") or ""
             row["mesh_path"] = row["mesh_path"] or ""
+            if row["sample_id"] in seen:  # two meshes would write the same images/<sample_id>/
+                raise InputError(f"{f}: row {i}: duplicate sample_id {row['sample_id']!r}")
+            seen.add(row["sample_id"])
             jobs.append(row)
     return jobs
 

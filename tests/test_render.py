@@ -214,6 +214,9 @@ def test_cli_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_cli("--samples", str(tmp_path / "empty"), "--out", str(tmp_path / "r2"))
     assert r.exit_code == 2
+    pq.write_table(pa.table({"sample_id": ["a", "a"], "mesh_path": ["a.glb", "b.glb"]}), tmp_path / "d.parquet")
+    r = run_cli("--samples", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "r4"))
+    assert r.exit_code == 2 and "row 1: duplicate sample_id" in r.output
     pq.write_table(pa.table({"sample_id": ["a"], "mesh_path": ["a.glb"]}), tmp_path / "y.parquet")
     r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r3"), "--background", "zzz")
     assert r.exit_code == 2 and "--background" in r.output
