@@ -208,6 +208,9 @@ def _parse_counts(fam, text: str) -> dict:
             out[key] = int(v) if v.isdigit() else _NUM[v]
         elif re.search(r"\b(no|zero|without)\s+(an?\s+)?(?:" + alts + r")\b", text):
             out[key] = 0
+        elif key in fam.article_counts and re.search(
+                r"\ban?\s+(?:[a-z]+\s+){0,2}?(?:" + "|".join(map(re.escape, words)) + r")\b", text):
+            out[key] = 1
     return out
 
 

@@ -171,6 +171,7 @@ class Family:
     main_part = ""                          # the part "a red chair" colours
     counts: dict[str, tuple[str, ...]] = {}  # count param -> count nouns ("legs")
     flags: dict[str, tuple[str, ...]] = {}   # boolean param -> words ("backrest")
+    article_counts: tuple[str, ...] = ()     # counts where "a <word>" means one ("a handle")
     held_out = False                        # whole family only in eval (rare_entities)
 
     # --- spec -------------------------------------------------------------------------------

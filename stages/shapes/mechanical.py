@@ -197,6 +197,7 @@ class Mug(Family):
     part_words = {"body": ("body", "cup"), "handle": ("handle", "handles")}
     main_part = "body"
     counts = {"handles": ("handle",)}
+    article_counts = ("handles",)
 
     def sample_params(self, rng, rare):
         handles = int(choose(rng, (1, 1, 1, 2, 0)))
