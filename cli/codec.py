@@ -17,7 +17,7 @@ def command():
 @command.command("build")
 @click.option("--n", "n", default=3000, show_default=True, type=int, help="Synth train objects to count patterns on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the synth objects.")
-@click.option("--patterns", default=511, show_default=True, type=int,
+@click.option("--patterns", default=1279, show_default=True, type=int,
               help="Codebook size P (vocab = 1 + P * 16).")
 @click.option("--eval-n", default=300, show_default=True, type=int,
               help="Eval-split objects to measure IoU / colour accuracy on (0 = skip).")
