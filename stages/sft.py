@@ -191,28 +191,61 @@ def _listed_tokens(rows: dict, idx: np.ndarray, codec) -> np.ndarray:
     return tok.astype(np.int32)
 
 
-def mesh_targets(rows: dict, codec, levels: tuple[str, ...]) -> dict[str, np.ndarray]:
+def coarsen_grids(grids: np.ndarray, factor: int = 2) -> np.ndarray:
+    """Batched formats.voxels.coarsen_grid (same result, one bincount for the whole batch):
+    each factor^3 cell becomes solid in its majority colour (lowest id on ties) when at least
+    half of it is occupied."""
+    from rl3d.formats.codec import majority_colour
+
+    b, r = grids.shape[:2]
+    n = r // factor
+    cells = grids.reshape(b, n, factor, n, factor, n, factor).transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, factor ** 3)
+    occupied = (cells > 0).sum(-1) * 2 >= factor ** 3
+    small = np.where(occupied, majority_colour(cells), 0).astype(np.uint8).reshape(b, n, n, n)
+    return small.repeat(factor, 1).repeat(factor, 2).repeat(factor, 3)
+
+
+def _encode_chunk(codec, grids: np.ndarray | None, exact: np.ndarray | None, levels: tuple[str, ...]) -> dict:
+    """level -> tokens for one chunk: exact tokens from the grids (or given), coarse from coarsened grids."""
+    if exact is None:
+        exact = codec.encode_batch(grids)
+    out = {lv: exact for lv in levels if lv != "coarse"}
+    if "coarse" in levels:
+        out["coarse"] = codec.encode_batch(coarsen_grids(grids))
+    return out
+
+
+def mesh_targets(rows: dict, codec, levels: tuple[str, ...], workers: int | None = None) -> dict[str, np.ndarray]:
     """level -> int32[n, seq_len] codec tokens: the exact grid for fine/single, its coarsened grid
     for coarse. Voxels are re-encoded with the policy's codec (the table may predate a codebook);
-    a table without voxels uses its mesh_tokens (and decodes them for the coarse level)."""
-    from rl3d.formats.voxels import coarsen_grid
+    a table without voxels uses its mesh_tokens (and decodes them for the coarse level).
+    Large tables are encoded in a process pool (the codec's matching is single-threaded numpy)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
 
     n = rows["n"]
+    chunks = [np.arange(s, min(n, s + ENCODE_CHUNK)) for s in range(0, n, ENCODE_CHUNK)]
+    need_grid = rows["voxels"] is not None or "coarse" in levels
+
+    def args(idx):
+        exact = None if rows["voxels"] is not None else _listed_tokens(rows, idx, codec)
+        return codec, (_grids(rows, idx, codec) if need_grid else None), exact, levels
+
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1, len(chunks))
     out = {lv: np.zeros((n, codec.seq_len), np.int32) for lv in levels}
-    for s in range(0, n, ENCODE_CHUNK):
-        idx = np.arange(s, min(n, s + ENCODE_CHUNK))
-        exact = None
-        if rows["voxels"] is None:
-            exact = _listed_tokens(rows, idx, codec)
-        need_grid = rows["voxels"] is not None or "coarse" in levels
-        grids = _grids(rows, idx, codec) if need_grid else None
-        if exact is None:
-            exact = codec.encode_batch(grids)
-        for lv in levels:
-            if lv == "coarse":
-                out[lv][idx] = codec.encode_batch(np.stack([coarsen_grid(g) for g in grids]))
-            else:
-                out[lv][idx] = exact
+    if workers <= 1 or len(chunks) < 4:
+        results = (_encode_chunk(*args(idx)) for idx in chunks)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(workers)
+        results = pool.map(_encode_chunk, *zip(*(args(idx) for idx in chunks)))
+    try:
+        for idx, res in zip(chunks, results):
+            for lv in levels:
+                out[lv][idx] = res[lv]
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return out
 
 

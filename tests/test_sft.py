@@ -162,3 +162,12 @@ def test_missing_column_exits_2_naming_file_and_column(data, tmp_path):
     assert len(lines) == 1 and str(bad) in lines[0] and "'plan'" in lines[0]
     res = CliRunner().invoke(main, ["sft", "--data", str(bad), "--config", "huge", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "huge" in res.stderr
+
+
+def test_process_pool_encoding_matches_serial(data, monkeypatch):
+    rows = data["rows"]
+    tbl = {"n": len(rows), "voxels": pa.array([r["voxels"] for r in rows]), "mesh_tokens": None, "source": "t"}
+    serial = sft.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=1)
+    monkeypatch.setattr(sft, "ENCODE_CHUNK", 3)
+    pooled = sft.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=2)
+    assert all((serial[k] == pooled[k]).all() for k in serial)
