@@ -61,6 +61,7 @@ class EvalOptions:
     kd_subsets: int = 100
     kd_subset_size: int = 1000
     grid_prompts: int = 6
+    workers: int | None = None           # render processes (None: the render stage's default)
     runs: list[str] = field(default_factory=list)
     overwrite: bool = False
     quiet: bool = False
@@ -250,23 +251,27 @@ def _spec_check():
     return check_spec, ""
 
 
+SPEC_KINDS = ("nonempty", "grounded", "no_floating_parts", "silhouette", "hollow", "wireframe", "stable")
+
+
+def spec_attribute_kind(name: str) -> str:
+    """Group the checker's attribute names into a few readable kinds: colour checks ("color.seat")
+    -> "color", family parameters read back by probes (legs, shelves, spots...) -> "params"."""
+    if name.startswith("color"):
+        return "color"
+    return name if name in SPEC_KINDS else "params"
+
+
 def spec_attributes(result) -> dict[str, float]:
-    """The per-attribute outcomes (1.0 = satisfied, fractions allowed) of a check_spec result:
-    a mapping attribute -> bool/number, or an object/dict holding one under `checks`/`attributes`."""
-    for key in ("checks", "attributes", "details"):
-        inner = result.get(key) if isinstance(result, dict) else getattr(result, key, None)
-        if isinstance(inner, dict):
-            result = inner
-            break
-    if not isinstance(result, dict):
+    """check_spec's result (SpecResult: checks = [{attribute, passed, ...}]) -> attribute kind ->
+    fraction of its checks passed."""
+    checks = result.get("checks") if isinstance(result, dict) else getattr(result, "checks", None)
+    if not isinstance(checks, list):
         raise TypeError(f"unexpected check_spec result {type(result).__name__}")
-    out = {}
-    for k, v in result.items():
-        if isinstance(v, dict):
-            v = v.get("ok", v.get("value", v.get("score")))
-        if isinstance(v, (bool, int, float, np.bool_, np.floating, np.integer)):
-            out[str(k)] = float(v)
-    return out
+    kinds: dict[str, list[float]] = {}
+    for c in checks:
+        kinds.setdefault(spec_attribute_kind(str(c["attribute"])), []).append(float(bool(c["passed"])))
+    return {k: float(np.mean(v)) for k, v in kinds.items()}
 
 
 def _spec_rows(policy, scopes, categories, ok: list[Sample], per) -> list[dict]:
@@ -278,12 +283,14 @@ def _spec_rows(policy, scopes, categories, ok: list[Sample], per) -> list[dict]:
         return skipped(policy, categories, "spec_accuracy", f"spec accuracy skipped: {reason}")
     for s in with_spec:
         try:
-            attrs = spec_attributes(check(s.spec, s.grid))
+            result = check(s.spec, s.grid)
+            attrs = spec_attributes(result)
         except Exception as e:  # a checker failure is recorded per sample, not scored
             per[s.sample_id]["spec_status"] = f"spec_error: {type(e).__name__}: {e}"[:300]
             continue
         per[s.sample_id]["spec"] = attrs
-        per[s.sample_id]["spec_accuracy"] = float(np.mean(list(attrs.values()))) if attrs else None
+        # the checker's own score: the fraction of all its checks passed
+        per[s.sample_id]["spec_accuracy"] = float(getattr(result, "score", np.mean(list(attrs.values()))))
         per[s.sample_id]["spec_all_correct"] = bool(attrs) and all(v >= 1.0 for v in attrs.values())
     out = []
     for c, ss in scopes:
@@ -292,7 +299,9 @@ def _spec_rows(policy, scopes, categories, ok: list[Sample], per) -> list[dict]:
         failed = [s for s in ss if s.spec and s.status != "ok"]
         acc = [r["spec_accuracy"] for r in checked if r["spec_accuracy"] is not None] + [0.0] * len(failed)
         m, sd, n = M.mean_std(acc)
-        note = f"{len(failed)} undecodable samples count as 0" if failed else ""
+        errors = sum(1 for s in ss if "spec_status" in per[s.sample_id])
+        note = "; ".join(x for x in (f"{len(failed)} undecodable samples count as 0" if failed else "",
+                                     f"{errors} samples the checker failed on are not counted" if errors else "") if x)
         out.append(metric_row(policy, c, "spec_accuracy", m, n, sd, message=note or ("" if n else "no checked samples")))
         v, n2 = M.rate([r["spec_all_correct"] for r in checked] + [False] * len(failed))
         out.append(metric_row(policy, c, "spec_all_correct", v, n2, message=note or ("" if n2 else "no checked samples")))
@@ -370,7 +379,8 @@ def _stage_opts(opts: EvalOptions, out: Path) -> StageOptions:
 def _render(samples_path: Path, out: Path, opts: EvalOptions) -> None:
     from rl3d.stages.render import run_render
 
-    run_render(str(samples_path), _stage_opts(opts, out), views=opts.views, resolution=opts.resolution, sheet=False)
+    run_render(str(samples_path), _stage_opts(opts, out), views=opts.views, resolution=opts.resolution, sheet=False,
+               workers=opts.workers)
 
 
 def _views_by_sample(renders_dir: Path) -> dict[str, list[str]]:
