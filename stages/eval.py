@@ -445,6 +445,10 @@ def _references_from(d: Path, bench: Benchmark) -> dict[str, list[str]]:
 
 def load_models(opts: EvalOptions, groups) -> Models:
     models = Models()
+    if opts.quiet:  # --quiet means no progress output, transformers' weight-loading bars included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     clip_dir = opts.clip_model or M.default_scorer_dir()
     if "clip" in groups:
         if clip_dir is None:

@@ -108,7 +108,7 @@ def test_cli_eval_two_policies_end_to_end(tmp_path):
             "--clip-model", str(clip), "--workers", "1", "--json", "--quiet"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output.strip().splitlines()[-1])
+    summary = json.loads(res.output[res.output.index('{"'):])
     assert summary["policies"] == ["base", "tuned"]
     t = pq.read_table(out / "metrics").to_pylist()
     cats = load_benchmark("synth-reasoning", limit=1).categories
