@@ -24,11 +24,19 @@ from rl3d.cli.common import handle_errors, pop_stage_options, report, stage_opti
 @click.option("--depth", is_flag=True, help="Also save z-depth as 16-bit PNG (millimetres, 0 = background).")
 @click.option("--normals", is_flag=True, help="Also save camera-space normal maps as PNG.")
 @click.option("--no-sheet", is_flag=True, help="Skip the per-mesh contact sheet (sheet.png).")
-@click.option("--workers", default=None, type=int, help="Processes rendering meshes in parallel [min(2, cores)].")
+@click.option("--workers", default=None, type=int,
+              help="open3d backend: processes rendering meshes in parallel [min(2, cores)]. The torch backend "
+                   "renders in this process.")
+@click.option("--backend", type=click.Choice(["auto", "open3d", "torch"]), default="auto", show_default=True,
+              help="Ray caster. open3d: Embree on the CPU; torch: PyTorch on --device (GPU throughput, no open3d "
+                   "needed); auto: open3d when installed, else torch. See docs/render.md.")
+@click.option("--device", default=None,
+              help="torch backend: torch device, e.g. cuda, cuda:1, cpu [cuda when available, else cpu].")
 @stage_options
 @handle_errors
-def command(samples, views, elevation, preset, resolution, background, fov, framing, depth, normals, no_sheet, workers, **kw):
-    """Render every mesh to PNG views (headless CPU ray casting, deterministic).
+def command(samples, views, elevation, preset, resolution, background, fov, framing, depth, normals, no_sheet, workers,
+            backend, device, **kw):
+    """Render every mesh to PNG views (headless ray casting on CPU or GPU, deterministic).
 
     Writes images/<sample_id>/view-XX.png, a contact sheet per mesh, and a renders table
     (one row per sample and view; failed meshes keep a status and message).
@@ -38,5 +46,5 @@ def command(samples, views, elevation, preset, resolution, background, fov, fram
     opts = pop_stage_options(kw)
     summary = run_render(samples, opts, views=views, preset=preset, elevation=elevation, resolution=resolution,
                          background=background, fov=fov, framing=framing, depth=depth, normals=normals, sheet=not no_sheet,
-                         workers=workers)
+                         workers=workers, backend=backend, device=device)
     report(summary, opts)

@@ -220,3 +220,92 @@ def test_cli_bad_inputs(tmp_path):
     pq.write_table(pa.table({"sample_id": ["a"], "mesh_path": ["a.glb"]}), tmp_path / "y.parquet")
     r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r3"), "--background", "zzz")
     assert r.exit_code == 2 and "--background" in r.output
+
+
+# ---- torch backend ----------------------------------------------------------------------------
+
+def small_object():
+    """A few hundred triangles: a red block, a blue post on it, a yellow cube apart."""
+    return grid_to_mesh(grid_with(((10, 16, 0, 4, 10, 18), "red"), ((12, 14, 4, 12, 12, 14), "blue"),
+                                  ((20, 23, 0, 3, 20, 23), "yellow")))
+
+
+@pytest.mark.parametrize("framing", ["object", "cube"])
+def test_torch_backend_matches_open3d(framing):
+    az, el = view_angles(4)
+    ref = render_views(small_object(), az, el, 64, framing=framing, backend="open3d")
+    out = render_views(small_object(), az, el, 64, framing=framing, backend="torch", device="cpu")
+    assert set(out) == set(ref) and all(out[k].shape == ref[k].shape and out[k].dtype == ref[k].dtype for k in out)
+    assert (out["mask"] == ref["mask"]).mean() >= 0.995 and 0.01 < ref["mask"].mean() < 0.8
+    both = out["mask"] & ref["mask"]
+    same_face = np.all(out["normal"] == ref["normal"], -1)[both]  # same face (or a coplanar neighbour)
+    assert same_face.mean() >= 0.995
+    assert np.abs(out["rgb"].astype(int) - ref["rgb"]).mean() < 1.0
+    assert np.allclose(out["depth"][both], ref["depth"][both], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_primitive_ids_match_open3d_and_are_deterministic():
+    from rl3d.stages.render import _cached_cameras, cast_rays_open3d, cast_rays_torch, mesh_arrays
+
+    v, f, _ = mesh_arrays(small_object())
+    az, el = view_angles(3)
+    rays = np.array(_cached_cameras(tuple(map(float, az)), tuple(map(float, el)), 48, 40.0)[1])
+    rays[..., :3] *= 0.5  # closer cameras: the object fills the frame
+    t_ref, id_ref = cast_rays_open3d(v, f, rays.astype(np.float32))
+    t, ids = cast_rays_torch(v, f, rays.astype(np.float32), "cpu")
+    t2, ids2 = cast_rays_torch(v, f, rays.astype(np.float32), "cpu", max_elements=4096)  # many small batches
+    assert np.array_equal(ids, ids2) and np.array_equal(t, t2)
+    assert ids.dtype == np.uint32 and (ids == id_ref).mean() >= 0.995
+    hit = ids != 0xFFFFFFFF
+    assert np.isinf(t[~hit]).all() and np.allclose(t[hit & (ids == id_ref)], t_ref[hit & (ids == id_ref)], rtol=1e-5)
+
+
+def test_torch_cast_ties_lowest_id_and_per_ray_origins():
+    from rl3d.stages.render import cast_rays_torch
+
+    tri = np.array([[-1, -1, 0], [1, -1, 0], [0, 1, 0]], np.float32)
+    verts = np.concatenate([tri + [0, 0, -1], tri, tri])  # triangle 0 behind (z=-1), 1 and 2 coincide at z=0
+    faces = np.arange(9, dtype=np.uint32).reshape(3, 3)
+    # 1 view, 1 x 3 rays from different origins looking down -z: hit, hit (direction length 2), miss
+    rays = np.array([[[[0, 0, 5, 0, 0, -1], [0.2, 0.1, 3, 0, 0, -2], [5, 5, 5, 0, 0, -1]]]], np.float32)
+    t, ids = cast_rays_torch(verts, faces, rays, "cpu")
+    assert ids.tolist() == [[[1, 1, 0xFFFFFFFF]]]  # the nearer of 0 / {1, 2}; the tie goes to the lowest id
+    assert t[0, 0, :2] == pytest.approx([5.0, 1.5]) and np.isinf(t[0, 0, 2])
+
+
+def test_backend_choice_and_no_open3d_import(monkeypatch):
+    import subprocess
+    import sys
+
+    from rl3d.formats.errors import InputError
+    from rl3d.stages import render
+
+    code = "import sys, rl3d.stages.render; assert 'open3d' not in sys.modules, 'open3d imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    assert render.resolve_backend("auto") == "open3d" and render.resolve_device(None) == "cpu"
+    monkeypatch.setattr(render, "open3d_available", lambda: False)  # as on the GPU machine
+    assert render.resolve_backend("auto") == "torch"
+    with pytest.raises(InputError, match="open3d is not installed"):
+        render.resolve_backend("open3d")
+    with pytest.raises(InputError, match="--backend"):
+        render.resolve_backend("embree")
+    with pytest.raises(InputError, match="--device"):
+        render.resolve_device("tpu:0")
+
+
+def test_cli_torch_backend_writes_same_images(glb_dir, tmp_path):
+    r = run_cli("--samples", str(glb_dir), "--out", str(tmp_path / "t"), "--resolution", "32", "--views", "2",
+                "--backend", "torch", "--device", "cpu", "--depth", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["meshes"] == 3 and summary["failed_meshes"] == 1 and summary["rows"] == 6
+    t = read_table(tmp_path / "t", "renders").to_pylist()
+    assert [x["sample_id"] for x in t] == ["broken"] * 2 + ["column"] * 2 + ["cube"] * 2  # input order kept
+    cube = [x for x in t if x["sample_id"] == "cube"]
+    az, el = view_angles(2)
+    expect = render_views(red_cube(), az, el, 32, backend="torch", device="cpu")["rgb"]
+    for x in cube:
+        assert x["status"] == "ok" and np.array_equal(np.asarray(Image.open(x["image_path"])), expect[x["view"]])
+        assert Image.open(x["depth_path"]).size == (32, 32)
+    r = run_cli("--samples", str(glb_dir), "--out", str(tmp_path / "t2"), "--backend", "torch", "--device", "tpu")
+    assert r.exit_code == 2 and "--device" in r.output
