@@ -157,7 +157,13 @@ def _load_images(paths: list[str]):
     for p in paths:
         try:
             with Image.open(p) as im:
-                out.append(im.convert("RGB"))
+                if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                    # transparent backgrounds go on white, like our renders (convert("RGB") would make
+                    # them black: the background mismatch of the paper's released eval script)
+                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                    out.append(Image.alpha_composite(bg, im.convert("RGBA")).convert("RGB"))
+                else:
+                    out.append(im.convert("RGB"))
         except OSError as e:
             raise InputError(f"{p}: not a readable image ({e})") from None
     return out

@@ -114,3 +114,11 @@ def test_feature_model_clip_and_missing_dir(tmp_path):
     assert feats.shape == (5, 16) and np.isfinite(feats).all()
     with pytest.raises(InputError, match="not found"):
         M.FeatureModel.load(tmp_path / "nope")
+
+
+def test_transparent_reference_images_go_on_white(tmp_path):
+    from PIL import Image
+
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
+    (img,) = M._load_images([str(tmp_path / "a.png")])
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
