@@ -68,31 +68,72 @@ def _pcg(x: torch.Tensor) -> torch.Tensor:
     return ((w >> 22) ^ w) & _M32
 
 
-def uniform_draws(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """float64[B] in (0, 1): the draw of each row at one step."""
-    h = _pcg(seeds ^ _pcg(torch.full_like(seeds, step)))
+def uniform_draws(seeds: torch.Tensor, step: int, attempt: int = 0) -> torch.Tensor:
+    """float64[B] in (0, 1): the draw of each row at one step (and rejection attempt)."""
+    h = _pcg(seeds ^ _pcg(torch.full_like(seeds, step) ^ _pcg(torch.full_like(seeds, attempt))))
     h2 = _pcg(h ^ 0x9E3779B9)
     return ((h << 21 | (h2 >> 11)).double() + 0.5) / float(1 << 53)
 
 
-def sample_tokens(masked: torch.Tensor, u: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Inverse-CDF sampling of one token per row from softmax(masked) [B, V] (already /T and masked),
-    restricted to the top-k / top-p set, with the given uniform draws u [B]."""
-    V = masked.shape[-1]
-    if (0 < top_k < V) or top_p < 1.0:
-        logits, order = masked.sort(dim=-1, descending=True)
-        probs = torch.softmax(logits, dim=-1).double()
-        keep = torch.ones_like(probs, dtype=torch.bool)
-        if 0 < top_k < V:
-            keep[:, top_k:] = False
-        if top_p < 1.0:
-            keep &= (probs.cumsum(-1) - probs) < top_p  # mass before a token < p: always keeps the first
-        cdf = (probs * keep).cumsum(-1)
-    else:
-        order = None
-        cdf = torch.softmax(masked, dim=-1).double().cumsum(-1)
-    pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None]).clamp(max=V - 1)
-    return (order.gather(1, pick) if order is not None else pick)[:, 0]
+_BLOCK = 128  # vocabulary block of the two-level inverse CDF
+
+
+def _inverse_cdf(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Index i of each row with cumsum(w)[i-1] < target <= cumsum(w)[i], for non-negative weights
+    w [B, V] and targets in (0, sum(w)]. Two levels (block sums, then one block) instead of a
+    cumsum over the whole vocabulary, which is a slow sequential scan on CPU."""
+    B, V = w.shape
+    nb = V // _BLOCK  # callers pad the vocabulary to a multiple of _BLOCK
+    wb = w.view(B, nb, _BLOCK)
+    bcdf = wb.sum(-1).cumsum(-1)
+    blk = torch.searchsorted(bcdf, target[:, None]).clamp(max=nb - 1)
+    before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp(min=0)), 0.0)
+    inner = wb.gather(1, blk[:, :, None].expand(-1, -1, _BLOCK))[:, 0].cumsum(-1)
+    rest = torch.minimum(target[:, None] - before, inner[:, -1:])  # rounding: stay inside the block
+    idx = torch.searchsorted(inner, rest).clamp(max=_BLOCK - 1)
+    return (blk * _BLOCK + idx)[:, 0]
+
+
+def sample_tokens(masked: torch.Tensor, seeds: torch.Tensor, step: int, top_k: int = 0, top_p: float = 1.0,
+                  max_attempts: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(masked) (masked [B, V]: constrained, tempered logits),
+    restricted to the top-k / top-p set, by inverse-CDF draws from counter-based uniforms.
+    Returns (tokens, their log-probs under the full masked distribution).
+
+    The cut is applied by rejection instead of a sort over the vocabulary (a sort per step dominated
+    the CPU profile): draw from the full distribution, accept a token t when fewer than k tokens are
+    more likely (top-k) and the mass of the tokens more likely than t is < top_p (top-p). Accepted
+    draws are distributed exactly as the renormalised nucleus; tokens tied at the boundary are all in.
+    The acceptance rate is >= top_p, so few attempts are needed; rows still rejected after
+    `max_attempts` take their most likely token (part of every nucleus)."""
+    B, V = masked.shape
+    top = masked.max(-1, keepdim=True).values
+    pad = -V % _BLOCK
+    # unnormalised probabilities, padded to whole blocks; forbidden tokens are exactly 0
+    w = torch.exp(torch.nn.functional.pad(masked, (0, pad), value=-float("inf")) - top)
+    total = w.sum(-1)
+    cut_k, cut_p = 0 < top_k < V, top_p < 1.0
+    tok = torch.zeros(B, dtype=torch.long, device=masked.device)
+    rows = torch.arange(B, device=masked.device)  # rows still drawing (all, then the rejected ones)
+    for attempt in range(max_attempts if (cut_k or cut_p) else 1):
+        wr, tr, sr = (w, total, seeds) if attempt == 0 else (w[rows], total[rows], seeds[rows])
+        u = uniform_draws(sr, step, attempt).to(w.device, w.dtype)
+        draw = _inverse_cdf(wr, u * tr)
+        ok = torch.ones_like(draw, dtype=torch.bool)
+        if cut_k or cut_p:
+            below = wr <= wr.gather(1, draw[:, None])
+            if cut_k:
+                ok &= (V + pad - below.sum(1)) < top_k
+            if cut_p:
+                ok &= wr.masked_fill(below, 0.0).sum(1) < top_p * tr
+        tok[rows[ok]] = draw[ok]
+        rows = rows[~ok]
+        if rows.numel() == 0:
+            break
+    if rows.numel():
+        tok[rows] = w[rows].argmax(-1)
+    logprob = masked.gather(1, tok[:, None])[:, 0] - top[:, 0] - total.log()
+    return tok, logprob
 
 
 # ---- the batched constrained sampler -----------------------------------------------------------
@@ -147,9 +188,8 @@ def sample_sequences(model, special: pol.SpecialIds, prompt_ids: list[list[int]]
                             torch.where(state == MESH, pol.KIND_MESH, pol.KIND_PAD))
         masked = pol.masked_logits(logits, kinds, special, sampling.temperature)
         active = state != DONE
-        tok = sample_tokens(masked, uniform_draws(seeds_t, t), sampling.top_k, sampling.top_p)
+        tok, lp = sample_tokens(masked, seeds_t, t, sampling.top_k, sampling.top_p)
         tok = torch.where(active, tok, special.pad)
-        lp = torch.log_softmax(masked, -1).gather(1, tok[:, None])[:, 0]
         tokens[:, t] = tok
         logps[:, t] = torch.where(active, lp, 0.0)
         # state machine: reasoning until <mesh-start>, then exactly seq_len mesh tokens

@@ -11,6 +11,8 @@ import torch
 from rl3d.formats.errors import InputError
 from rl3d.stages import policy as pol
 
+torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
+
 WORDS = "a the red blue green box chair table leg legs seat back round tall short wide plan part top".split()
 SPECIALS = ["<|pad|>", "<|endoftext|>", "[UNK]", "<|user|>", "<|assistant|>", "<mesh-start>", "<mesh-end>"]
 

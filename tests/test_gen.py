@@ -1,0 +1,191 @@
+"""`rl3d gen`: constrained sampling, stored log-probs, seeds, sharding, resume, CLI."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_policy import make_tiny_policy  # noqa: E402
+
+from rl3d.cli.main import main  # noqa: E402
+from rl3d.formats import tables  # noqa: E402
+from rl3d.stages import gen  # noqa: E402
+from rl3d.stages import policy as pol  # noqa: E402
+
+PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "furniture", "spec": '{"legs": 4}'},
+           {"prompt_id": "p-table", "prompt": "a tall blue table", "category": "furniture", "spec": '{"legs": 1}'},
+           {"prompt_id": "p-box", "prompt": "a green box", "category": "box", "spec": "{}"}]
+SAMPLING = gen.Sampling(max_reasoning_tokens=12)
+torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_policy(tmp_path_factory.mktemp("pol") / "policy")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return pol.load_policy(tiny, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return f
+
+
+@pytest.fixture(scope="module")
+def hi_rows(loaded):
+    return gen.generate(loaded, PROMPTS[:2], "hi-grpo", group_size=2, seed=7, sampling=SAMPLING, batch_size=8)
+
+
+def test_spans_and_exactly_m_mesh_tokens(loaded, hi_rows):
+    sp, M = loaded.special, loaded.codec.seq_len
+    assert [r["sample_id"] for r in hi_rows] == [f"{p}-{k}-{lv}" for lv in ("coarse", "fine")
+                                                 for p in ("p-chair", "p-table") for k in range(2)]
+    text = set(sp.text_ids.tolist())
+    truncated = []
+    for r in hi_rows:
+        ids = r["input_ids"]
+        assert r["reasoning_start"] == r["prompt_len"] and r["mesh_start"] == r["reasoning_end"] + 1
+        assert r["mesh_end"] - r["mesh_start"] == M and len(r["mesh_tokens"]) == M
+        assert set(ids[r["prompt_len"]:r["reasoning_end"]]) <= text
+        assert ids[r["reasoning_end"]] == sp.mesh_start
+        assert np.array_equal(sp.mesh_ids[torch.as_tensor(r["mesh_tokens"], dtype=torch.long)].numpy(),
+                              ids[r["mesh_start"]:r["mesh_end"]])
+        assert ids[r["mesh_end"]:] == [sp.mesh_end, sp.eos]
+        assert r["mesh_tokens"].min() >= 0 and r["mesh_tokens"].max() < loaded.codec.vocab_size
+        assert len(r["logprobs"]) == len(ids) - r["prompt_len"] and r["logprobs"].dtype == np.float32
+        assert (r["logprobs"][-2:] == 0).all() and (r["logprobs"][:-2] < 0).all() or r["reasoning_truncated"]
+        n = r["reasoning_end"] - r["prompt_len"]
+        assert r["reasoning_truncated"] == (n == SAMPLING.max_reasoning_tokens)
+        truncated.append(r["reasoning_truncated"])
+        assert r["status"] == "ok" and r["mesh_path"] is None
+    # the fine prompt carries the coarse plan of the same trajectory
+    coarse = {(r["prompt_id"], r["sample_index"]): r for r in hi_rows if r["level"] == "coarse"}
+    for r in hi_rows:
+        if r["level"] == "fine":
+            plan = coarse[(r["prompt_id"], r["sample_index"])]["reasoning"]
+            prompt = pol.build_prompt(r["prompt"], "fine", plan=plan)
+            assert r["input_ids"][:r["prompt_len"]] == pol.encode_text(loaded.tokenizer, prompt)
+
+
+def test_stored_logprobs_equal_recomputed(loaded, hi_rows):
+    b = pol.collate(hi_rows, loaded.special)
+    with torch.no_grad():
+        lp, mask = pol.completion_logprobs(loaded.model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+                                           b["kinds"], loaded.special, SAMPLING.temperature)
+    for i, r in enumerate(hi_rows):
+        n = len(r["logprobs"])
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert np.abs(lp[i, :n].numpy() - r["logprobs"]).max() < 1e-4
+        if r["reasoning_truncated"]:
+            assert r["logprobs"][r["reasoning_end"] - r["prompt_len"]] == 0  # forced <mesh-start>
+
+
+def test_seeds_reproduce_and_batching_does_not_matter(loaded, hi_rows):
+    again = gen.generate(loaded, PROMPTS[1:2], "hi-grpo", group_size=2, seed=7, sampling=SAMPLING, batch_size=3)
+    want = [r for r in hi_rows if r["prompt_id"] == "p-table"]
+    for a, b in zip(again, want):
+        assert a["sample_id"] == b["sample_id"] and a["input_ids"] == b["input_ids"]
+        assert np.abs(a["logprobs"] - b["logprobs"]).max() < 1e-4
+    other = gen.generate(loaded, PROMPTS[1:2], "flat", group_size=2, seed=8, sampling=SAMPLING, batch_size=8)
+    assert other[0]["mesh_tokens"].tolist() != want[0]["mesh_tokens"].tolist()
+    assert other[0]["mesh_tokens"].tolist() != other[1]["mesh_tokens"].tolist()  # a group is diverse
+
+
+def test_top_k_top_p_restrict_the_support():
+    masked = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 200] * 400))
+    seeds = torch.arange(400)
+    tok, lp = gen.sample_tokens(masked, seeds, 0)
+    assert set(tok.tolist()) == {0, 1, 2, 3}
+    assert torch.allclose(lp, masked.gather(1, tok[:, None])[:, 0], atol=1e-6)
+    tok, _ = gen.sample_tokens(masked, seeds, 0, top_p=0.7)  # nucleus {0, 1}
+    assert set(tok.tolist()) == {0, 1} and 0.55 < (tok == 0).float().mean() < 0.7
+    tok, _ = gen.sample_tokens(masked, seeds, 0, top_k=1)
+    assert set(tok.tolist()) == {0}
+    u = gen.uniform_draws(seeds, 3)
+    assert (u > 0).all() and (u < 1).all() and abs(float(u.mean()) - 0.5) < 0.05
+
+
+def _read(out: Path):
+    t = tables.read_table(out, "samples")
+    return {r["sample_id"]: r for r in t.to_pylist()}, t
+
+
+def test_cli_flat_and_hi_grpo_tables(tiny, prompts_file, tmp_path):
+    r = CliRunner().invoke(main, ["gen", "--prompts", str(prompts_file), "--policy", str(tiny), "--mode", "flat",
+                                  "-G", "2", "--max-reasoning-tokens", "4", "--out", str(tmp_path / "flat"),
+                                  "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["rows"] == 6 and summary["ok"] + summary["decode_error"] == 6
+    rows, t = _read(tmp_path / "flat")
+    assert {x["level"] for x in rows.values()} == {"single"}
+    assert rows["p-chair-1-single"]["category"] == "furniture" and rows["p-chair-1-single"]["spec"] == '{"legs": 4}'
+    ok = [x for x in rows.values() if x["status"] == "ok"]
+    assert ok and all(Path(x["mesh_path"]).is_file() for x in ok)
+    assert tables.table_policy(tmp_path / "flat").endswith("#step3")
+    cfg = tables.table_config(tmp_path / "flat")
+    assert cfg["instructions"] == {"single": pol.INSTRUCTIONS["single"]} and cfg["sampling"]["max_reasoning_tokens"] == 4
+    # hi-grpo: shard 0/2 + 1/2 == unsharded; a group never straddles shards
+    args = ["gen", "--prompts", str(prompts_file), "--policy", str(tiny), "-G", "2", "--max-reasoning-tokens", "4",
+            "--quiet", "--seed", "3"]
+    assert CliRunner().invoke(main, args + ["--out", str(tmp_path / "all")]).exit_code == 0
+    for i in range(2):
+        r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "sh"), "--shard", f"{i}/2"])
+        assert r.exit_code == 0, r.output
+    full, t = _read(tmp_path / "all")
+    assert len(full) == 12 and tables.table_config(tmp_path / "all")["instructions"].keys() == {"coarse", "fine"}
+    shards = [pq.read_table(f).column("prompt_id").to_pylist() for f in sorted((tmp_path / "sh").glob("part-*"))]
+    assert not set(shards[0]) & set(shards[1])
+    union, _ = _read(tmp_path / "sh")
+    assert union.keys() == full.keys()
+    for k in full:
+        assert union[k]["input_ids"] == full[k]["input_ids"]
+        assert np.allclose(union[k]["logprobs"], full[k]["logprobs"], atol=1e-4)
+
+
+def test_killed_gen_resumes_without_duplicates(tiny, prompts_file, tmp_path):
+    out = tmp_path / "g"
+    args = ["gen", "--prompts", str(prompts_file), "--policy", str(tiny), "--mode", "flat", "-G", "1",
+            "--max-reasoning-tokens", "2", "--out", str(out), "--quiet", "--json"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    first, _ = _read(out)
+    (out / "_shards" / "00000-of-00001.json").unlink()  # as if killed before the marker landed
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] is False
+    again, t = _read(out)
+    assert t.num_rows == 3 and again.keys() == first.keys()
+    assert len(list(out.glob("part-*.parquet"))) == 1
+    r = CliRunner().invoke(main, args)  # complete now: skipped
+    assert json.loads(r.stdout)["skipped"] is True
+
+
+def test_empty_grid_is_kept_as_decode_error(loaded, tmp_path, monkeypatch):
+    monkeypatch.setattr(loaded.codec, "decode_batch", lambda t: np.zeros((len(t), 32, 32, 32), np.uint8))
+    rows = gen.generate(loaded, PROMPTS[:1], "flat", group_size=1, seed=0, sampling=gen.Sampling(max_reasoning_tokens=1),
+                        out_dir=tmp_path)
+    assert rows[0]["status"] == "decode_error" and "empty" in rows[0]["message"] and rows[0]["mesh_path"] is None
+    assert len(rows[0]["mesh_tokens"]) == 512
+    tables.validate(gen.samples_table(rows), "samples", "test")
+
+
+def test_cli_errors(tmp_path, prompts_file):
+    r = CliRunner().invoke(main, ["gen", "--prompts", str(prompts_file), "--policy", str(tmp_path / "missing"),
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    lines = [x for x in r.output.strip().splitlines() if x]
+    assert len(lines) == 1 and "not found" in lines[0] and "missing" in lines[0]
+    r = CliRunner().invoke(main, ["gen", "--prompts", str(tmp_path / "nope.txt"), "--policy", str(tmp_path),
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "not found" in r.output
