@@ -330,7 +330,7 @@ def allowed_mask(special: SpecialIds) -> torch.Tensor:
 def masked_logits(logits: torch.Tensor, kinds: torch.Tensor, special: SpecialIds, temperature: float) -> torch.Tensor:
     """(logits [..., V] in fp32 / T) with the tokens a position's kind forbids at -inf."""
     bias = special.kind_bias(logits.device)
-    return logits.float() / float(temperature) + bias[kinds]
+    return (logits.float() / float(temperature)).add_(bias.index_select(0, kinds.reshape(-1)).view(*kinds.shape, -1))
 
 
 def token_logprobs(logits: torch.Tensor, kinds: torch.Tensor, tokens: torch.Tensor, special: SpecialIds,

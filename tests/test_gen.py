@@ -65,11 +65,13 @@ def test_spans_and_exactly_m_mesh_tokens(loaded, hi_rows):
         assert ids[r["mesh_end"]:] == [sp.mesh_end, sp.eos]
         assert r["mesh_tokens"].min() >= 0 and r["mesh_tokens"].max() < loaded.codec.vocab_size
         assert len(r["logprobs"]) == len(ids) - r["prompt_len"] and r["logprobs"].dtype == np.float32
-        assert (r["logprobs"][-2:] == 0).all() and (r["logprobs"][:-2] < 0).all() or r["reasoning_truncated"]
         n = r["reasoning_end"] - r["prompt_len"]
+        sampled = np.delete(r["logprobs"][:-2], [n] if r["reasoning_truncated"] else [])
+        assert (r["logprobs"][-2:] == 0).all() and (sampled < 0).all()
         assert r["reasoning_truncated"] == (n == SAMPLING.max_reasoning_tokens)
         truncated.append(r["reasoning_truncated"])
         assert r["status"] == "ok" and r["mesh_path"] is None
+    assert any(truncated) and not all(truncated)  # both ends of reasoning occur: budget and <mesh-start>
     # the fine prompt carries the coarse plan of the same trajectory
     coarse = {(r["prompt_id"], r["sample_index"]): r for r in hi_rows if r["level"] == "coarse"}
     for r in hi_rows:
