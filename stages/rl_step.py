@@ -304,7 +304,7 @@ def _with_lora(model, rank: int):
 
 def _metrics(samples, adv_rows, adv_stats, kept, sums, level_loss, grad_norms, n_updates, n_tokens,
              timings, meta, cfg, rewards) -> dict:
-    m: dict = {"step": int(meta.get("step", 0)) + 1, "updates": n_updates, "kept_samples": len(kept),
+    m: dict = {"step": int(meta.get("rl_step", 0)) + 1, "updates": n_updates, "kept_samples": len(kept),
                "samples": len(samples), "dropped_groups": adv_stats["dropped_failed"] + adv_stats["dropped_no_spread"],
                "dropped_failed": adv_stats["dropped_failed"], "dropped_no_spread": adv_stats["dropped_no_spread"],
                "groups": adv_stats["groups"]}
@@ -319,12 +319,17 @@ def _metrics(samples, adv_rows, adv_stats, kept, sums, level_loss, grad_norms, n
     m["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     # entropy estimate: mean negative log-prob of the sampled tokens (an unbiased estimate of the
     # per-token entropy of the sampling distribution) over the tokens that carry a choice
-    nll, cnt = 0.0, 0
+    nll = {"reasoning": 0.0, "mesh": 0.0}
+    cnt = {"reasoning": 0, "mesh": 0}
     for s in samples:
-        lp = np.asarray(s["logprobs"], np.float64)[: s["mesh_end"] - s["prompt_len"]]
-        nll -= lp.sum()
-        cnt += len(lp)
-    m["entropy"] = nll / max(cnt, 1)
+        lp = np.asarray(s["logprobs"], np.float64)
+        split = s["reasoning_end"] + 1 - s["prompt_len"]  # reasoning tokens and <mesh-start>
+        for part, x in (("reasoning", lp[:split]), ("mesh", lp[split: s["mesh_end"] - s["prompt_len"]])):
+            nll[part] -= x.sum()
+            cnt[part] += len(x)
+    m["entropy"] = sum(nll.values()) / max(sum(cnt.values()), 1)
+    m["entropy_reasoning"] = nll["reasoning"] / max(cnt["reasoning"], 1)
+    m["entropy_mesh"] = nll["mesh"] / max(cnt["mesh"], 1)
     for lv in LEVEL_ORDER:
         vals = [s["total"] for s in samples if s["level"] == lv and s["total"] is not None]
         if vals:
@@ -372,8 +377,6 @@ def _collapse_warnings(m: dict, run_metrics: str | None) -> list[str]:
         first = [r["value"] for r in prev if r["name"] == "entropy"]
         if first and m["entropy"] < 0.5 * first[0]:
             out.append(f"entropy collapsed: {m['entropy']:.3f} nats/token vs {first[0]:.3f} at the run's first step")
-    elif m["entropy"] < 0.05:
-        out.append(f"entropy is very low ({m['entropy']:.3f} nats/token): the policy is near-deterministic")
     return out
 
 
@@ -387,7 +390,9 @@ def _save_checkpoint(out: Path, model, policy, opt, cfg, meta, initial, adv_rows
     if tmp.exists():
         shutil.rmtree(tmp)
     extra = {"initial_policy": initial, "parent": str(Path(policy.path).resolve()), "rl_config": asdict(cfg)}
-    pol.save_policy(tmp, model, policy.tokenizer, policy.codec, step=metrics["step"],
+    extra["rl_step"] = metrics["step"]
+    extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)
+    pol.save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
                     base=meta.get("base"), codec_ref=None, extra=extra)
     if not lora_rank:
         torch.save(opt.state_dict(), tmp / "optimizer.pt")

@@ -1,0 +1,132 @@
+"""`rl3d rl-step` on a tiny random policy: first-update ratio, KL, clipping, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_policy import make_tiny_policy  # noqa: E402
+
+from rl3d.cli.main import main  # noqa: E402
+from rl3d.formats import shards, tables  # noqa: E402
+from rl3d.stages import gen  # noqa: E402
+from rl3d.stages import policy as pol  # noqa: E402
+from rl3d.stages.rl_step import RLConfig, run_rl_step  # noqa: E402
+
+torch.set_num_threads(1)
+PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
+           {"prompt_id": "p-table", "prompt": "a tall blue table", "category": "c"}]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny policy, a hi-grpo samples table from it and a rewards table scoring each sample by the
+    fraction of non-empty mesh blocks (any deterministic function with spread will do)."""
+    root = tmp_path_factory.mktemp("rl")
+    policy = make_tiny_policy(root / "policy")
+    loaded = pol.load_policy(policy, device="cpu", dtype="float32")
+    rows = gen.generate(loaded, PROMPTS, "hi-grpo", group_size=3, seed=3,
+                        sampling=gen.Sampling(max_reasoning_tokens=6), batch_size=8)
+    samples = pa.Table.from_pylist(rows)
+    shards.write_part(tables.with_metadata(samples, "samples"), root / "gen", shards.Shard(0, 1))
+    rewards = [{"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
+                "level": r["level"], "total": float(np.mean(np.asarray(r["mesh_tokens"]) != 0)) + 0.1 * r["sample_index"],
+                "status": "ok", "message": ""} for r in rows]
+    t = pa.Table.from_pylist(rewards).cast(pa.schema([("sample_id", pa.string()), ("prompt_id", pa.string()),
+                                                      ("sample_index", pa.int32()), ("level", pa.string()),
+                                                      ("total", pa.float64()), ("status", pa.string()),
+                                                      ("message", pa.string())]))
+    shards.write_part(tables.with_metadata(t, "rewards"), root / "rewards", shards.Shard(0, 1))
+    return root, policy, rows
+
+
+def _step(root, policy, out, **kw):
+    cfg = RLConfig(**{"lr": 1e-3, "micro_batch": 4, **kw})
+    return run_rl_step(policy, root / "gen", root / "rewards", out, cfg, run_metrics=str(out.parent / "m.parquet"))
+
+
+def _metrics(out):
+    t = tables.read_table(out / "metrics", "metrics").to_pylist()
+    return {r["name"]: r["value"] for r in t}
+
+
+def test_first_update_has_ratio_one_and_loss_equals_negative_weighted_advantage(run, tmp_path):
+    root, policy, rows = run
+    s = _step(root, policy, tmp_path / "a", beta=0.0)
+    m = _metrics(tmp_path / "a")
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # stored log-probs == recomputed
+    assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0 and m["kl"] == 0.0
+    adv = {r["sample_id"]: r["advantage"] for r in
+           tables.read_table(tmp_path / "a" / "advantages", "advantages").to_pylist()}
+    expected = 0.0
+    for level in ("coarse", "fine"):
+        lv = [r for r in rows if r["level"] == level]
+        n = [r["mesh_end"] - r["prompt_len"] - int(r["reasoning_truncated"]) for r in lv]  # tokens with a choice
+        expected += -sum(adv[r["sample_id"]] * k for r, k in zip(lv, n)) / sum(n)
+    assert s["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_checkpoint_is_complete_and_loadable(run, tmp_path):
+    root, policy, _ = run
+    out = tmp_path / "ckpt"
+    _step(root, policy, out, beta=0.01)
+    for f in ("model.safetensors", "tokenizer.json", "rl3d_policy.json", "optimizer.pt", "rng_state.pt", "rl_step.json"):
+        assert (out / f).exists(), f
+    meta = json.loads((out / "rl3d_policy.json").read_text())
+    assert meta["rl_step"] == 1 and meta["initial_policy"] == str(Path(policy).resolve())
+    assert _metrics(out)["kl"] == 0.0  # the first step's policy is its own reference
+    loaded = pol.load_policy(out, device="cpu", dtype="float32")
+    assert loaded.meta["rl_step"] == 1
+    run_metrics = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    assert {r["name"] for r in run_metrics} >= {"loss", "kl", "entropy", "reward_mean_coarse", "grad_norm"}
+    # a second step from the first: its reference is still the initial policy, so KL > 0 now
+    samples_meta = _step(root, out, tmp_path / "ckpt2", beta=0.01)
+    assert samples_meta["step"] == 2 and _metrics(tmp_path / "ckpt2")["kl"] > 0
+    assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1, 2}
+
+
+def test_rerun_is_skipped_and_interrupted_run_reproduces_uninterrupted(run, tmp_path):
+    root, policy, _ = run
+    _step(root, policy, tmp_path / "x", beta=0.01, epochs=2, minibatch=6)
+    assert _step(root, policy, tmp_path / "x", beta=0.01, epochs=2, minibatch=6)["skipped"] is True
+    # an interrupted run leaves only a temp dir; rerunning gives the uninterrupted parameters
+    (tmp_path / ".y.rl-tmp").mkdir()
+    (tmp_path / ".y.rl-tmp" / "model.safetensors").write_bytes(b"torn")
+    _step(root, policy, tmp_path / "y", beta=0.01, epochs=2, minibatch=6)
+    a, b = load_file(tmp_path / "x" / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(Path(policy) / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k].to(a[k].dtype)) for k in a)  # the update changed the weights
+
+
+def test_clipping_engages_after_the_policy_moved(run, tmp_path):
+    root, policy, _ = run
+    _step(root, policy, tmp_path / "c", beta=0.0, epochs=4, minibatch=4, lr=3e-2)
+    m = _metrics(tmp_path / "c")
+    assert m["updates"] == 12 and m["clip_low_frac"] + m["clip_high_frac"] > 0
+
+
+def test_cli_errors_and_dynamic_sampling(run, tmp_path):
+    root, policy, _ = run
+    r = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                  "--rewards", str(root / "rewards"), "--out", str(tmp_path / "o"),
+                                  "--dynamic-sampling", "min-std:abc"])
+    assert r.exit_code == 2 and "min-std:X" in r.output
+    r = CliRunner().invoke(main, ["rl-step", "--policy", str(tmp_path / "nope"), "--samples", str(root / "gen"),
+                                  "--rewards", str(root / "rewards"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "nope" in r.output
+    r = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                  "--rewards", str(root / "rewards"), "--out", str(tmp_path / "o"), "--beta", "0",
+                                  "--dynamic-sampling", "min-std:100", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["kept_samples"] == 0 and summary["dropped_groups"] == 4  # 2 prompts x 2 levels
