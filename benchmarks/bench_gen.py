@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--max-reasoning-tokens", type=int, default=64)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--no-baseline", action="store_true", help="only time rl3d gen (skip transformers generate)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_gen_")
     if args.policy:
@@ -126,6 +127,8 @@ def main():
           f"({n_tok / t_full:.0f} tokens/s, {sum(r['status'] == 'ok' for r in out)}/{len(out)} ok) "
           f"[target <= 60 s on 2 CPU cores]")
 
+    if args.no_baseline:
+        return
     texts = [pol.build_prompt(r["prompt"], "coarse") for r in rows for _ in range(G)]
     prompt_ids = [pol.encode_text(policy.tokenizer, t) for t in texts]
     seeds = list(range(len(prompt_ids)))

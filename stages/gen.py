@@ -150,7 +150,7 @@ def _new_cache(model, max_len: int):
 
 @torch.no_grad()
 def sample_sequences(model, special: pol.SpecialIds, prompt_ids: list[list[int]], seeds: list[int],
-                     seq_len: int, sampling: Sampling) -> dict:
+                     seq_len: int, sampling: Sampling) -> list[dict]:
     """Sample completions for a batch of prompts (token id lists). Returns per row: `tokens` (the
     completion: reasoning, <mesh-start>, seq_len mesh ids, <mesh-end>, eos), `logprobs` (float32,
     same length), `n_reasoning`, `truncated` (the budget forced <mesh-start>)."""
