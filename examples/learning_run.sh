@@ -17,7 +17,10 @@ EVAL_EVERY=${EVAL_EVERY:-4}
 EVAL_SEEDS=${EVAL_SEEDS:-"101 102"}
 VIEWS=${VIEWS:-6}
 RES=${RES:-128}
+EVAL_G=${EVAL_G:-4}
+BATCH=${BATCH:-512}           # gen batch size (sequences sampled together; large on a GPU)
 RL3D=${RL3D:-rl3d}
+log() { echo "[learn] $(date +%T) $*"; }
 
 policy0=$(python3 -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
 mkdir -p "$RUN"
@@ -26,7 +29,8 @@ $RL3D synth --n "$EVAL_N" --seed 999 --split eval --no-meshes --out "$RUN/heldou
 score() {  # score POLICY NAME: held-out gen -> render -> reward, one directory per sampling seed
   for s in $EVAL_SEEDS; do
     d="$RUN/eval/$2/seed-$s"
-    $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G 4 --seed "$s" --quiet
+    log "eval $2 seed $s"
+    $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G "$EVAL_G" --seed "$s" --batch-size "$BATCH" --quiet
     $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
     $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
   done
@@ -36,10 +40,14 @@ score "$policy0" step-000000
 policy=$policy0
 for i in $(seq 1 "$STEPS"); do
   step=$(printf 'step-%06d' "$i"); d="$RUN/$step"
+  log "$step gen"
   $RL3D synth --n "$PROMPTS" --seed $((1000 + i)) --split train --no-meshes --out "$d/prompts" --quiet
-  $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --quiet
+  $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --batch-size "$BATCH" --quiet
+  log "$step render"
   $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
+  log "$step reward"
   $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+  log "$step rl-step"
   $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
     --lr "$LR" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
   policy="$d/policy"
