@@ -64,13 +64,13 @@ def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
     if cfg.ratio == "sequence":  # GSPO: one geometric-mean ratio per sequence, shared by its tokens
         n = mask.sum(1).clamp(min=1)
         log_ratio = (log_ratio.sum(1) / n)[:, None].expand_as(logp)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(max=20.0))  # bound exp() so one stale token cannot overflow
     a = adv[:, None]
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high) * a
     pg = torch.minimum(unclipped, clipped)
     if cfg.beta > 0:
-        d = ref_logp - logp
+        d = (ref_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
     else:
         kl = torch.zeros_like(logp)
@@ -207,7 +207,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     mb_size = cfg.minibatch or len(kept)
     sums: dict[str, float] = {}
     level_loss = {lv: 0.0 for lv in LEVEL_ORDER}
-    grad_norms, n_updates, n_tokens = [], 0, 0
+    grad_norms, n_updates, n_tokens, skipped_updates = [], 0, 0, 0
     for epoch in range(cfg.epochs if kept else 0):
         order = torch.randperm(len(kept), generator=gen).tolist() if cfg.epochs > 1 or cfg.minibatch else list(range(len(kept)))
         for s in range(0, len(order), mb_size):
@@ -241,7 +241,12 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
                             sums[k] = sums.get(k, 0.0) + (v if k == "pg" else v * frac)
                     for r, rl in zip(rows, parts["row_loss"].tolist()):
                         level_loss[r["level"]] += rl / acc.num_processes
-            grad_norms.append(float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
+            norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            if not math.isfinite(norm):  # never apply a non-finite update; count it instead
+                skipped_updates += 1
+                opt.zero_grad(set_to_none=True)
+                continue
+            grad_norms.append(norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             n_updates += 1
@@ -249,11 +254,14 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     timings["update_s"] = time.time() - t2
 
     # 4. metrics, collapse warnings, checkpoint
+    if skipped_updates:
+        progress.log(f"WARNING: skipped {skipped_updates} update(s) with a non-finite gradient norm")
     metrics = _metrics(samples, adv_rows, adv_stats, kept, sums, level_loss, grad_norms, n_updates,
                        n_tokens, timings, meta, cfg, rewards)
     warnings = _collapse_warnings(metrics, run_metrics)
     for w_ in warnings:
         progress.log(f"WARNING: {w_}")
+    metrics["skipped_updates"] = skipped_updates
     metrics["warnings"] = "; ".join(warnings)
     t3 = time.time()
     if acc.is_main_process:

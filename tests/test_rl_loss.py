@@ -97,3 +97,14 @@ def test_kl_is_zero_against_itself_and_positive_otherwise(tiny):
     k3 = math.exp(0.3) - 0.3 - 1
     assert parts["kl"] == pytest.approx(k3, rel=1e-5)
     assert float(loss) == pytest.approx(0.01 * k3 * 2, rel=1e-5)  # beta * KL, per level, summed
+
+
+def test_extreme_log_prob_gaps_stay_finite(tiny):
+    W, x, tokens = tiny
+    logp = tiny_policy_logp(W, x, tokens)
+    w = token_weights(MASK, LEVELS, "token")
+    old = logp.detach() - 200.0  # a stale token: ratio would overflow exp() without the bound
+    ref = logp.detach() + 200.0  # a reference far away: k3 would overflow without the bound
+    loss, parts = policy_loss(logp, old, ref, ADV, w, RLConfig(beta=0.01))
+    (g,) = torch.autograd.grad(loss, W)
+    assert torch.isfinite(loss) and torch.isfinite(g).all() and math.isfinite(parts["kl"])
