@@ -6,13 +6,13 @@
 set -euo pipefail
 RUN=${1:-runs/demo}
 STEPS=${STEPS:-2}
-PROMPTS_N=${PROMPTS_N:-8}
+PROMPTS_N=${PROMPTS_N:-6}
 GROUP=${GROUP:-4}
 LR=${LR:-2e-5}
 VIEWS=${VIEWS:-4}
-RES=${RES:-192}
+RES=${RES:-160}
 SEED=${SEED:-0}
-BENCH_LIMIT=${BENCH_LIMIT:-12}
+BENCH_LIMIT=${BENCH_LIMIT:-1}
 RL3D=${RL3D:-rl3d}
 
 mkdir -p "$RUN"
