@@ -210,6 +210,10 @@ def sample_sequences(model, special: pol.SpecialIds, prompt_ids: list[list[int]]
             cache = getattr(out, ck)
 
     n_reason, tokens, logps = n_reason.cpu(), tokens.cpu(), logps.cpu()
+    if not torch.isfinite(logps).all() or bool((n_mesh < seq_len).any()):
+        # only a broken checkpoint gets here (e.g. NaN weights): every masked position has a finite choice
+        raise InputError("the policy produced non-finite log-probs or unfinished meshes; "
+                         "its weights are likely corrupt (NaN/inf)")
     rows = []
     for i in range(B):  # per row (not per token): cut each completion and append the forced tail
         n = int(n_reason[i]) + 1 + seq_len

@@ -191,3 +191,14 @@ def test_cli_errors(tmp_path, prompts_file):
     r = CliRunner().invoke(main, ["gen", "--prompts", str(tmp_path / "nope.txt"), "--policy", str(tmp_path),
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_corrupt_weights_are_a_clear_error(tiny, tmp_path):
+    """NaN weights (e.g. a diverged update) must not turn into silently garbled samples."""
+    policy = pol.load_policy(tiny, device="cpu", dtype="float32")
+    with torch.no_grad():
+        policy.model.get_output_embeddings().weight.fill_(float("nan"))
+    from rl3d.formats.errors import InputError
+
+    with pytest.raises(InputError, match="non-finite log-probs"):
+        gen.generate(policy, PROMPTS[:1], "flat", group_size=2, seed=1, sampling=SAMPLING, batch_size=4)
