@@ -180,7 +180,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     if opt_state.exists() and not lora_rank:
         opt.load_state_dict(torch.load(opt_state, map_location="cpu", weights_only=True))
     model, opt = acc.prepare(model, opt)
-    temperature = cfg.temperature or float(samples[0].get("temperature") or 1.0) if samples else 1.0
+    # log-probs must use the temperature the samples were drawn with (gen records it per row)
+    sampled_at = float(samples[0].get("temperature") or 1.0) if samples else 1.0
+    temperature = cfg.temperature or sampled_at
 
     # 3. reference log-probs once (no grad), then epochs x minibatches of optimizer steps
     def forward(rows, net):
