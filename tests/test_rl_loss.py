@@ -80,7 +80,7 @@ def test_clipping_engages_when_the_policy_moved(tiny):
     assert parts["clip_high_frac"] == pytest.approx(1.0) and parts["clip_low_frac"] == 0.0
     (g,) = torch.autograd.grad(loss, W)
     assert torch.count_nonzero(g) == 0  # clipped tokens carry no gradient
-    assert float(loss) == pytest.approx(-1.28 * 2, rel=1e-5)  # (1 + eps_high) * A summed over 2 levels
+    assert float(loss.detach()) == pytest.approx(-1.28 * 2, rel=1e-5)  # (1 + eps_high) * A summed over 2 levels
     old = logp.detach() + 0.5  # ratio e^-0.5 < 0.8 with negative advantage: clipped low
     _, parts = policy_loss(logp, old, logp.detach(), -adv, w, RLConfig(beta=0.0))
     assert parts["clip_low_frac"] == pytest.approx(1.0)
