@@ -62,34 +62,11 @@ def write_pngs(d: Path, n: int, seed: int = 0, size: int = 40, tint=(1.0, 1.0, 1
 
 
 def make_tiny_policy(out: Path, seed: int = 0, step: int = 0, mode: str | None = None) -> Path:
-    """Random-init Qwen2 (hidden 32, 2 layers) + word-level tokenizer + a 2-pattern codec, saved
-    with rl3d's save_policy (so gen/eval load it through the production path)."""
-    import numpy as np
-    import torch
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    """The policy tests' tiny random Qwen2 + word tokenizer + 2-pattern codec (one builder for all
+    tests), saved with rl3d's save_policy so gen/eval load it through the production path."""
+    import importlib.util
 
-    from rl3d.formats.codec import VoxelCodec, mesh_token_text
-    from rl3d.stages import policy as pol
-
-    g = np.zeros((2, 32, 32, 32), np.uint8)
-    g[0, 4:12, 0:8, 4:20] = 3
-    g[1, 10:30, 0:5, 2:6] = 5
-    codec = VoxelCodec.build(g, n_patterns=2)
-    specials = ["<|pad|>", "<|endoftext|>", "[UNK]", "<|user|>", "<|assistant|>", "<mesh-start>", "<mesh-end>"]
-    words = "a the red blue box chair table leg seat back round tall plan part top".split()
-    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece(prefix="##")
-    tk.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="[UNK]")
-    tok.add_tokens([AddedToken(mesh_token_text(i), special=True) for i in range(codec.vocab_size)], special_tokens=True)
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=len(tok) + 3, max_position_embeddings=2048,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # a confident head: short plans and non-empty grids
-        model.lm_head.weight.mul_(8.0)
-    return pol.save_policy(out, model, tok, codec, step=step, base="random-init",
-                           extra={"mode": mode} if mode else None)
+    spec = importlib.util.spec_from_file_location("policy_tests", Path(__file__).with_name("test_policy.py"))
+    policy_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(policy_tests)
+    return policy_tests.make_tiny_policy(out, seed=seed, step=step, mode=mode)

@@ -44,8 +44,9 @@ def tiny_tokenizer(codec):
     return fast
 
 
-def make_tiny_policy(out: Path, seed: int = 0, step: int = 3) -> Path:
-    """Random-init Qwen2 (hidden 32, 2 layers) + word tokenizer + tiny codec, saved by save_policy."""
+def make_tiny_policy(out: Path, seed: int = 0, step: int = 3, mode: str | None = None) -> Path:
+    """Random-init Qwen2 (hidden 32, 2 layers) + word tokenizer + tiny codec, saved by save_policy.
+    `mode` ("hi-grpo" / "flat") is recorded in rl3d_policy.json when given."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     codec = tiny_codec()
@@ -57,7 +58,8 @@ def make_tiny_policy(out: Path, seed: int = 0, step: int = 3) -> Path:
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():  # make text tokens and <mesh-start> likely enough to see short plans
         model.lm_head.weight.mul_(8.0)
-    return pol.save_policy(out, model, tok, codec, step=step, base="random-init")
+    return pol.save_policy(out, model, tok, codec, step=step, base="random-init",
+                           extra={"mode": mode} if mode else None)
 
 
 @pytest.fixture(scope="module")
