@@ -20,7 +20,15 @@ RES=${RES:-128}
 EVAL_G=${EVAL_G:-4}
 BATCH=${BATCH:-512}           # gen batch size (sequences sampled together; large on a GPU)
 RL3D=${RL3D:-rl3d}
+STOP_AFTER=${STOP_AFTER:-0}   # seconds; >0: stop cleanly (exit 3) before starting work past this
 log() { echo "[learn] $(date +%T) $*"; }
+# A stop between stages leaves nothing half-written, so a time-limited job (Slurm, a lent GPU)
+# can end early and the rerun continues; a finished stage is skipped and costs only start-up.
+check_time() {
+  if [ "$STOP_AFTER" -gt 0 ] && [ "$SECONDS" -ge "$STOP_AFTER" ]; then
+    log "time budget of ${STOP_AFTER}s used; rerun to continue"; exit 3
+  fi
+}
 
 policy0=$(python3 -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
 mkdir -p "$RUN"
@@ -29,6 +37,8 @@ $RL3D synth --n "$EVAL_N" --seed 999 --split eval --no-meshes --out "$RUN/heldou
 score() {  # score POLICY NAME: held-out gen -> render -> reward, one directory per sampling seed
   for s in $EVAL_SEEDS; do
     d="$RUN/eval/$2/seed-$s"
+    [ -f "$d/rewards/_shards/00000-of-00001.json" ] && continue
+    check_time
     log "eval $2 seed $s"
     $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G "$EVAL_G" --seed "$s" --batch-size "$BATCH" --quiet
     $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
@@ -40,16 +50,19 @@ score "$policy0" step-000000
 policy=$policy0
 for i in $(seq 1 "$STEPS"); do
   step=$(printf 'step-%06d' "$i"); d="$RUN/$step"
-  log "$step gen"
-  $RL3D synth --n "$PROMPTS" --seed $((1000 + i)) --split train --no-meshes --out "$d/prompts" --quiet
-  $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --batch-size "$BATCH" --quiet
-  log "$step render"
-  $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
-  log "$step reward"
-  $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
-  log "$step rl-step"
-  $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
-    --lr "$LR" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
+  if [ ! -f "$d/policy/rl_step.json" ]; then  # written last by rl-step: the step is done
+    check_time
+    log "$step gen"
+    $RL3D synth --n "$PROMPTS" --seed $((1000 + i)) --split train --no-meshes --out "$d/prompts" --quiet
+    $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --batch-size "$BATCH" --quiet
+    log "$step render"
+    $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
+    log "$step reward"
+    $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+    log "$step rl-step"
+    $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
+      --lr "$LR" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
+  fi
   policy="$d/policy"
   if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then score "$policy" "$step"; fi
 done
