@@ -20,6 +20,8 @@ RES=${RES:-128}
 EVAL_G=${EVAL_G:-4}
 BATCH=${BATCH:-512}           # gen batch size (sequences sampled together; large on a GPU)
 RL3D=${RL3D:-rl3d}
+EVAL_ASYNC=${EVAL_ASYNC:-0}   # 1: score a checkpoint in the background while training goes on
+BASELINE=${BASELINE:-1}       # 0: skip scoring the initial policy (already scored with these settings)
 STOP_AFTER=${STOP_AFTER:-0}   # seconds; >0: stop cleanly (exit 3) before starting work past this
 log() { echo "[learn] $(date +%T) $*"; }
 # A stop between stages leaves nothing half-written, so a time-limited job (Slurm, a lent GPU)
@@ -46,7 +48,7 @@ score() {  # score POLICY NAME: held-out gen -> render -> reward, one directory 
   done
 }
 
-score "$policy0" step-000000
+if [ "$BASELINE" = 1 ]; then score "$policy0" step-000000; fi
 policy=$policy0
 for i in $(seq 1 "$STEPS"); do
   step=$(printf 'step-%06d' "$i"); d="$RUN/$step"
@@ -64,6 +66,9 @@ for i in $(seq 1 "$STEPS"); do
       --lr "$LR" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
   fi
   policy="$d/policy"
-  if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then score "$policy" "$step"; fi
+  if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then
+    if [ "$EVAL_ASYNC" = 1 ]; then score "$policy" "$step" & else score "$policy" "$step"; fi
+  fi
 done
+wait  # background scoring; a failed one leaves its seed dir incomplete and the rerun redoes it
 python3 -m rl3d.stages.learning_summary "$RUN"
