@@ -33,6 +33,8 @@ from rl3d.cli.common import handle_errors
               help="Sequences per optimizer step (0 = the whole batch, one update per epoch).")
 @click.option("--micro-batch", type=int, default=8, show_default=True, help="Sequences per forward pass.")
 @click.option("--lr", type=float, default=1e-6, show_default=True)
+@click.option("--warmup-updates", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Linear LR warm-up over the run's first N optimizer updates (counted across steps).")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
 @click.option("--dynamic-sampling", default="off", show_default=True, metavar="off|zero-std|min-std:X",
               help="Drop groups without reward spread.")

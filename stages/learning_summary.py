@@ -1,5 +1,10 @@
 """Summarise a learning run (examples/learning_run.sh): held-out reward per evaluated step, per
-level and per reward term, mean and spread over sampling seeds. `python -m rl3d.stages.learning_summary RUN`."""
+level and per reward term, mean and spread over sampling seeds.
+
+    python -m rl3d.stages.learning_summary RUN                       # RUN/heldout_rewards.json + table
+    python -m rl3d.stages.learning_summary plot OUT.png LABEL=DIR ...  # curves of one or more runs
+
+A plotted DIR holds metrics.parquet (rl-step's run metrics) and heldout_rewards.json."""
 from __future__ import annotations
 
 import json
@@ -35,8 +40,58 @@ def heldout_table(run: Path) -> list[dict]:
     return rows
 
 
+def _run_curves(metrics_path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(metrics_path).to_pydict()
+    by: dict[str, dict[int, float]] = {}
+    for step, name, value in zip(t["step"], t["name"], t["value"]):
+        by.setdefault(name, {})[int(step)] = float(value)
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by.items()}
+
+
+def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
+    """One image of four charts: training batch reward (fine), held-out reward per level, held-out
+    fine CLIP score, and log10 KL to the initial policy; one line per run (and level)."""
+    from PIL import Image
+
+    from rl3d.stages.report import line_chart
+
+    charts = {"train": {}, "heldout": {}, "clip": {}, "kl": {}}
+    for label, d in runs.items():
+        m = _run_curves(Path(d) / "metrics.parquet")
+        held = json.loads((Path(d) / "heldout_rewards.json").read_text())
+        steps = [r["step"] for r in held]
+        charts["train"][label] = m["reward_mean_fine"]
+        for level, short in (("coarse", "R_high"), ("fine", "R_low")):
+            charts["heldout"][f"{label} {short}"] = (steps, [r[f"total_{level}"] for r in held])
+        charts["clip"][label] = (steps, [r["clip_score_fine"] for r in held])
+        xs, ys = m["kl"]
+        charts["kl"][label] = (xs, [float(np.log10(max(y, 1e-12))) for y in ys])
+    titles = {"train": "training batch R_low (fresh train prompts each step)",
+              "heldout": "held-out reward (synth eval prompts, mean over seeds)",
+              "clip": "held-out CLIP score, fine level", "kl": "log10 KL to the initial policy (k3)"}
+    tmp = out.with_suffix(".parts")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tiles = [Image.open(line_chart(titles[k], charts[k], tmp / f"{k}.png")) for k in charts]
+    w, h = tiles[0].size
+    sheet = Image.new("RGB", (2 * w, 2 * h), "white")
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % 2) * w, (i // 2) * h))
+    sheet.save(out)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return out
+
+
 def main(argv=None):
-    run = Path((argv or sys.argv[1:])[0])
+    argv = list(argv or sys.argv[1:])
+    if argv and argv[0] == "plot":
+        runs = dict(a.split("=", 1) for a in argv[2:])
+        print(plot_runs(Path(argv[1]), {k: Path(v) for k, v in runs.items()}))
+        return
+    run = Path(argv[0])
     rows = heldout_table(run)
     (run / "heldout_rewards.json").write_text(json.dumps(rows, indent=2))
     keys = [k for k in rows[0] if not k.endswith("_seed_std") and k not in ("step", "seeds")] if rows else []

@@ -40,6 +40,7 @@ class RLConfig:
     minibatch: int = 0               # sequences per optimizer step; 0 = the whole batch
     micro_batch: int = 8             # sequences per forward pass (gradient accumulation; exact)
     lr: float = 1e-6
+    warmup_updates: int = 0          # linear LR warm-up over the run's first N optimizer updates
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     dynamic_sampling: str = "off"    # off | zero-std | min-std
@@ -111,6 +112,17 @@ def token_weights(loss_mask: torch.Tensor, level_ids: torch.Tensor, agg: str) ->
         else:
             raise ValueError(f"unknown loss aggregation {agg!r}")
     return w
+
+
+def warmup_lr(lr: float, update_index: int, warmup_updates: int) -> float:
+    """LR of the run's `update_index`-th optimizer update (0-based, counted across rl-steps).
+
+    Adam's first updates move every weight by about lr whatever its gradient; without a ramp a
+    peaked policy can jump far from its reference in the first step (seen on the H100 at lr 2e-4).
+    """
+    if warmup_updates <= 0:
+        return lr
+    return lr * min(1.0, (update_index + 1) / warmup_updates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +222,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     sums: dict[str, float] = {}
     level_loss = {lv: 0.0 for lv in LEVEL_ORDER}
     grad_norms, n_updates, n_tokens, skipped_updates = [], 0, 0, 0
+    updates_before = int(meta.get("optimizer_updates", 0))  # the warm-up continues across steps
+    lrs = []
     for epoch in range(cfg.epochs if kept else 0):
         order = torch.randperm(len(kept), generator=gen).tolist() if cfg.epochs > 1 or cfg.minibatch else list(range(len(kept)))
         for s in range(0, len(order), mb_size):
@@ -224,6 +238,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             weights_all = token_weights(mask, levels, cfg.loss_agg)
             mine = list(range(acc.process_index, len(mb), acc.num_processes))
             n_micro = math.ceil(math.ceil(len(mb) / acc.num_processes) / cfg.micro_batch)
+            mb_sums: dict[str, float] = {}  # diagnostics of this update, kept only if it is applied
             for m in range(n_micro):
                 idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
                 dummy = not mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
@@ -240,15 +255,23 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
                     frac = float(w.sum()) / max(float(weights_all.sum()), 1e-12) / acc.num_processes
                     for k, v in parts.items():
                         if k != "row_loss":
-                            sums[k] = sums.get(k, 0.0) + (v if k == "pg" else v * frac)
+                            mb_sums[k] = mb_sums.get(k, 0.0) + (v if k == "pg" else v * frac)
                     for r, rl in zip(rows, parts["row_loss"].tolist()):
-                        level_loss[r["level"]] += rl / acc.num_processes
+                        mb_sums[f"loss_{r['level']}"] = mb_sums.get(f"loss_{r['level']}", 0.0) + rl / acc.num_processes
             norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             if not math.isfinite(norm):  # never apply a non-finite update; count it instead
                 skipped_updates += 1
                 opt.zero_grad(set_to_none=True)
                 continue
+            for k, v in mb_sums.items():
+                if k.startswith("loss_"):
+                    level_loss[k[5:]] += v
+                else:
+                    sums[k] = sums.get(k, 0.0) + v
             grad_norms.append(norm)
+            lrs.append(warmup_lr(cfg.lr, updates_before + n_updates, cfg.warmup_updates))
+            for group in opt.param_groups:
+                group["lr"] = lrs[-1]
             opt.step()
             opt.zero_grad(set_to_none=True)
             n_updates += 1
@@ -264,6 +287,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     for w_ in warnings:
         progress.log(f"WARNING: {w_}")
     metrics["skipped_updates"] = skipped_updates
+    metrics["lr"] = float(np.mean(lrs)) if lrs else 0.0
+    metrics["optimizer_updates"] = updates_before + n_updates
     metrics["warnings"] = "; ".join(warnings)
     t3 = time.time()
     if acc.is_main_process:
@@ -401,6 +426,7 @@ def _save_checkpoint(out: Path, model, policy, opt, cfg, meta, initial, adv_rows
         shutil.rmtree(tmp)
     extra = {"initial_policy": initial, "parent": str(Path(policy.path).resolve()), "rl_config": asdict(cfg)}
     extra["rl_step"] = metrics["step"]
+    extra["optimizer_updates"] = metrics["optimizer_updates"]
     extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)
     pol.save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
                     base=meta.get("base"), codec_ref=None, extra=extra)

@@ -115,6 +115,23 @@ def test_clipping_engages_after_the_policy_moved(run, tmp_path):
     assert m["updates"] == 12 and m["clip_low_frac"] + m["clip_high_frac"] > 0
 
 
+def test_warmup_ramps_the_lr_across_steps():
+    from rl3d.stages.rl_step import warmup_lr
+    assert [warmup_lr(1e-3, u, 4) for u in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert warmup_lr(1e-3, 0, 0) == 1e-3
+
+
+def test_warmup_continues_from_the_parent_checkpoint(run, tmp_path):
+    root, policy, _ = run
+    _step(root, policy, tmp_path / "w1", beta=0.0, minibatch=6, warmup_updates=8)  # 12 samples: 2 updates
+    m1 = _metrics(tmp_path / "w1")
+    assert m1["optimizer_updates"] == 2 and m1["lr"] == pytest.approx(1e-3 * (1 + 2) / 2 / 8)
+    assert json.loads((tmp_path / "w1" / "rl3d_policy.json").read_text())["optimizer_updates"] == 2
+    _step(root, tmp_path / "w1", tmp_path / "w2", beta=0.0, minibatch=6, warmup_updates=8)
+    m2 = _metrics(tmp_path / "w2")
+    assert m2["optimizer_updates"] == 4 and m2["lr"] == pytest.approx(1e-3 * (3 + 4) / 2 / 8)
+
+
 def test_cli_errors_and_dynamic_sampling(run, tmp_path):
     root, policy, _ = run
     r = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
