@@ -30,6 +30,7 @@ class RLConfig:
     algo: str = "hi-grpo"            # hi-grpo | grpo
     lam: float = 1.0                 # back-flow weight of R_low into R_high
     beta: float = 0.01               # k3 KL weight; 0 loads no reference
+    kl_max: float = 10.0             # per-token k3 cap (verl's low_var_kl); 0 = uncapped (TRL)
     clip_low: float = 0.2
     clip_high: float = 0.28
     loss_agg: str = "token"          # token | sequence | dr-grpo
@@ -73,6 +74,10 @@ def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
     if cfg.beta > 0:
         d = (ref_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
+        if cfg.kl_max > 0:
+            # a few sampled tokens the policy has pushed far below the reference would otherwise
+            # give k3 ~ e^20 and gradients that swamp the policy-gradient term (seen at lr 1e-4)
+            kl = kl.clamp(max=cfg.kl_max)
     else:
         kl = torch.zeros_like(logp)
     per_row = -((pg - cfg.beta * kl) * weights).sum(1)

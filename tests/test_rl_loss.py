@@ -108,3 +108,18 @@ def test_extreme_log_prob_gaps_stay_finite(tiny):
     loss, parts = policy_loss(logp, old, ref, ADV, w, RLConfig(beta=0.01))
     (g,) = torch.autograd.grad(loss, W)
     assert torch.isfinite(loss) and torch.isfinite(g).all() and math.isfinite(parts["kl"])
+
+
+def test_per_token_kl_is_capped_and_uncapped_on_request(tiny):
+    W, x, tokens = tiny
+    logp = tiny_policy_logp(W, x, tokens)
+    w = token_weights(MASK, LEVELS, "token")
+    ref = logp.detach() + 5.0  # the policy sits 5 nats below the reference on every token
+    k3 = math.exp(5.0) - 5.0 - 1
+    _, capped = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01))
+    _, raw = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01, kl_max=0))
+    assert capped["kl"] == pytest.approx(10.0) and raw["kl"] == pytest.approx(k3, rel=1e-5)
+    # beyond the cap the KL term gives no gradient, so the policy-gradient term keeps the update
+    loss, _ = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01))
+    (g,) = torch.autograd.grad(loss, W)
+    assert float(g.abs().max()) == 0.0
