@@ -20,8 +20,8 @@ from rl3d.cli.common import handle_errors
 @click.option("--lambda", "lam", type=float, default=1.0, show_default=True,
               help="Back-flow: level-2 reward added to level 1 (R_high + lambda * R_low).")
 @click.option("--beta", type=float, default=0.01, show_default=True, help="k3 KL weight; 0 loads no reference.")
-@click.option("--kl-max", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="Cap on the per-token k3 KL (verl's low_var_kl); 0 leaves it uncapped (TRL).")
+@click.option("--kl-max", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Cap on the per-token k3 KL (10 = verl's low_var_kl); 0 leaves it uncapped, as HI-GRPO.md.")
 @click.option("--ref", "ref_dir", default=None, help="Reference policy (default: the run's initial policy).")
 @click.option("--clip-low", type=float, default=0.2, show_default=True)
 @click.option("--clip-high", type=float, default=0.28, show_default=True)

@@ -11,6 +11,7 @@ PROMPTS=${PROMPTS:-32}        # training prompts per step (fresh ones each step)
 GROUP=${GROUP:-8}             # G
 LR=${LR:-2e-5}
 MINIBATCH=${MINIBATCH:-64}    # sequences per optimizer update (several updates per step)
+KL_MAX=${KL_MAX:-10}          # per-token k3 cap (verl's low_var_kl); 0 = uncapped
 WARMUP=${WARMUP:-16}          # optimizer updates of linear LR warm-up (counted across steps)
 BETA=${BETA:-0.01}
 EVAL_N=${EVAL_N:-48}          # held-out prompts
@@ -64,7 +65,7 @@ for i in $(seq 1 "$STEPS"); do
     $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
     log "$step rl-step"
     $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
-      --lr "$LR" --warmup-updates "$WARMUP" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
+      --lr "$LR" --warmup-updates "$WARMUP" --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
   fi
   policy="$d/policy"
   if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then

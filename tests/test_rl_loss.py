@@ -116,10 +116,10 @@ def test_per_token_kl_is_capped_and_uncapped_on_request(tiny):
     w = token_weights(MASK, LEVELS, "token")
     ref = logp.detach() + 5.0  # the policy sits 5 nats below the reference on every token
     k3 = math.exp(5.0) - 5.0 - 1
-    _, capped = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01))
-    _, raw = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01, kl_max=0))
+    _, capped = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01, kl_max=10))
+    _, raw = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01))
     assert capped["kl"] == pytest.approx(10.0) and raw["kl"] == pytest.approx(k3, rel=1e-5)
     # beyond the cap the KL term gives no gradient, so the policy-gradient term keeps the update
-    loss, _ = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01))
+    loss, _ = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01, kl_max=10))
     (g,) = torch.autograd.grad(loss, W)
     assert float(g.abs().max()) == 0.0
