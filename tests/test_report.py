@@ -68,3 +68,26 @@ def test_report_files_contain_policies_categories_and_reasons(tmp_path):
         with Image.open(plots / name) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     assert not (plots / "bar-spec_accuracy.png").exists()  # nothing to plot for a skipped metric
+
+
+def test_learning_run_plot_from_shipped_run_data(tmp_path):
+    """`learning_summary plot` draws the four learning charts from a run's metrics and held-out
+    scores (here the H100 run data kept in docs/data)."""
+    import shutil
+
+    from PIL import Image
+
+    from rl3d.stages.learning_summary import plot_runs
+
+    data = Path(__file__).resolve().parents[1] / "docs" / "data"
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(data / "h100_lr1e-4_metrics.parquet", run / "metrics.parquet")
+    shutil.copy(data / "h100_lr1e-4_heldout.json", run / "heldout_rewards.json")
+    out = plot_runs(tmp_path / "curves.png", {"lr 1e-4": run})
+    img = Image.open(out)
+    assert img.size == (1800, 720)
+    assert not (tmp_path / "curves.parts").exists()
+    # not a blank sheet: the two held-out levels are drawn as coloured lines
+    colours = {px for px in img.convert("RGB").getdata() if px[0] != px[1] or px[1] != px[2]}
+    assert len(colours) >= 2
