@@ -3,6 +3,7 @@ level and per reward term, mean and spread over sampling seeds.
 
     python -m rl3d.stages.learning_summary RUN                       # RUN/heldout_rewards.json + table
     python -m rl3d.stages.learning_summary plot OUT.png LABEL=DIR ...  # curves of one or more runs
+    python -m rl3d.stages.learning_summary drivers REWARDS_DIR ...     # which terms the advantages follow
 
 A plotted DIR holds metrics.parquet (rl-step's run metrics) and heldout_rewards.json."""
 from __future__ import annotations
@@ -85,11 +86,43 @@ def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
     return out
 
 
+def reward_variance_shares(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """Mean share of each term in the within-group variance of the level's total reward.
+
+    GRPO's advantages are group-normalised totals, so a term's share cov(term, total) / var(total)
+    inside each (prompt, level) group says how much of the learning signal it carries. Shares of a
+    level sum to 1 (terms add up to the total). Groups without spread carry no signal and are skipped.
+    """
+    terms = sorted({k for r in rows for k, v in r.items() if isinstance(v, float) and k != "total"
+                    and not k.endswith("_raw")})
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("total") is not None:
+            groups.setdefault((r["prompt_id"], r["level"]), []).append(r)
+    shares: dict[tuple[str, str], list[float]] = {}
+    for (_, level), rs in groups.items():
+        total = np.array([r["total"] for r in rs])
+        var = total.var()
+        if len(rs) < 2 or var < 1e-12:
+            continue
+        for t in terms:
+            x = np.array([r[t] if isinstance(r.get(t), float) else np.nan for r in rs])
+            if not np.isnan(x).all():
+                cov = np.nanmean((x - np.nanmean(x)) * (total - total.mean()))
+                shares.setdefault((level, t), []).append(float(cov / var))
+    return {k: float(np.mean(v)) for k, v in sorted(shares.items())}
+
+
 def main(argv=None):
     argv = list(argv or sys.argv[1:])
     if argv and argv[0] == "plot":
         runs = dict(a.split("=", 1) for a in argv[2:])
         print(plot_runs(Path(argv[1]), {k: Path(v) for k, v in runs.items()}))
+        return
+    if argv and argv[0] == "drivers":
+        rows = [r for d in argv[1:] for r in tables.read_table(Path(d), "rewards").to_pylist()]
+        for (level, term), share in reward_variance_shares(rows).items():
+            print(f"{level:8s} {term:24s} {share:+.3f}")
         return
     run = Path(argv[0])
     rows = heldout_table(run)

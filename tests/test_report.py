@@ -91,3 +91,15 @@ def test_learning_run_plot_from_shipped_run_data(tmp_path):
     # not a blank sheet: the two held-out levels are drawn as coloured lines
     colours = {px for px in img.convert("RGB").getdata() if px[0] != px[1] or px[1] != px[2]}
     assert len(colours) >= 2
+
+
+def test_reward_variance_shares_follow_the_term_that_varies():
+    from rl3d.stages.learning_summary import reward_variance_shares
+
+    rows = []
+    for i, (a, b) in enumerate([(1.0, 0.5), (2.0, 0.5), (3.0, 0.5), (4.0, 0.5)]):  # only term a varies
+        rows.append({"prompt_id": "p", "level": "fine", "total": a + b, "a": a, "b": b})
+    for i in range(3):  # a group without spread carries no signal
+        rows.append({"prompt_id": "q", "level": "fine", "total": 1.0, "a": 0.5, "b": 0.5})
+    rows.append({"prompt_id": "r", "level": "fine", "total": None, "a": None, "b": None})  # failed row
+    assert reward_variance_shares(rows) == {("fine", "a"): pytest.approx(1.0), ("fine", "b"): pytest.approx(0.0)}
