@@ -52,6 +52,7 @@ score() {  # score POLICY NAME: held-out gen -> render -> reward, one directory 
 
 if [ "$BASELINE" = 1 ]; then score "$policy0" step-000000; fi
 policy=$policy0
+scoring=()
 for i in $(seq 1 "$STEPS"); do
   step=$(printf 'step-%06d' "$i"); d="$RUN/$step"
   if [ ! -f "$d/policy/rl_step.json" ]; then  # written last by rl-step: the step is done
@@ -69,8 +70,9 @@ for i in $(seq 1 "$STEPS"); do
   fi
   policy="$d/policy"
   if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then
-    if [ "$EVAL_ASYNC" = 1 ]; then score "$policy" "$step" & else score "$policy" "$step"; fi
+    if [ "$EVAL_ASYNC" = 1 ]; then score "$policy" "$step" & scoring+=($!); else score "$policy" "$step"; fi
   fi
 done
-wait  # background scoring; a failed one leaves its seed dir incomplete and the rerun redoes it
+# background scoring: a failed one fails the run (set -e) and leaves its seed dir for the rerun
+for pid in ${scoring[@]+"${scoring[@]}"}; do wait "$pid"; done
 python3 -m rl3d.stages.learning_summary "$RUN"
