@@ -3,9 +3,10 @@
 [ -d /tmp/site/rl3d ] || . benchmarks/device_setup.sh
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 rl3d() { python3 -m rl3d.cli.main "$@"; }; export -f rl3d
+export RUN=${RUN:-runs/learn}
 mkdir -p runs
-RUN=${RUN:-runs/learn} STEPS=${STEPS:-8} EVAL_EVERY=${EVAL_EVERY:-4} EVAL_N=32 VIEWS=4 LR=${LR:-1e-4} MINIBATCH=${MINIBATCH:-128} BATCH=512 \
-  STOP_AFTER=${STOP_AFTER:-440} BASELINE=${BASELINE:-1} EVAL_ASYNC=${EVAL_ASYNC:-0} timeout 585 bash examples/learning_run.sh 2>&1 | tee -a ${RUN:-runs/learn}.log | grep -v -i warn
-python3 -m rl3d.stages.learning_summary ${RUN:-runs/learn} >/dev/null 2>&1
-cp ${RUN:-runs/learn}/metrics.parquet ${RUN:-runs/learn}/heldout_rewards.json ${RUN:-runs/learn}.log "${OUT:-/tmp}/" 2>/dev/null
-ls ${RUN:-runs/learn}
+STEPS=${STEPS:-8} EVAL_EVERY=${EVAL_EVERY:-4} EVAL_N=32 VIEWS=4 LR=${LR:-1e-4} MINIBATCH=${MINIBATCH:-128} BATCH=512 \
+  STOP_AFTER=${STOP_AFTER:-440} BASELINE=${BASELINE:-1} EVAL_ASYNC=${EVAL_ASYNC:-0} timeout 585 bash examples/learning_run.sh 2>&1 | tee -a $RUN.log | grep -v -i warn
+python3 -m rl3d.stages.learning_summary $RUN >/dev/null 2>&1
+cp $RUN/metrics.parquet $RUN/heldout_rewards.json $RUN.log "${OUT:-/tmp}/" 2>/dev/null
+ls $RUN

@@ -20,10 +20,10 @@ for v in "1e-4 0" "2e-4 0" "2e-4 16"; do
     --lr "$1" --warmup-updates "$2" --kl-max "${KL_MAX:-0}" --minibatch "$MINIBATCH" --run-metrics "$d/metrics.parquet" --quiet
 done
 python3 - "$RUN" <<'PY'
-import sys, glob, collections, pyarrow.parquet as pq
+import sys, glob
+from rl3d.stages.report import read_run_metrics
 for f in sorted(glob.glob(f"{sys.argv[1]}/lr*/metrics.parquet")):
-    t = pq.read_table(f).to_pydict(); m = collections.defaultdict(dict)
-    for s, n, v in zip(t["step"], t["name"], t["value"]): m[n][s] = v
-    print(f.split("/")[-2], " ".join(f"{k}=" + "/".join(f"{m[k][s]:.3g}" for s in sorted(m[k]))
+    m = read_run_metrics(f)
+    print(f.split("/")[-2], " ".join(f"{k}=" + "/".join(f"{v:.3g}" for v in m[k][1])
                                       for k in ("kl", "grad_norm", "lr", "entropy", "skipped_updates")))
 PY

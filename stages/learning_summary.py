@@ -41,26 +41,18 @@ def heldout_table(run: Path) -> list[dict]:
     return rows
 
 
-def _run_curves(metrics_path: Path) -> dict[str, tuple[list[float], list[float]]]:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(metrics_path).to_pydict()
-    by: dict[str, dict[int, float]] = {}
-    for step, name, value in zip(t["step"], t["name"], t["value"]):
-        by.setdefault(name, {})[int(step)] = float(value)
-    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in by.items()}
-
-
 def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
     """One image of four charts: training batch reward (fine), held-out reward per level, held-out
     fine CLIP score, and log10 KL to the initial policy; one line per run (and level)."""
+    import tempfile
+
     from PIL import Image
 
-    from rl3d.stages.report import line_chart
+    from rl3d.stages.report import line_chart, read_run_metrics
 
     charts = {"train": {}, "heldout": {}, "clip": {}, "kl": {}}
     for label, d in runs.items():
-        m = _run_curves(Path(d) / "metrics.parquet")
+        m = read_run_metrics(Path(d) / "metrics.parquet")
         held = json.loads((Path(d) / "heldout_rewards.json").read_text())
         steps = [r["step"] for r in held]
         charts["train"][label] = m["reward_mean_fine"]
@@ -72,17 +64,13 @@ def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
     titles = {"train": "training batch R_low (fresh train prompts each step)",
               "heldout": "held-out reward (synth eval prompts, mean over seeds)",
               "clip": "held-out CLIP score, fine level", "kl": "log10 KL to the initial policy (k3)"}
-    tmp = out.with_suffix(".parts")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tiles = [Image.open(line_chart(titles[k], charts[k], tmp / f"{k}.png")) for k in charts]
-    w, h = tiles[0].size
-    sheet = Image.new("RGB", (2 * w, 2 * h), "white")
-    for i, tile in enumerate(tiles):
-        sheet.paste(tile, ((i % 2) * w, (i // 2) * h))
+    with tempfile.TemporaryDirectory() as tmp:
+        tiles = [Image.open(line_chart(titles[k], charts[k], Path(tmp) / f"{k}.png")) for k in charts]
+        w, h = tiles[0].size
+        sheet = Image.new("RGB", (2 * w, 2 * h), "white")
+        for i, tile in enumerate(tiles):
+            sheet.paste(tile, ((i % 2) * w, (i // 2) * h))
     sheet.save(out)
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
     return out
 
 

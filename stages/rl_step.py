@@ -243,7 +243,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             weights_all = token_weights(mask, levels, cfg.loss_agg)
             mine = list(range(acc.process_index, len(mb), acc.num_processes))
             n_micro = math.ceil(math.ceil(len(mb) / acc.num_processes) / cfg.micro_batch)
-            mb_sums: dict[str, float] = {}  # diagnostics of this update, kept only if it is applied
+            # diagnostics of this update, kept only if it is applied
+            mb_sums: dict[str, float] = {}
+            mb_level_loss = {lv: 0.0 for lv in LEVEL_ORDER}
             for m in range(n_micro):
                 idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
                 dummy = not mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
@@ -262,17 +264,16 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
                         if k != "row_loss":
                             mb_sums[k] = mb_sums.get(k, 0.0) + (v if k == "pg" else v * frac)
                     for r, rl in zip(rows, parts["row_loss"].tolist()):
-                        mb_sums[f"loss_{r['level']}"] = mb_sums.get(f"loss_{r['level']}", 0.0) + rl / acc.num_processes
+                        mb_level_loss[r["level"]] += rl / acc.num_processes
             norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
             if not math.isfinite(norm):  # never apply a non-finite update; count it instead
                 skipped_updates += 1
                 opt.zero_grad(set_to_none=True)
                 continue
             for k, v in mb_sums.items():
-                if k.startswith("loss_"):
-                    level_loss[k[5:]] += v
-                else:
-                    sums[k] = sums.get(k, 0.0) + v
+                sums[k] = sums.get(k, 0.0) + v
+            for lv, v in mb_level_loss.items():
+                level_loss[lv] += v
             grad_norms.append(norm)
             lrs.append(warmup_lr(cfg.lr, updates_before + n_updates, cfg.warmup_updates))
             for group in opt.param_groups:
