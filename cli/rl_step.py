@@ -40,7 +40,11 @@ from rl3d.cli.common import handle_errors
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
 @click.option("--dynamic-sampling", default="off", show_default=True, metavar="off|zero-std|min-std:X",
               help="Drop groups without reward spread.")
-@click.option("--failed-rewards", type=click.Choice(["drop-group", "error"]), default="drop-group", show_default=True)
+@click.option("--failed-rewards", type=click.Choice(["drop-group", "error", "penalty"]), default="drop-group",
+              show_default=True, help="A sample without a reward: drop its group, stop, or (penalty) score a "
+              "policy failure (decode_error: an empty mesh) --failed-penalty; other failures drop the group.")
+@click.option("--failed-penalty", type=float, default=0.0, show_default=True,
+              help="Total reward of a failed sample under --failed-rewards penalty (per level).")
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--lora-rank", type=int, default=0, help="Train a LoRA adapter of this rank (peft), merged on save.")
 @click.option("--run-metrics", default=None, help="Run-level metrics Parquet to append to "

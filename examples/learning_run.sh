@@ -11,6 +11,7 @@ PROMPTS=${PROMPTS:-32}        # training prompts per step (fresh ones each step)
 GROUP=${GROUP:-8}             # G
 LR=${LR:-2e-5}
 MINIBATCH=${MINIBATCH:-64}    # sequences per optimizer update (several updates per step)
+MICRO=${MICRO:-8}             # sequences per forward pass (exact gradient accumulation; larger on a GPU)
 KL_MAX=${KL_MAX:-10}          # per-token k3 cap (verl's low_var_kl); 0 = uncapped
 WARMUP=${WARMUP:-16}          # optimizer updates of linear LR warm-up (counted across steps)
 BETA=${BETA:-0.01}
@@ -22,6 +23,9 @@ RES=${RES:-128}
 EVAL_G=${EVAL_G:-4}
 BATCH=${BATCH:-512}           # gen batch size (sequences sampled together; large on a GPU)
 RL3D=${RL3D:-rl3d}
+FAILED=${FAILED:-penalty}     # a sample with an empty mesh: penalty (scored FAILED_PENALTY) or drop-group
+FAILED_PENALTY=${FAILED_PENALTY:-0}
+SHARDS=${SHARDS:-1}           # parallel processes per gen/render/reward (a small policy leaves a GPU idle)
 EVAL_ASYNC=${EVAL_ASYNC:-0}   # 1: score a checkpoint in the background while training goes on
 BASELINE=${BASELINE:-1}       # 0: skip scoring the initial policy (already scored with these settings)
 STOP_AFTER=${STOP_AFTER:-0}   # seconds; >0: stop cleanly (exit 3) before starting work past this
@@ -34,6 +38,15 @@ check_time() {
   fi
 }
 
+# one stage as $SHARDS processes side by side (the stages' --shard I/N contract); a failed shard
+# fails the run and the rerun redoes only unfinished shards
+sharded() {
+  local pids=() i
+  for ((i = 0; i < SHARDS; i++)); do "$@" --shard "$i/$SHARDS" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done
+}
+complete() { [ "$(ls "$1"/_shards/*-of-"$(printf %05d "$SHARDS")".json 2>/dev/null | wc -l)" -eq "$SHARDS" ]; }
+
 policy0=$(python3 -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
 mkdir -p "$RUN"
 $RL3D synth --n "$EVAL_N" --seed 999 --split eval --no-meshes --out "$RUN/heldout" --quiet
@@ -41,36 +54,40 @@ $RL3D synth --n "$EVAL_N" --seed 999 --split eval --no-meshes --out "$RUN/heldou
 score() {  # score POLICY NAME: held-out gen -> render -> reward, one directory per sampling seed
   for s in $EVAL_SEEDS; do
     d="$RUN/eval/$2/seed-$s"
-    [ -f "$d/rewards/_shards/00000-of-00001.json" ] && continue
+    complete "$d/rewards" && continue
     check_time
     log "eval $2 seed $s"
-    $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G "$EVAL_G" --seed "$s" --batch-size "$BATCH" --quiet
-    $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
-    $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+    sharded $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G "$EVAL_G" --seed "$s" --batch-size "$BATCH" --quiet
+    sharded $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
+    sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
   done
 }
 
-if [ "$BASELINE" = 1 ]; then score "$policy0" step-000000; fi
-policy=$policy0
 scoring=()
+score_checkpoint() {  # score_checkpoint POLICY NAME, beside training when EVAL_ASYNC=1
+  if [ "$EVAL_ASYNC" = 1 ]; then score "$@" & scoring+=($!); else score "$@"; fi
+}
+if [ "$BASELINE" = 1 ]; then score_checkpoint "$policy0" step-000000; fi
+policy=$policy0
 for i in $(seq 1 "$STEPS"); do
   step=$(printf 'step-%06d' "$i"); d="$RUN/$step"
   if [ ! -f "$d/policy/rl_step.json" ]; then  # written last by rl-step: the step is done
     check_time
     log "$step gen"
     $RL3D synth --n "$PROMPTS" --seed $((1000 + i)) --split train --no-meshes --out "$d/prompts" --quiet
-    $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --batch-size "$BATCH" --quiet
+    sharded $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --batch-size "$BATCH" --quiet
     log "$step render"
-    $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
+    sharded $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
     log "$step reward"
-    $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+    sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
     log "$step rl-step"
     $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
-      --lr "$LR" --warmup-updates "$WARMUP" --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --beta "$BETA" --run-metrics "$RUN/metrics.parquet" --quiet
+      --lr "$LR" --warmup-updates "$WARMUP" --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --micro-batch "$MICRO" --beta "$BETA" \
+      --failed-rewards "$FAILED" --failed-penalty "$FAILED_PENALTY" --run-metrics "$RUN/metrics.parquet" --quiet
   fi
   policy="$d/policy"
   if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then
-    if [ "$EVAL_ASYNC" = 1 ]; then score "$policy" "$step" & scoring+=($!); else score "$policy" "$step"; fi
+    score_checkpoint "$policy" "$step"
   fi
 done
 # background scoring: a failed one fails the run (set -e) and leaves its seed dir for the rerun

@@ -191,7 +191,8 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
                 f.unlink()
     elif marker_path(out, shard).exists():
         return False
-    for tmp in out.glob(".*.tmp-*"):  # leftovers of a killed writer
+    # leftovers of this shard's killed writer only: other shards may be writing beside it right now
+    for tmp in out.glob(f".{part_path(out, shard).name}.tmp-*"):
         tmp.unlink(missing_ok=True)
     atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
     return True

@@ -3,6 +3,11 @@
 Pure functions on plain arrays so they can be checked by hand:
     R~_high_i = R_high_i + lambda * R_low_i          (coarse rows; the refined result supervises the plan)
     A_i = (R_i - mean_group) / (std_group + eps)     (population std, per prompt group and level)
+
+A sample the policy itself broke (gen status decode_error: every mesh token empty) has no reward.
+By default its whole group is dropped; `failed_rewards="penalty"` scores it `failed_penalty` instead,
+so the policy learns to stop producing it (the usual invalid-output reward of RL on LMs). Failures
+that are not the policy's (render or reward backend errors) always drop the group or raise.
 """
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rl3d.formats.errors import InputError
+
+POLICY_FAILURES = ("decode_error",)  # sample statuses caused by the sampled tokens themselves
 
 
 @dataclass
@@ -27,12 +34,14 @@ class AdvantageRow:
 
 def compute_advantages(rows: list[dict], algo: str = "hi-grpo", lam: float = 1.0, adv_std: str = "group",
                        std_eps: float = 1e-4, dynamic_sampling: str = "off", min_std: float = 0.0,
-                       failed_rewards: str = "drop-group") -> tuple[list[AdvantageRow], dict]:
+                       failed_rewards: str = "drop-group", failed_penalty: float = 0.0
+                       ) -> tuple[list[AdvantageRow], dict]:
     """rows: dicts with sample_id, prompt_id, sample_index, level, total (None when failed), status.
+    failed_rewards: drop-group | error | penalty (policy failures scored `failed_penalty`).
 
-    Returns one AdvantageRow per input row and counts of dropped groups.
+    Returns one AdvantageRow per input row and counts of dropped groups and penalised rows.
     """
-    stats = {"groups": 0, "dropped_failed": 0, "dropped_no_spread": 0}
+    stats = {"groups": 0, "dropped_failed": 0, "dropped_no_spread": 0, "penalized_failed": 0}
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r)
@@ -40,6 +49,12 @@ def compute_advantages(rows: list[dict], algo: str = "hi-grpo", lam: float = 1.0
     for pid, group in by_prompt.items():
         stats["groups"] += 1
         failed = [r for r in group if r.get("total") is None or not np.isfinite(r["total"])]
+        penalized = set()
+        if failed and failed_rewards == "penalty" and all(r.get("status") in POLICY_FAILURES for r in failed):
+            penalized = {r["sample_id"] for r in failed}
+            group = [dict(r, total=float(failed_penalty)) if r["sample_id"] in penalized else r for r in group]
+            stats["penalized_failed"] += len(penalized)
+            failed = []
         if failed:
             if failed_rewards == "error":
                 r = failed[0]
@@ -48,7 +63,11 @@ def compute_advantages(rows: list[dict], algo: str = "hi-grpo", lam: float = 1.0
             stats["dropped_failed"] += 1
             out += [_row(r, np.nan, 0.0, False, "failed reward in group") for r in group]
             continue
-        out += _group_advantages(group, algo, lam, adv_std, std_eps, dynamic_sampling, min_std, stats)
+        adv = _group_advantages(group, algo, lam, adv_std, std_eps, dynamic_sampling, min_std, stats)
+        for a in adv:
+            if a.sample_id in penalized:
+                a.reason = f"failed sample scored {failed_penalty:g} (--failed-rewards penalty)"
+        out += adv
     return out, stats
 
 

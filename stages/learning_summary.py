@@ -1,5 +1,6 @@
 """Summarise a learning run (examples/learning_run.sh): held-out reward per evaluated step, per
-level and per reward term, mean and spread over sampling seeds.
+level and per reward term, mean and spread over sampling seeds; `total_*` is the mean over scored
+samples and `failed_*` the share of samples without a reward (empty meshes).
 
     python -m rl3d.stages.learning_summary RUN                       # RUN/heldout_rewards.json + table
     python -m rl3d.stages.learning_summary plot OUT.png LABEL=DIR ...  # curves of one or more runs
@@ -26,8 +27,11 @@ def heldout_table(run: Path) -> list[dict]:
                 continue
             t = tables.read_table(seed_dir / "rewards", "rewards").to_pylist()
             for level in ("coarse", "fine"):
-                vals = [r["total"] for r in t if r["level"] == level and r["total"] is not None]
+                lv = [r for r in t if r["level"] == level]
+                vals = [r["total"] for r in lv if r["total"] is not None]
                 per_seed.setdefault(f"total_{level}", []).append(float(np.mean(vals)))
+                # failed samples (empty meshes) have no total: their share is reported beside it
+                per_seed.setdefault(f"failed_{level}", []).append(1.0 - len(vals) / len(lv))
                 for term in sorted({k[:-4] for k in t[0] if k.endswith("_raw")}):
                     v = [r[f"{term}_raw"] for r in t if r["level"] == level and r.get(f"{term}_raw") is not None]
                     if v:

@@ -46,7 +46,8 @@ class RLConfig:
     max_grad_norm: float = 1.0
     dynamic_sampling: str = "off"    # off | zero-std | min-std
     min_std: float = 0.0
-    failed_rewards: str = "drop-group"
+    failed_rewards: str = "drop-group"  # drop-group | error | penalty
+    failed_penalty: float = 0.0      # the total a policy failure (empty mesh) gets under "penalty"
     gradient_checkpointing: bool = False
     seed: int = 0
     temperature: float | None = None  # None: the temperature the samples were drawn with
@@ -163,7 +164,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         s["reward_status"], s["reward_message"] = r["status"], r["message"]
     adv_rows, adv_stats = compute_advantages(
         samples, algo=cfg.algo, lam=cfg.lam, adv_std=cfg.adv_std, std_eps=cfg.std_eps,
-        dynamic_sampling=cfg.dynamic_sampling, min_std=cfg.min_std, failed_rewards=cfg.failed_rewards)
+        dynamic_sampling=cfg.dynamic_sampling, min_std=cfg.min_std, failed_rewards=cfg.failed_rewards,
+        failed_penalty=cfg.failed_penalty)
     by_id = {s["sample_id"]: s for s in samples}
     kept = []
     for a in adv_rows:
@@ -348,6 +350,7 @@ def _metrics(samples, adv_rows, adv_stats, kept, sums, level_loss, grad_norms, n
     m: dict = {"step": int(meta.get("rl_step", 0)) + 1, "updates": n_updates, "kept_samples": len(kept),
                "samples": len(samples), "dropped_groups": adv_stats["dropped_failed"] + adv_stats["dropped_no_spread"],
                "dropped_failed": adv_stats["dropped_failed"], "dropped_no_spread": adv_stats["dropped_no_spread"],
+               "penalized_failed": adv_stats["penalized_failed"],
                "groups": adv_stats["groups"]}
     m["loss"] = sum(level_loss.values()) / max(cfg.epochs, 1)
     for lv, v in level_loss.items():

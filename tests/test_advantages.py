@@ -28,7 +28,7 @@ def test_hi_grpo_back_flow_and_group_normalisation():
     assert [a[f"p-{i}-coarse"].reward for i in range(3)] == pytest.approx(list(r_high))
     assert [a[f"p-{i}-coarse"].advantage for i in range(3)] == pytest.approx(list(exp_high))
     assert [a[f"p-{i}-fine"].advantage for i in range(3)] == pytest.approx(list(exp_low))
-    assert stats == {"groups": 1, "dropped_failed": 0, "dropped_no_spread": 0}
+    assert stats == {"groups": 1, "dropped_failed": 0, "dropped_no_spread": 0, "penalized_failed": 0}
 
 
 def test_lambda_zero_has_no_back_flow():
@@ -58,6 +58,24 @@ def test_failed_reward_drops_the_whole_group_or_errors():
     assert a["q-1-fine"].kept and stats["dropped_failed"] == 1
     with pytest.raises(InputError, match="p-1-coarse has no reward"):
         compute_advantages(rows, failed_rewards="error")
+
+
+def test_penalty_scores_policy_failures_and_still_drops_backend_failures():
+    rows = _traj("p", [1.0, None], [0.5, 1.0]) + _traj("q", [0.0, 1.0], [None, 1.0])
+    for r in rows:
+        if r["sample_id"] == "p-1-coarse":
+            r["status"] = "decode_error"          # the policy's own fault: an empty mesh
+        if r["sample_id"] == "q-0-fine":
+            r["status"] = "backend_error:clip"     # not the policy's fault
+    out, stats = compute_advantages(rows, failed_rewards="penalty", failed_penalty=-1.0)
+    a = _by_id(out)
+    r_high = np.array([1.0 + 0.5, -1.0 + 1.0])   # the failed coarse total is the penalty, then back-flow
+    exp = (r_high - r_high.mean()) / (r_high.std() + 1e-4)
+    assert [a[f"p-{i}-coarse"].advantage for i in range(2)] == pytest.approx(list(exp))
+    assert a["p-1-coarse"].kept and "scored -1" in a["p-1-coarse"].reason and a["p-1-coarse"].reward == -1.0 + 1.0
+    assert a["p-0-fine"].advantage < 0 < a["p-1-fine"].advantage  # the fine level is unaffected
+    assert not any(a[f"q-{i}-{lv}"].kept for i in range(2) for lv in ("coarse", "fine"))
+    assert stats["penalized_failed"] == 1 and stats["dropped_failed"] == 1
 
 
 def test_single_sample_group_has_zero_advantage_and_flat_grpo():

@@ -131,6 +131,17 @@ def test_killed_writer_leaves_no_torn_part(tmp_path):
         assert pq.read_table(f).num_rows == 200_000
 
 
+def test_starting_shard_removes_only_its_own_leftovers(tmp_path):
+    # Slurm array tasks start at different times: a late shard must not delete the temp file a
+    # running shard is still writing, only what a killed run of itself left behind
+    (tmp_path / ".part-00001-of-00002.parquet.tmp-999").write_bytes(b"being written")
+    (tmp_path / ".part-00000-of-00002.parquet.tmp-998").write_bytes(b"torn")
+    run_stage("test", "metrics", StageOptions(out=tmp_path, shard=shards.Shard(0, 2)), {"k": 1},
+              lambda sh, p: (_metrics_table(), {}))
+    assert (tmp_path / ".part-00001-of-00002.parquet.tmp-999").exists()
+    assert not (tmp_path / ".part-00000-of-00002.parquet.tmp-998").exists()
+
+
 def test_shard_assignment_is_stable_and_partitions_keys():
     keys = [f"p{i}" for i in range(200)]
     owners = [[k for k in keys if shards.Shard(i, 4).owns(k)] for i in range(4)]

@@ -103,3 +103,30 @@ def test_reward_variance_shares_follow_the_term_that_varies():
         rows.append({"prompt_id": "q", "level": "fine", "total": 1.0, "a": 0.5, "b": 0.5})
     rows.append({"prompt_id": "r", "level": "fine", "total": None, "a": None, "b": None})  # failed row
     assert reward_variance_shares(rows) == {("fine", "a"): pytest.approx(1.0), ("fine", "b"): pytest.approx(0.0)}
+
+
+def test_heldout_table_reports_failed_share_beside_the_scored_mean(tmp_path):
+    """Held-out summary: mean and seed spread over scored samples; empty meshes counted apart."""
+    import pyarrow as pa
+
+    from rl3d.formats import shards, tables
+    from rl3d.stages.learning_summary import heldout_table
+
+    for seed, fine in (("101", [2.0, None]), ("102", [3.0, 1.0])):
+        rows = {"sample_id": ["a-0-coarse", "a-1-coarse", "a-0-fine", "a-1-fine"], "prompt_id": ["a"] * 4,
+                "sample_index": [0, 1, 0, 1], "level": ["coarse"] * 2 + ["fine"] * 2,
+                "total": [1.0, 1.0] + fine, "status": ["ok"] * 3 + ["ok" if fine[1] else "decode_error"],
+                "message": [""] * 4, "spec_raw": [0.5, 0.5, 1.0, 1.0 if fine[1] else None]}
+        t = tables.with_metadata(pa.table(rows).cast(pa.schema([
+            ("sample_id", pa.string()), ("prompt_id", pa.string()), ("sample_index", pa.int32()),
+            ("level", pa.string()), ("total", pa.float64()), ("status", pa.string()), ("message", pa.string()),
+            ("spec_raw", pa.float64())])), "rewards")
+        out = tmp_path / "eval" / "step-000004" / f"seed-{seed}" / "rewards"
+        shards.write_part(t, out, shards.Shard(0, 1))
+        shards.finish(out, "reward", {}, shards.Shard(0, 1), {})
+    (row,) = heldout_table(tmp_path)
+    assert row["step"] == 4 and row["seeds"] == 2
+    assert row["total_fine"] == pytest.approx((2.0 + 2.0) / 2)          # seed means 2.0 and 2.0
+    assert row["failed_fine"] == pytest.approx(0.25) and row["failed_coarse"] == 0.0
+    assert row["failed_fine_seed_std"] == pytest.approx(0.25)
+    assert row["spec_fine"] == pytest.approx(1.0)
