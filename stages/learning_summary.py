@@ -5,6 +5,8 @@ samples and `failed_*` the share of samples without a reward (empty meshes).
     python -m rl3d.stages.learning_summary RUN                       # RUN/heldout_rewards.json + table
     python -m rl3d.stages.learning_summary plot OUT.png LABEL=DIR ...  # curves of one or more runs
     python -m rl3d.stages.learning_summary drivers REWARDS_DIR ...     # which terms the advantages follow
+    python -m rl3d.stages.learning_summary compare RUN STEP_A STEP_B   # paired change per held-out prompt
+    python -m rl3d.stages.learning_summary samples RUN STEP_A STEP_B OUT.png  # renders, before and after
 
 A plotted DIR holds metrics.parquet (rl-step's run metrics) and heldout_rewards.json."""
 from __future__ import annotations
@@ -43,6 +45,89 @@ def heldout_table(run: Path) -> list[dict]:
                 row[k + "_seed_std"] = float(np.std(v))
             rows.append(row)
     return rows
+
+
+def eval_rows(run: Path, step: int) -> list[dict]:
+    """Every held-out reward row of one evaluated step, all sampling seeds together."""
+    dirs = sorted((Path(run) / "eval" / f"step-{step:06d}").glob("seed-*/rewards"))
+    if not dirs:
+        raise SystemExit(f"{run}: no scored held-out step {step} (eval/step-{step:06d}/seed-*/rewards)")
+    return [r for d in dirs for r in tables.read_table(d, "rewards").to_pylist()]
+
+
+def paired_prompt_change(rows_a: list[dict], rows_b: list[dict], level: str, n_boot: int = 10000,
+                         seed: int = 0) -> dict:
+    """Change of one level's total from A to B, paired by prompt.
+
+    Each prompt's score is the mean total of its scored samples (all seeds); the change is the mean
+    over prompts of B - A, with a 95% bootstrap interval over prompts. Pairing removes the spread
+    between prompts (easy and hard objects), which dominates the seed-mean comparison."""
+    def per_prompt(rows):
+        out: dict[str, list[float]] = {}
+        for r in rows:
+            if r["level"] == level and r["total"] is not None:
+                out.setdefault(r["prompt_id"], []).append(r["total"])
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    a, b = per_prompt(rows_a), per_prompt(rows_b)
+    diff = np.array([b[k] - a[k] for k in sorted(set(a) & set(b))])
+    if len(diff) == 0:
+        return {"level": level, "prompts": 0}
+    boot = diff[np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))].mean(1)
+    return {"level": level, "prompts": int(len(diff)), "change": float(diff.mean()),
+            "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
+            "improved": int((diff > 0).sum())}
+
+
+def before_after_sheet(run: Path, step_a: int, step_b: int, out: Path, level: str = "fine",
+                       n_prompts: int = 8, per_prompt: int = 4, tile: int = 128) -> list[str]:
+    """One image to look at: view 0 of the first sampling seed's samples of one level, at step A
+    (left) and step B (right), for the prompts whose mean total rose most, changed least and fell
+    most. Returns the prompt ids shown, top to bottom."""
+    from PIL import Image, ImageDraw
+
+    from rl3d.stages.report import _font
+
+    def load(step):
+        seed_dir = sorted((Path(run) / "eval" / f"step-{step:06d}").glob("seed-*"))[0]
+        rewards = {r["sample_id"]: r for r in tables.read_table(seed_dir / "rewards", "rewards").to_pylist()}
+        renders = {r["sample_id"]: r for r in tables.read_table(seed_dir / "renders", "renders").to_pylist()
+                   if r["view"] == 0}
+        return rewards, renders
+
+    (rew_a, img_a), (rew_b, img_b) = load(step_a), load(step_b)
+
+    def mean_total(rewards, pid):
+        v = [r["total"] for r in rewards.values() if r["prompt_id"] == pid and r["level"] == level
+             and r["total"] is not None]
+        return float(np.mean(v)) if v else float("nan")
+
+    pids = sorted({r["prompt_id"] for r in rew_a.values()} & {r["prompt_id"] for r in rew_b.values()})
+    ranked = sorted(pids, key=lambda p: -(mean_total(rew_b, p) - mean_total(rew_a, p)))
+    k = n_prompts // 4
+    mid = len(ranked) // 2
+    shown = list(dict.fromkeys(ranked[:n_prompts - 2 * k] + ranked[mid - k // 2:mid - k // 2 + k] + ranked[-k:]))
+    prompt = {rew_a[sid]["prompt_id"]: r.get("prompt") or "" for sid, r in img_a.items() if sid in rew_a}
+    gap, row_h = 40, tile + 34
+    sheet = Image.new("RGB", (2 * per_prompt * tile + gap, len(shown) * row_h + 30), "white")
+    draw, font = ImageDraw.Draw(sheet), _font(12)
+    draw.text((5, 6), f"held-out, {level} level, view 0: left = step {step_a}, right = step {step_b}; "
+              f"number = sample total", fill="black", font=font)
+    for row, pid in enumerate(shown):
+        y = 30 + row * row_h
+        draw.text((5, y), f"{prompt.get(pid, pid)[:120]}   mean {mean_total(rew_a, pid):.2f} -> "
+                  f"{mean_total(rew_b, pid):.2f}", fill="black", font=font)
+        for col in range(2 * per_prompt):
+            rewards, renders = (rew_a, img_a) if col < per_prompt else (rew_b, img_b)
+            sid = f"{pid}-{col % per_prompt}-{level}"
+            x = col * tile + (gap if col >= per_prompt else 0)
+            if sid in renders and renders[sid]["status"] == "ok":
+                sheet.paste(Image.open(renders[sid]["image_path"]).convert("RGB").resize((tile, tile)), (x, y + 14))
+            total = rewards.get(sid, {}).get("total")
+            label = "no sample" if sid not in rewards else "failed" if total is None else f"{total:.2f}"
+            draw.text((x + 3, y + 16), label, fill="black", font=font)
+    sheet.save(out)
+    return shown
 
 
 def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
@@ -115,6 +200,19 @@ def main(argv=None):
         rows = [r for d in argv[1:] for r in tables.read_table(Path(d), "rewards").to_pylist()]
         for (level, term), share in reward_variance_shares(rows).items():
             print(f"{level:8s} {term:24s} {share:+.3f}")
+        return
+    if argv and argv[0] == "compare":
+        run, a, b = Path(argv[1]), int(argv[2]), int(argv[3])
+        rows_a, rows_b = eval_rows(run, a), eval_rows(run, b)
+        for level in ("coarse", "fine"):
+            c = paired_prompt_change(rows_a, rows_b, level)
+            if c["prompts"]:
+                print(f"{level:6s} step {a} -> {b}: {c['change']:+.4f}  95% CI [{c['ci_low']:+.4f}, "
+                      f"{c['ci_high']:+.4f}] over {c['prompts']} prompts, {c['improved']} improved")
+        return
+    if argv and argv[0] == "samples":
+        before_after_sheet(Path(argv[1]), int(argv[2]), int(argv[3]), Path(argv[4]))
+        print(argv[4])
         return
     run = Path(argv[0])
     rows = heldout_table(run)

@@ -105,6 +105,53 @@ def test_reward_variance_shares_follow_the_term_that_varies():
     assert reward_variance_shares(rows) == {("fine", "a"): pytest.approx(1.0), ("fine", "b"): pytest.approx(0.0)}
 
 
+def _write_eval_rewards(out, totals):
+    """A held-out rewards table: totals = {sample_id: total or None}."""
+    import pyarrow as pa
+
+    from rl3d.formats import shards, tables
+
+    ids = list(totals)
+    t = pa.table({"sample_id": ids, "prompt_id": [i.rsplit("-", 2)[0] for i in ids],
+                  "sample_index": pa.array([int(i.rsplit("-", 2)[1]) for i in ids], pa.int32()),
+                  "level": [i.rsplit("-", 1)[1] for i in ids], "total": pa.array(list(totals.values()), pa.float64()),
+                  "status": ["ok" if v is not None else "decode_error" for v in totals.values()],
+                  "message": [""] * len(ids)})
+    shards.write_part(tables.with_metadata(t, "rewards"), out, shards.Shard(0, 1))
+    shards.finish(out, "reward", {}, shards.Shard(0, 1), {})
+
+
+def test_before_after_sheet_shows_the_most_changed_prompts(tmp_path):
+    import pyarrow as pa
+
+    from rl3d.formats import shards, tables
+    from rl3d.stages.learning_summary import before_after_sheet
+
+    change = {"up": 1.0, "same": 0.0, "down": -1.0, "flat": 0.1}
+    for step, sign in ((0, 0.0), (10, 1.0)):
+        seed = tmp_path / "eval" / f"step-{step:06d}" / "seed-101"
+        totals = {f"{p}-{k}-fine": 2.0 + sign * d for p, d in change.items() for k in range(2)}
+        totals["down-1-fine"] = None if step else 2.0  # a sample that failed after training
+        _write_eval_rewards(seed / "rewards", totals)
+        (seed / "renders").mkdir(parents=True)
+        paths = [str(seed / "renders" / f"{sid}.png") for sid in totals]
+        for path in paths:
+            Image.new("RGB", (32, 32), (200, 30, 30) if step else (30, 30, 200)).save(path)
+        t = pa.table({"sample_id": list(totals), "view": pa.array([0] * len(totals), pa.int32()),
+                      "azimuth": pa.array([0.0] * len(totals), pa.float32()),
+                      "elevation": pa.array([0.0] * len(totals), pa.float32()), "image_path": paths,
+                      "status": ["ok"] * len(totals), "message": [""] * len(totals),
+                      "prompt": [f"a {i.split('-')[0]} thing" for i in totals]})
+        shards.write_part(tables.with_metadata(t, "renders"), seed / "renders", shards.Shard(0, 1))
+    out = tmp_path / "sheet.png"
+    shown = before_after_sheet(tmp_path, 0, 10, out, n_prompts=4, per_prompt=2, tile=32)
+    assert shown[0] == "up" and shown[-1] == "down" and set(shown) == set(change)
+    img = Image.open(out).convert("RGB")
+    assert img.size == (2 * 2 * 32 + 40, 4 * (32 + 34) + 30)
+    assert img.getpixel((10, 30 + 14 + 20)) == (30, 30, 200)            # step 0 on the left
+    assert img.getpixel((2 * 32 + 40 + 10, 30 + 14 + 20)) == (200, 30, 30)  # step 10 on the right
+
+
 def test_heldout_table_reports_failed_share_beside_the_scored_mean(tmp_path):
     """Held-out summary: mean and seed spread over scored samples; empty meshes counted apart."""
     import pyarrow as pa
@@ -130,3 +177,18 @@ def test_heldout_table_reports_failed_share_beside_the_scored_mean(tmp_path):
     assert row["failed_fine"] == pytest.approx(0.25) and row["failed_coarse"] == 0.0
     assert row["failed_fine_seed_std"] == pytest.approx(0.25)
     assert row["spec_fine"] == pytest.approx(1.0)
+
+
+def test_paired_prompt_change_pairs_by_prompt_and_skips_failed_samples():
+    from rl3d.stages.learning_summary import paired_prompt_change
+
+    def rows(totals):  # prompt -> fine totals of its samples (None = failed)
+        return [{"prompt_id": p, "level": "fine", "total": t} for p, ts in totals.items() for t in ts]
+
+    a = rows({"easy": [3.0, 3.0], "hard": [1.0, 1.2], "gone": [2.0]})
+    b = rows({"easy": [3.1, None], "hard": [1.2, 1.4]})   # +0.1 and +0.2; "gone" has no B
+    c = paired_prompt_change(a, b, "fine", n_boot=200)
+    assert c["prompts"] == 2 and c["improved"] == 2
+    assert c["change"] == pytest.approx(0.15)
+    assert 0.1 - 1e-9 <= c["ci_low"] <= c["change"] <= c["ci_high"] <= 0.2 + 1e-9
+    assert paired_prompt_change(a, b, "coarse")["prompts"] == 0
