@@ -2,6 +2,8 @@
 # Evidence that Hi-GRPO learns: train the embedded default with the default rewards and track the
 # reward on held-out prompts (synth eval split) at several sampling seeds.
 #   RUN=runs/learn STEPS=12 bash examples/learning_run.sh
+# The settings that raised held-out reward on one H100 (docs/rl.md):
+#   PROMPTS=64 LR=1e-4 MINIBATCH=64 MICRO=32 SHARDS=4 EVAL_ASYNC=1 STEPS=10 bash examples/learning_run.sh
 # Resumable: rerun to continue (finished stages and steps are skipped). Meant for one GPU; on CPU,
 # shrink PROMPTS / GROUP / EVAL_N.
 set -euo pipefail
