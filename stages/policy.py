@@ -205,15 +205,16 @@ def weights_hash(path: Path) -> str:
 
 
 def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, base: str | None = None,
-                codec_ref: str | None = None, extra: dict | None = None) -> Path:
+                codec_ref: str | None = None, extra: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a checkpoint dir that load_policy reads: weights (safetensors), tokenizer and
     rl3d_policy.json. `codec_ref`: "default" (the shipped codec) or None to copy the codec into
-    out/codec. Written into a temp dir renamed at the end, so a killed save leaves no torn dir."""
+    out/codec. `state_dict`: the weights to write when `model` holds only a shard of them (FSDP).
+    Written into a temp dir renamed at the end, so a killed save leaves no torn dir."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     if codec_ref is None:
         codec.save(tmp / "codec")
@@ -419,6 +420,20 @@ def cache_kwarg(model) -> str:
 
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """completion_logprobs as a module around the policy, so that a DDP / FSDP wrapper made by
+    accelerate runs the whole computation in its forward: calling the decoder and head of a wrapped
+    model directly would bypass the wrapper's gradient synchronisation."""
+
+    def __init__(self, model, special: SpecialIds, temperature: float):
+        super().__init__()
+        self.model, self.special, self.temperature = model, special, float(temperature)
+
+    def forward(self, input_ids, attention_mask, prompt_lens, kinds):
+        return completion_logprobs(self.model, input_ids, attention_mask, prompt_lens, kinds, self.special,
+                                   self.temperature)
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,

@@ -195,20 +195,21 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         ref_model = pol.load_policy(initial, device=str(policy.device), dtype="float32").model.eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    opt_state = Path(policy_dir) / "optimizer.pt"
-    if opt_state.exists() and not lora_rank:
-        opt.load_state_dict(torch.load(opt_state, map_location="cpu", weights_only=True))
-    model, opt = acc.prepare(model, opt)
     # log-probs must use the temperature the samples were drawn with (gen records it per row)
     sampled_at = float(samples[0].get("temperature") or 1.0) if samples else 1.0
     temperature = cfg.temperature or sampled_at
+    # the trained module is the whole log-prob computation, so a DDP wrapper sees every forward
+    scorer, opt = acc.prepare(pol.CompletionLogprobs(model, special, temperature), opt)
+    parent_opt = Path(policy_dir) / "optimizer.pt"
+    if parent_opt.exists() and not lora_rank:
+        _load_optimizer_state(scorer, opt, torch.load(parent_opt, map_location="cpu", weights_only=True))
+    ref_scorer = pol.CompletionLogprobs(ref_model, special, temperature) if ref_model is not None else None
 
     # 3. reference log-probs once (no grad), then epochs x minibatches of optimizer steps
     def forward(rows, net):
         b = pol.collate(rows, special, device=acc.device)
         with acc.autocast():
-            lp, _ = pol.completion_logprobs(net, b["input_ids"], b["attention_mask"], b["prompt_lens"],
-                                            b["kinds"], special, temperature)
+            lp, _ = net(b["input_ids"], b["attention_mask"], b["prompt_lens"], b["kinds"])
         return lp, b["kinds"]
 
     for r in kept:
@@ -218,7 +219,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         with torch.no_grad():
             for i in range(0, len(kept), cfg.micro_batch):
                 chunk = kept[i:i + cfg.micro_batch]
-                lp, kinds = forward(chunk, ref_model)
+                lp, kinds = forward(chunk, ref_scorer)
                 for r, row_lp, n in zip(chunk, lp.cpu(), (kinds != pol.KIND_PAD).sum(1).tolist()):
                     r["ref_logp"] = row_lp[:n]
     timings["ref_s"] = time.time() - t1
@@ -246,13 +247,13 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             mine = list(range(acc.process_index, len(mb), acc.num_processes))
             n_micro = math.ceil(math.ceil(len(mb) / acc.num_processes) / cfg.micro_batch)
             # diagnostics of this update, kept only if it is applied
-            mb_sums: dict[str, float] = {}
+            mb_sums = dict.fromkeys(("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean"), 0.0)
             mb_level_loss = {lv: 0.0 for lv in LEVEL_ORDER}
             for m in range(n_micro):
                 idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
                 dummy = not mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
                 rows = [mb[i] for i in idx]
-                lp, kinds = forward(rows, model)
+                lp, kinds = forward(rows, scorer)
                 T = lp.shape[1]
                 w = _fit(weights_all[idx], T).to(lp.device) * (0.0 if dummy else float(acc.num_processes))
                 old = _stack([torch.as_tensor(r["logprobs"], dtype=torch.float32) for r in rows], T).to(lp.device)
@@ -264,10 +265,12 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
                     frac = float(w.sum()) / max(float(weights_all.sum()), 1e-12) / acc.num_processes
                     for k, v in parts.items():
                         if k != "row_loss":
-                            mb_sums[k] = mb_sums.get(k, 0.0) + (v if k == "pg" else v * frac)
+                            # this process's share; w carries x num_processes for DDP's gradient mean
+                            mb_sums[k] += v / acc.num_processes if k == "pg" else v * frac
                     for r, rl in zip(rows, parts["row_loss"].tolist()):
                         mb_level_loss[r["level"]] += rl / acc.num_processes
-            norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            mb_sums, mb_level_loss = _sum_over_processes(acc, mb_sums), _sum_over_processes(acc, mb_level_loss)
+            norm = float(acc.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm))
             if not math.isfinite(norm):  # never apply a non-finite update; count it instead
                 skipped_updates += 1
                 opt.zero_grad(set_to_none=True)
@@ -299,18 +302,51 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     metrics["optimizer_updates"] = updates_before + n_updates
     metrics["warnings"] = "; ".join(warnings)
     t3 = time.time()
+    # full weights and optimizer state, gathered by every process (under FSDP each holds a shard)
+    weights, opt_state = (None, None) if lora_rank else _full_state(scorer, opt)
     if acc.is_main_process:
-        model_to_save = acc.unwrap_model(model)
+        model_to_save = acc.unwrap_model(scorer).model
         if lora_rank:
             model_to_save = model_to_save.merge_and_unload()
-        _save_checkpoint(out, model_to_save, policy, opt, cfg, meta, initial, adv_rows, metrics,
-                         samples_path, rewards_path, run_metrics, overwrite, lora_rank)
+        _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
+                         samples_path, rewards_path, run_metrics, overwrite)
     acc.wait_for_everyone()
     metrics["save_s"] = round(time.time() - t3, 3)
     return {"stage": "rl-step", "out": str(out), "skipped": False, "step": metrics["step"],
             "seconds": round(time.time() - t0, 2), **{k: metrics[k] for k in
             ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
              "dropped_groups", "grad_norm") if k in metrics}}
+
+
+def _full_state(scorer, opt) -> tuple[dict, dict]:
+    """(policy weights, optimizer state) as full, CPU tensors keyed by parameter name, whatever
+    wraps the scorer (none, DDP or FSDP): torch.distributed.checkpoint's state-dict API."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, opt_state = get_state_dict(scorer, getattr(opt, "optimizer", opt),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in weights.items()}, opt_state
+
+
+def _load_optimizer_state(scorer, opt, state: dict) -> None:
+    """The parent checkpoint's AdamW state into this run's (possibly wrapped) optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if all(isinstance(k, int) for k in state.get("state", {})):  # checkpoints before named keys
+        opt.load_state_dict(state)
+        return
+    set_optimizer_state_dict(scorer, getattr(opt, "optimizer", opt), state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _sum_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
+    """Each process's diagnostics of its share of a minibatch, summed over processes (DDP); every
+    process passes the same keys."""
+    if acc.num_processes == 1:
+        return values
+    keys = sorted(values)
+    total = acc.reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=acc.device), "sum")
+    return dict(zip(keys, total.tolist()))
 
 
 def _loss_mask(row: dict, pol) -> torch.Tensor:
@@ -424,8 +460,8 @@ def _collapse_warnings(m: dict, run_metrics: str | None) -> list[str]:
     return out
 
 
-def _save_checkpoint(out: Path, model, policy, opt, cfg, meta, initial, adv_rows, metrics,
-                     samples_path, rewards_path, run_metrics, overwrite, lora_rank):
+def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
+                     samples_path, rewards_path, run_metrics, overwrite):
     """Everything lands in a temp dir renamed at the end: a killed rl-step leaves no checkpoint,
     and rerunning it reproduces the same parameters."""
     from rl3d.stages import policy as pol
@@ -438,9 +474,9 @@ def _save_checkpoint(out: Path, model, policy, opt, cfg, meta, initial, adv_rows
     extra["optimizer_updates"] = metrics["optimizer_updates"]
     extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)
     pol.save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
-                    base=meta.get("base"), codec_ref=None, extra=extra)
-    if not lora_rank:
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+                    base=meta.get("base"), codec_ref=None, extra=extra, state_dict=weights)
+    if opt_state is not None:  # none for LoRA: the adapter is merged on save
+        torch.save(opt_state, tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, tmp / "rng_state.pt")
     adv = pa.table({"sample_id": [a.sample_id for a in adv_rows], "prompt_id": [a.prompt_id for a in adv_rows],
                     "sample_index": pa.array([a.sample_index for a in adv_rows], pa.int32()),

@@ -130,6 +130,10 @@ def test_warmup_continues_from_the_parent_checkpoint(run, tmp_path):
     _step(root, tmp_path / "w1", tmp_path / "w2", beta=0.0, minibatch=6, warmup_updates=8)
     m2 = _metrics(tmp_path / "w2")
     assert m2["optimizer_updates"] == 4 and m2["lr"] == pytest.approx(1e-3 * (3 + 4) / 2 / 8)
+    # AdamW's state carries over too: named by parameter, its step count continues from the parent
+    o1, o2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=True)["state"] for d in ("w1", "w2"))
+    assert o1.keys() == o2.keys() and all(isinstance(k, str) for k in o1)
+    assert {float(v["step"]) for v in o1.values()} == {2.0} and {float(v["step"]) for v in o2.values()} == {4.0}
 
 
 def test_cli_errors_and_dynamic_sampling(run, tmp_path):
@@ -147,3 +151,33 @@ def test_cli_errors_and_dynamic_sampling(run, tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["kept_samples"] == 0 and summary["dropped_groups"] == 4  # 2 prompts x 2 levels
+
+
+def test_two_process_ddp_matches_one_process(run, tmp_path):
+    """DDP on CPU (gloo, torchrun): each process takes every 2nd sequence of a minibatch, yet the
+    gradients, the update and the step's diagnostics equal the single-process step's."""
+    import os
+    import subprocess
+
+    root, policy, _ = run
+    one = tmp_path / "one"
+    _step(root, policy, one, minibatch=4)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rl3d.cli.main", "rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+           "--rewards", str(root / "rewards"), "--out", str(two), "--lr", "1e-3", "--micro-batch", "4",
+           "--minibatch", "4", "--device", "cpu", "--run-metrics", str(tmp_path / "m2.parquet"), "--quiet"]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m1, m2 = _metrics(one), _metrics(two)
+    assert m1["updates"] == m2["updates"] == 3
+    for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean", "entropy"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    g1 = torch.load(one / "optimizer.pt", weights_only=True)["state"]
+    g2 = torch.load(two / "optimizer.pt", weights_only=True)["state"]
+    num = sum(float(((g1[k]["exp_avg"] - g2[k]["exp_avg"]) ** 2).sum()) for k in g1)
+    den = sum(float((g1[k]["exp_avg"] ** 2).sum()) for k in g1)
+    assert (num / den) ** 0.5 < 1e-4  # the gradient history agrees to float32 summation order
+    w0, w1, w2 = (load_file(p / "model.safetensors") for p in (Path(policy), one, two))
+    moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
+    apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
+    assert moved > 0 and apart < 1e-2 * moved
