@@ -430,6 +430,8 @@ class CompletionLogprobs(torch.nn.Module):
     def __init__(self, model, special: SpecialIds, temperature: float):
         super().__init__()
         self.model, self.special, self.temperature = model, special, float(temperature)
+        # the decoder-layer classes FSDP's transformer-based auto-wrap looks for on the root module
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, prompt_lens, kinds):
         return completion_logprobs(self.model, input_ids, attention_mask, prompt_lens, kinds, self.special,

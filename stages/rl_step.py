@@ -177,10 +177,13 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     # 2. models: the policy being trained, and the frozen reference for the KL term
     from accelerate import Accelerator
 
-    policy = pol.load_policy(policy_dir, device=device, dtype="float32")
+    device_type = pol.resolve_device_dtype(device)[0].type
+    use_bf16 = device_type == "cuda" and (dtype in (None, "bfloat16"))
+    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=device_type == "cpu")
+    # under a distributed launch each process owns one GPU (acc.device); "cuda" alone would mean cuda:0
+    on = str(acc.device) if acc.num_processes > 1 or device is None else device
+    policy = pol.load_policy(policy_dir, device=on, dtype="float32")
     meta = policy.meta
-    use_bf16 = policy.device.type == "cuda" and (dtype in (None, "bfloat16"))
-    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=policy.device.type == "cpu")
     model = policy.model
     if lora_rank:
         model = _with_lora(model, lora_rank)
