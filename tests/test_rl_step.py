@@ -181,3 +181,16 @@ def test_two_process_ddp_matches_one_process(run, tmp_path):
     moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
     apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
     assert moved > 0 and apart < 1e-2 * moved
+
+
+def test_lora_step_merges_the_adapter_into_a_plain_checkpoint(run, tmp_path):
+    pytest.importorskip("peft")
+    root, policy, _ = run
+    out = tmp_path / "lora"
+    cfg = RLConfig(lr=1e-2, micro_batch=4, beta=0.01)
+    run_rl_step(policy, root / "gen", root / "rewards", out, cfg, run_metrics=str(tmp_path / "m.parquet"), lora_rank=4)
+    w0, w1 = load_file(Path(policy) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert w0.keys() == w1.keys()  # merged: no adapter weights left
+    assert any(not torch.equal(w0[k].to(w1[k].dtype), w1[k]) for k in w1)
+    assert not (out / "optimizer.pt").exists()
+    assert pol.load_policy(out, device="cpu", dtype="float32").model is not None
