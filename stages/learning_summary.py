@@ -55,6 +55,15 @@ def eval_rows(run: Path, step: int) -> list[dict]:
     return [r for d in dirs for r in tables.read_table(d, "rewards").to_pylist()]
 
 
+def prompt_means(rows, level: str) -> dict[str, float]:
+    """Mean total of each prompt's scored samples of one level (failed samples have none)."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["level"] == level and r["total"] is not None:
+            out.setdefault(r["prompt_id"], []).append(r["total"])
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
 def paired_prompt_change(rows_a: list[dict], rows_b: list[dict], level: str, n_boot: int = 10000,
                          seed: int = 0) -> dict:
     """Change of one level's total from A to B, paired by prompt.
@@ -62,14 +71,7 @@ def paired_prompt_change(rows_a: list[dict], rows_b: list[dict], level: str, n_b
     Each prompt's score is the mean total of its scored samples (all seeds); the change is the mean
     over prompts of B - A, with a 95% bootstrap interval over prompts. Pairing removes the spread
     between prompts (easy and hard objects), which dominates the seed-mean comparison."""
-    def per_prompt(rows):
-        out: dict[str, list[float]] = {}
-        for r in rows:
-            if r["level"] == level and r["total"] is not None:
-                out.setdefault(r["prompt_id"], []).append(r["total"])
-        return {k: float(np.mean(v)) for k, v in out.items()}
-
-    a, b = per_prompt(rows_a), per_prompt(rows_b)
+    a, b = prompt_means(rows_a, level), prompt_means(rows_b, level)
     diff = np.array([b[k] - a[k] for k in sorted(set(a) & set(b))])
     if len(diff) == 0:
         return {"level": level, "prompts": 0}
@@ -96,14 +98,11 @@ def before_after_sheet(run: Path, step_a: int, step_b: int, out: Path, level: st
         return rewards, renders
 
     (rew_a, img_a), (rew_b, img_b) = load(step_a), load(step_b)
-
-    def mean_total(rewards, pid):
-        v = [r["total"] for r in rewards.values() if r["prompt_id"] == pid and r["level"] == level
-             and r["total"] is not None]
-        return float(np.mean(v)) if v else float("nan")
+    mean_a, mean_b = prompt_means(rew_a.values(), level), prompt_means(rew_b.values(), level)
+    nan = float("nan")
 
     pids = sorted({r["prompt_id"] for r in rew_a.values()} & {r["prompt_id"] for r in rew_b.values()})
-    ranked = sorted(pids, key=lambda p: -(mean_total(rew_b, p) - mean_total(rew_a, p)))
+    ranked = sorted(pids, key=lambda p: -(mean_b.get(p, nan) - mean_a.get(p, nan)))
     k = n_prompts // 4
     mid = len(ranked) // 2
     shown = list(dict.fromkeys(ranked[:n_prompts - 2 * k] + ranked[mid - k // 2:mid - k // 2 + k] + ranked[-k:]))
@@ -115,8 +114,8 @@ def before_after_sheet(run: Path, step_a: int, step_b: int, out: Path, level: st
               f"number = sample total", fill="black", font=font)
     for row, pid in enumerate(shown):
         y = 30 + row * row_h
-        draw.text((5, y), f"{prompt.get(pid, pid)[:120]}   mean {mean_total(rew_a, pid):.2f} -> "
-                  f"{mean_total(rew_b, pid):.2f}", fill="black", font=font)
+        draw.text((5, y), f"{prompt.get(pid, pid)[:120]}   mean {mean_a.get(pid, nan):.2f} -> "
+                  f"{mean_b.get(pid, nan):.2f}", fill="black", font=font)
         for col in range(2 * per_prompt):
             rewards, renders = (rew_a, img_a) if col < per_prompt else (rew_b, img_b)
             sid = f"{pid}-{col % per_prompt}-{level}"
