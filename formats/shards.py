@@ -151,17 +151,24 @@ def completed_shards(out: Path, count: int) -> set[int]:
     return done
 
 
+def missing_shards(out: Path) -> list[int]:
+    """Shards the manifest records that have no completion marker yet ([] without a manifest)."""
+    m = read_manifest(out)
+    if m is None:
+        return []
+    n = int(m["num_shards"])
+    return sorted(set(range(n)) - completed_shards(out, n))
+
+
 def check_complete(out: Path) -> None:
     """Raise InputError unless every shard recorded by the manifest has its completion marker.
 
     A directory without a manifest (hand-made parts) is accepted as is.
     """
-    m = read_manifest(out)
-    if m is None:
-        return
-    n = int(m["num_shards"])
-    missing = sorted(set(range(n)) - completed_shards(out, n))
+    missing = missing_shards(out)
     if missing:
+        m = read_manifest(out)
+        n = int(m["num_shards"])
         shown = ",".join(str(i) for i in missing[:20]) + ("..." if len(missing) > 20 else "")
         raise InputError(f"{out}: incomplete stage output: shards {shown} of {n} not finished "
                          f"(rerun `rl3d {m.get('stage', '<stage>')}` for them)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rl3d.formats import tables
+from rl3d.formats import shards, tables
 
 
 def heldout_table(run: Path) -> list[dict]:
@@ -25,9 +25,11 @@ def heldout_table(run: Path) -> list[dict]:
     for step_dir in sorted((run / "eval").glob("step-*")):
         per_seed: dict[str, list[float]] = {}
         for seed_dir in sorted(step_dir.glob("seed-*")):
-            if not (seed_dir / "rewards" / "_manifest.json").exists():
+            rewards = seed_dir / "rewards"
+            # a seed still being scored (or cut off) is left out, not read half-written
+            if shards.read_manifest(rewards) is None or shards.missing_shards(rewards):
                 continue
-            t = tables.read_table(seed_dir / "rewards", "rewards").to_pylist()
+            t = tables.read_table(rewards, "rewards").to_pylist()
             for level in ("coarse", "fine"):
                 lv = [r for r in t if r["level"] == level]
                 vals = [r["total"] for r in lv if r["total"] is not None]

@@ -171,6 +171,10 @@ def test_heldout_table_reports_failed_share_beside_the_scored_mean(tmp_path):
         out = tmp_path / "eval" / "step-000004" / f"seed-{seed}" / "rewards"
         shards.write_part(t, out, shards.Shard(0, 1))
         shards.finish(out, "reward", {}, shards.Shard(0, 1), {})
+    # a seed whose scoring was cut off (1 of 2 shards finished) is left out, not read
+    cut = tmp_path / "eval" / "step-000004" / "seed-103" / "rewards"
+    shards.write_part(t, cut, shards.Shard(0, 2))
+    shards.finish(cut, "reward", {}, shards.Shard(0, 2), {})
     (row,) = heldout_table(tmp_path)
     assert row["step"] == 4 and row["seeds"] == 2
     assert row["total_fine"] == pytest.approx((2.0 + 2.0) / 2)          # seed means 2.0 and 2.0
