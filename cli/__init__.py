@@ -1,2 +1,2 @@
 """rl3d command-line interface (click wiring only)."""
-__version__ = "0.1.0"
+from rl3d.formats import __version__  # noqa: F401  (one version, defined where every layer can read it)

@@ -10,6 +10,7 @@ import os
 import click
 
 from rl3d.cli import __version__
+from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV
 
 # command name -> module in rl3d.cli exposing `command`
 COMMANDS = {
@@ -37,7 +38,11 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rl3d")
-def main():
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let transformers import Python files shipped inside model directories (config.json "
+                   "auto_map). Off by default: a checkpoint is data, and loading it never runs its code. "
+                   f"Also set by {TRUST_REMOTE_CODE_ENV}=1.")
+def main(trust_remote_code):
     """rl3d: reinforcement learning (Hi-GRPO) of autoregressive text-to-3D models.
 
     Stages exchange Parquet tables and GLB files on disk:
@@ -46,6 +51,8 @@ def main():
     # offline by design: never let a library reach a model hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if trust_remote_code:  # an environment variable, so accelerate / Slurm child processes inherit it
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     logging.basicConfig(level=logging.WARNING, format="[rl3d] %(message)s")
 
 

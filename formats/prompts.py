@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.shards import check_id
 
 
 def prompt_hash(text: str) -> str:
@@ -71,6 +72,8 @@ def _to_table(rows: list[dict], source: str) -> pa.Table:
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{source}: row {n}: missing or empty 'prompt'")
         pid = str(r.get("prompt_id") or prompt_hash(text))
+        if (why := check_id(pid, "prompt_id")) is not None:  # ids become file names under --out
+            raise InputError(f"{source}: row {n}: {why}")
         if pid in seen:
             if seen[pid] == text.strip():
                 continue  # the same prompt twice: one group

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rl3d.formats import __version__
 from rl3d.formats.errors import InputError
 
 MANIFEST = "_manifest.json"
@@ -68,6 +69,26 @@ def stable_hash(text: str) -> int:
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_id(value: str, what: str = "id") -> str | None:
+    """Why `value` cannot name a file inside an output dir (ids become media file names), or None."""
+    if not value:
+        return f"empty {what}"
+    if "/" in value or "\\" in value or "\0" in value:
+        return f"{what} {value!r} contains a path separator or NUL"
+    if value.startswith(".") or any(ord(c) < 32 for c in value):
+        return f"{what} {value!r} starts with a dot or holds a control character"
+    return None
+
+
+def inside(root: str | os.PathLike, rel: str | os.PathLike) -> Path:
+    """root / rel, refusing any path that would land outside root (an id is never a way out of --out)."""
+    root = Path(root)
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise InputError(f"{path}: refusing to write outside {root}")
+    return path
 
 
 def part_path(out: Path, shard: Shard) -> Path:
@@ -177,7 +198,9 @@ def check_complete(out: Path) -> None:
 def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) -> bool:
     """Prepare `out` for one shard. Returns False when the shard is already complete (skip).
 
-    Refuses to mix outputs of different configs or shard counts unless --overwrite.
+    Refuses to mix outputs of different configs or shard counts unless --overwrite. With --overwrite
+    nothing is touched here: the old output stays valid until `replace` runs, after the stage has
+    read its inputs and built its table, so bad input never damages a good output.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,19 +213,27 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
         if int(m.get("num_shards", shard.count)) != shard.count:
             raise InputError(f"{out}: was written with {m['num_shards']} shards, not {shard.count}; "
                              f"use --overwrite or the same --shard count")
-    if overwrite:
-        marker_path(out, shard).unlink(missing_ok=True)
-        if m is not None and int(m.get("num_shards", shard.count)) != shard.count:
-            # a different shard count invalidates every old part and marker
-            for f in list(out.glob("part-*.parquet")) + list((out / MARKERS).glob("*.json")):
-                f.unlink()
-    elif marker_path(out, shard).exists():
+    if not overwrite and marker_path(out, shard).exists():
         return False
     # leftovers of this shard's killed writer only: other shards may be writing beside it right now
     for tmp in out.glob(f".{part_path(out, shard).name}.tmp-*"):
         tmp.unlink(missing_ok=True)
-    atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
+    if not overwrite:
+        atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
     return True
+
+
+def replace(out: Path, stage: str, config: dict, shard: Shard) -> None:
+    """--overwrite, once the new part is ready: drop this shard's marker (and every old part and
+    marker when the shard count changed), then record the new config, before the part is written."""
+    out = Path(out)
+    m = read_manifest(out)
+    marker_path(out, shard).unlink(missing_ok=True)
+    if m is not None and int(m.get("num_shards", shard.count)) != shard.count:
+        # a different shard count invalidates every old part and marker
+        for f in list(out.glob("part-*.parquet")) + list((out / MARKERS).glob("*.json")):
+            f.unlink()
+    atomic_write_json(out / MANIFEST, _manifest(out, stage, config, config_hash(config), shard.count))
 
 
 def finish(out: Path, stage: str, config: dict, shard: Shard, stats: dict) -> None:
@@ -213,7 +244,6 @@ def finish(out: Path, stage: str, config: dict, shard: Shard, stats: dict) -> No
 
 
 def _manifest(out: Path, stage: str, config: dict, h: str, count: int) -> dict:
-    from rl3d.cli import __version__
 
     done = completed_shards(out, count)
     return {"stage": stage, "rl3d_version": __version__, "config": config, "config_hash": h,

@@ -82,6 +82,8 @@ def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,
     table, stats = produce(opts.shard, progress)
     table = tables.with_metadata(table, kind, config, policy)
     tables.validate(table, kind, f"{stage} output")
+    if opts.overwrite:
+        shards_io.replace(out, stage, config, opts.shard)
     part = shards_io.write_part(table, out, opts.shard)
     stats = {"rows": table.num_rows, "seconds": round(time.time() - t0, 3), **stats}
     shards_io.finish(out, stage, config, opts.shard, stats)

@@ -413,7 +413,7 @@ def reference_renders(bench: Benchmark, opts: EvalOptions, progress: Progress) -
         for r in bench.prompts:
             rel = f"meshes/{r['prompt_id']}.glb"
             if not (ref / rel).exists():
-                write_glb(grid_to_mesh(bench.reference_grid(r)), ref / rel)
+                write_glb(grid_to_mesh(bench.reference_grid(r)), shards_io.inside(ref, rel))
             rows.append({"sample_id": r["prompt_id"], "prompt_id": r["prompt_id"], "mesh_path": rel,
                          "status": "ok", "message": "", "prompt": r["prompt"]})
         with shards_io.atomic_path(index) as tmp:

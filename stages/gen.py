@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages import policy as pol
@@ -298,7 +299,7 @@ def _write_mesh(grid: np.ndarray, out: Path, sample_id: str) -> str:
     from rl3d.formats.voxels import grid_to_mesh
 
     rel = f"meshes/{sample_id}.glb"
-    write_glb(grid_to_mesh(grid), out / rel)
+    write_glb(grid_to_mesh(grid), shards_io.inside(out, rel))
     return rel
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import from_local_dir
 
 KD_SCALE = 100.0  # KD is reported x100, like KID in the paper's tables
 
@@ -178,8 +179,8 @@ class ClipScorer:
 
         self.dir = _check_dir(model_dir, "CLIP model directory")
         try:
-            self.model = CLIPModel.from_pretrained(self.dir, local_files_only=True).to(device).eval()
-            self.processor = AutoProcessor.from_pretrained(self.dir, local_files_only=True)
+            self.model = from_local_dir(CLIPModel, self.dir, "CLIP model").to(device).eval()
+            self.processor = from_local_dir(AutoProcessor, self.dir, "CLIP processor")
         except (OSError, ValueError) as e:
             raise InputError(f"{self.dir}: not a loadable CLIP model directory ({e})") from None
         self.device, self.batch_size, self.torch = device, batch_size, torch
@@ -242,11 +243,11 @@ class FeatureModel:
                 return cls(p, "torchscript", torch.jit.load(str(p), map_location=device).eval(), None, device)
             from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
 
-            cfg = AutoConfig.from_pretrained(p, local_files_only=True)
-            proc = AutoImageProcessor.from_pretrained(p, local_files_only=True)
+            cfg = from_local_dir(AutoConfig, p, "feature model config")
+            proc = from_local_dir(AutoImageProcessor, p, "image processor")
             if cfg.model_type == "clip":
-                return cls(p, "clip", CLIPModel.from_pretrained(p, local_files_only=True).to(device).eval(), proc, device)
-            return cls(p, "hf", AutoModel.from_pretrained(p, local_files_only=True).to(device).eval(), proc, device)
+                return cls(p, "clip", from_local_dir(CLIPModel, p, "CLIP model").to(device).eval(), proc, device)
+            return cls(p, "hf", from_local_dir(AutoModel, p, "feature model").to(device).eval(), proc, device)
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(f"{p}: not a loadable feature model ({type(e).__name__}: {e})") from None
 

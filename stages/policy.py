@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import remote_code_allowed
 
 LEVELS = ("coarse", "fine", "single")
 
@@ -152,7 +153,7 @@ def load_policy(path: str | os.PathLike | None = None, device: str | None = None
     tokenizer = load_tokenizer(path)
     cls = _model_class(meta.get("model_class"), path)
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, dtype=dt)
+        model = cls.from_pretrained(str(path), local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
     except Exception as e:
         raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(dev).eval()
@@ -174,7 +175,7 @@ def load_tokenizer(path: str | os.PathLike):
         cls_name = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
         generic = cls_name in ("TokenizersBackend", "PreTrainedTokenizerFast")
         cls = PreTrainedTokenizerFast if generic else AutoTokenizer
-        return cls.from_pretrained(str(path), local_files_only=True)
+        return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote_code_allowed())
     except Exception as e:
         raise InputError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import from_local_dir
 from rl3d.stages.contract import Progress
 
 MODES = ("hi-grpo", "flat", "both")
@@ -387,7 +388,7 @@ def load_init(path: Path, n_mesh: int):
     if not (Path(path) / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
     tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+    model = from_local_dir(AutoModelForCausalLM, path, "causal LM", dtype="float32")
     try:
         add_mesh_tokens(tok, n_mesh)
     except ValueError as e:
@@ -456,8 +457,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+             "rng": rng_state()}
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # atomic: a checkpoint dir with trainer_state.pt is complete
@@ -466,14 +466,40 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     return final
 
 
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain numbers, so trainer_state.pt loads with
+    torch.load(weights_only=True) (numpy's state tuple holds an ndarray, which would need pickle)."""
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
 def restore_rng(rng: dict) -> None:
     import torch
 
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_trainer_state(path: Path) -> dict:
+    """trainer_state.pt without unpickling code: tensors, numbers, strings and containers only."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a loadable rl3d trainer state (only tensors and plain values are "
+                         f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None
 
 
 def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save_dtype: str, base: str | None,
@@ -597,7 +623,7 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     resume = latest_checkpoint(out)
     if resume is not None:
         tokenizer = load_tokenizer(resume)
-        model = AutoModelForCausalLM.from_pretrained(str(resume), dtype="float32")
+        model = from_local_dir(AutoModelForCausalLM, resume, "causal LM", dtype="float32")
     elif opts.init is not None:
         model, tokenizer = load_init(Path(opts.init), codec.vocab_size)
     else:
@@ -633,7 +659,7 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(opts.warmup * total)), total)
     start = 0
     if resume is not None:
-        state = torch.load(resume / STATE_FILE, weights_only=False)
+        state = load_trainer_state(resume / STATE_FILE)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])

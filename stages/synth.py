@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from rl3d.formats import shards as shards_io
 from rl3d.formats import voxels as vox
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import StageOptions, run_stage, status_counts, timed
@@ -188,7 +189,7 @@ def run_synth(n: int, seed: int, split: str, opts: StageOptions, meshes: bool = 
                 for k, o in enumerate(progress.track(objs, len(objs), "synth meshes")):
                     rel = f"meshes/{o.sample_id}.glb"
                     try:
-                        write_glb(vox.grid_to_mesh(o.grid), out / rel)
+                        write_glb(vox.grid_to_mesh(o.grid), shards_io.inside(out, rel))
                         paths[k] = rel
                     except Exception as e:  # keep the row, say why it has no mesh
                         statuses[k], messages[k] = "mesh_error", f"{type(e).__name__}: {e}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import from_local_dir
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 
 METRICS = ("clip_score", "pickscore", "cosine")
@@ -57,7 +58,8 @@ def load_processors(model_dir: str | os.PathLike):
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:  # transformers 4.x: the PIL-based processor is the plain one
         from transformers import CLIPImageProcessor as ImageProcessor
-    return AutoTokenizer.from_pretrained(str(model_dir)), ImageProcessor.from_pretrained(str(model_dir))
+    return (from_local_dir(AutoTokenizer, model_dir, "CLIP tokenizer"),
+            from_local_dir(ImageProcessor, model_dir, "CLIP image processor"))
 
 
 def _pooled(out):
@@ -79,7 +81,7 @@ class ClipScorer:
             raise InputError(f"CLIP model dir {d}: no config.json (a transformers CLIPModel saved with "
                              f"save_pretrained is expected)")
         self.device = pick_device(device)
-        self.model = CLIPModel.from_pretrained(str(d), dtype=torch.float32).to(self.device).eval()
+        self.model = from_local_dir(CLIPModel, d, "CLIP model", dtype=torch.float32).to(self.device).eval()
         self.tokenizer, self.image_processor = load_processors(d)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
         self.logit_scale = float(self.model.logit_scale.detach().exp().cpu())

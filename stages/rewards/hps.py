@@ -33,11 +33,31 @@ def load_hps(checkpoint: str, arch: str, device: str):
 
         open_clip = import_open_clip()
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = _read_weights(checkpoint)
         model.load_state_dict(state)
         _MODELS[key] = (model.eval(), preprocess, open_clip.get_tokenizer(arch))
     return _MODELS[key]
+
+
+def _read_weights(checkpoint: str) -> dict:
+    """HPS weights without running code from the file: a .safetensors file, or a torch file read with
+    weights_only=True (the published HPS_v2.1_compressed.pt holds only tensors under `state_dict`)."""
+    import torch
+
+    if checkpoint.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"option checkpoint: {checkpoint}: not loadable as plain weights (rl3d never unpickles "
+                         f"code; convert it to .safetensors): {reason[:200]}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise InputError(f"option checkpoint: {checkpoint}: expected a state dict of tensors")
+    return state
 
 
 class HPSBackend(RewardBackend):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import from_local_dir
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.rewards.judge_prompts import SYSTEM, JudgeParseError, Rubric, RUBRICS, get_rubric
 
@@ -110,13 +111,13 @@ def load_qwen_vl(model_dir: str, device: str | None = None):
                     return None
                 return super().check_argument_for_proper_class(name, arg)
 
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="left")
-        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        tokenizer = from_local_dir(AutoTokenizer, path, "judge tokenizer", padding_side="left")
+        image_processor = from_local_dir(AutoImageProcessor, path, "judge image processor")
         processor = ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                        video_processor=None, chat_template=_chat_template(path, tokenizer))
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, dtype=dtype).to(device).eval()
+        model = from_local_dir(
+            Qwen2_5_VLForConditionalGeneration, path, "judge model", dtype=dtype).to(device).eval()
         _MODEL_CACHE[key] = (model, processor)
         return model, processor
 
