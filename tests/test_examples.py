@@ -23,7 +23,8 @@ def test_makefile_plans_the_loop_in_order(tmp_path):
 @pytest.mark.parametrize("script", ["examples/demo.sh", "examples/learning_run.sh", "examples/setup.sh",
                                     "examples/train_default_policy.sh", "examples/train_default_scorer.sh",
                                     "examples/slurm/step.sbatch", "examples/slurm/submit_step.sh",
-                                    "benchmarks/distributed_check.sh", "benchmarks/device_learning_call.sh"])
+                                    "benchmarks/distributed_check.sh", "benchmarks/learning_slice.sh",
+                                    "examples/setup_offline.sh"])
 def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
