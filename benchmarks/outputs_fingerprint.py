@@ -8,6 +8,11 @@ content. Parquet files hash their rows and their schema metadata with run-specif
     python benchmarks/outputs_fingerprint.py OUT > before.txt   # on the old tree
     python benchmarks/outputs_fingerprint.py OUT2 > after.txt   # on the new tree
     diff before.txt after.txt                                   # empty: byte-identical behaviour
+    python benchmarks/outputs_fingerprint.py --hash-only OUT    # hash an existing OUT again
+
+Masked as run-specific: keys and metric names that are times or versions, config hashes (the
+config holds absolute paths), and rl-step's rng_state.pt (numpy's global RNG is never seeded by
+rl-step, so its saved state differs from run to run).
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 # values that legitimately differ between two runs of the same thing
-VOLATILE_KEYS = re.compile(r"(time|seconds|elapsed|started|finished|created|duration|_s$|per_s|host|pid|version)", re.I)
+VOLATILE_KEYS = re.compile(r"(time|seconds|elapsed|started|finished|created|duration|_s$|per_s|host|pid|version|"
+                           r"config_hash)", re.I)
+VOLATILE_FILES = ("rng_state.pt",)
 
 
 def mask(value, root: str):
@@ -45,6 +52,9 @@ def json_fingerprint(text: str, root: str) -> str:
 def parquet_fingerprint(path: Path, root: str) -> str:
     table = pq.read_table(path)
     h = hashlib.sha256()
+    if "name" in table.column_names and "value" in table.column_names:  # metric rows: mask timings
+        keep = [not VOLATILE_KEYS.search(n) for n in table.column("name").to_pylist()]
+        table = table.filter(keep)
     for name in table.column_names:
         if VOLATILE_KEYS.search(name):
             continue
@@ -57,6 +67,8 @@ def parquet_fingerprint(path: Path, root: str) -> str:
 
 
 def fingerprint(path: Path, root: str) -> str:
+    if path.name in VOLATILE_FILES:
+        return "<volatile>"
     if path.suffix == ".parquet":
         return parquet_fingerprint(path, root)
     if path.suffix in (".json", ".jsonl"):
@@ -69,6 +81,11 @@ def fingerprint(path: Path, root: str) -> str:
 
 def run(*args: str) -> None:
     subprocess.run(["rl3d", *args, "--quiet"], check=True)
+
+
+def print_hashes(out: Path) -> None:
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        print(f"{path.relative_to(out)}  {fingerprint(path, str(out))}")
 
 
 def main(out: Path) -> None:
@@ -86,9 +103,11 @@ def main(out: Path) -> None:
         "--run-metrics", str(out / "metrics.parquet"))
     run("eval", "--bench", "synth-reasoning", "--limit", "1", "--samples-per-prompt", "1", "--views", "2",
         "--resolution", "64", "--policy", str(out / "policy"), "--out", str(out / "eval"), "--grid-prompts", "2")
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        print(f"{path.relative_to(out)}  {fingerprint(path, str(out))}")
+    print_hashes(out)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--hash-only":
+        print_hashes(Path(sys.argv[2]).resolve())
+    else:
+        main(Path(sys.argv[1]))
