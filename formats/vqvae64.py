@@ -274,6 +274,10 @@ def check_shapes(found: dict[str, tuple[int, ...]], config: VQVAE64Config, sourc
                          f"{list(found[k])}, expected {list(want[k])}")
 
 
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())
+
+
 def _describe(config: VQVAE64Config) -> str:
     return f"channels {list(config.channels)}, codebook {config.num_embeddings}x{config.embedding_dim}"
 
@@ -286,12 +290,15 @@ def read_header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
-        raise InputError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{file}: not a readable safetensors file ({_one_line(e)})") from None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, VQVAE64Config]:
     """A checkpoint dir (holding 3DVQVAE.safetensors, optionally vqvae64.json) or the .safetensors
     file itself -> (file, config). InputError naming the file when it is missing."""
+    if path is None:
+        raise InputError(f"no VQ-VAE checkpoint given: point rl3d at a directory holding {CHECKPOINT_FILE} "
+                         f"(see docs/codec.md)")
     p = Path(path)
     f = p / CHECKPOINT_FILE if p.is_dir() else p
     if f.suffix == ".bin":
@@ -343,7 +350,7 @@ class VQVAE64Codec:
         self.config = model.config
         self.vocab_size = self.config.num_embeddings
         self.source = source
-        self.batch_size = batch_size  # shapes per forward pass (a full-size decode holds ~0.5 GB per shape in fp32)
+        self.batch_size = batch_size  # shapes per forward pass (bounds activation memory)
         self._hash: str | None = None
         self.stats: dict = {}
 
@@ -367,7 +374,7 @@ class VQVAE64Codec:
         try:
             state = load_file(str(f))
         except Exception as e:
-            raise InputError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            raise InputError(f"{f}: not a readable safetensors file ({_one_line(e)})") from None
         with torch.device("meta"):
             model = VQVAE3D(config)
         model.load_state_dict(state, strict=True, assign=True)  # keys/shapes checked above
@@ -458,7 +465,7 @@ class VQVAE64Codec:
 # ---- a hand-set replica for tests (no training, deterministic) --------------------------------
 
 @torch.no_grad()
-def make_block_replica(channels: tuple[int, int, int] = (8, 16, 32)) -> VQVAE3D:
+def make_block_replica(channels: tuple[int, int, int] = (2, 2, 2)) -> VQVAE3D:
     """A VQ-VAE with the published key names whose weights are set by hand so that each latent cell
     says whether its 4^3 voxel block is more than half full; 16 codes = the 16 full/empty patterns
     of a token's 4 z-cells (code bit q = cell q). Round trips are exact for shapes made of whole
@@ -466,7 +473,8 @@ def make_block_replica(channels: tuple[int, int, int] = (8, 16, 32)) -> VQVAE3D:
 
     How: residual blocks are identities (conv2 = 0); channel 0 carries the occupancy and channel 1
     its complement (1 - occupancy) so the channel LayerNorms keep the sign of (occupancy - 1/2);
-    the stride-2 convs average, the upsampling convs copy (nearest)."""
+    the stride-2 convs average, the upsampling convs copy (nearest). Two channels per level are
+    enough (the default, and the fastest); wider levels carry zeros."""
     model = VQVAE3D(VQVAE64Config(channels=channels, num_embeddings=16))
     for p in model.parameters():
         p.zero_()

@@ -257,3 +257,12 @@ def test_decoded_column_is_a_y_up_mesh(codec, replica, tmp_path):
     np.testing.assert_allclose(back.bounds, mesh.bounds, atol=1e-6)
     assert (face_rgb(back) == NEUTRAL_RGBA[:3]).all()
     assert back.visual.material.metallicFactor == 0.0
+
+
+def test_block_replica_survives_save_and_load(codec, tmp_path):
+    grid = np.zeros((64, 64, 64), np.uint8)
+    grid[12:20, 0:32, 40:44] = 1
+    loaded = VQVAE64Codec.load(codec.save(tmp_path / "replica"))
+    assert loaded.config == codec.config and loaded.content_hash() == codec.content_hash()
+    assert (loaded.encode(grid) == codec.encode(grid)).all()
+    assert (loaded.decode(loaded.encode(grid)) == grid).all()
