@@ -49,6 +49,9 @@ def face_rgb(mesh) -> np.ndarray:
         return np.round(vc[mesh.faces].mean(1)).astype(np.uint8)
     if vis.kind == "face":
         return np.asarray(vis.face_colors)[:, :3].astype(np.uint8)
+    if vis.kind == "texture" and getattr(vis, "uv", None) is None and vis.material is not None:
+        # an untextured material (formats.occupancy meshes): its base colour on every face
+        return np.tile(np.asarray(vis.material.main_color)[:3].astype(np.uint8), (len(mesh.faces), 1))
     try:
         return np.asarray(vis.to_color().vertex_colors)[:, :3][mesh.faces[:, 0]].astype(np.uint8)
     except Exception:
