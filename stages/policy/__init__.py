@@ -6,8 +6,14 @@
                    position kinds and the constraint table, collate
     sampler.py     the constrained sampler and log-prob recomputation (one masking of the logits)
     tokenizer.py   load_tokenizer, the default policy's BPE, mesh tokens, SpecialIds
-    device.py      device and dtype selection
+    device.py      device and dtype selection (also used by render and the reward backends)
 """
-from rl3d.stages.policy.checkpoint import default_policy_dir
 
-__all__ = ["default_policy_dir"]  # the public entry scripts call: `from rl3d.stages.policy import default_policy_dir`
+
+def __getattr__(name: str):
+    """`from rl3d.stages.policy import default_policy_dir` (the scripts' entry point), loaded on first
+    use: render and the reward backends import device.py and must not load transformers with it."""
+    if name == "default_policy_dir":
+        from rl3d.stages.policy.checkpoint import default_policy_dir
+        return default_policy_dir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
