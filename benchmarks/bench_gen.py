@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 
 from rl3d.stages import gen
-from rl3d.stages import policy as pol
+from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_policy, save_policy
+from rl3d.stages.policy.sampler import Sampling, sample_sequences
+from rl3d.stages.policy.sequence import (INSTRUCTIONS, KIND_FORCE_END, KIND_FORCE_EOS, KIND_FORCE_START, KIND_MESH,
+                                         KIND_REASONING, REQUEST, build_prompt, encode_text)
+from rl3d.stages.policy.tokenizer import SpecialIds
 
 PROMPTS = ["a red wooden chair with four legs", "a tall blue table lamp", "a small green car with round wheels",
            "a white sofa with two cushions", "a yellow rubber duck", "a stone arch bridge",
@@ -37,7 +41,7 @@ def random_default_policy(out: Path) -> Path:
 
     codec = VoxelCodec.load()
     specials = ["<|pad|>", "<|endoftext|>", "[UNK]", "<|user|>", "<|assistant|>", MESH_START, MESH_END]
-    words = sorted({w for p in PROMPTS + [pol.REQUEST] + list(pol.INSTRUCTIONS.values()) for w in p.split()})
+    words = sorted({w for p in PROMPTS + [REQUEST] + list(INSTRUCTIONS.values()) for w in p.split()})
     words += [f"w{i}" for i in range(1200 - len(words))]
     tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -49,14 +53,14 @@ def random_default_policy(out: Path) -> Path:
     cfg = Qwen2Config(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=704, vocab_size=len(tok), max_position_embeddings=2048,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return pol.save_policy(out, Qwen2ForCausalLM(cfg), tok, codec, step=0, base="random-init", codec_ref="default")
+    return save_policy(out, Qwen2ForCausalLM(cfg), tok, codec, step=0, base="random-init", codec_ref="default")
 
 
 class ConstraintProcessor:
     """transformers LogitsProcessor with rl3d's masks: the row state is re-derived from the ids
     generated so far (vectorised), then the same kind -> bias table is added."""
 
-    def __init__(self, special: pol.SpecialIds, prompt_width: int, max_reasoning: int, seq_len: int):
+    def __init__(self, special: SpecialIds, prompt_width: int, max_reasoning: int, seq_len: int):
         self.sp, self.P, self.R, self.M = special, prompt_width, max_reasoning, seq_len
         self.is_mesh = torch.zeros(special.vocab_size, dtype=torch.bool)
         self.is_mesh[special.mesh_ids] = True
@@ -67,14 +71,14 @@ class ConstraintProcessor:
         n_gen = g.shape[1]
         n_mesh = self.is_mesh.to(g.device)[g].sum(1) if n_gen else torch.zeros_like(started, dtype=torch.long)
         ended = (g == self.sp.mesh_end).any(1)
-        kinds = torch.where(~started, torch.where(torch.full_like(started, n_gen >= self.R), pol.KIND_FORCE_START,
-                                                  pol.KIND_REASONING),
-                            torch.where(n_mesh < self.M, pol.KIND_MESH,
-                                        torch.where(ended, pol.KIND_FORCE_EOS, pol.KIND_FORCE_END)))
+        kinds = torch.where(~started, torch.where(torch.full_like(started, n_gen >= self.R), KIND_FORCE_START,
+                                                  KIND_REASONING),
+                            torch.where(n_mesh < self.M, KIND_MESH,
+                                        torch.where(ended, KIND_FORCE_EOS, KIND_FORCE_END)))
         return scores + self.sp.kind_bias(scores.device, scores.dtype)[kinds]
 
 
-def hf_generate(policy: pol.Policy, prompt_ids: list[list[int]], sampling: gen.Sampling) -> torch.Tensor:
+def hf_generate(policy: Policy, prompt_ids: list[list[int]], sampling: Sampling) -> torch.Tensor:
     from transformers import LogitsProcessorList
 
     sp, dev = policy.special, policy.device
@@ -107,15 +111,15 @@ def main():
         pdir = Path(args.policy)
     else:
         try:
-            pdir = pol.default_policy_dir()
+            pdir = default_policy_dir()
         except Exception:
             pdir = random_default_policy(Path(tmp) / "policy")
-    policy = pol.load_policy(pdir, args.device, args.dtype)
+    policy = load_policy(pdir, args.device, args.dtype)
     n_params = sum(p.numel() for p in policy.model.parameters())
     print(f"policy {pdir} ({n_params / 1e6:.1f}M params, vocab {policy.special.vocab_size}, K={policy.special.k}); "
           f"device {policy.device}, dtype {policy.model.dtype}; torch threads {torch.get_num_threads()}, "
           f"cores {os.cpu_count()}")
-    sampling = gen.Sampling(max_reasoning_tokens=args.max_reasoning_tokens)
+    sampling = Sampling(max_reasoning_tokens=args.max_reasoning_tokens)
     rows = [{"prompt_id": f"p{i}", "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(args.prompts)]
     G = args.group_size
 
@@ -129,11 +133,11 @@ def main():
 
     if args.no_baseline:
         return
-    texts = [pol.build_prompt(r["prompt"], "coarse") for r in rows for _ in range(G)]
-    prompt_ids = [pol.encode_text(policy.tokenizer, t) for t in texts]
+    texts = [build_prompt(r["prompt"], "coarse") for r in rows for _ in range(G)]
+    prompt_ids = [encode_text(policy.tokenizer, t) for t in texts]
     seeds = list(range(len(prompt_ids)))
     t0 = time.time()
-    ours = gen.sample_sequences(policy.model, policy.special, prompt_ids, seeds, policy.codec.seq_len, sampling)
+    ours = sample_sequences(policy.model, policy.special, prompt_ids, seeds, policy.codec.seq_len, sampling)
     t_ours = time.time() - t0
     torch.manual_seed(0)
     t0 = time.time()

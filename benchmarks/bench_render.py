@@ -60,7 +60,8 @@ def main():
 
     import torch
 
-    from rl3d.stages.render import open3d_available, render_views, resolve_device, view_angles
+    from rl3d.stages.policy.device import pick_device
+    from rl3d.stages.render import open3d_available, render_views, view_angles
 
     mesh = test_mesh()
     az, el = view_angles(a.views)
@@ -81,7 +82,7 @@ def main():
         batched = None
         print("open3d: not installed here")
 
-    device = resolve_device(a.device)
+    device = pick_device(a.device)
     res = a.torch_resolution or (a.resolution if device.startswith("cuda") else 128)
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
         f"cpu, {torch.get_num_threads()} threads"

@@ -356,7 +356,7 @@ def resolve_mode(policy_dir: Path, mode: str) -> str:
         return mode
     if mode != "auto":
         raise InputError(f"--mode {mode!r}: expected auto, hi-grpo or flat")
-    from rl3d.stages import policy as pol
+    from rl3d.stages.policy import checkpoint as pol
 
     meta = pol.read_policy_meta(policy_dir)
     return meta.get("mode") if meta.get("mode") in ("hi-grpo", "flat") else "hi-grpo"
@@ -467,7 +467,7 @@ def load_models(opts: EvalOptions, groups) -> Models:
 def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path: Path, opts: EvalOptions,
                     progress: Progress) -> tuple[list[Sample], dict]:
     """gen + render for one policy (resumable stage dirs) -> its final-level samples and info."""
-    from rl3d.stages import policy as pol
+    from rl3d.stages.policy import checkpoint as pol
     from rl3d.stages.gen import MODES, run_gen
 
     mode = resolve_mode(policy_dir, opts.mode)

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.policy.device import pick_device
 
 DEFAULT_ELEVATION = 20.0
 DEFAULT_FOV = 40.0
@@ -201,21 +202,6 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "open3d" and not open3d_available():
         raise InputError("--backend open3d: open3d is not installed here (use --backend torch)")
     return backend
-
-
-def resolve_device(device: str | None = None) -> str:
-    """The torch device for the torch backend: cuda when available, else cpu."""
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here")
-    return str(dev)
 
 
 @functools.lru_cache(maxsize=4)
@@ -380,7 +366,7 @@ def cast_rays_torch(verts: np.ndarray, faces: np.ndarray, rays, device: str | No
     `rays`: numpy [V, H, W, 6] or prepared RayTiles. Deterministic on every device."""
     import torch
 
-    tiles = rays if isinstance(rays, RayTiles) else prepare_ray_tiles(rays, resolve_device(device))
+    tiles = rays if isinstance(rays, RayTiles) else prepare_ray_tiles(rays, pick_device(device))
     dev = tiles.rays.device
     budget = max_elements or (CUDA_ELEMENTS if dev.type == "cuda" else CPU_ELEMENTS)
     vt = torch.as_tensor(np.asarray(verts, np.float32)).to(dev)
@@ -416,7 +402,7 @@ def cast_camera_rays(verts, faces, az: tuple, el: tuple, resolution: int, fov: f
     """The hits of the shared cameras' rays with the chosen (resolved) backend."""
     if backend == "open3d":
         return cast_rays_open3d(verts, faces, _open3d_rays(az, el, resolution, fov))
-    return cast_rays_torch(verts, faces, _torch_rays(az, el, resolution, fov, resolve_device(device)))
+    return cast_rays_torch(verts, faces, _torch_rays(az, el, resolution, fov, pick_device(device)))
 
 
 def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float = DEFAULT_FOV,
@@ -673,7 +659,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
         raise InputError(f"--framing {framing!r}: expected one of {', '.join(FRAMINGS)}")
     view_angles(views, preset, elevation)  # validate before any work
     backend = resolve_backend(backend)
-    device = resolve_device(device) if backend == "torch" else None
+    device = pick_device(device) if backend == "torch" else None
     ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
                           bool(depth), bool(normals), bool(sheet), str(framing), backend, device)
     jobs = read_jobs(samples)

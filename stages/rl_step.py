@@ -20,9 +20,13 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.advantages import compute_advantages
+from rl3d.stages.policy.checkpoint import load_policy, model_vocab_size, save_policy
+from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.policy.sampler import CompletionLogprobs
+from rl3d.stages.policy.sequence import KIND_MESH, KIND_PAD, KIND_REASONING, LEVELS, collate, completion_kinds
+from rl3d.stages.policy.tokenizer import special_ids
 
 # tokens that carry a choice: reasoning, <mesh-start> and mesh tokens (<mesh-end> and eos are forced)
-LEVEL_ORDER = ("coarse", "fine", "single")
 
 
 @dataclass
@@ -140,7 +144,6 @@ DONE_FILE = "rl_step.json"
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
                 lora_rank: int = 0, progress=None) -> dict:
-    from rl3d.stages import policy as pol
     from rl3d.stages.contract import Progress
 
     progress = progress or Progress()
@@ -177,12 +180,12 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     # 2. models: the policy being trained, and the frozen reference for the KL term
     from accelerate import Accelerator
 
-    device_type = pol.resolve_device_dtype(device)[0].type
+    device_type = resolve_device_dtype(device)[0].type
     use_bf16 = device_type == "cuda" and (dtype in (None, "bfloat16"))
     acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=device_type == "cpu")
     # under a distributed launch each process owns one GPU (acc.device); "cuda" alone would mean cuda:0
     on = str(acc.device) if acc.num_processes > 1 or device is None else device
-    policy = pol.load_policy(policy_dir, device=on, dtype="float32")
+    policy = load_policy(policy_dir, device=on, dtype="float32")
     meta = policy.meta
     model = policy.model
     if lora_rank:
@@ -191,26 +194,26 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         model.gradient_checkpointing_enable()
     model.train()
     model.config.use_cache = False
-    special = pol.special_ids(policy.tokenizer, policy.codec, pol.model_vocab_size(policy.model), str(policy_dir))
+    special = special_ids(policy.tokenizer, policy.codec, model_vocab_size(policy.model), str(policy_dir))
     initial = ref_dir or meta.get("initial_policy") or str(Path(policy_dir).resolve())
     ref_model = None
     if cfg.beta > 0 and kept:
-        ref_model = pol.load_policy(initial, device=str(policy.device), dtype="float32").model.eval()
+        ref_model = load_policy(initial, device=str(policy.device), dtype="float32").model.eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     # log-probs must use the temperature the samples were drawn with (gen records it per row)
     sampled_at = float(samples[0].get("temperature") or 1.0) if samples else 1.0
     temperature = cfg.temperature or sampled_at
     # the trained module is the whole log-prob computation, so a DDP wrapper sees every forward
-    scorer, opt = acc.prepare(pol.CompletionLogprobs(model, special, temperature), opt)
+    scorer, opt = acc.prepare(CompletionLogprobs(model, special, temperature), opt)
     parent_opt = Path(policy_dir) / "optimizer.pt"
     if parent_opt.exists() and not lora_rank:
         _load_optimizer_state(scorer, opt, torch.load(parent_opt, map_location="cpu", weights_only=True))
-    ref_scorer = pol.CompletionLogprobs(ref_model, special, temperature) if ref_model is not None else None
+    ref_scorer = CompletionLogprobs(ref_model, special, temperature) if ref_model is not None else None
 
     # 3. reference log-probs once (no grad), then epochs x minibatches of optimizer steps
     def forward(rows, net):
-        b = pol.collate(rows, special, device=acc.device)
+        b = collate(rows, special, device=acc.device)
         with acc.autocast():
             lp, _ = net(b["input_ids"], b["attention_mask"], b["prompt_lens"], b["kinds"])
         return lp, b["kinds"]
@@ -223,7 +226,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             for i in range(0, len(kept), cfg.micro_batch):
                 chunk = kept[i:i + cfg.micro_batch]
                 lp, kinds = forward(chunk, ref_scorer)
-                for r, row_lp, n in zip(chunk, lp.cpu(), (kinds != pol.KIND_PAD).sum(1).tolist()):
+                for r, row_lp, n in zip(chunk, lp.cpu(), (kinds != KIND_PAD).sum(1).tolist()):
                     r["ref_logp"] = row_lp[:n]
     timings["ref_s"] = time.time() - t1
 
@@ -231,7 +234,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     gen = torch.Generator().manual_seed(cfg.seed)
     mb_size = cfg.minibatch or len(kept)
     sums: dict[str, float] = {}
-    level_loss = {lv: 0.0 for lv in LEVEL_ORDER}
+    level_loss = {lv: 0.0 for lv in LEVELS}
     grad_norms, n_updates, n_tokens, skipped_updates = [], 0, 0, 0
     updates_before = int(meta.get("optimizer_updates", 0))  # the warm-up continues across steps
     lrs = []
@@ -239,9 +242,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         order = torch.randperm(len(kept), generator=gen).tolist() if cfg.epochs > 1 or cfg.minibatch else list(range(len(kept)))
         for s in range(0, len(order), mb_size):
             mb = [kept[i] for i in order[s:s + mb_size]]
-            mb_kinds = [_loss_mask(r, pol) for r in mb]
+            mb_kinds = [_loss_mask(r) for r in mb]
             lens = torch.tensor([int(m.sum()) for m in mb_kinds])
-            levels = torch.tensor([LEVEL_ORDER.index(r["level"]) for r in mb])
+            levels = torch.tensor([LEVELS.index(r["level"]) for r in mb])
             width = max(len(m) for m in mb_kinds)
             mask = torch.zeros(len(mb), width, dtype=torch.bool)
             for i, m in enumerate(mb_kinds):
@@ -251,7 +254,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             n_micro = math.ceil(math.ceil(len(mb) / acc.num_processes) / cfg.micro_batch)
             # diagnostics of this update, kept only if it is applied
             mb_sums = dict.fromkeys(("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean"), 0.0)
-            mb_level_loss = {lv: 0.0 for lv in LEVEL_ORDER}
+            mb_level_loss = {lv: 0.0 for lv in LEVELS}
             for m in range(n_micro):
                 idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
                 dummy = not mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]
@@ -352,13 +355,13 @@ def _sum_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, total.tolist()))
 
 
-def _loss_mask(row: dict, pol) -> torch.Tensor:
+def _loss_mask(row: dict) -> torch.Tensor:
     """Positions that carry a choice: reasoning tokens, the unforced <mesh-start> and mesh tokens."""
-    kinds = pol.completion_kinds(torch.tensor([row["prompt_len"]]), torch.tensor([row["reasoning_end"]]),
+    kinds = completion_kinds(torch.tensor([row["prompt_len"]]), torch.tensor([row["reasoning_end"]]),
                                  torch.tensor([row["mesh_end"]]), torch.tensor([len(row["input_ids"])]),
                                  torch.tensor([bool(row.get("reasoning_truncated", False))]),
                                  len(row["input_ids"]) - row["prompt_len"])[0]
-    return (kinds == pol.KIND_REASONING) | (kinds == pol.KIND_MESH)
+    return (kinds == KIND_REASONING) | (kinds == KIND_MESH)
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -413,7 +416,7 @@ def _metrics(samples, adv_rows, adv_stats, kept, sums, level_loss, grad_norms, n
     m["entropy"] = sum(nll.values()) / max(sum(cnt.values()), 1)
     m["entropy_reasoning"] = nll["reasoning"] / max(cnt["reasoning"], 1)
     m["entropy_mesh"] = nll["mesh"] / max(cnt["mesh"], 1)
-    for lv in LEVEL_ORDER:
+    for lv in LEVELS:
         vals = [s["total"] for s in samples if s["level"] == lv and s["total"] is not None]
         if vals:
             m[f"reward_mean_{lv}"] = float(np.mean(vals))
@@ -467,8 +470,6 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
                      samples_path, rewards_path, run_metrics, overwrite):
     """Everything lands in a temp dir renamed at the end: a killed rl-step leaves no checkpoint,
     and rerunning it reproduces the same parameters."""
-    from rl3d.stages import policy as pol
-
     tmp = out.with_name(f".{out.name}.rl-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -476,7 +477,7 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
     extra["rl_step"] = metrics["step"]
     extra["optimizer_updates"] = metrics["optimizer_updates"]
     extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)
-    pol.save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
+    save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
                     base=meta.get("base"), codec_ref=None, extra=extra, state_dict=weights)
     if opt_state is not None:  # none for LoRA: the adapter is merged on save
         torch.save(opt_state, tmp / "optimizer.pt")

@@ -8,9 +8,10 @@ gen produces (docs/internals.md "Policy sequences"):
 
 The loss is next-token cross-entropy on completion tokens only (prompt positions are -100).
 Training runs under accelerate (CPU, one GPU, `accelerate launch` for several), checkpoints
-every --save-every steps into OUT/checkpoints/step-NNNNNN/ (save_pretrained + optimizer,
-scheduler, RNG and the data cursor) and resumes from the latest one. The data order is a pure
-function of (seed, step), so a resumed run replays the uninterrupted one exactly on CPU.
+every --save-every steps into OUT/checkpoints/step-NNNNNN/ (a policy dir written by save_policy,
+plus trainer_state.pt: optimizer, scheduler, RNG and the data cursor) and resumes from the latest
+one. The data order is a pure function of (seed, step), so a resumed run replays the uninterrupted
+one exactly on CPU.
 """
 from __future__ import annotations
 
@@ -18,22 +19,39 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import (AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM,
+                          get_cosine_schedule_with_warmup)
+from transformers.utils import logging as hf_logging
 
+from rl3d.formats import tables
+from rl3d.formats.codec import VoxelCodec, majority_colour
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
+from rl3d.formats.shards import atomic_path, atomic_write_json
 from rl3d.stages.contract import Progress
+from rl3d.stages.policy.checkpoint import POLICY_META, save_policy
+from rl3d.stages.policy.sequence import MODE_LEVELS, build_prompt, mesh_block
+from rl3d.stages.policy.tokenizer import (SpecialIds, add_mesh_tokens, build_tokenizer, load_tokenizer,
+                                          mesh_token_offset, special_ids)
 
-MODES = ("hi-grpo", "flat", "both")
-MODE_LEVELS = {"hi-grpo": ("coarse", "fine"), "flat": ("single",), "both": ("coarse", "fine", "single")}
+MODES = tuple(MODE_LEVELS)  # hi-grpo, flat, both
 EVAL_SPLITS = ("eval", "val", "valid", "validation")
-POLICY_FILE = "rl3d_policy.json"
 STATE_FILE = "trainer_state.pt"
 ENCODE_CHUNK = 1024  # grids per codec call while preparing data
 
@@ -123,14 +141,9 @@ def required_columns(mode: str) -> tuple[str, ...]:
 def read_sft_rows(path, mode: str) -> dict:
     """Columns of an objects table (or any table with prompt, plan, detail and voxels or
     mesh_tokens) as Python lists / a pyarrow voxels column; rows with status != ok dropped."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rl3d.formats.tables import list_parts
-
     want = required_columns(mode)
     parts = []
-    for f in list_parts(path):
+    for f in tables.list_parts(path):
         try:
             names = pq.read_schema(f).names
         except Exception as e:
@@ -145,8 +158,6 @@ def read_sft_rows(path, mode: str) -> dict:
         parts.append(pq.read_table(f, columns=list(dict.fromkeys(cols))))
     table = pa.concat_tables(parts, promote_options="default")
     if "status" in table.column_names:
-        import pyarrow.compute as pc
-
         table = table.filter(pc.equal(table.column("status"), "ok"))
     if table.num_rows == 0:
         raise InputError(f"{path}: no usable rows (status ok) for sft")
@@ -196,8 +207,6 @@ def coarsen_grids(grids: np.ndarray, factor: int = 2) -> np.ndarray:
     """Batched formats.voxels.coarsen_grid (same result, one bincount for the whole batch):
     each factor^3 cell becomes solid in its majority colour (lowest id on ties) when at least
     half of it is occupied."""
-    from rl3d.formats.codec import majority_colour
-
     b, r = grids.shape[:2]
     n = r // factor
     cells = grids.reshape(b, n, factor, n, factor, n, factor).transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, factor ** 3)
@@ -221,9 +230,6 @@ def mesh_targets(rows: dict, codec, levels: tuple[str, ...], workers: int | None
     for coarse. Voxels are re-encoded with the policy's codec (the table may predate a codebook);
     a table without voxels uses its mesh_tokens (and decodes them for the coarse level).
     Large tables are encoded in a process pool (the codec's matching is single-threaded numpy)."""
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
     n = rows["n"]
     chunks = [np.arange(s, min(n, s + ENCODE_CHUNK)) for s in range(0, n, ENCODE_CHUNK)]
     need_grid = rows["voxels"] is not None or "coarse" in levels
@@ -252,8 +258,6 @@ def mesh_targets(rows: dict, codec, levels: tuple[str, ...], workers: int | None
 
 def level_texts(rows: dict, level: str) -> tuple[list[str], list[str]]:
     """(prompt texts, reasoning texts) of every row at one level."""
-    from rl3d.stages.policy import build_prompt
-
     if level == "coarse":
         return [build_prompt(p, "coarse") for p in rows["prompt"]], [s.strip() for s in rows["plan"]]
     if level == "fine":
@@ -262,19 +266,14 @@ def level_texts(rows: dict, level: str) -> tuple[list[str], list[str]]:
     return [build_prompt(p, "single") for p in rows["prompt"]], [d.strip() for d in rows["detail"]]
 
 
-def tokenize_sequences(tokenizer, prompts: list[str], reasonings: list[str], mesh: np.ndarray,
-                       mesh_offset: int) -> Packed:
-    """prompt | reasoning | <mesh-start> mesh <mesh-end> eos, tokenised with two batched calls.
-    Prompt and reasoning are tokenised separately, as gen sees them (prompt given, reasoning sampled)."""
-    from rl3d.formats.codec import MESH_END, MESH_START
-
+def tokenize_sequences(tokenizer, special: SpecialIds, prompts: list[str], reasonings: list[str],
+                       mesh: np.ndarray) -> Packed:
+    """The layout of sequence.py (prompt | reasoning | sequence.mesh_block), batched: prompt and
+    reasoning are tokenised separately with two batched calls, as gen sees them (prompt given,
+    reasoning sampled); mesh holds codec ids, mapped through the tokenizer's mesh-id table."""
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(reasonings, add_special_tokens=False)["input_ids"]
-    ms, me = tokenizer.convert_tokens_to_ids([MESH_START, MESH_END])
-    tail = np.full((len(prompts), mesh.shape[1] + 3), me, np.int32)
-    tail[:, 0] = ms
-    tail[:, 1:-2] = mesh + mesh_offset
-    tail[:, -1] = tokenizer.eos_token_id
+    tail = mesh_block(special, mesh)
     p_len = np.fromiter((len(x) for x in p_ids), np.int64, len(p_ids))
     r_len = np.fromiter((len(x) for x in r_ids), np.int64, len(r_ids))
     lens = p_len + r_len + tail.shape[1]
@@ -298,8 +297,6 @@ def _segment_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 def collate(packed: Packed, idx, pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
-    import torch
-
     idx = np.asarray(idx)
     lens = packed.lengths[idx]
     width = int(lens.max())
@@ -333,18 +330,15 @@ def split_objects(rows: dict, eval_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(train[perm[n_eval:]]), np.sort(train[perm[:n_eval]]), int(excluded)
 
 
-def build_dataset(rows: dict, objects: np.ndarray, mode: str, tokenizer, codec, mesh: dict) -> Packed:
+def build_dataset(rows: dict, objects: np.ndarray, mode: str, tokenizer, special: SpecialIds, mesh: dict) -> Packed:
     """All sequences of the given objects, level by level, concatenated."""
-    from rl3d.stages.tokenizer import mesh_token_offset
-
-    offset = mesh_token_offset(tokenizer)
     if len(objects) == 0:
         return Packed(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
     parts = []
     for lv in MODE_LEVELS[mode]:
         sub = {k: [rows[k][i] for i in objects] for k in ("prompt", "plan", "detail") if k in rows}
         prompts, reasonings = level_texts(sub, lv)
-        pk = tokenize_sequences(tokenizer, prompts, reasonings, mesh[lv][objects], offset)
+        pk = tokenize_sequences(tokenizer, special, prompts, reasonings, mesh[lv][objects])
         pk.levels = [lv] * len(pk)
         parts.append(pk)
     lens = np.concatenate([p.lengths for p in parts])
@@ -369,8 +363,6 @@ def step_indices(step: int, n: int, global_batch: int, seed: int) -> np.ndarray:
 # ---- model -------------------------------------------------------------------------------------
 
 def build_model(config_name: str, vocab_size: int, tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     if config_name not in CONFIGS:
         raise InputError(f"--config: unknown config {config_name!r} (choose from {', '.join(CONFIGS)})")
     cfg = Qwen2Config(vocab_size=vocab_size, **_COMMON, **CONFIGS[config_name],
@@ -380,11 +372,6 @@ def build_model(config_name: str, vocab_size: int, tokenizer):
 
 def load_init(path: Path, n_mesh: int):
     """(model float32, tokenizer) from a policy / causal-LM dir; mesh tokens added when missing."""
-    from transformers import AutoModelForCausalLM
-
-    from rl3d.stages.policy import load_tokenizer
-    from rl3d.stages.tokenizer import add_mesh_tokens
-
     if not (Path(path) / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
     tok = load_tokenizer(path)
@@ -399,11 +386,9 @@ def load_init(path: Path, n_mesh: int):
 
 
 def policy_codec(opts: SFTOptions):
-    from rl3d.formats.codec import VoxelCodec
-
     path = opts.codec
-    if path is None and opts.init is not None and (Path(opts.init) / POLICY_FILE).is_file():
-        meta = json.loads((Path(opts.init) / POLICY_FILE).read_text())
+    if path is None and opts.init is not None and (Path(opts.init) / POLICY_META).is_file():
+        meta = json.loads((Path(opts.init) / POLICY_META).read_text())
         if meta.get("codec") not in (None, "default"):
             path = Path(opts.init) / meta["codec"]
     try:
@@ -414,8 +399,6 @@ def policy_codec(opts: SFTOptions):
 
 def set_special_ids(model, tokenizer) -> None:
     """Pad/eos ids on the model and a sane generation config (sampling as in HI-GRPO.md)."""
-    from transformers import GenerationConfig
-
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = None
@@ -424,18 +407,23 @@ def set_special_ids(model, tokenizer) -> None:
         do_sample=True, temperature=0.7, top_p=0.7, max_length=model.config.max_position_embeddings)
 
 
-def completion_loss(model, batch, mesh_lo: int, mesh_hi: int):
-    """(sum of token NLL over completion tokens, per-kind sums for metrics) of one micro-batch."""
-    import torch
-    import torch.nn.functional as F
+def mesh_id_table(special: SpecialIds, device) -> torch.Tensor:
+    """bool[V]: which vocabulary ids are mesh tokens (from the tokenizer's table, contiguous or not)."""
+    is_mesh = torch.zeros(special.vocab_size, dtype=torch.bool)
+    is_mesh[special.mesh_ids] = True
+    return is_mesh.to(device)
 
+
+def completion_loss(model, batch, is_mesh: torch.Tensor):
+    """(sum of token NLL over completion tokens, per-kind sums for metrics) of one micro-batch;
+    is_mesh from mesh_id_table."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = batch["labels"][:, 1:]
     nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                           reduction="none").view_as(target)
     with torch.no_grad():
         valid = target != -100
-        mesh = valid & (target >= mesh_lo) & (target < mesh_hi)
+        mesh = valid & is_mesh[target.clamp(min=0)]
         correct = (logits.argmax(-1) == target) & mesh
         stats = torch.stack([nll[valid].sum(), valid.sum(), nll[mesh].sum(), mesh.sum(), correct.sum()]).double()
     return nll.sum(), stats
@@ -448,14 +436,14 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, keep: int) -> Path:
-    import torch
-
+def save_checkpoint(out: Path, step: int, model, tokenizer, codec, optimizer, scheduler, keep: int,
+                    base: str | None, meta: dict) -> Path:
+    """OUT/checkpoints/step-NNNNNN: a policy dir (written by save_policy, so load_policy and gen
+    read it too) plus trainer_state.pt, the optimizer, scheduler, RNG and data cursor to resume."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_policy(tmp, model, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_state()}
     torch.save(state, tmp / STATE_FILE)
@@ -469,8 +457,6 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
 def rng_state() -> dict:
     """Every RNG's state as tensors and plain numbers, so trainer_state.pt loads with
     torch.load(weights_only=True) (numpy's state tuple holds an ndarray, which would need pickle)."""
-    import torch
-
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -480,8 +466,6 @@ def rng_state() -> dict:
 
 
 def restore_rng(rng: dict) -> None:
-    import torch
-
     torch.set_rng_state(rng["torch"])
     n = rng["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
@@ -492,8 +476,6 @@ def restore_rng(rng: dict) -> None:
 
 def load_trainer_state(path: Path) -> dict:
     """trainer_state.pt without unpickling code: tensors, numbers, strings and containers only."""
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -502,18 +484,18 @@ def load_trainer_state(path: Path) -> dict:
                          f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None
 
 
+def policy_meta(mode: str, tokenizer, codec, dtype: str) -> dict:
+    """What sft records in rl3d_policy.json besides save_policy's own keys."""
+    return {"mode": mode, "levels": list(MODE_LEVELS[mode]), "mesh_token_offset": mesh_token_offset(tokenizer),
+            "mesh_vocab_size": codec.vocab_size, "mesh_seq_len": codec.seq_len, "dtype": dtype}
+
+
 def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save_dtype: str, base: str | None,
                   extra: dict) -> Path:
     """OUT/final: a self-contained policy dir (weights, tokenizer, generation config, a copy of the
-    codec, rl3d_policy.json) written by policy.save_policy, the format load_policy reads."""
-    import torch
-
-    from rl3d.stages.policy import save_policy
-    from rl3d.stages.tokenizer import mesh_token_offset
-
+    codec, rl3d_policy.json) written by save_policy, the format load_policy reads."""
     m = copy.deepcopy(model).to(getattr(torch, save_dtype))  # loaders cast to their compute dtype
-    meta = {"mode": mode, "levels": list(MODE_LEVELS[mode]), "mesh_token_offset": mesh_token_offset(tokenizer),
-            "mesh_vocab_size": codec.vocab_size, "mesh_seq_len": codec.seq_len, "dtype": save_dtype, **extra}
+    meta = {**policy_meta(mode, tokenizer, codec, save_dtype), **extra}
     return save_policy(out / "final", m, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
 
 
@@ -532,7 +514,7 @@ class Metrics:
         if self.jsonl.is_file():  # drop what an interrupted run logged after its last checkpoint
             keep = [ln for ln in self.jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
             self.jsonl.write_text("".join(ln + "\n" for ln in keep))
-        try:
+        try:  # optional, kept lazy: TensorBoard is not a dependency of rl3d
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
@@ -551,12 +533,6 @@ class Metrics:
     def write_parquet(self, config: dict) -> None:
         if not self.enabled or not self.jsonl.is_file():
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from rl3d.formats import tables
-        from rl3d.formats.shards import atomic_path
-
         steps, names, values = [], [], []
         for ln in self.jsonl.read_text().splitlines():
             rec = json.loads(ln)
@@ -576,18 +552,6 @@ class Metrics:
 
 def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     """Train; return a summary dict. See the module docstring."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
-
-    from rl3d.stages.policy import load_tokenizer
-
-    from rl3d.formats.shards import atomic_write_json
-    from rl3d.stages.tokenizer import build_tokenizer, mesh_token_offset
-
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # save_pretrained's shard bar would interleave with ours
     progress = progress or Progress(opts.quiet)
     t0 = time.time()
@@ -596,115 +560,63 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     acc = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     main = acc.is_main_process
     if opts.overwrite and main:
-        for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "metrics.parquet",
-                     "sft_config.json"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        _clear_outputs(out)
     acc.wait_for_everyone()
     key = opts.trajectory_key()
-    cfg_file = out / "sft_config.json"
-    if cfg_file.is_file():
-        before = json.loads(cfg_file.read_text())
-        diff = sorted(k for k in set(before) | set(key) if before.get(k) != key.get(k))
-        if diff:
-            raise InputError(f"{cfg_file}: this run differs from the one in {out} in {', '.join(diff)} "
-                             f"(use --overwrite to start over, or another --out)")
-        done = out / "final" / POLICY_FILE
-        if done.is_file():
-            progress.log(f"sft: {out}/final already complete, skipping")
-            meta = json.loads(done.read_text())
-            return {"stage": "sft", "out": str(out), "final": str(out / "final"), "steps": meta["step"],
-                    "skipped": True}
+    finished = _finished_run(out, key)
+    if finished is not None:
+        progress.log(f"sft: {out}/final already complete, skipping")
+        return finished
 
+    # data and model
     codec = policy_codec(opts)
-    levels = MODE_LEVELS[opts.mode]
     rows = read_sft_rows(opts.data, opts.mode)
     set_seed(opts.seed)
     resume = latest_checkpoint(out)
-    if resume is not None:
-        tokenizer = load_tokenizer(resume)
-        model = from_local_dir(AutoModelForCausalLM, resume, "causal LM", dtype="float32")
-    elif opts.init is not None:
-        model, tokenizer = load_init(Path(opts.init), codec.vocab_size)
-    else:
-        texts = [t for c in ("prompt", "plan", "detail") if c in rows for t in rows[c]]
-        tokenizer = build_tokenizer(texts, codec, opts.text_vocab)
-        model = build_model(opts.config, len(tokenizer), tokenizer)
+    model, tokenizer = initial_model(opts, rows, codec, resume)
     set_special_ids(model, tokenizer)
-    mesh_lo = mesh_token_offset(tokenizer)
-
+    special = special_ids(tokenizer, codec)
     with _timed(progress, "sft: preparing sequences"):
-        train_obj, eval_obj, excluded = split_objects(rows, opts.eval_fraction, opts.seed)
-        mesh = mesh_targets(rows, codec, levels)
-        train = build_dataset(rows, train_obj, opts.mode, tokenizer, codec, mesh)
-        evals = build_dataset(rows, eval_obj, opts.mode, tokenizer, codec, mesh)
-    max_len = model.config.max_position_embeddings
-    too_long = int((train.lengths > max_len).sum() + (evals.lengths > max_len).sum())
-    train = train.subset(np.flatnonzero(train.lengths <= max_len))
-    evals = evals.subset(np.flatnonzero(evals.lengths <= max_len))
-    if len(evals) > opts.eval_rows:
-        evals = evals.subset(np.sort(np.random.default_rng([opts.seed, 11]).permutation(len(evals))[:opts.eval_rows]))
-    if len(train) == 0:
-        raise InputError(f"{opts.data}: no training sequences fit the model's {max_len} positions")
+        train, evals, excluded, too_long = build_datasets(rows, opts, tokenizer, special, codec,
+                                                          model.config.max_position_embeddings)
 
+    # schedule, optimizer, resume
     per_step = opts.batch_size * opts.grad_accum * acc.num_processes
     total = opts.steps if opts.steps is not None else max(1, math.ceil((opts.epochs or 1.0) * len(train) / per_step))
     eval_every = opts.eval_every or max(1, total // 10)
     save_every = opts.save_every or max(1, total // 5)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+    optimizer = build_optimizer(model, opts)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(opts.warmup * total)), total)
     start = 0
     if resume is not None:
-        state = load_trainer_state(resume / STATE_FILE)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start = int(state["step"])
+        start = restore_trainer_state(resume, optimizer, scheduler)
         progress.log(f"sft: resuming from {resume} (step {start})")
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per step
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_file, key)
+        atomic_write_json(out / "sft_config.json", key)
     metrics = Metrics(out, main, start)
     n_params = sum(p.numel() for p in acc.unwrap_model(model).parameters())
     if start == 0:
         progress.log(f"sft: {n_params / 1e6:.2f}M parameters, {len(train)} train / {len(evals)} eval sequences, "
                      f"{total} steps of {per_step} sequences")
-    mesh_hi = mesh_lo + codec.vocab_size
+    is_mesh = mesh_id_table(special, acc.device)
+    pad_id = tokenizer.pad_token_id
+    base = str(opts.init) if opts.init else None
 
-    def evaluate() -> dict:
-        model.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
-        mine = np.arange(acc.process_index, len(evals), acc.num_processes)
-        with torch.no_grad():
-            for s in range(0, len(mine), opts.batch_size):
-                batch = {k: v.to(acc.device) for k, v in collate(evals, mine[s:s + opts.batch_size],
-                                                                 tokenizer.pad_token_id).items()}
-                sums += completion_loss(model, batch, mesh_lo, mesh_hi)[1]
-        sums = acc.reduce(sums, "sum").cpu().numpy()
-        model.train()
-        return {"eval_loss": sums[0] / max(sums[1], 1), "eval_mesh_loss": sums[2] / max(sums[3], 1),
-                "eval_mesh_acc": sums[4] / max(sums[3], 1)}
-
+    # the training loop
     model.train()
-    window = np.zeros(5)
+    window = np.zeros(5)  # loss sums since the last log line (see completion_loss)
     last_eval: dict = {}
     t_log, tokens_log = time.time(), 0
     for step in progress.track(range(start, total), total=total - start, desc="sft"):
-        idx = step_indices(step, len(train), per_step, opts.seed)
-        mine = idx[acc.process_index::acc.num_processes]
-        micro = [mine[i:i + opts.batch_size] for i in range(0, len(mine), opts.batch_size)]
-        batches = [collate(train, m, tokenizer.pad_token_id) for m in micro]
+        batches = step_batches(train, step, per_step, opts, acc, pad_id)
         n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        for i, b in enumerate(batches):
+        for i, b in enumerate(batches):  # gradient accumulation: sync only on the last micro-batch
             b = {k: v.to(acc.device) for k, v in b.items()}
             ctx = acc.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
             with ctx:
-                loss_sum, stats = completion_loss(model, b, mesh_lo, mesh_hi)
+                loss_sum, stats = completion_loss(model, b, is_mesh)
                 acc.backward(loss_sum / n_tok)
             window += stats.cpu().numpy()
             tokens_log += int(b["attention_mask"].sum())
@@ -714,40 +626,138 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % opts.log_every == 0 or done == total:
-            dt = max(time.time() - t_log, 1e-9)
-            rec = {"loss": window[0] / max(window[1], 1), "mesh_loss": window[2] / max(window[3], 1),
-                   "mesh_acc": window[4] / max(window[3], 1), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "tokens_per_s": tokens_log * acc.num_processes / dt,
-                   "epoch": done * per_step / len(train)}
-            metrics.log(done, rec)
+            seconds = max(time.time() - t_log, 1e-9)
+            metrics.log(done, train_record(window, scheduler, grad_norm, tokens_log * acc.num_processes / seconds,
+                                           done * per_step / len(train)))
             window[:] = 0
             t_log, tokens_log = time.time(), 0
-        if done % eval_every == 0 or done == total:
-            if len(evals):
-                last_eval = evaluate()
-                metrics.log(done, last_eval)
-                progress.log(f"sft: step {done}/{total} eval_loss {last_eval['eval_loss']:.4f} "
-                             f"mesh_acc {last_eval['eval_mesh_acc']:.3f}")
+        if (done % eval_every == 0 or done == total) and len(evals):
+            last_eval = evaluate(model, evals, acc, opts.batch_size, pad_id, is_mesh)
+            metrics.log(done, last_eval)
+            progress.log(f"sft: step {done}/{total} eval_loss {last_eval['eval_loss']:.4f} "
+                         f"mesh_acc {last_eval['eval_mesh_acc']:.3f}")
         if done % save_every == 0 or done == total:
             acc.wait_for_everyone()
             if main:
-                save_checkpoint(out, done, acc.unwrap_model(model), tokenizer, optimizer, scheduler,
-                                opts.keep_checkpoints)
+                save_checkpoint(out, done, acc.unwrap_model(model), tokenizer, codec, optimizer, scheduler,
+                                opts.keep_checkpoints, base, policy_meta(opts.mode, tokenizer, codec, "float32"))
                 metrics.write_parquet(key)
             acc.wait_for_everyone()
 
-    final = out / "final"
+    # the final policy
     if main:
         extra = {"sft": key, "params": n_params, "train_sequences": len(train), "eval": last_eval}
-        export_policy(out, acc.unwrap_model(model), tokenizer, codec, total, opts.mode, opts.save_dtype,
-                      str(opts.init) if opts.init else None, extra)
+        export_policy(out, acc.unwrap_model(model), tokenizer, codec, total, opts.mode, opts.save_dtype, base, extra)
         metrics.write_parquet(key)
     acc.wait_for_everyone()
-    last = _last_train_loss(out / "metrics.jsonl")
-    return {"stage": "sft", "out": str(out), "final": str(final), "steps": total, "resumed_from": start,
+    return {"stage": "sft", "out": str(out), "final": str(out / "final"), "steps": total, "resumed_from": start,
             "train_sequences": len(train), "eval_sequences": len(evals), "excluded_rows": excluded,
-            "too_long": too_long, "params": n_params, "train_loss": last, **last_eval,
-            "seconds": round(time.time() - t0, 3), "skipped": False}
+            "too_long": too_long, "params": n_params, "train_loss": _last_train_loss(out / "metrics.jsonl"),
+            **last_eval, "seconds": round(time.time() - t0, 3), "skipped": False}
+
+
+# ---- the steps of run_sft ------------------------------------------------------------------------
+
+def _clear_outputs(out: Path) -> None:
+    """--overwrite: remove what an earlier run wrote into OUT (nothing else)."""
+    for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "metrics.parquet", "sft_config.json"):
+        p = out / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _finished_run(out: Path, key: dict) -> dict | None:
+    """The skip summary when OUT holds a finished run of these options; None when there is work to
+    do. A run with other trajectory options in OUT is an input error."""
+    cfg_file = out / "sft_config.json"
+    if not cfg_file.is_file():
+        return None
+    before = json.loads(cfg_file.read_text())
+    diff = sorted(k for k in set(before) | set(key) if before.get(k) != key.get(k))
+    if diff:
+        raise InputError(f"{cfg_file}: this run differs from the one in {out} in {', '.join(diff)} "
+                         f"(use --overwrite to start over, or another --out)")
+    done = out / "final" / POLICY_META
+    if not done.is_file():
+        return None
+    meta = json.loads(done.read_text())
+    return {"stage": "sft", "out": str(out), "final": str(out / "final"), "steps": meta["step"], "skipped": True}
+
+
+def initial_model(opts: SFTOptions, rows: dict, codec, resume: Path | None):
+    """(model, tokenizer): the latest checkpoint of this run, else --init, else a fresh --config
+    model with a tokenizer trained on the table's texts."""
+    if resume is not None:
+        tokenizer = load_tokenizer(resume)
+        return from_local_dir(AutoModelForCausalLM, resume, "causal LM", dtype="float32"), tokenizer
+    if opts.init is not None:
+        return load_init(Path(opts.init), codec.vocab_size)
+    texts = [t for c in ("prompt", "plan", "detail") if c in rows for t in rows[c]]
+    tokenizer = build_tokenizer(texts, codec, opts.text_vocab)
+    return build_model(opts.config, len(tokenizer), tokenizer), tokenizer
+
+
+def build_datasets(rows: dict, opts: SFTOptions, tokenizer, special: SpecialIds, codec,
+                   max_len: int) -> tuple[Packed, Packed, int, int]:
+    """(train, eval sequences, excluded rows, sequences too long for the model): the split, the mesh
+    targets, the sequences of every level; eval capped at --eval-rows by a seeded choice."""
+    train_obj, eval_obj, excluded = split_objects(rows, opts.eval_fraction, opts.seed)
+    mesh = mesh_targets(rows, codec, MODE_LEVELS[opts.mode])
+    train = build_dataset(rows, train_obj, opts.mode, tokenizer, special, mesh)
+    evals = build_dataset(rows, eval_obj, opts.mode, tokenizer, special, mesh)
+    too_long = int((train.lengths > max_len).sum() + (evals.lengths > max_len).sum())
+    train = train.subset(np.flatnonzero(train.lengths <= max_len))
+    evals = evals.subset(np.flatnonzero(evals.lengths <= max_len))
+    if len(evals) > opts.eval_rows:
+        evals = evals.subset(np.sort(np.random.default_rng([opts.seed, 11]).permutation(len(evals))[:opts.eval_rows]))
+    if len(train) == 0:
+        raise InputError(f"{opts.data}: no training sequences fit the model's {max_len} positions")
+    return train, evals, excluded, too_long
+
+
+def build_optimizer(model, opts: SFTOptions) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+
+
+def restore_trainer_state(checkpoint: Path, optimizer, scheduler) -> int:
+    """Optimizer, scheduler and RNG state of a checkpoint; returns its step (the data cursor)."""
+    state = load_trainer_state(checkpoint / STATE_FILE)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    return int(state["step"])
+
+
+def step_batches(train: Packed, step: int, per_step: int, opts: SFTOptions, acc, pad_id: int) -> list[dict]:
+    """This process's micro-batches of one optimizer step (CPU tensors)."""
+    idx = step_indices(step, len(train), per_step, opts.seed)
+    mine = idx[acc.process_index::acc.num_processes]
+    return [collate(train, mine[i:i + opts.batch_size], pad_id) for i in range(0, len(mine), opts.batch_size)]
+
+
+def train_record(window: np.ndarray, scheduler, grad_norm, tokens_per_s: float, epoch: float) -> dict:
+    """One metrics.jsonl record from the loss sums since the last one."""
+    return {"loss": window[0] / max(window[1], 1), "mesh_loss": window[2] / max(window[3], 1),
+            "mesh_acc": window[4] / max(window[3], 1), "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s, "epoch": epoch}
+
+
+def evaluate(model, evals: Packed, acc, batch_size: int, pad_id: int, is_mesh: torch.Tensor) -> dict:
+    """Loss, mesh loss and mesh-token accuracy on the eval sequences, over all processes."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=acc.device)
+    mine = np.arange(acc.process_index, len(evals), acc.num_processes)
+    with torch.no_grad():
+        for s in range(0, len(mine), batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate(evals, mine[s:s + batch_size], pad_id).items()}
+            sums += completion_loss(model, batch, is_mesh)[1]
+    sums = acc.reduce(sums, "sum").cpu().numpy()
+    model.train()
+    return {"eval_loss": sums[0] / max(sums[1], 1), "eval_mesh_loss": sums[2] / max(sums[3], 1),
+            "eval_mesh_acc": sums[4] / max(sums[3], 1)}
 
 
 def _check_options(opts: SFTOptions) -> None:

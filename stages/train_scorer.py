@@ -188,7 +188,7 @@ def train(objects, renders, out: Path, steps: int = 3000, batch_size: int = 256,
           seed: int = 0, device: str = "auto", log=print) -> dict:
     import torch
 
-    from rl3d.stages.rewards.clip import pick_device
+    from rl3d.stages.policy.device import pick_device
 
     device = pick_device(device)
     rng = random.Random(seed)

@@ -17,12 +17,14 @@ from test_policy import make_tiny_policy  # noqa: E402
 from rl3d.cli.main import main  # noqa: E402
 from rl3d.formats import tables  # noqa: E402
 from rl3d.stages import gen  # noqa: E402
-from rl3d.stages import policy as pol  # noqa: E402
+from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
+from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_tokens, uniform_draws  # noqa: E402
+from rl3d.stages.policy.sequence import INSTRUCTIONS, build_prompt, collate, encode_text  # noqa: E402
 
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "furniture", "spec": '{"legs": 4}'},
            {"prompt_id": "p-table", "prompt": "a tall blue table", "category": "furniture", "spec": '{"legs": 1}'},
            {"prompt_id": "p-box", "prompt": "a green box", "category": "box", "spec": "{}"}]
-SAMPLING = gen.Sampling(max_reasoning_tokens=12)
+SAMPLING = Sampling(max_reasoning_tokens=12)
 torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
 
 
@@ -33,7 +35,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(tiny):
-    return pol.load_policy(tiny, device="cpu", dtype="float32")
+    return load_policy(tiny, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +79,14 @@ def test_spans_and_exactly_m_mesh_tokens(loaded, hi_rows):
     for r in hi_rows:
         if r["level"] == "fine":
             plan = coarse[(r["prompt_id"], r["sample_index"])]["reasoning"]
-            prompt = pol.build_prompt(r["prompt"], "fine", plan=plan)
-            assert r["input_ids"][:r["prompt_len"]] == pol.encode_text(loaded.tokenizer, prompt)
+            prompt = build_prompt(r["prompt"], "fine", plan=plan)
+            assert r["input_ids"][:r["prompt_len"]] == encode_text(loaded.tokenizer, prompt)
 
 
 def test_stored_logprobs_equal_recomputed(loaded, hi_rows):
-    b = pol.collate(hi_rows, loaded.special)
+    b = collate(hi_rows, loaded.special)
     with torch.no_grad():
-        lp, mask = pol.completion_logprobs(loaded.model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+        lp, mask = completion_logprobs(loaded.model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
                                            b["kinds"], loaded.special, SAMPLING.temperature)
     for i, r in enumerate(hi_rows):
         n = len(r["logprobs"])
@@ -108,14 +110,14 @@ def test_seeds_reproduce_and_batching_does_not_matter(loaded, hi_rows):
 def test_top_k_top_p_restrict_the_support():
     masked = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 200] * 400))
     seeds = torch.arange(400)
-    tok, lp = gen.sample_tokens(masked, seeds, 0)
+    tok, lp = sample_tokens(masked, seeds, 0)
     assert set(tok.tolist()) == {0, 1, 2, 3}
     assert torch.allclose(lp, masked.gather(1, tok[:, None])[:, 0], atol=1e-6)
-    tok, _ = gen.sample_tokens(masked, seeds, 0, top_p=0.7)  # nucleus {0, 1}
+    tok, _ = sample_tokens(masked, seeds, 0, top_p=0.7)  # nucleus {0, 1}
     assert set(tok.tolist()) == {0, 1} and 0.55 < (tok == 0).float().mean() < 0.7
-    tok, _ = gen.sample_tokens(masked, seeds, 0, top_k=1)
+    tok, _ = sample_tokens(masked, seeds, 0, top_k=1)
     assert set(tok.tolist()) == {0}
-    u = gen.uniform_draws(seeds, 3)
+    u = uniform_draws(seeds, 3)
     assert (u > 0).all() and (u < 1).all() and abs(float(u.mean()) - 0.5) < 0.05
 
 
@@ -138,7 +140,7 @@ def test_cli_flat_and_hi_grpo_tables(tiny, prompts_file, tmp_path):
     assert ok and all(Path(x["mesh_path"]).is_file() for x in ok)
     assert tables.table_policy(tmp_path / "flat").endswith("#step3")
     cfg = tables.table_config(tmp_path / "flat")
-    assert cfg["instructions"] == {"single": pol.INSTRUCTIONS["single"]} and cfg["sampling"]["max_reasoning_tokens"] == 4
+    assert cfg["instructions"] == {"single": INSTRUCTIONS["single"]} and cfg["sampling"]["max_reasoning_tokens"] == 4
     # hi-grpo: shard 0/2 + 1/2 == unsharded; a group never straddles shards
     args = ["gen", "--prompts", str(prompts_file), "--policy", str(tiny), "-G", "2", "--max-reasoning-tokens", "4",
             "--quiet", "--seed", "3"]
@@ -175,7 +177,7 @@ def test_killed_gen_resumes_without_duplicates(tiny, prompts_file, tmp_path):
 
 def test_empty_grid_is_kept_as_decode_error(loaded, tmp_path, monkeypatch):
     monkeypatch.setattr(loaded.codec, "decode_batch", lambda t: np.zeros((len(t), 32, 32, 32), np.uint8))
-    rows = gen.generate(loaded, PROMPTS[:1], "flat", group_size=1, seed=0, sampling=gen.Sampling(max_reasoning_tokens=1),
+    rows = gen.generate(loaded, PROMPTS[:1], "flat", group_size=1, seed=0, sampling=Sampling(max_reasoning_tokens=1),
                         out_dir=tmp_path)
     assert rows[0]["status"] == "decode_error" and "empty" in rows[0]["message"] and rows[0]["mesh_path"] is None
     assert len(rows[0]["mesh_tokens"]) == 512
@@ -195,7 +197,7 @@ def test_cli_errors(tmp_path, prompts_file):
 
 def test_corrupt_weights_are_a_clear_error(tiny, tmp_path):
     """NaN weights (e.g. a diverged update) must not turn into silently garbled samples."""
-    policy = pol.load_policy(tiny, device="cpu", dtype="float32")
+    policy = load_policy(tiny, device="cpu", dtype="float32")
     with torch.no_grad():
         policy.model.get_output_embeddings().weight.fill_(float("nan"))
     from rl3d.formats.errors import InputError

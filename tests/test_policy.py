@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from rl3d.formats.errors import InputError
-from rl3d.stages import policy as pol
+from rl3d.stages.policy.checkpoint import POLICY_META, load_policy, save_policy
+from rl3d.stages.policy.sampler import completion_logprobs
+from rl3d.stages.policy.sequence import (KIND_FORCE_END, KIND_FORCE_EOS, KIND_FORCE_START, KIND_MESH,
+                                         KIND_REASONING, allowed_mask, build_prompt, build_sequence, collate)
+from rl3d.stages.policy.tokenizer import mesh_token_ids
 
 torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
 
@@ -58,14 +62,14 @@ def make_tiny_policy(out: Path, seed: int = 0, step: int = 3, mode: str | None =
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():  # make text tokens and <mesh-start> likely enough to see short plans
         model.lm_head.weight.mul_(8.0)
-    return pol.save_policy(out, model, tok, codec, step=step, base="random-init",
+    return save_policy(out, model, tok, codec, step=step, base="random-init",
                            extra={"mode": mode} if mode else None)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = make_tiny_policy(tmp_path_factory.mktemp("pol") / "policy")
-    return pol.load_policy(d, device="cpu", dtype="float32")
+    return load_policy(d, device="cpu", dtype="float32")
 
 
 def test_load_policy_roundtrip(tiny):
@@ -75,9 +79,9 @@ def test_load_policy_roundtrip(tiny):
     assert rest.endswith("#step3") and len(rest.split("#")[0]) == 12
     assert tiny.model.dtype == torch.float32 and not tiny.model.training
     assert (tiny.path / "codec" / "codebook.npz").is_file()
-    assert json.loads((tiny.path / pol.POLICY_META).read_text())["model_class"] == "Qwen2ForCausalLM"
+    assert json.loads((tiny.path / POLICY_META).read_text())["model_class"] == "Qwen2ForCausalLM"
     # mesh ids in codec order
-    ids, start, end, eos = pol.mesh_token_ids(tiny.tokenizer, tiny.codec)
+    ids, start, end, eos = mesh_token_ids(tiny.tokenizer, tiny.codec)
     assert ids.tolist() == [tiny.tokenizer.convert_tokens_to_ids(f"<mesh{i}>") for i in range(33)]
     assert (start, end, eos) == (tiny.special.mesh_start, tiny.special.mesh_end, tiny.special.eos)
     assert tiny.special.vocab_size == len(tiny.tokenizer) + 3
@@ -85,22 +89,22 @@ def test_load_policy_roundtrip(tiny):
 
 def test_load_policy_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        pol.load_policy(tmp_path / "nope")
+        load_policy(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="has no config.json"):
-        pol.load_policy(tmp_path / "empty")
+        load_policy(tmp_path / "empty")
 
 
 def test_allowed_mask(tiny):
     sp = tiny.special
-    m = pol.allowed_mask(sp)
+    m = allowed_mask(sp)
     words = [tiny.tokenizer.convert_tokens_to_ids(w) for w in WORDS]
-    r = m[pol.KIND_REASONING]
+    r = m[KIND_REASONING]
     assert r[words].all() and r[sp.mesh_start]
     assert not r[sp.mesh_ids].any() and not r[[sp.mesh_end, sp.eos, sp.pad]].any()
     assert not r[len(tiny.tokenizer):].any()  # spare output rows are never text
-    assert m[pol.KIND_MESH].nonzero()[:, 0].tolist() == sorted(sp.mesh_ids.tolist())
-    for k, t in [(pol.KIND_FORCE_START, sp.mesh_start), (pol.KIND_FORCE_END, sp.mesh_end), (pol.KIND_FORCE_EOS, sp.eos)]:
+    assert m[KIND_MESH].nonzero()[:, 0].tolist() == sorted(sp.mesh_ids.tolist())
+    for k, t in [(KIND_FORCE_START, sp.mesh_start), (KIND_FORCE_END, sp.mesh_end), (KIND_FORCE_EOS, sp.eos)]:
         assert m[k].nonzero()[:, 0].tolist() == [t]
 
 
@@ -110,8 +114,8 @@ def _fake_rows(tiny, n_reason=(3, 0), seed=0):
     for i, n in enumerate(n_reason):
         words = " ".join(WORDS[j] for j in torch.randint(len(WORDS), (n,), generator=g).tolist())
         mesh = torch.randint(tiny.codec.vocab_size, (tiny.codec.seq_len,), generator=g)
-        text = pol.build_prompt("a red chair" if i % 2 else "table", "single")
-        rows.append(pol.build_sequence(tiny.tokenizer, sp, text, words, mesh))
+        text = build_prompt("a red chair" if i % 2 else "table", "single")
+        rows.append(build_sequence(tiny.tokenizer, sp, text, words, mesh))
     return rows
 
 
@@ -121,20 +125,20 @@ def test_build_sequence_and_kinds(tiny):
     ids = row["input_ids"]
     assert ids[row["reasoning_end"]] == sp.mesh_start and row["mesh_end"] - row["mesh_start"] == 512
     assert ids[row["mesh_end"]] == sp.mesh_end and ids[row["mesh_end"] + 1] == sp.eos and len(ids) == row["mesh_end"] + 2
-    b = pol.collate([row], sp)
+    b = collate([row], sp)
     k = b["kinds"][0]
-    assert (k[:3] == pol.KIND_REASONING).all() and k[3] == pol.KIND_REASONING
-    assert (k[4:516] == pol.KIND_MESH).all() and k[516] == pol.KIND_FORCE_END and k[517] == pol.KIND_FORCE_EOS
+    assert (k[:3] == KIND_REASONING).all() and k[3] == KIND_REASONING
+    assert (k[4:516] == KIND_MESH).all() and k[516] == KIND_FORCE_END and k[517] == KIND_FORCE_EOS
     row["reasoning_truncated"] = True
-    assert pol.collate([row], sp)["kinds"][0, 3] == pol.KIND_FORCE_START
+    assert collate([row], sp)["kinds"][0, 3] == KIND_FORCE_START
 
 
 def test_completion_logprobs_matches_naive_and_is_differentiable(tiny):
     sp, model = tiny.special, tiny.model
     rows = _fake_rows(tiny, (4, 0))
-    b = pol.collate(rows, sp)
+    b = collate(rows, sp)
     with torch.no_grad():
-        lp, mask = pol.completion_logprobs(model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+        lp, mask = completion_logprobs(model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
                                            b["kinds"], sp, temperature=0.7, chunk_size=100)
     assert lp.dtype == torch.float32 and lp.shape == b["kinds"].shape
     # naive: each row alone, full logits, masked log_softmax
@@ -148,7 +152,7 @@ def test_completion_logprobs_matches_naive_and_is_differentiable(tiny):
         n = len(want)
         assert torch.allclose(lp[i, :n], want, atol=1e-5)
         assert mask[i, :n].all() and not mask[i, n:].any() and (lp[i, n:] == 0).all()
-        forced = (kinds == pol.KIND_FORCE_END) | (kinds == pol.KIND_FORCE_EOS)
+        forced = (kinds == KIND_FORCE_END) | (kinds == KIND_FORCE_EOS)
         assert forced.sum() == 2 and (lp[i, :n][forced] == 0).all()
     # right padding gives the same values as left padding; grads flow through the checkpointed chunks
     P = b["attention_mask"].shape[1]
@@ -158,7 +162,7 @@ def test_completion_logprobs_matches_naive_and_is_differentiable(tiny):
         ids_r[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
         att_r[i, :len(r["input_ids"])] = 1
     model.zero_grad()
-    lp2, _ = pol.completion_logprobs(model, ids_r, att_r, b["prompt_lens"], b["kinds"], sp, 0.7, chunk_size=64)
+    lp2, _ = completion_logprobs(model, ids_r, att_r, b["prompt_lens"], b["kinds"], sp, 0.7, chunk_size=64)
     assert torch.allclose(lp2.detach(), lp, atol=1e-5)
     (lp2 * mask).sum().backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0

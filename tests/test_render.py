@@ -12,6 +12,7 @@ from PIL import Image
 
 from rl3d.cli.main import main
 from rl3d.formats.glb import write_glb
+from rl3d.stages.policy.device import pick_device
 from rl3d.formats.tables import read_table
 from rl3d.formats.voxels import color_id, grid_to_mesh
 from rl3d.stages.render import parse_color, render_views, view_angles
@@ -282,7 +283,7 @@ def test_backend_choice_and_no_open3d_import(monkeypatch):
 
     code = "import sys, rl3d.stages.render; assert 'open3d' not in sys.modules, 'open3d imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
-    assert render.resolve_backend("auto") == "open3d" and render.resolve_device(None) == "cpu"
+    assert render.resolve_backend("auto") == "open3d" and pick_device(None) == "cpu"
     monkeypatch.setattr(render, "open3d_available", lambda: False)  # as on the GPU machine
     assert render.resolve_backend("auto") == "torch"
     with pytest.raises(InputError, match="open3d is not installed"):
@@ -290,7 +291,7 @@ def test_backend_choice_and_no_open3d_import(monkeypatch):
     with pytest.raises(InputError, match="--backend"):
         render.resolve_backend("embree")
     with pytest.raises(InputError, match="--device"):
-        render.resolve_device("tpu:0")
+        pick_device("tpu:0")
 
 
 def test_cli_torch_backend_writes_same_images(glb_dir, tmp_path):

@@ -19,7 +19,8 @@ from test_policy import make_tiny_policy  # noqa: E402
 from rl3d.cli.main import main  # noqa: E402
 from rl3d.formats import shards, tables  # noqa: E402
 from rl3d.stages import gen  # noqa: E402
-from rl3d.stages import policy as pol  # noqa: E402
+from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
+from rl3d.stages.policy.sampler import Sampling  # noqa: E402
 from rl3d.stages.rl_step import RLConfig, run_rl_step  # noqa: E402
 
 torch.set_num_threads(1)
@@ -33,9 +34,9 @@ def run(tmp_path_factory):
     fraction of non-empty mesh blocks (any deterministic function with spread will do)."""
     root = tmp_path_factory.mktemp("rl")
     policy = make_tiny_policy(root / "policy")
-    loaded = pol.load_policy(policy, device="cpu", dtype="float32")
+    loaded = load_policy(policy, device="cpu", dtype="float32")
     rows = gen.generate(loaded, PROMPTS, "hi-grpo", group_size=3, seed=3,
-                        sampling=gen.Sampling(max_reasoning_tokens=6), batch_size=8)
+                        sampling=Sampling(max_reasoning_tokens=6), batch_size=8)
     samples = pa.Table.from_pylist(rows)
     shards.write_part(tables.with_metadata(samples, "samples"), root / "gen", shards.Shard(0, 1))
     rewards = [{"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
@@ -84,7 +85,7 @@ def test_checkpoint_is_complete_and_loadable(run, tmp_path):
     meta = json.loads((out / "rl3d_policy.json").read_text())
     assert meta["rl_step"] == 1 and meta["initial_policy"] == str(Path(policy).resolve())
     assert _metrics(out)["kl"] == 0.0  # the first step's policy is its own reference
-    loaded = pol.load_policy(out, device="cpu", dtype="float32")
+    loaded = load_policy(out, device="cpu", dtype="float32")
     assert loaded.meta["rl_step"] == 1
     run_metrics = pq.read_table(tmp_path / "m.parquet").to_pylist()
     assert {r["name"] for r in run_metrics} >= {"loss", "kl", "entropy", "reward_mean_coarse", "grad_norm"}
@@ -193,4 +194,4 @@ def test_lora_step_merges_the_adapter_into_a_plain_checkpoint(run, tmp_path):
     assert w0.keys() == w1.keys()  # merged: no adapter weights left
     assert any(not torch.equal(w0[k].to(w1[k].dtype), w1[k]) for k in w1)
     assert not (out / "optimizer.pt").exists()
-    assert pol.load_policy(out, device="cpu", dtype="float32").model is not None
+    assert load_policy(out, device="cpu", dtype="float32").model is not None

@@ -17,7 +17,7 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV, remote_code_allowed
 from rl3d.formats.prompts import read_prompts
-from rl3d.stages import policy as pol
+from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.rewards.hps import _read_weights
 from rl3d.stages.sft import load_trainer_state, restore_rng, rng_state
 
@@ -88,7 +88,7 @@ def test_policy_with_remote_code_does_not_run_it(tmp_path, monkeypatch):
     meta["model_class"] = "AutoModelForCausalLM"
     (d / "rl3d_policy.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="cannot load the model"):
-        pol.load_policy(d, device="cpu")
+        load_policy(d, device="cpu")
     # nothing is asked on stdin either: a "y" typed into the command changes nothing
     (tmp_path / "p.txt").write_text("a red box\n")
     res = CliRunner().invoke(cli, ["gen", "--prompts", str(tmp_path / "p.txt"), "--policy", str(d),

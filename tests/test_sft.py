@@ -12,8 +12,9 @@ from rl3d.cli.main import main
 from rl3d.formats.codec import VoxelCodec
 from rl3d.formats.voxels import PALETTE_NAMES, coarsen_grid, to_bytes
 from rl3d.stages import sft
-from rl3d.stages.policy import build_prompt, build_sequence, special_ids
-from rl3d.stages.tokenizer import build_tokenizer, mesh_token_offset
+from rl3d.stages.policy.checkpoint import load_policy
+from rl3d.stages.policy.sequence import build_prompt, build_sequence
+from rl3d.stages.policy.tokenizer import build_tokenizer, mesh_token_offset, special_ids
 
 
 def _grids(n, seed=0):
@@ -72,8 +73,7 @@ def test_sequences_match_the_policy_layout_and_labels_are_completion_only(data):
     cols = {k: [r[k] for r in rows] for k in ("prompt", "plan", "detail")}
     for level in ("coarse", "fine", "single"):
         prompts, reasonings = sft.level_texts(cols, level)
-        packed = sft.tokenize_sequences(tok, prompts, reasonings, mesh["coarse" if level == "coarse" else "fine"],
-                                        mesh_token_offset(tok))
+        packed = sft.tokenize_sequences(tok, sp, prompts, reasonings, mesh["coarse" if level == "coarse" else "fine"])
         for i in range(3):
             want = build_sequence(tok, sp, prompts[i], reasonings[i],
                                   mesh["coarse" if level == "coarse" else "fine"][i])
@@ -120,8 +120,6 @@ def test_training_lowers_loss_and_exports_a_complete_policy(run, data):
     assert model.get_input_embeddings().weight.shape[0] == len(tok) == mesh_token_offset(tok) + codec.vocab_size
     assert (final / "model.safetensors").is_file() and sorted(p.name for p in (out / "checkpoints").iterdir()) == \
         ["step-000003", "step-000006"]
-
-    from rl3d.stages.policy import load_policy
 
     pol = load_policy(final, device="cpu")
     assert pol.step == 6 and pol.special.k == codec.vocab_size

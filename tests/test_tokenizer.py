@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from rl3d.formats.codec import MESH_END, MESH_START, VoxelCodec, mesh_token_text
-from rl3d.stages.policy import build_prompt, load_tokenizer
-from rl3d.stages.tokenizer import CONTROL_TOKENS, add_mesh_tokens, build_tokenizer, mesh_token_offset
+from rl3d.stages.policy.sequence import build_prompt
+from rl3d.stages.policy.tokenizer import (CONTROL_TOKENS, add_mesh_tokens, build_tokenizer, load_tokenizer,
+                                          mesh_token_offset)
 
 TEXTS = ["A red chair with four legs and a tall back.", "Plan: a table; flat top, 4 legs (12 units high).",
          "It's a small blue snowman with 3 balls.\nA carrot nose."] * 20

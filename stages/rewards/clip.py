@@ -18,6 +18,7 @@ import numpy as np
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
+from rl3d.stages.policy.device import pick_device
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 
 METRICS = ("clip_score", "pickscore", "cosine")
@@ -40,14 +41,6 @@ def load_rgb(path: str | os.PathLike, background=(255, 255, 255)):
             bg = Image.new("RGBA", im.size, tuple(background) + (255,))
             return Image.alpha_composite(bg, im).convert("RGB")
         return im.convert("RGB")
-
-
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_processors(model_dir: str | os.PathLike):

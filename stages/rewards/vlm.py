@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
+from rl3d.stages.policy.device import pick_device
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.rewards.judge_prompts import SYSTEM, JudgeParseError, Rubric, RUBRICS, get_rubric
 
@@ -97,7 +98,7 @@ def load_qwen_vl(model_dir: str, device: str | None = None):
     path = Path(model_dir).resolve()
     if not (path / "config.json").is_file():
         raise InputError(f"{model_dir}: not a model dir (no config.json)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     key = (str(path), device)
     with _MODEL_LOCK:
         if key in _MODEL_CACHE:

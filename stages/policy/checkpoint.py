@@ -1,0 +1,180 @@
+"""Policy checkpoints: the one writer (save_policy) and reader (load_policy) of a policy dir, its
+metadata file (rl3d_policy.json) and the policy id that names it in every output.
+
+A policy dir: transformers weights (safetensors), the tokenizer, the codec (a copy under codec/
+or "default") and rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.utils import logging as hf_logging
+
+from rl3d.formats.codec import VoxelCodec
+from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import remote_code_allowed
+from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids
+
+POLICY_META = "rl3d_policy.json"
+_FULL_HASH_LIMIT = 1 << 30  # weights up to 1 GiB are hashed whole; larger ones by header + samples
+
+
+@dataclass
+class Policy:
+    model: "torch.nn.Module"
+    tokenizer: object
+    codec: object
+    path: Path
+    policy_id: str
+    step: int
+    meta: dict = field(default_factory=dict)
+    special: "SpecialIds | None" = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_policy_dir() -> Path:
+    """The embedded default policy shipped in rl3d.assets/policy (built by rl3d's own sft)."""
+    p = Path(str(files("rl3d.assets") / "policy"))
+    if not (p / POLICY_META).is_file():
+        raise InputError(f"the embedded default policy is not built ({p} is missing); run "
+                         f"`rl3d synth` then `rl3d sft` to build one, or pass --policy DIR")
+    return p
+
+
+def read_policy_meta(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"policy dir {p} not found")
+    if not (p / "config.json").is_file():
+        raise InputError(f"{p} has no config.json (not a saved transformers model)")
+    f = p / POLICY_META
+    if not f.is_file():
+        raise InputError(f"{p} has no {POLICY_META} (save policies with rl3d.stages.policy.checkpoint.save_policy)")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{f}: invalid JSON ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{f}: expected a JSON object")
+    return meta
+
+
+def _model_class(name: str | None, source: Path):
+    """`model_class` of rl3d_policy.json: a transformers class name (auto or concrete); default
+    AutoModelForCausalLM. Qwen2.5-VL checkpoints name e.g. Qwen2_5_VLForConditionalGeneration."""
+    cls = getattr(transformers, name or "AutoModelForCausalLM", None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise InputError(f"{source}: model_class {name!r} is not a transformers model class")
+    return cls
+
+
+def load_codec_for(path: Path, meta: dict):
+    ref = meta.get("codec", "default")
+    try:
+        codec = VoxelCodec.load(None if ref in (None, "default") else path / ref)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(f"{path / POLICY_META}: codec {ref!r}: {e}") from None
+    want = meta.get("codec_hash")
+    if want and want != codec.content_hash():
+        raise InputError(f"{path / POLICY_META}: codec {ref!r} has hash {codec.content_hash()}, but the policy "
+                         f"was trained with codec {want}")
+    return codec
+
+
+def load_policy(path: str | os.PathLike | None = None, device: str | None = None,
+                dtype: str | None = None) -> Policy:
+    """A policy checkpoint dir (None = the shipped default) -> model (eval mode), tokenizer, codec."""
+    hf_logging.disable_progress_bar()  # no weight-loading bars in CLI output
+    path = Path(path).resolve() if path is not None else default_policy_dir()
+    meta = read_policy_meta(path)
+    dev, dt = resolve_device_dtype(device, dtype)
+    codec = load_codec_for(path, meta)
+    tokenizer = load_tokenizer(path)
+    cls = _model_class(meta.get("model_class"), path)
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
+    except Exception as e:
+        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+    model.to(dev).eval()
+    special = special_ids(tokenizer, codec, model_vocab_size(model), source=str(path))
+    return Policy(model, tokenizer, codec, path, policy_id(path, meta), int(meta.get("step", 0)), meta, special)
+
+
+def policy_id(path: Path, meta: dict) -> str:
+    """The id every output names its policy by: "<abs dir>@<weights hash>#step<N>"."""
+    return f"{path}@{weights_hash(path)}#step{int(meta.get('step', 0))}"
+
+
+def weights_hash(path: Path) -> str:
+    """Short content hash of the weight files. Files up to 1 GiB in total are hashed whole;
+    beyond that, the safetensors headers, file sizes and 64 evenly spaced 1 MiB blocks."""
+    weight_files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
+    if not weight_files:
+        raise InputError(f"{path}: no weight files (*.safetensors)")
+    h = hashlib.sha256()
+    whole = sum(f.stat().st_size for f in weight_files) <= _FULL_HASH_LIMIT
+    for f in weight_files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if whole:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            else:
+                head = int.from_bytes(fh.read(8), "little") + 8
+                fh.seek(0)
+                h.update(fh.read(min(head, 1 << 24)))
+                for k in range(64):
+                    fh.seek(size * k // 64)
+                    h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, base: str | None = None,
+                codec_ref: str | None = None, extra: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write a checkpoint dir that load_policy reads: weights (safetensors), tokenizer and
+    rl3d_policy.json. `codec_ref`: "default" (the shipped codec) or None to copy the codec into
+    out/codec. `state_dict`: the weights to write when `model` holds only a shard of them (FSDP).
+    Written into a temp dir renamed at the end, so a killed save leaves no torn dir. The one writer
+    of a policy dir: sft's final policy and trainer checkpoints and rl-step's checkpoints use it."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(str(tmp))
+    if codec_ref is None:
+        codec.save(tmp / "codec")
+        codec_ref = "codec"
+    arch = (getattr(model.config, "architectures", None) or [None])[0]
+    meta = {"codec": codec_ref, "codec_hash": codec.content_hash(), "step": int(step), "base": base,
+            "model_class": arch if arch and hasattr(transformers, arch) else "AutoModelForCausalLM",
+            **(extra or {})}
+    (tmp / POLICY_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    return out
+
+
+def model_vocab_size(model) -> int:
+    """Rows of the output head (the logits width), which may exceed len(tokenizer)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.get_text_config().vocab_size)

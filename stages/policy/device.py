@@ -1,0 +1,36 @@
+"""Device and dtype selection, one rule for every command: CUDA when available, else CPU; bf16
+on CUDA, fp32 on CPU; an explicit --device / --dtype wins and is checked."""
+from __future__ import annotations
+
+import torch
+
+from rl3d.formats.errors import InputError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> str:
+    """None or "auto": "cuda" when available, else "cpu". A name given must be a torch device
+    (cpu, cuda, cuda:1, ...) that this machine has."""
+    if not device or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return str(dev)
+
+
+def resolve_device_dtype(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA + bf16 when available, else CPU + fp32; explicit flags override."""
+    dev = torch.device(pick_device(device))
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(sorted(DTYPES))}")
+    return dev, dt

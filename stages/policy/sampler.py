@@ -1,0 +1,319 @@
+"""The constrained sampler and log-prob recomputation, which share one masking of the logits
+(sequence.allowed_mask through SpecialIds.kind_bias): gen samples with it, rl-step and eval
+recompute the same log-probs with it.
+
+The sampler is a batched loop over a KV cache: left-padded prompts with explicit position ids, a
+per-row state machine (reasoning -> mesh -> done) held in tensors, the constraint masking,
+temperature, top-k and top-p. Randomness is counter-based: row r's draw at step t is a hash of
+(row seed, t), where the row seed comes from (--seed, prompt_id, sample_index, level). Samples
+therefore do not depend on batch composition, so sharding or a different --batch-size gives the
+same rollouts.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+from transformers import DynamicCache, StaticCache
+
+from rl3d.formats.errors import InputError
+from rl3d.stages.policy.sequence import KIND_FORCE_START, KIND_MESH, KIND_PAD, KIND_REASONING
+from rl3d.stages.policy.tokenizer import SpecialIds
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings. Defaults suit the small embedded policy: plain temperature-1 sampling with
+    a light nucleus cut (top_p 0.95) that drops the noisy tail (stray blocks) while keeping groups
+    diverse. The paper's setting for ShapeLLM-Omni is temperature 0.7, top_p 0.7, top_k 8192.
+    Stored log-probs are of the temperature-scaled masked distribution (top-k/top-p only shape
+    sampling, as in verl/TRL)."""
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = no top-k cut
+    max_reasoning_tokens: int = 128
+
+    def check(self) -> "Sampling":
+        if not self.temperature > 0:
+            raise InputError(f"--temperature {self.temperature}: must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.top_k < 0 or self.max_reasoning_tokens < 0:
+            raise InputError("--top-k and --max-reasoning-tokens must be >= 0")
+        return self
+
+
+# ---- counter-based randomness ----------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def row_seed(seed: int, prompt_id: str, sample_index: int, level: str) -> int:
+    """32-bit seed of one sampled sequence, independent of batch and shard."""
+    key = f"{int(seed)}\0{prompt_id}\0{int(sample_index)}\0{level}".encode()
+    return int.from_bytes(hashlib.sha1(key).digest()[:4], "little")
+
+
+def _pcg(x: torch.Tensor) -> torch.Tensor:
+    """PCG hash of 32-bit values held in int64 (products stay below 2^63, no overflow)."""
+    x = (x * 747796405 + 2891336453) & _M32
+    w = (((x >> ((x >> 28) + 4)) ^ x) * 277803737) & _M32
+    return ((w >> 22) ^ w) & _M32
+
+
+def uniform_draws(seeds: torch.Tensor, step: int, attempt: int = 0) -> torch.Tensor:
+    """float64[B] in (0, 1): the draw of each row at one step (and rejection attempt)."""
+    h = _pcg(seeds ^ _pcg(torch.full_like(seeds, step) ^ _pcg(torch.full_like(seeds, attempt))))
+    h2 = _pcg(h ^ 0x9E3779B9)
+    return ((h << 21 | (h2 >> 11)).double() + 0.5) / float(1 << 53)
+
+
+_BLOCK = 128  # vocabulary block of the two-level inverse CDF
+
+
+def _inverse_cdf(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Index i of each row with cumsum(w)[i-1] < target <= cumsum(w)[i], for non-negative weights
+    w [B, V] and targets in (0, sum(w)]. Two levels (block sums, then one block) instead of a
+    cumsum over the whole vocabulary, which is a slow sequential scan on CPU."""
+    B, V = w.shape
+    nb = V // _BLOCK  # callers pad the vocabulary to a multiple of _BLOCK
+    wb = w.view(B, nb, _BLOCK)
+    bcdf = wb.sum(-1).cumsum(-1)
+    blk = torch.searchsorted(bcdf, target[:, None]).clamp(max=nb - 1)
+    before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp(min=0)), 0.0)
+    inner = wb.gather(1, blk[:, :, None].expand(-1, -1, _BLOCK))[:, 0].cumsum(-1)
+    rest = torch.minimum(target[:, None] - before, inner[:, -1:])  # rounding: stay inside the block
+    idx = torch.searchsorted(inner, rest).clamp(max=_BLOCK - 1)
+    return (blk * _BLOCK + idx)[:, 0]
+
+
+def sample_tokens(masked: torch.Tensor, seeds: torch.Tensor, step: int, top_k: int = 0, top_p: float = 1.0,
+                  max_attempts: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(masked) (masked [B, V]: constrained, tempered logits),
+    restricted to the top-k / top-p set, by inverse-CDF draws from counter-based uniforms.
+    Returns (tokens, their log-probs under the full masked distribution).
+
+    The cut is applied by rejection instead of a sort over the vocabulary (a sort per step dominated
+    the CPU profile): draw from the full distribution, accept a token t when fewer than k tokens are
+    more likely (top-k) and the mass of the tokens more likely than t is < top_p (top-p). Accepted
+    draws are distributed exactly as the renormalised nucleus; tokens tied at the boundary are all in.
+    The acceptance rate is >= top_p, so few attempts are needed; rows still rejected after
+    `max_attempts` take their most likely token (part of every nucleus)."""
+    B, V = masked.shape
+    top = masked.max(-1, keepdim=True).values
+    pad = -V % _BLOCK
+    # unnormalised probabilities, padded to whole blocks; forbidden tokens are exactly 0
+    w = torch.exp(torch.nn.functional.pad(masked, (0, pad), value=-float("inf")) - top)
+    total = w.sum(-1)
+    cut_k, cut_p = 0 < top_k < V, top_p < 1.0
+    tok = torch.zeros(B, dtype=torch.long, device=masked.device)
+    rows = torch.arange(B, device=masked.device)  # rows still drawing (all, then the rejected ones)
+    for attempt in range(max_attempts if (cut_k or cut_p) else 1):
+        wr, tr, sr = (w, total, seeds) if attempt == 0 else (w[rows], total[rows], seeds[rows])
+        u = uniform_draws(sr, step, attempt).to(w.device, w.dtype)
+        draw = _inverse_cdf(wr, u * tr)
+        ok = torch.ones_like(draw, dtype=torch.bool)
+        if cut_k or cut_p:
+            below = wr <= wr.gather(1, draw[:, None])
+            if cut_k:
+                ok &= (V + pad - below.sum(1)) < top_k
+            if cut_p:
+                ok &= wr.masked_fill(below, 0.0).sum(1) < top_p * tr
+        tok[rows[ok]] = draw[ok]
+        rows = rows[~ok]
+        if rows.numel() == 0:
+            break
+    if rows.numel():
+        tok[rows] = w[rows].argmax(-1)
+    logprob = masked.gather(1, tok[:, None])[:, 0] - top[:, 0] - total.log()
+    return tok, logprob
+
+
+# ---- the batched constrained sampler -----------------------------------------------------------
+
+def _new_cache(model, max_len: int):
+    """A preallocated KV cache (no per-step concatenation); DynamicCache where static is unsupported."""
+    try:
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    except Exception:
+        return DynamicCache()
+
+
+@torch.no_grad()
+def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], seeds: list[int],
+                     seq_len: int, sampling: Sampling) -> list[dict]:
+    """Sample completions for a batch of prompts (token id lists). Returns per row: `tokens` (the
+    completion: reasoning, <mesh-start>, seq_len mesh ids, <mesh-end>, eos), `logprobs` (float32,
+    same length), `n_reasoning`, `truncated` (the budget forced <mesh-start>)."""
+    dev = next(model.parameters()).device
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    R = sampling.max_reasoning_tokens
+    steps = R + 1 + seq_len  # sampled tokens at most; <mesh-end> and eos are appended (forced)
+    ids = torch.full((B, P), special.pad, dtype=torch.long)
+    att = torch.zeros((B, P + steps), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):  # left padding
+        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        att[i, P - len(p):P] = 1
+    ids, att = ids.to(dev), att.to(dev)
+    pos = position_ids_from_mask(att[:, :P])
+    seeds_t = torch.as_tensor(seeds, dtype=torch.long, device=dev)
+    ck = cache_kwarg(model)
+    cache = _new_cache(model, P + steps)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids, attention_mask=att[:, :P], position_ids=pos, use_cache=True, **{ck: cache}, **extra)
+    logits = out.logits[:, -1]
+    if getattr(out, ck, None) is not None:
+        cache = getattr(out, ck)
+    last = pos[:, -1].clone()
+
+    REASON, MESH, DONE = 0, 1, 2
+    state = torch.full((B,), REASON, dtype=torch.long, device=dev)
+    n_reason = torch.zeros(B, dtype=torch.long, device=dev)
+    n_mesh = torch.zeros(B, dtype=torch.long, device=dev)
+    tokens = torch.full((B, steps), special.pad, dtype=torch.long, device=dev)
+    logps = torch.zeros((B, steps), dtype=torch.float32, device=dev)
+    for t in range(steps):
+        kinds = torch.where(state == REASON,
+                            torch.where(n_reason >= R, KIND_FORCE_START, KIND_REASONING),
+                            torch.where(state == MESH, KIND_MESH, KIND_PAD))
+        masked = masked_logits(logits, kinds, special, sampling.temperature)
+        active = state != DONE
+        tok, lp = sample_tokens(masked, seeds_t, t, sampling.top_k, sampling.top_p)
+        tok = torch.where(active, tok, special.pad)
+        tokens[:, t] = tok
+        logps[:, t] = torch.where(active, lp, 0.0)
+        # state machine: reasoning until <mesh-start>, then exactly seq_len mesh tokens
+        in_reason, in_mesh = state == REASON, state == MESH
+        started = in_reason & (tok == special.mesh_start)
+        n_reason += (in_reason & ~started).long()
+        n_mesh += in_mesh.long()
+        state = torch.where(started, MESH, state)
+        state = torch.where(in_mesh & (n_mesh >= seq_len), DONE, state)
+        if not bool((state != DONE).any()):
+            break
+        att[:, P + t] = active.long()
+        last = last + 1
+        out = model(input_ids=tok[:, None], attention_mask=att[:, :P + t + 1], position_ids=last[:, None],
+                    use_cache=True, **{ck: cache})
+        logits = out.logits[:, -1]
+        if getattr(out, ck, None) is not None:
+            cache = getattr(out, ck)
+
+    n_reason, tokens, logps = n_reason.cpu(), tokens.cpu(), logps.cpu()
+    if not torch.isfinite(logps).all() or bool((n_mesh < seq_len).any()):
+        # only a broken checkpoint gets here (e.g. NaN weights): every masked position has a finite choice
+        raise InputError("the policy produced non-finite log-probs or unfinished meshes; "
+                         "its weights are likely corrupt (NaN/inf)")
+    rows = []
+    for i in range(B):  # per row (not per token): cut each completion and append the forced tail
+        n = int(n_reason[i]) + 1 + seq_len
+        rows.append({
+            "tokens": tokens[i, :n].tolist() + [special.mesh_end, special.eos],
+            "logprobs": np.concatenate([logps[i, :n].numpy(), np.zeros(2, np.float32)]),
+            "n_reasoning": int(n_reason[i]),
+            "truncated": bool(n_reason[i] >= R),
+        })
+    return rows
+
+
+
+# ---- the one masking of the logits ---------------------------------------------------------------
+
+def masked_logits(logits: torch.Tensor, kinds: torch.Tensor, special: SpecialIds, temperature: float) -> torch.Tensor:
+    """(logits [..., V] in fp32 / T) with the tokens a position's kind forbids at -inf."""
+    bias = special.kind_bias(logits.device)
+    return (logits.float() / float(temperature)).add_(bias.index_select(0, kinds.reshape(-1)).view(*kinds.shape, -1))
+
+
+def token_logprobs(logits: torch.Tensor, kinds: torch.Tensor, tokens: torch.Tensor, special: SpecialIds,
+                   temperature: float) -> torch.Tensor:
+    """float32 log-probs of `tokens` under log_softmax(masked logits / T); PAD positions -> 0.
+    A forced position has a single allowed token, so its log-prob is exactly 0."""
+    lp = torch.log_softmax(masked_logits(logits, kinds, special, temperature), dim=-1)
+    out = lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return out.masked_fill(kinds == KIND_PAD, 0.0)
+
+
+
+# ---- log-prob recomputation -------------------------------------------------------------------------
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: positions count attended tokens only (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _uses_plain_head(model) -> bool:
+    """True when logits == lm_head(last hidden state) (no soft-capping / scaling after the head)."""
+    cfg = model.config.get_text_config()
+    return (model.get_output_embeddings() is not None
+            and not getattr(cfg, "final_logit_softcapping", None)
+            and getattr(cfg, "logit_scale", None) in (None, 1.0))
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of model.forward ('cache' in transformers >= 5.2x, else
+    'past_key_values')."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class CompletionLogprobs(torch.nn.Module):
+    """completion_logprobs as a module around the policy, so that a DDP / FSDP wrapper made by
+    accelerate runs the whole computation in its forward: calling the decoder and head of a wrapped
+    model directly would bypass the wrapper's gradient synchronisation."""
+
+    def __init__(self, model, special: SpecialIds, temperature: float):
+        super().__init__()
+        self.model, self.special, self.temperature = model, special, float(temperature)
+        # the decoder-layer classes FSDP's transformer-based auto-wrap looks for on the root module
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, input_ids, attention_mask, prompt_lens, kinds):
+        return completion_logprobs(self.model, input_ids, attention_mask, prompt_lens, kinds, self.special,
+                                   self.temperature)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+                        kinds: torch.Tensor, special: SpecialIds, temperature: float = 1.0,
+                        chunk_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each row's completion, with the sampler's masking.
+
+    input_ids/attention_mask [B, L] (any padding; a row's tokens are contiguous), prompt_lens [B],
+    kinds [B, T] from completion_kinds/collate. Returns (float32 [B, T] log-probs, bool [B, T] mask of
+    real completion tokens); padded positions are 0. logprobs[b, j] is the log-prob of token
+    prompt_len_b + j of row b. Differentiable: the output head, masking and log_softmax run in chunks
+    of `chunk_size` positions under activation checkpointing when grad is on, so only hidden states
+    of the completion are kept, never [B, T, V] logits.
+    """
+    B, L = input_ids.shape
+    T = kinds.shape[1]
+    pos = position_ids_from_mask(attention_mask)
+    first = attention_mask.long().argmax(1)  # column of each row's first token
+    cols = first[:, None] + prompt_lens[:, None].to(first.device) + torch.arange(T, device=first.device)[None]
+    targets = input_ids.gather(1, cols.clamp(max=L - 1))
+    pred_cols = (cols - 1).clamp(0, L - 1)  # the position whose output predicts each target
+    if _uses_plain_head(model):
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                     use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+    else:  # heads with soft-capping: take the model's own logits for the completion positions
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
+        head = torch.nn.Identity()
+    h = hidden.gather(1, pred_cols[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def chunk_lp(h_c, tok_c, kind_c):
+        return token_logprobs(head(h_c), kind_c, tok_c, special, temperature)
+
+    out = []
+    for s in range(0, T, chunk_size):
+        args = (h[:, s:s + chunk_size], targets[:, s:s + chunk_size], kinds[:, s:s + chunk_size])
+        if torch.is_grad_enabled() and h.requires_grad:
+            out.append(torch.utils.checkpoint.checkpoint(chunk_lp, *args, use_reentrant=False))
+        else:
+            out.append(chunk_lp(*args))
+    lp = torch.cat(out, 1) if out else h.new_zeros((B, 0), dtype=torch.float32)
+    return lp.float(), kinds != KIND_PAD

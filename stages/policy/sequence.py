@@ -1,0 +1,143 @@
+"""The policy's sequence layout, the one definition gen, sft, rl-step and eval share
+(docs/internals.md "Policy sequences"):
+
+    prompt | reasoning text | <mesh-start> | M mesh tokens | <mesh-end> | eos
+
+Here: the levels and which levels each mode has, the prompt templates, the span arithmetic of
+a sequence, the position kinds of a completion and the batch layout for log-prob recomputation.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # the type only: tokenizer.py imports this module for the prompt templates
+    from rl3d.stages.policy.tokenizer import SpecialIds
+
+LEVELS = ("coarse", "fine", "single")
+# mode -> its levels, in sampling order (the fine prompt carries the coarse plan)
+MODE_LEVELS = {"hi-grpo": ("coarse", "fine"), "flat": ("single",), "both": ("coarse", "fine", "single")}
+
+REQUEST = "Please generate a 3D mesh based on the prompt I provided: {prompt}"
+
+# The instruction texts, in one place; gen records them in its output metadata.
+INSTRUCTIONS = {
+    "coarse": ("First plan the object at a high level: its sub-category, its key parts, their layout and "
+               "proportions, and what any ambiguous words mean. Then generate the coarse mesh."),
+    "fine": ("Here is the high-level plan: {plan}\nNow expand the parts into precise detail: part appearance, "
+             "counts, symmetry, colours and style. Then generate the refined mesh."),
+    "single": "Briefly describe the object, then generate the mesh.",
+}
+
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+
+
+def build_prompt(prompt: str, level: str, plan: str | None = None) -> str:
+    """The text the policy is conditioned on for one level (before the reasoning span)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}")
+    instruction = INSTRUCTIONS[level]
+    if level == "fine":
+        if plan is None:
+            raise ValueError("the fine level needs the coarse plan")
+        instruction = instruction.format(plan=plan.strip())
+    return f"{USER}{REQUEST.format(prompt=prompt.strip())}\n{instruction}{ASSISTANT}"
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt or reasoning text (no BOS/EOS added: the templates carry the roles)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ---- the layout of one sequence ----------------------------------------------------------------
+
+def mesh_block(special: "SpecialIds", mesh_tokens) -> np.ndarray:
+    """int64[n, M + 3]: <mesh-start>, the vocabulary ids of each row's M codec tokens (through the
+    tokenizer's mesh-id table, so the ids need not be contiguous), <mesh-end>, eos."""
+    codes = torch.as_tensor(np.asarray(mesh_tokens), dtype=torch.long)
+    ids = special.mesh_ids[codes].numpy()
+    n = ids.shape[0]
+    return np.concatenate([np.full((n, 1), special.mesh_start), ids,
+                           np.full((n, 1), special.mesh_end), np.full((n, 1), special.eos)], axis=1)
+
+
+def sequence_spans(prompt_len: int, n_reasoning: int, n_mesh: int) -> dict:
+    """The samples-table span boundaries of prompt | reasoning | <mesh-start> mesh <mesh-end> eos."""
+    reasoning_end = prompt_len + n_reasoning
+    return {"prompt_len": prompt_len, "reasoning_start": prompt_len, "reasoning_end": reasoning_end,
+            "mesh_start": reasoning_end + 1, "mesh_end": reasoning_end + 1 + n_mesh}
+
+
+def build_sequence(tokenizer, special: "SpecialIds", prompt_text: str, reasoning: str, mesh_tokens) -> dict:
+    """One level's full sequence (e.g. an SFT target) in the samples-table layout:
+    input_ids and the span boundaries prompt_len, reasoning_end, mesh_start, mesh_end."""
+    p = encode_text(tokenizer, prompt_text)
+    r = encode_text(tokenizer, reasoning) if reasoning else []
+    tail = mesh_block(special, np.asarray(mesh_tokens)[None])[0].tolist()
+    return {"input_ids": p + r + tail, **sequence_spans(len(p), len(r), len(tail) - 3), "reasoning_truncated": False}
+
+
+# ---- position kinds: what a completion position may emit -----------------------------------------
+
+KIND_REASONING = 0   # text tokens or <mesh-start>
+KIND_FORCE_START = 1  # reasoning budget spent: <mesh-start> forced
+KIND_MESH = 2        # mesh tokens only
+KIND_FORCE_END = 3   # <mesh-end> forced
+KIND_FORCE_EOS = 4   # eos forced
+KIND_PAD = 5         # padding / finished rows (log-prob 0, not in the mask)
+NUM_KINDS = 6
+
+
+def allowed_mask(special: "SpecialIds") -> torch.Tensor:
+    """bool[NUM_KINDS, V]: which tokens each position kind may emit. The only definition of the
+    constraints, used by the sampler and by log-prob recomputation alike."""
+    m = torch.zeros(NUM_KINDS, special.vocab_size, dtype=torch.bool)
+    m[KIND_REASONING, special.text_ids] = True
+    m[KIND_REASONING, special.mesh_start] = True
+    m[KIND_FORCE_START, special.mesh_start] = True
+    m[KIND_MESH, special.mesh_ids] = True
+    m[KIND_FORCE_END, special.mesh_end] = True
+    m[KIND_FORCE_EOS, special.eos] = True
+    m[KIND_PAD] = True  # ignored positions: anything (their log-prob is zeroed)
+    return m
+
+
+def completion_kinds(prompt_lens: torch.Tensor, reasoning_end: torch.Tensor, mesh_end: torch.Tensor,
+                     lengths: torch.Tensor, truncated: torch.Tensor, width: int) -> torch.Tensor:
+    """int64[B, width]: the kind of completion position j (absolute index prompt_len + j) of each row,
+    from the samples-table spans. `truncated`: the reasoning hit its budget, so <mesh-start> was forced."""
+    p = prompt_lens[:, None] + torch.arange(width, device=prompt_lens.device)[None]
+    re, me = reasoning_end[:, None], mesh_end[:, None]
+    start_kind = torch.where(truncated[:, None], KIND_FORCE_START, KIND_REASONING)
+    k = torch.full_like(p, KIND_PAD)
+    k = torch.where(p < re, KIND_REASONING, k)
+    k = torch.where(p == re, start_kind, k)
+    k = torch.where((p > re) & (p < me), KIND_MESH, k)
+    k = torch.where(p == me, KIND_FORCE_END, k)
+    k = torch.where(p == me + 1, KIND_FORCE_EOS, k)
+    return torch.where(p < lengths[:, None], k, KIND_PAD)
+
+
+def collate(rows: list[dict], special: "SpecialIds", device=None) -> dict:
+    """Samples-table rows -> a batch for completion_logprobs: prompts left-padded so every completion
+    starts at the same column (the sampler's layout), completions right-padded.
+    Each row needs input_ids, prompt_len, reasoning_end, mesh_end and reasoning_truncated."""
+    n = len(rows)
+    plen = torch.tensor([int(r["prompt_len"]) for r in rows])
+    lens = torch.tensor([len(r["input_ids"]) for r in rows])
+    P, T = int(plen.max()), int((lens - plen).max())
+    ids = torch.full((n, P + T), special.pad, dtype=torch.long)
+    att = torch.zeros((n, P + T), dtype=torch.long)
+    for i, r in enumerate(rows):  # per row, not per token: a copy of each sequence
+        seq = torch.as_tensor(r["input_ids"], dtype=torch.long)
+        s = P - int(plen[i])
+        ids[i, s:s + len(seq)] = seq
+        att[i, s:s + len(seq)] = 1
+    kinds = completion_kinds(plen, torch.tensor([int(r["reasoning_end"]) for r in rows]),
+                             torch.tensor([int(r["mesh_end"]) for r in rows]), lens,
+                             torch.tensor([bool(r["reasoning_truncated"]) for r in rows]), T)
+    out = {"input_ids": ids, "attention_mask": att, "prompt_lens": plen, "kinds": kinds}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
