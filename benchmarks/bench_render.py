@@ -9,7 +9,7 @@ Compares, in the same run:
 The test mesh is built with trimesh alone (open3d is absent on the GPU machine). Goal on the
 2-core dev box (open3d): >= 20 views/s at 512^2.
 
-    /work/venv/bin/python benchmarks/bench_render.py [--views 6] [--repeats 3] [--resolution 512]
+    python benchmarks/bench_render.py [--views 6] [--repeats 3] [--resolution 512]
         [--device cuda] [--torch-resolution 256]   # CPU torch is slow: default 128^2 there
 """
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main():
 
     import torch
 
-    from rl3d.stages.render import open3d_available, render_views, resolve_device, view_angles
+    from rl3d.stages.raycast.cameras import view_angles
+    from rl3d.stages.raycast.engines import open3d_available
+    from rl3d.stages.raycast.renderer import render_views
+    from rl3d.stages.raycast.torch_engine import resolve_device
 
     mesh = test_mesh()
     az, el = view_angles(a.views)

@@ -14,7 +14,10 @@ from rl3d.cli.main import main
 from rl3d.formats.glb import write_glb
 from rl3d.formats.tables import read_table
 from rl3d.formats.voxels import color_id, grid_to_mesh
-from rl3d.stages.render import parse_color, render_views, view_angles
+from rl3d.stages.raycast import engines, open3d_engine, torch_engine
+from rl3d.stages.raycast.cameras import cached_cameras, camera_frames, fit_distance, object_scale, view_angles
+from rl3d.stages.raycast.renderer import mesh_arrays, render_views
+from rl3d.stages.raycast.shading import parse_color
 
 RES = 96
 
@@ -86,8 +89,6 @@ def test_framing_object_centres_and_fills_cube_keeps_scale():
         assert 0.5 * RES < max(np.ptp(xs), np.ptp(ys)) < 0.85 * RES  # fills ~60-80%
     # depth is in mesh units under both framings: the nearest corner of a centred box of half
     # size h lies at z = D - h * sum|fwd| for a camera at distance D from its centre
-    from rl3d.stages.render import camera_frames, fit_distance, object_scale
-
     centred = grid_with(((12, 20, 12, 20, 12, 20), "green"))
     mesh = grid_to_mesh(centred)
     _, _, _, fwd = camera_frames(az, el, 1.0)
@@ -245,15 +246,13 @@ def test_torch_backend_matches_open3d(framing):
 
 
 def test_torch_primitive_ids_match_open3d_and_are_deterministic():
-    from rl3d.stages.render import _cached_cameras, cast_rays_open3d, cast_rays_torch, mesh_arrays
-
     v, f, _ = mesh_arrays(small_object())
     az, el = view_angles(3)
-    rays = np.array(_cached_cameras(tuple(map(float, az)), tuple(map(float, el)), 48, 40.0)[1])
+    rays = np.array(cached_cameras(tuple(map(float, az)), tuple(map(float, el)), 48, 40.0)[1])
     rays[..., :3] *= 0.5  # closer cameras: the object fills the frame
-    t_ref, id_ref = cast_rays_open3d(v, f, rays.astype(np.float32))
-    t, ids = cast_rays_torch(v, f, rays.astype(np.float32), "cpu")
-    t2, ids2 = cast_rays_torch(v, f, rays.astype(np.float32), "cpu", max_elements=4096)  # many small batches
+    t_ref, id_ref = open3d_engine.cast_rays(v, f, rays.astype(np.float32))
+    t, ids = torch_engine.cast_rays(v, f, rays.astype(np.float32), "cpu")
+    t2, ids2 = torch_engine.cast_rays(v, f, rays.astype(np.float32), "cpu", max_elements=4096)  # many small batches
     assert np.array_equal(ids, ids2) and np.array_equal(t, t2)
     assert ids.dtype == np.uint32 and (ids == id_ref).mean() >= 0.995
     hit = ids != 0xFFFFFFFF
@@ -261,14 +260,12 @@ def test_torch_primitive_ids_match_open3d_and_are_deterministic():
 
 
 def test_torch_cast_ties_lowest_id_and_per_ray_origins():
-    from rl3d.stages.render import cast_rays_torch
-
     tri = np.array([[-1, -1, 0], [1, -1, 0], [0, 1, 0]], np.float32)
     verts = np.concatenate([tri + [0, 0, -1], tri, tri])  # triangle 0 behind (z=-1), 1 and 2 coincide at z=0
     faces = np.arange(9, dtype=np.uint32).reshape(3, 3)
     # 1 view, 1 x 3 rays from different origins looking down -z: hit, hit (direction length 2), miss
     rays = np.array([[[[0, 0, 5, 0, 0, -1], [0.2, 0.1, 3, 0, 0, -2], [5, 5, 5, 0, 0, -1]]]], np.float32)
-    t, ids = cast_rays_torch(verts, faces, rays, "cpu")
+    t, ids = torch_engine.cast_rays(verts, faces, rays, "cpu")
     assert ids.tolist() == [[[1, 1, 0xFFFFFFFF]]]  # the nearer of 0 / {1, 2}; the tie goes to the lowest id
     assert t[0, 0, :2] == pytest.approx([5.0, 1.5]) and np.isinf(t[0, 0, 2])
 
@@ -278,19 +275,18 @@ def test_backend_choice_and_no_open3d_import(monkeypatch):
     import sys
 
     from rl3d.formats.errors import InputError
-    from rl3d.stages import render
 
     code = "import sys, rl3d.stages.render; assert 'open3d' not in sys.modules, 'open3d imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
-    assert render.resolve_backend("auto") == "open3d" and render.resolve_device(None) == "cpu"
-    monkeypatch.setattr(render, "open3d_available", lambda: False)  # as on the GPU machine
-    assert render.resolve_backend("auto") == "torch"
+    assert engines.resolve_backend("auto") == "open3d" and torch_engine.resolve_device(None) == "cpu"
+    monkeypatch.setattr(engines, "open3d_available", lambda: False)  # as on the GPU machine
+    assert engines.resolve_backend("auto") == "torch"
     with pytest.raises(InputError, match="open3d is not installed"):
-        render.resolve_backend("open3d")
+        engines.resolve_backend("open3d")
     with pytest.raises(InputError, match="--backend"):
-        render.resolve_backend("embree")
+        engines.resolve_backend("embree")
     with pytest.raises(InputError, match="--device"):
-        render.resolve_device("tpu:0")
+        torch_engine.resolve_device("tpu:0")
 
 
 def test_cli_torch_backend_writes_same_images(glb_dir, tmp_path):
