@@ -26,7 +26,7 @@ from rl3d.formats.tables import absolute_media, list_parts
 from rl3d.stages.contract import run_stage
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
-from rl3d.stages.raycast.renderer import render_views, resolve_engine
+from rl3d.stages.raycast.renderer import check_supersample, render_views, resolve_engine
 from rl3d.stages.raycast.shading import parse_color
 
 COPY_COLUMNS = ("prompt_id", "level", "sample_index", "prompt")
@@ -46,6 +46,7 @@ class RenderOptions:
     framing: str = "object"
     backend: str = "open3d"      # resolved: "open3d" or "torch"
     device: str | None = None    # torch backend only; not part of the output's config
+    supersample: int = 2         # k x k rays per pixel (anti-aliasing); 1 = one ray per pixel centre
 
 
 def _safe_dir_name(sample_id: str) -> str:
@@ -83,7 +84,8 @@ def render_job(job: dict, opts: RenderOptions) -> tuple[list[dict], dict | None]
     try:
         mesh = read_glb(job["mesh_path"])
         res = render_views(mesh, az, el, opts.resolution, opts.fov, opts.background, framing=opts.framing,
-                           with_normals=opts.normals, backend=opts.backend, device=opts.device)
+                           with_normals=opts.normals, backend=opts.backend, device=opts.device,
+                           supersample=opts.supersample)
     except Exception as e:  # corrupt GLB, empty mesh, degenerate geometry
         return fail("render_error", f"{type(e).__name__}: {e}"[:500])
     return rows, res
@@ -182,7 +184,8 @@ def renders_table(rows: list[dict], opts: RenderOptions, copied: list[str]) -> p
 def run_render(samples, opts, views: int = 6, preset: str = "default", elevation: float = DEFAULT_ELEVATION,
                resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
                normals: bool = False, sheet: bool = True, framing: str = "object",
-               workers: int | None = None, backend: str = "auto", device: str | None = None) -> dict:
+               workers: int | None = None, backend: str = "auto", device: str | None = None,
+               supersample: int = 2) -> dict:
     """Render every mesh of `samples` (table or GLB dir) owned by opts.shard into opts.out.
 
     open3d backend: `workers` processes render meshes in parallel. torch backend: meshes are
@@ -195,13 +198,16 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
     parse_color(background)
     check_framing(framing)
     view_angles(views, preset, elevation)  # validate before any work
+    check_supersample(supersample)
     backend, device = resolve_engine(backend, device)
     ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
-                          bool(depth), bool(normals), bool(sheet), str(framing), backend, device)
+                          bool(depth), bool(normals), bool(sheet), str(framing), backend, device, int(supersample))
     jobs = read_jobs(samples)
     workers = workers or min(2, os.cpu_count() or 1)
-    # the backend changes edge pixels, so it is part of the config; the device is not
-    config = {"samples": str(Path(samples).resolve()), **{k: v for k, v in asdict(ropts).items() if k != "device"}}
+    # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
+    # renders as before supersampling existed: left out, its config hash is the old one.
+    config = {"samples": str(Path(samples).resolve()),
+              **{k: v for k, v in asdict(ropts).items() if k != "device" and not (k == "supersample" and v == 1)}}
     copied = [c for c in COPY_COLUMNS if any(c in j for j in jobs)]  # same schema in every shard
 
     def produce(shard, progress):

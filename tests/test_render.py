@@ -221,6 +221,8 @@ def test_cli_bad_inputs(tmp_path):
     pq.write_table(pa.table({"sample_id": ["a"], "mesh_path": ["a.glb"]}), tmp_path / "y.parquet")
     r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r3"), "--background", "zzz")
     assert r.exit_code == 2 and "--background" in r.output
+    r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r5"), "--supersample", "0")
+    assert r.exit_code == 2 and "--supersample" in r.output
 
 
 # ---- torch backend ----------------------------------------------------------------------------
@@ -299,9 +301,68 @@ def test_cli_torch_backend_writes_same_images(glb_dir, tmp_path):
     assert [x["sample_id"] for x in t] == ["broken"] * 2 + ["column"] * 2 + ["cube"] * 2  # input order kept
     cube = [x for x in t if x["sample_id"] == "cube"]
     az, el = view_angles(2)
-    expect = render_views(red_cube(), az, el, 32, backend="torch", device="cpu")["rgb"]
+    expect = render_views(red_cube(), az, el, 32, backend="torch", device="cpu", supersample=2)["rgb"]  # the default
     for x in cube:
         assert x["status"] == "ok" and np.array_equal(np.asarray(Image.open(x["image_path"])), expect[x["view"]])
         assert Image.open(x["depth_path"]).size == (32, 32)
     r = run_cli("--samples", str(glb_dir), "--out", str(tmp_path / "t2"), "--backend", "torch", "--device", "tpu")
     assert r.exit_code == 2 and "--device" in r.output
+
+
+# ---- anti-aliasing (supersampling) --------------------------------------------------------------
+
+def neighbourhoods(a):
+    """The 3x3 neighbours of every pixel of [V, H, W, ...] (edges repeated): [9, V, H, W, ...]."""
+    pad = np.pad(a, [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (a.ndim - 3), mode="edge")
+    h, w = a.shape[1:3]
+    return np.stack([pad[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def test_supersample_blends_silhouette_edges_and_keeps_flat_areas():
+    az, el = view_angles(3)
+    one = render_views(red_cube(), az, el, 64)
+    two = render_views(red_cube(), az, el, 64, supersample=2)
+    assert all(two[k].shape == one[k].shape and two[k].dtype == one[k].dtype for k in one)
+    rgb1, rgb2 = one["rgb"].astype(int), two["rgb"].astype(int)
+    near = neighbourhoods(rgb1)
+    # a pixel whose 3x3 neighbourhood shows one colour at K=1 (one face of the cube, or the
+    # background) is the same at K=2: all its sub-pixel rays see what its centre sees
+    flat = (near == rgb1).all(-1).all(0)
+    assert flat.mean() > 0.5
+    assert np.array_equal(rgb2[flat], rgb1[flat]) and np.array_equal(two["mask"][flat], one["mask"][flat])
+    # (the mean z-depth of a pixel's sub-samples is close to its centre's: z is not linear on screen)
+    assert np.allclose(two["depth"][flat & one["mask"]], one["depth"][flat & one["mask"]], rtol=1e-3)
+    # silhouette pixels (object and background meet in the 3x3 neighbourhood) get blended values
+    # between their neighbours' colours, not in the aliased image's palette
+    masks = neighbourhoods(one["mask"])
+    silhouette = masks.any(0) & ~masks.all(0)
+    blended = np.zeros(rgb2.shape[:3], bool)
+    for v in range(len(az)):
+        palette = {tuple(c) for c in rgb1[v].reshape(-1, 3)}
+        assert len(palette) <= 4  # background + at most three visible sides: K=1 is aliased
+        blended[v] = np.array([tuple(c) not in palette for c in rgb2[v].reshape(-1, 3)]).reshape(rgb2.shape[1:3])
+    # (about one pixel in four: the band is 2 px wide and a K=2 pixel blends when the edge passes
+    # between its sub-samples)
+    assert silhouette.sum() > 100 and blended[silhouette].mean() > 0.15 and not blended[flat].any()
+    assert ((rgb2 >= near.min(0)) & (rgb2 <= near.max(0)))[silhouette].all()
+    # the resolved mask, depth and normals stay consistent
+    m = two["mask"]
+    assert (two["depth"][m] > 0).all() and (two["depth"][~m] == 0).all()
+    assert np.allclose(np.linalg.norm(two["normal"][m], axis=-1), 1, atol=1e-4) and (two["normal"][~m] == 0).all()
+    assert (m != one["mask"]).sum() < 0.5 * silhouette.sum()  # the mask moves only at the silhouette
+
+
+def test_cli_supersample_1_is_the_one_ray_renderer(glb_dir, tmp_path):
+    az, el = view_angles(2)
+    for k in (1, 2):
+        out = tmp_path / f"k{k}"
+        r = run_cli("--samples", str(glb_dir), "--out", str(out), "--resolution", "32", "--views", "2",
+                    "--supersample", str(k), "--no-sheet", "--workers", "1")
+        assert r.exit_code == 0, r.output
+        expect = render_views(red_cube(), az, el, 32, supersample=k)["rgb"]
+        cube = [x for x in read_table(out, "renders").to_pylist() if x["sample_id"] == "cube"]
+        for x in cube:
+            assert np.array_equal(np.asarray(Image.open(x["image_path"])), expect[x["view"]])
+        config = json.loads((out / "_manifest.json").read_text())["config"]
+        # K=1 leaves the config as it was before supersampling existed (old output dirs resume)
+        assert ("supersample" in config) == (k > 1)
