@@ -29,7 +29,8 @@ def make_inputs(work: Path, meshes: int, views: int, resolution: int) -> tuple[P
     from rl3d.formats import tables
     from rl3d.formats.codec import VoxelCodec
     from rl3d.formats.voxels import coarsen_grid, grid_to_mesh
-    from rl3d.stages.render import render_views, view_angles
+    from rl3d.stages.raycast.cameras import view_angles
+    from rl3d.stages.raycast.renderer import render_views
     from rl3d.stages.synth import generate_objects
 
     objs = generate_objects(meshes // 2, seed=0)

@@ -36,6 +36,8 @@ METRIC_HELP = "decode, clip, kd, fd, spec, geometry, diversity, reference_iou"
                    "(fine / single) is scored.")
 @click.option("--views", default=6, show_default=True, type=int, help="Rendered views per sample.")
 @click.option("--resolution", default=256, show_default=True, type=int, help="Render size in pixels.")
+@click.option("--supersample", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Render anti-aliasing: K x K rays per pixel (see rl3d render --supersample).")
 @click.option("--workers", default=None, type=int, help="Render processes [the render stage's default].")
 @click.option("--device", default=None, help="torch device for gen and metric models [cuda if available].")
 @click.option("--kd-subsets", default=100, show_default=True, type=int, help="KD subsets when a set exceeds --kd-subset-size.")
@@ -49,7 +51,7 @@ METRIC_HELP = "decode, clip, kd, fd, spec, geometry, diversity, reference_iou"
 @click.option("--json", "json_out", is_flag=True, help="Print a machine-readable summary on stdout.")
 @handle_errors
 def command(bench, policies, out, references, metric_list, samples_per_prompt, limit, feature_model, clip_model,
-            mode, views, resolution, workers, device, kd_subsets, kd_subset_size, grid_prompts, runs, seed, overwrite, quiet,
+            mode, views, resolution, supersample, workers, device, kd_subsets, kd_subset_size, grid_prompts, runs, seed, overwrite, quiet,
             json_out):
     """Evaluate policies on a reasoning benchmark and write Parquet metrics + a Markdown/HTML report.
 
@@ -69,7 +71,7 @@ def command(bench, policies, out, references, metric_list, samples_per_prompt, l
         raise InputError("--metrics: empty list")
     opts = EvalOptions(bench=bench, policies=list(policies), out=out, references=references, metrics=groups,
                        samples_per_prompt=samples_per_prompt, limit=limit, feature_model=feature_model,
-                       clip_model=clip_model, seed=seed, mode=mode, views=views, resolution=resolution, workers=workers, device=device,
+                       clip_model=clip_model, seed=seed, mode=mode, views=views, resolution=resolution, supersample=supersample, workers=workers, device=device,
                        kd_subsets=kd_subsets, kd_subset_size=kd_subset_size, grid_prompts=grid_prompts,
                        runs=list(runs), overwrite=overwrite, quiet=quiet)
     summary = run_eval(opts)

@@ -30,12 +30,15 @@ from rl3d.cli.common import handle_errors, pop_stage_options, report, stage_opti
 @click.option("--backend", type=click.Choice(["auto", "open3d", "torch"]), default="auto", show_default=True,
               help="Ray caster. open3d: Embree on the CPU; torch: PyTorch on --device (GPU throughput, no open3d "
                    "needed); auto: open3d when installed, else torch. See docs/render.md.")
+@click.option("--supersample", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Anti-aliasing: K x K rays per pixel, averaged (box filter); costs ~K^2 the ray casting. "
+                   "1: one ray through each pixel centre (aliased edges).")
 @click.option("--device", default=None,
               help="torch backend: torch device, e.g. cuda, cuda:1, cpu [cuda when available, else cpu].")
 @stage_options
 @handle_errors
 def command(samples, views, elevation, preset, resolution, background, fov, framing, depth, normals, no_sheet, workers,
-            backend, device, **kw):
+            backend, device, supersample, **kw):
     """Render every mesh to PNG views (headless ray casting on CPU or GPU, deterministic).
 
     Writes images/<sample_id>/view-XX.png, a contact sheet per mesh, and a renders table
@@ -46,5 +49,5 @@ def command(samples, views, elevation, preset, resolution, background, fov, fram
     opts = pop_stage_options(kw)
     summary = run_render(samples, opts, views=views, preset=preset, elevation=elevation, resolution=resolution,
                          background=background, fov=fov, framing=framing, depth=depth, normals=normals, sheet=not no_sheet,
-                         workers=workers, backend=backend, device=device)
+                         workers=workers, backend=backend, device=device, supersample=supersample)
     report(summary, opts)

@@ -56,6 +56,7 @@ class EvalOptions:
     mode: str = "auto"                   # "auto" | "hi-grpo" | "flat"
     views: int = 6
     resolution: int = 256
+    supersample: int = 2                 # render anti-aliasing: K x K rays per pixel
     device: str | None = None
     batch_size: int = 32
     kd_subsets: int = 100
@@ -380,7 +381,7 @@ def _render(samples_path: Path, out: Path, opts: EvalOptions) -> None:
     from rl3d.stages.render import run_render
 
     run_render(str(samples_path), _stage_opts(opts, out), views=opts.views, resolution=opts.resolution, sheet=False,
-               workers=opts.workers)
+               workers=opts.workers, supersample=opts.supersample)
 
 
 def _views_by_sample(renders_dir: Path) -> dict[str, list[str]]:
@@ -578,6 +579,7 @@ def _model_notes(models: Models, opts: EvalOptions, ref_source: str) -> list[str
         notes.append(f"KD/FD features: {f.path} ({M.model_fingerprint(f.path)}): {what}")
     if ref_source:
         notes.append(f"reference renders: {ref_source}")
-    notes.append(f"renders: {opts.views} views at {opts.resolution}px; {opts.samples_per_prompt} samples per prompt; "
+    notes.append(f"renders: {opts.views} views at {opts.resolution}px (supersample {opts.supersample}); "
+                 f"{opts.samples_per_prompt} samples per prompt; "
                  f"seed {opts.seed}")
     return notes

@@ -12,10 +12,13 @@ from PIL import Image
 
 from rl3d.cli.main import main
 from rl3d.formats.glb import write_glb
-from rl3d.stages.policy.device import pick_device
 from rl3d.formats.tables import read_table
 from rl3d.formats.voxels import color_id, grid_to_mesh
-from rl3d.stages.render import parse_color, render_views, view_angles
+from rl3d.stages.policy.device import pick_device
+from rl3d.stages.raycast import engines, open3d_engine, torch_engine
+from rl3d.stages.raycast.cameras import cached_cameras, camera_frames, fit_distance, object_scale, view_angles
+from rl3d.stages.raycast.renderer import mesh_arrays, render_views
+from rl3d.stages.raycast.shading import parse_color
 
 RES = 96
 
@@ -87,8 +90,6 @@ def test_framing_object_centres_and_fills_cube_keeps_scale():
         assert 0.5 * RES < max(np.ptp(xs), np.ptp(ys)) < 0.85 * RES  # fills ~60-80%
     # depth is in mesh units under both framings: the nearest corner of a centred box of half
     # size h lies at z = D - h * sum|fwd| for a camera at distance D from its centre
-    from rl3d.stages.render import camera_frames, fit_distance, object_scale
-
     centred = grid_with(((12, 20, 12, 20, 12, 20), "green"))
     mesh = grid_to_mesh(centred)
     _, _, _, fwd = camera_frames(az, el, 1.0)
@@ -221,6 +222,8 @@ def test_cli_bad_inputs(tmp_path):
     pq.write_table(pa.table({"sample_id": ["a"], "mesh_path": ["a.glb"]}), tmp_path / "y.parquet")
     r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r3"), "--background", "zzz")
     assert r.exit_code == 2 and "--background" in r.output
+    r = run_cli("--samples", str(tmp_path / "y.parquet"), "--out", str(tmp_path / "r5"), "--supersample", "0")
+    assert r.exit_code == 2 and "--supersample" in r.output
 
 
 # ---- torch backend ----------------------------------------------------------------------------
@@ -246,15 +249,13 @@ def test_torch_backend_matches_open3d(framing):
 
 
 def test_torch_primitive_ids_match_open3d_and_are_deterministic():
-    from rl3d.stages.render import _cached_cameras, cast_rays_open3d, cast_rays_torch, mesh_arrays
-
     v, f, _ = mesh_arrays(small_object())
     az, el = view_angles(3)
-    rays = np.array(_cached_cameras(tuple(map(float, az)), tuple(map(float, el)), 48, 40.0)[1])
+    rays = np.array(cached_cameras(tuple(map(float, az)), tuple(map(float, el)), 48, 40.0)[1])
     rays[..., :3] *= 0.5  # closer cameras: the object fills the frame
-    t_ref, id_ref = cast_rays_open3d(v, f, rays.astype(np.float32))
-    t, ids = cast_rays_torch(v, f, rays.astype(np.float32), "cpu")
-    t2, ids2 = cast_rays_torch(v, f, rays.astype(np.float32), "cpu", max_elements=4096)  # many small batches
+    t_ref, id_ref = open3d_engine.cast_rays(v, f, rays.astype(np.float32))
+    t, ids = torch_engine.cast_rays(v, f, rays.astype(np.float32), "cpu")
+    t2, ids2 = torch_engine.cast_rays(v, f, rays.astype(np.float32), "cpu", max_elements=4096)  # many small batches
     assert np.array_equal(ids, ids2) and np.array_equal(t, t2)
     assert ids.dtype == np.uint32 and (ids == id_ref).mean() >= 0.995
     hit = ids != 0xFFFFFFFF
@@ -262,14 +263,12 @@ def test_torch_primitive_ids_match_open3d_and_are_deterministic():
 
 
 def test_torch_cast_ties_lowest_id_and_per_ray_origins():
-    from rl3d.stages.render import cast_rays_torch
-
     tri = np.array([[-1, -1, 0], [1, -1, 0], [0, 1, 0]], np.float32)
     verts = np.concatenate([tri + [0, 0, -1], tri, tri])  # triangle 0 behind (z=-1), 1 and 2 coincide at z=0
     faces = np.arange(9, dtype=np.uint32).reshape(3, 3)
     # 1 view, 1 x 3 rays from different origins looking down -z: hit, hit (direction length 2), miss
     rays = np.array([[[[0, 0, 5, 0, 0, -1], [0.2, 0.1, 3, 0, 0, -2], [5, 5, 5, 0, 0, -1]]]], np.float32)
-    t, ids = cast_rays_torch(verts, faces, rays, "cpu")
+    t, ids = torch_engine.cast_rays(verts, faces, rays, "cpu")
     assert ids.tolist() == [[[1, 1, 0xFFFFFFFF]]]  # the nearer of 0 / {1, 2}; the tie goes to the lowest id
     assert t[0, 0, :2] == pytest.approx([5.0, 1.5]) and np.isinf(t[0, 0, 2])
 
@@ -279,17 +278,16 @@ def test_backend_choice_and_no_open3d_import(monkeypatch):
     import sys
 
     from rl3d.formats.errors import InputError
-    from rl3d.stages import render
 
     code = "import sys, rl3d.stages.render; assert 'open3d' not in sys.modules, 'open3d imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
-    assert render.resolve_backend("auto") == "open3d" and pick_device(None) == "cpu"
-    monkeypatch.setattr(render, "open3d_available", lambda: False)  # as on the GPU machine
-    assert render.resolve_backend("auto") == "torch"
+    assert engines.resolve_backend("auto") == "open3d" and pick_device(None) == "cpu"
+    monkeypatch.setattr(engines, "open3d_available", lambda: False)  # as on the GPU machine
+    assert engines.resolve_backend("auto") == "torch"
     with pytest.raises(InputError, match="open3d is not installed"):
-        render.resolve_backend("open3d")
+        engines.resolve_backend("open3d")
     with pytest.raises(InputError, match="--backend"):
-        render.resolve_backend("embree")
+        engines.resolve_backend("embree")
     with pytest.raises(InputError, match="--device"):
         pick_device("tpu:0")
 
@@ -304,9 +302,68 @@ def test_cli_torch_backend_writes_same_images(glb_dir, tmp_path):
     assert [x["sample_id"] for x in t] == ["broken"] * 2 + ["column"] * 2 + ["cube"] * 2  # input order kept
     cube = [x for x in t if x["sample_id"] == "cube"]
     az, el = view_angles(2)
-    expect = render_views(red_cube(), az, el, 32, backend="torch", device="cpu")["rgb"]
+    expect = render_views(red_cube(), az, el, 32, backend="torch", device="cpu", supersample=2)["rgb"]  # the default
     for x in cube:
         assert x["status"] == "ok" and np.array_equal(np.asarray(Image.open(x["image_path"])), expect[x["view"]])
         assert Image.open(x["depth_path"]).size == (32, 32)
     r = run_cli("--samples", str(glb_dir), "--out", str(tmp_path / "t2"), "--backend", "torch", "--device", "tpu")
     assert r.exit_code == 2 and "--device" in r.output
+
+
+# ---- anti-aliasing (supersampling) --------------------------------------------------------------
+
+def neighbourhoods(a):
+    """The 3x3 neighbours of every pixel of [V, H, W, ...] (edges repeated): [9, V, H, W, ...]."""
+    pad = np.pad(a, [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (a.ndim - 3), mode="edge")
+    h, w = a.shape[1:3]
+    return np.stack([pad[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def test_supersample_blends_silhouette_edges_and_keeps_flat_areas():
+    az, el = view_angles(3)
+    one = render_views(red_cube(), az, el, 64)
+    two = render_views(red_cube(), az, el, 64, supersample=2)
+    assert all(two[k].shape == one[k].shape and two[k].dtype == one[k].dtype for k in one)
+    rgb1, rgb2 = one["rgb"].astype(int), two["rgb"].astype(int)
+    near = neighbourhoods(rgb1)
+    # a pixel whose 3x3 neighbourhood shows one colour at K=1 (one face of the cube, or the
+    # background) is the same at K=2: all its sub-pixel rays see what its centre sees
+    flat = (near == rgb1).all(-1).all(0)
+    assert flat.mean() > 0.5
+    assert np.array_equal(rgb2[flat], rgb1[flat]) and np.array_equal(two["mask"][flat], one["mask"][flat])
+    # (the mean z-depth of a pixel's sub-samples is close to its centre's: z is not linear on screen)
+    assert np.allclose(two["depth"][flat & one["mask"]], one["depth"][flat & one["mask"]], rtol=1e-3)
+    # silhouette pixels (object and background meet in the 3x3 neighbourhood) get blended values
+    # between their neighbours' colours, not in the aliased image's palette
+    masks = neighbourhoods(one["mask"])
+    silhouette = masks.any(0) & ~masks.all(0)
+    blended = np.zeros(rgb2.shape[:3], bool)
+    for v in range(len(az)):
+        palette = {tuple(c) for c in rgb1[v].reshape(-1, 3)}
+        assert len(palette) <= 4  # background + at most three visible sides: K=1 is aliased
+        blended[v] = np.array([tuple(c) not in palette for c in rgb2[v].reshape(-1, 3)]).reshape(rgb2.shape[1:3])
+    # (about one pixel in four: the band is 2 px wide and a K=2 pixel blends when the edge passes
+    # between its sub-samples)
+    assert silhouette.sum() > 100 and blended[silhouette].mean() > 0.15 and not blended[flat].any()
+    assert ((rgb2 >= near.min(0)) & (rgb2 <= near.max(0)))[silhouette].all()
+    # the resolved mask, depth and normals stay consistent
+    m = two["mask"]
+    assert (two["depth"][m] > 0).all() and (two["depth"][~m] == 0).all()
+    assert np.allclose(np.linalg.norm(two["normal"][m], axis=-1), 1, atol=1e-4) and (two["normal"][~m] == 0).all()
+    assert (m != one["mask"]).sum() < 0.5 * silhouette.sum()  # the mask moves only at the silhouette
+
+
+def test_cli_supersample_1_is_the_one_ray_renderer(glb_dir, tmp_path):
+    az, el = view_angles(2)
+    for k in (1, 2):
+        out = tmp_path / f"k{k}"
+        r = run_cli("--samples", str(glb_dir), "--out", str(out), "--resolution", "32", "--views", "2",
+                    "--supersample", str(k), "--no-sheet", "--workers", "1")
+        assert r.exit_code == 0, r.output
+        expect = render_views(red_cube(), az, el, 32, supersample=k)["rgb"]
+        cube = [x for x in read_table(out, "renders").to_pylist() if x["sample_id"] == "cube"]
+        for x in cube:
+            assert np.array_equal(np.asarray(Image.open(x["image_path"])), expect[x["view"]])
+        config = json.loads((out / "_manifest.json").read_text())["config"]
+        # K=1 leaves the config as it was before supersampling existed (old output dirs resume)
+        assert ("supersample" in config) == (k > 1)

@@ -1,0 +1,141 @@
+"""render_views: every view of one mesh with one batched ray cast (cameras -> engine -> shading).
+
+torch_engine is imported only where the torch backend is chosen, on purpose: importing torch
+costs ~1.5 s of CPU per process, which every spawned open3d worker would otherwise pay.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from rl3d.formats.errors import InputError
+from rl3d.formats.glb import face_rgb
+from rl3d.stages.raycast import open3d_engine, shading
+from rl3d.stages.raycast.cameras import DEFAULT_FOV, cached_cameras, check_framing, object_scale
+from rl3d.stages.raycast.engines import INVALID_ID, Hits, resolve_backend
+from rl3d.stages.policy.device import pick_device
+
+
+def mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vertices float32[N,3], faces uint32[F,3], face colours uint8[F,3] of a trimesh mesh."""
+    v = np.asarray(mesh.vertices, np.float32)
+    f = np.asarray(mesh.faces, np.int64)
+    if len(f) == 0:
+        raise ValueError("mesh holds no triangles")
+    return v, f.astype(np.uint32), face_rgb(mesh)
+
+
+def _torch_engine():
+    """The torch engine module, imported on first use (see the module docstring)."""
+    from rl3d.stages.raycast import torch_engine
+
+    return torch_engine
+
+
+def resolve_engine(backend: str = "auto", device: str | None = None) -> tuple[str, str | None]:
+    """(backend, device) resolved: "open3d" with no device, or "torch" on a checked torch device."""
+    backend = resolve_backend(backend)
+    if backend == "open3d":
+        return backend, None
+    return backend, pick_device(device)
+
+
+MAX_SUPERSAMPLE = 8
+
+
+@functools.lru_cache(maxsize=4)
+def _prepared_rays(az: tuple, el: tuple, resolution: int, fov: float, backend: str, device: str | None):
+    """The shared cameras' rays in the form the engine wants, built once per camera set."""
+    rays = cached_cameras(az, el, resolution, fov)[1]
+    if backend == "open3d":
+        return open3d_engine.prepare_rays(rays)
+    return _torch_engine().prepare_rays(rays, device)
+
+
+def cast_camera_rays(verts, faces, az: tuple, el: tuple, resolution: int, fov: float, backend: str,
+                     device: str | None = None) -> Hits:
+    """The hits of the shared cameras' rays (framing "cube") with the chosen backend."""
+    backend, device = resolve_engine(backend, device)
+    rays = _prepared_rays(az, el, resolution, fov, backend, device)
+    if backend == "open3d":
+        return open3d_engine.cast_rays(verts, faces, rays)
+    return _torch_engine().cast_rays(verts, faces, rays)
+
+
+def check_supersample(supersample: int) -> int:
+    if not 1 <= int(supersample) <= MAX_SUPERSAMPLE:
+        raise InputError(f"--supersample {supersample}: expected 1..{MAX_SUPERSAMPLE}")
+    return int(supersample)
+
+
+def block_sum(a: np.ndarray, k: int, dtype) -> np.ndarray:
+    """Sums of the k x k pixel blocks of [V, H*k, W*k, ...] -> [V, H, W, ...] (k^2 strided adds:
+    faster than a reshape's copy)."""
+    out = np.zeros((a.shape[0], a.shape[1] // k, a.shape[2] // k, *a.shape[3:]), dtype)
+    for dy in range(k):
+        for dx in range(k):
+            out += a[:, dy::k, dx::k]
+    return out
+
+
+def downsample(views: dict, k: int) -> dict:
+    """Views rendered k times larger -> views at the final size, each pixel resolving its k x k
+    sub-pixel samples: rgb is their mean (box filter, rounded half up), mask is "at least half of
+    them hit", depth the mean depth and normal the normalised mean normal of those that hit
+    (0 where the mask is off)."""
+    n = k * k
+    rgb = ((block_sum(views["rgb"], k, np.uint16) + n // 2) // n).astype(np.uint8)
+    hits = block_sum(views["mask"], k, np.uint16)
+    mask = 2 * hits >= n
+    per_hit = np.float32(1) / np.maximum(hits, 1).astype(np.float32)
+    depth = np.where(mask, block_sum(views["depth"], k, np.float32) * per_hit, np.float32(0))  # misses hold 0
+    normal = None
+    if views["normal"] is not None:
+        total = block_sum(views["normal"], k, np.float32)  # misses hold 0
+        length = np.linalg.norm(total, axis=-1, keepdims=True)
+        normal = np.where(mask[..., None], total / np.maximum(length, np.float32(1e-12)), np.float32(0))
+    return {"rgb": rgb, "depth": depth, "normal": normal, "mask": mask}
+
+
+def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float = DEFAULT_FOV,
+                 background="white", *, framing: str = "object", with_normals: bool = True,
+                 backend: str = "auto", device: str | None = None, supersample: int = 1) -> dict:
+    """Render all views of one mesh with one batched ray cast.
+
+    framing "object": cameras look at the centre of the mesh's bounding box from the distance
+    at which the box fills ~80% of the frame (sizes are normalised, as in most 3D evals);
+    "cube": cameras look at the origin from the distance at which the unit cube fits, so
+    sizes compare across meshes. +Y is up in both.
+    backend "open3d" (Embree, CPU), "torch" (on `device`, default cuda when available) or
+    "auto" (open3d when installed, else torch); only the ray hits differ, shading is shared.
+    supersample k > 1 anti-aliases: k x k rays per pixel (the image rendered k times larger),
+    resolved by `downsample`; 1 (the default here) casts one ray through each pixel's centre.
+    Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
+    normal float32[V,H,W,3] (camera space, 0 where empty; None unless with_normals) and mask
+    bool[V,H,W].
+    """
+    check_framing(framing)
+    k = check_supersample(supersample)
+    size = int(resolution) * k  # rays per image side
+    backend, device = resolve_engine(backend, device)
+    verts, faces, colours = mesh_arrays(mesh)
+    az = tuple(float(a) for a in np.atleast_1d(azimuths))
+    el = tuple(float(e) for e in np.atleast_1d(elevations))
+    (eye, right, up, fwd), _ = cached_cameras(az, el, size, float(fov))
+    scale = 1.0
+    if framing == "object":  # the same rays for every mesh: move and scale the mesh instead
+        centre, scale = object_scale(verts, fov, az, el)
+        verts = ((verts - centre) * scale).astype(np.float32)
+    depth, pid = cast_camera_rays(verts, faces, az, el, size, float(fov), backend, device)
+    mask = pid != INVALID_ID
+    depth[~mask] = 0
+    if scale != 1.0:
+        depth /= np.float32(scale)  # back to mesh units
+
+    cam = shading.camera_normals(verts, faces, right, up, fwd)
+    idx = shading.table_index(pid, mask, len(faces))
+    rgb = shading.pixel_colours(shading.colour_table(colours, shading.face_shades(cam), background), idx)
+    normal = shading.pixel_normals(cam, idx) if with_normals else None
+    views = {"rgb": rgb, "depth": depth, "normal": normal, "mask": mask}
+    return downsample(views, k) if k > 1 else views
