@@ -12,7 +12,7 @@ import numpy as np
 
 from rl3d.formats.errors import InputError
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
-from rl3d.stages.rewards.clip import load_rgb, pick_device
+from rl3d.stages.scoring.clip import load_rgb, pick_device
 
 _MODELS: dict[tuple, tuple] = {}
 
