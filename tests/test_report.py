@@ -197,3 +197,25 @@ def test_paired_prompt_change_pairs_by_prompt_and_skips_failed_samples():
     assert 0.1 - 1e-9 <= c["ci_low"] <= c["change"] <= c["ci_high"] <= 0.2 + 1e-9
     assert paired_prompt_change(a, b, "coarse")["prompts"] == 0
 
+
+def test_learning_summary_is_an_rl3d_subcommand(tmp_path):
+    """`rl3d learning-summary heldout RUN` writes RUN/heldout_rewards.json and prints the table;
+    a bad LABEL=DIR is a one-line error with exit code 2."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rl3d.cli.main import main
+
+    out = tmp_path / "eval" / "step-000002" / "seed-101" / "rewards"
+    _write_eval_rewards(out, {"a-0-coarse": 1.0, "a-1-coarse": 2.0, "a-0-fine": 3.0, "a-1-fine": None})
+    r = CliRunner().invoke(main, ["learning-summary", "heldout", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:3] == ["step", "total_coarse", "failed_coarse"]
+    assert lines[1].split()[:3] == ["2", "1.5000", "0.0000"]
+    (row,) = json.loads((tmp_path / "heldout_rewards.json").read_text())
+    assert row["total_fine"] == 3.0 and row["failed_fine"] == 0.5
+    r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "x.png"), "nolabel"])
+    assert r.exit_code == 2 and "expected LABEL=DIR" in r.output
+    assert "learning-summary" in CliRunner().invoke(main, ["--help"]).output
