@@ -1,142 +1,123 @@
-"""Charts for the eval report and the learning summary: grouped bars, step curves and a grid of
-renders, as PNG files. Drawn with PIL (no plotting dependency)."""
+"""Charts for the eval report and the learning summary, as PNG files: grouped bars and step
+curves through matplotlib (its object API on the Agg canvas: no display, no global pyplot state),
+and the grid of renders (a montage of images, PIL)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from rl3d.formats.shards import atomic_path
 from rl3d.stages.scoring.registry import format_value
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
+# matplotlib's tab10, one colour per policy / run
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+DPI = 100
 
 
 def font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def _text_w(draw, text, font) -> float:
-    return draw.textlength(text, font=font)
+def _text_w(draw, text, f) -> float:
+    return draw.textlength(text, font=f)
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _tick_label(text: str, width: int = 14) -> str:
+    """snake_case category names wrapped onto lines instead of cut off."""
+    return "\n".join(textwrap.wrap(text.replace("_", " "), width)) or text
+
+
+def _figure(width: int, height: int) -> Figure:
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    fig.set_facecolor("white")
+    return fig
+
+
+def _save_figure(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    return path
 
 
 def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None]], path: Path,
               ylabel: str = "", width: int = 900, height: int = 420) -> Path:
-    """Grouped bars: one group per x label, one coloured bar per series (policy), value labels
-    on the bars, a legend, y grid lines from 0 (or the data minimum when negative)."""
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    f_title, f, f_small = font(18), font(13), font(11)
-    left, right, top, bottom = 70, 20, 60, 90
-    vals = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
-    lo = min(0.0, min(vals)) if vals else 0.0
-    hi = max(vals) if vals else 1.0
-    hi = hi if hi > lo else lo + 1.0
-    step = _nice_step((hi - lo) / 5)
-    lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
-    ph, pw = height - top - bottom, width - left - right
-
-    def y_of(v):
-        return top + ph * (1 - (v - lo) / (hi - lo))
-
-    d.text((left, 12), title, fill="black", font=f_title)
-    for k in range(int(round((hi - lo) / step)) + 1):
-        v = lo + k * step
-        y = y_of(v)
-        d.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        lab = f"{v:g}"
-        d.text((left - 8 - _text_w(d, lab, f_small), y - 7), lab, fill=(80, 80, 80), font=f_small)
-    d.line([(left, top), (left, top + ph)], fill="black")
-    d.line([(left, y_of(0)), (width - right, y_of(0))], fill="black")
-    if ylabel:
-        d.text((8, top - 22), ylabel, fill=(80, 80, 80), font=f_small)
+    """Grouped bars: one group per x label, one coloured bar per series (policy), the value on
+    each bar ("n/a" where there is none), a legend of the series."""
+    fig = _figure(width, height)
+    ax = fig.add_subplot()
     names = list(series)
-    gw = pw / max(1, len(groups))
-    bw = min(40.0, gw * 0.8 / max(1, len(names)))
-    for gi, g in enumerate(groups):
-        x0 = left + gi * gw + (gw - bw * len(names)) / 2
-        for si, n in enumerate(names):
-            v = series[n][gi]
-            x = x0 + si * bw
-            if v is None or not math.isfinite(v):
-                d.text((x + bw / 2 - 3, y_of(0) - 14), "-", fill=(150, 150, 150), font=f_small)
-                continue
-            y, y0 = y_of(v), y_of(0)
-            d.rectangle([x + 1, min(y, y0), x + bw - 1, max(y, y0)], fill=PALETTE[si % len(PALETTE)])
-            lab = format_value(v)
-            if bw >= 22:
-                d.text((x + bw / 2 - _text_w(d, lab, f_small) / 2, min(y, y0) - 13), lab, fill="black", font=f_small)
-        lab = g if _text_w(d, g, f) <= gw - 4 else g[: max(3, int(len(g) * (gw - 4) / _text_w(d, g, f)) - 1)] + "…"
-        d.text((left + gi * gw + gw / 2 - _text_w(d, lab, f) / 2, top + ph + 8), lab, fill="black", font=f)
-    lx = left
-    for si, n in enumerate(names):
-        d.rectangle([lx, height - 30, lx + 14, height - 16], fill=PALETTE[si % len(PALETTE)])
-        d.text((lx + 20, height - 31), n, fill="black", font=f)
-        lx += 40 + _text_w(d, n, f)
-    return _save(img, path)
+    x = np.arange(len(groups))
+    w = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        vals = series[name]
+        heights = [v if _finite(v) else 0.0 for v in vals]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * w, heights, w * 0.95, label=name,
+                      color=PALETTE[i % len(PALETTE)])
+        ax.bar_label(bars, labels=[format_value(v) if _finite(v) else "n/a" for v in vals], padding=2,
+                     fontsize=8 if len(names) * len(groups) > 16 else 9)
+    ax.set_xticks(x, [_tick_label(g) for g in groups], fontsize=9)
+    if len(groups) > 1 and groups[-1] == "ALL":  # the overall group stands apart from the categories
+        ax.axvline(len(groups) - 1.5, color="#999999", linewidth=0.8, linestyle="--")
+    ax.set_title(title, loc="left", fontsize=12)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.margins(y=0.15)  # room for the value labels above the tallest bar
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if names:
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save_figure(fig, path)
 
 
-def _nice_step(raw: float) -> float:
-    if raw <= 0 or not math.isfinite(raw):
-        return 1.0
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
+def draw_lines(ax: Axes, title: str, curves: dict[str, tuple[list[float], list[float]]]) -> None:
+    """Lines of (step, value) per name on one axes, steps on an integer axis when they are integers."""
+    xs = [x for xv, _ in curves.values() for x in xv]
+    for i, (name, (xv, yv)) in enumerate(curves.items()):
+        pts = [(x, y) for x, y in zip(xv, yv) if _finite(y)]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, linewidth=1.6,
+                color=PALETTE[i % len(PALETTE)], label=name)
+    if xs and all(float(x).is_integer() for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if curves:
+        ax.legend(frameon=False, fontsize=8)
 
 
 def line_chart(title: str, curves: dict[str, tuple[list[float], list[float]]], path: Path,
                width: int = 900, height: int = 360) -> Path:
     """Lines of (step, value) per name on shared axes (one chart per metric name is typical)."""
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    f_title, f, f_small = font(18), font(13), font(11)
-    left, right, top, bottom = 70, 20, 50, 70
-    xs = [x for xv, _ in curves.values() for x in xv]
-    ys = [y for _, yv in curves.values() for y in yv if math.isfinite(y)]
-    x0, x1 = (min(xs), max(xs)) if xs else (0, 1)
-    y0, y1 = (min(ys), max(ys)) if ys else (0, 1)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    pad = (y1 - y0) * 0.05
-    y0, y1 = y0 - pad, y1 + pad
-    pw, ph = width - left - right, height - top - bottom
+    fig = _figure(width, height)
+    draw_lines(fig.add_subplot(), title, curves)
+    return _save_figure(fig, path)
 
-    def pt(x, y):
-        return left + pw * (x - x0) / (x1 - x0), top + ph * (1 - (y - y0) / (y1 - y0))
 
-    d.text((left, 12), title, fill="black", font=f_title)
-    for k in range(6):
-        v = y0 + (y1 - y0) * k / 5
-        _, y = pt(x0, v)
-        d.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        lab = f"{v:.3g}"
-        d.text((left - 8 - _text_w(d, lab, f_small), y - 7), lab, fill=(80, 80, 80), font=f_small)
-    xstep = _nice_step((x1 - x0) / 5)
-    if all(float(x).is_integer() for x in xs):
-        xstep = max(1.0, round(xstep))
-    v = math.ceil(x0 / xstep) * xstep
-    while v <= x1 + 1e-9:
-        x, _ = pt(v, y0)
-        lab = f"{v:g}"
-        d.text((x - _text_w(d, lab, f_small) / 2, top + ph + 6), lab, fill=(80, 80, 80), font=f_small)
-        v += xstep
-    d.text((left + pw / 2 - 15, top + ph + 22), "step", fill=(80, 80, 80), font=f_small)
-    d.rectangle([left, top, left + pw, top + ph], outline="black")
-    lx = left
-    for i, (name, (xv, yv)) in enumerate(curves.items()):
-        col = PALETTE[i % len(PALETTE)]
-        pts = [pt(x, y) for x, y in zip(xv, yv) if math.isfinite(y)]
-        if len(pts) > 1:
-            d.line(pts, fill=col, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=col)
-        d.rectangle([lx, height - 24, lx + 14, height - 10], fill=col)
-        d.text((lx + 20, height - 25), name, fill="black", font=f)
-        lx += 40 + _text_w(d, name, f)
-    return _save(img, path)
+def line_sheet(panels: list[tuple[str, dict]], path: Path, columns: int = 2, width: int = 900,
+               height: int = 360) -> Path:
+    """Several line charts (title, curves) on one image, `columns` per row, each width x height."""
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(width * columns, height * rows)
+    for i, (title, curves) in enumerate(panels):
+        draw_lines(fig.add_subplot(rows, columns, i + 1), title, curves)
+    return _save_figure(fig, path)
 
 
 def render_grid(grid: list[dict], policies: list[str], path: Path, views: int = 3, tile: int = 128) -> Path | None:
@@ -144,12 +125,16 @@ def render_grid(grid: list[dict], policies: list[str], path: Path, views: int = 
     if not grid:
         return None
     cols = (["reference"] if any(g.get("reference") for g in grid) else []) + policies
-    label_h, head_h, cell_w = 34, 28, views * tile + 12
-    img = Image.new("RGB", (cell_w * len(cols) + 10, head_h + len(grid) * (tile + label_h) + 10), "white")
+    # no empty slots: as many view columns as the most views any cell has (up to `views`)
+    most = max(len(paths) for g in grid for paths in [g.get("reference", []), *g["policies"].values()])
+    views = max(1, min(views, most))
+    label_h, head_h, cell_w = 34, 32, views * tile + 16
+    img = Image.new("RGB", (max(cell_w * len(cols) + 10, 480), head_h + len(grid) * (tile + label_h) + 10), "white")
     d = ImageDraw.Draw(img)
-    f, f_small = font(14), font(12)
+    f, f_small = font(16), font(13)
     for ci, c in enumerate(cols):
-        d.text((10 + ci * cell_w, 6), c, fill="black", font=f)
+        d.text((10 + ci * cell_w, 8), c, fill="black", font=f)
+        d.line([(10 + ci * cell_w, head_h - 4), (10 + ci * cell_w + views * tile, head_h - 4)], fill=(200, 200, 200))
     for ri, g in enumerate(grid):
         y = head_h + ri * (tile + label_h)
         text = f"[{g['category']}] {g['prompt']}"

@@ -10,7 +10,6 @@ A plotted run DIR holds metrics.parquet (rl-step's run metrics) and heldout_rewa
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from rl3d.formats import shards, tables
 from rl3d.formats.errors import InputError
-from rl3d.stages.scoring.charts import font, line_chart
+from rl3d.stages.scoring.charts import font, line_sheet
 from rl3d.stages.scoring.run_metrics import read_run_metrics
 
 
@@ -146,14 +145,7 @@ def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
     titles = {"train": "training batch R_low (fresh train prompts each step)",
               "heldout": "held-out reward (synth eval prompts, mean over seeds)",
               "clip": "held-out CLIP score, fine level", "kl": "log10 KL to the initial policy (k3)"}
-    with tempfile.TemporaryDirectory() as tmp:
-        tiles = [Image.open(line_chart(titles[k], charts[k], Path(tmp) / f"{k}.png")) for k in charts]
-        w, h = tiles[0].size
-        sheet = Image.new("RGB", (2 * w, 2 * h), "white")
-        for i, tile in enumerate(tiles):
-            sheet.paste(tile, ((i % 2) * w, (i // 2) * h))
-    sheet.save(out)
-    return out
+    return line_sheet([(titles[k], charts[k]) for k in charts], out)
 
 
 def reward_variance_shares(rows: list[dict]) -> dict[tuple[str, str], float]:
