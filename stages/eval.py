@@ -486,7 +486,8 @@ def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path:
                           json.loads(pr["spec"]) if pr.get("spec") else None))
     policy_id = rows[0]["policy_id"] if rows else tables.table_policy(pdir / "gen")
     info = {"name": name, "dir": str(Path(policy_dir).resolve()), "policy_id": policy_id, "mode": mode,
-            "final_level": final, "step": int(meta.get("step", 0)), "base": meta.get("base"),
+            "final_level": final, "step": int(meta.get("step", 0)),
+            "rl_step": int(meta.get("rl_step", 0)), "base": meta.get("base"),
             "gen_config": tables.table_config(pdir / "gen"), "gen_skipped": bool(gsum.get("skipped"))}
     return out, info
 

@@ -219,3 +219,39 @@ def test_learning_summary_is_an_rl3d_subcommand(tmp_path):
     r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "x.png"), "nolabel"])
     assert r.exit_code == 2 and "expected LABEL=DIR" in r.output
     assert "learning-summary" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_few_samples_are_flagged_and_n1_deltas_get_no_verdict(tmp_path):
+    """A value from fewer than 8 samples is marked with a visible note; with n = 1 a delta is shown
+    but not called better or worse; the policies table shows each policy's RL step."""
+    rows = []
+    for p, v, n in (("A", 20.0, 1), ("B", 25.0, 1)):
+        rows += [metric_row(p, c, "clip_score", v, n) for c in ["all", *CATS]]
+    for p, v in (("A", 0.5), ("B", 0.3)):
+        rows += [metric_row(p, c, "kd_x100", v, 40) for c in ["all", *CATS]]
+    t = report.delta_table(rows, "clip_score", ["A", "B"], CATS)
+    assert t[0]["deltas"]["B"] == pytest.approx(5.0) and t[0]["better"]["B"] is None
+    assert report.delta_table(rows, "kd_x100", ["A", "B"], CATS)[0]["better"]["B"] is True
+    ctx = report.ReportContext("toy", "hand-made", "abc", CATS,
+                               [{"name": "A", "policy_id": "a", "mode": "hi-grpo", "final_level": "fine", "step": 300,
+                                 "rl_step": 0},
+                                {"name": "B", "policy_id": "b", "mode": "hi-grpo", "final_level": "fine", "step": 300,
+                                 "rl_step": 12}])
+    files = report.write_report(rows, tmp_path / "out", ctx)
+    md, page = files["report_md"].read_text(), files["report_html"].read_text()
+    assert "| A | hi-grpo (fine) | 300 | 0 |" in md and "| B | hi-grpo (fine) | 300 | 12 |" in md
+    assert "<th>RL step</th>" in page and "<td>12</td>" in page
+    for text in (md, page):
+        assert "Few samples" in text and "fewer than 8 samples" in text
+        assert "20.00†" in text and "+5.000" in text
+        assert "-0.200 ▲" in text                       # KD (n = 40): lower is better
+        assert "+5.000 ▲" not in text and "+5.000 ▼" not in text and "+5.000" in text  # CLIP (n = 1): no verdict
+    assert "class='few'" in page
+
+
+def test_no_few_samples_note_when_every_value_has_enough(tmp_path):
+    ctx = report.ReportContext("toy", "hand-made", "abc", CATS,
+                               [{"name": "A", "policy_id": "a", "mode": "hi-grpo", "final_level": "fine"},
+                                {"name": "B", "policy_id": "b", "mode": "flat", "final_level": "single"}])
+    files = report.write_report(_rows(), tmp_path / "out", ctx)
+    assert "Few samples" not in files["report_md"].read_text()
