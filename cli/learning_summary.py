@@ -28,7 +28,7 @@ def command():
     """
 
 
-@command.command("heldout")
+@command.command("heldout", short_help="Held-out reward per step -> RUN/heldout_rewards.json.")
 @RUN
 @handle_errors
 def heldout_command(run):
@@ -48,7 +48,7 @@ def heldout_command(run):
         click.echo(line)
 
 
-@command.command("plot")
+@command.command("plot", short_help="Learning curves of one or more runs (PNG).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="PNG file to write (four charts: training R_low, held-out reward, held-out CLIP, log10 KL).")
 @click.argument("runs", nargs=-1, required=True, metavar="LABEL=DIR...")
@@ -66,7 +66,7 @@ def plot_command(out, runs):
     click.echo(plot(out, list(runs)))
 
 
-@command.command("drivers")
+@command.command("drivers", short_help="Which reward terms the advantages follow.")
 @click.argument("reward_dirs", nargs=-1, required=True, metavar="REWARDS_DIR...",
                 type=click.Path(exists=True, file_okay=False))
 @handle_errors
@@ -84,7 +84,7 @@ def drivers_command(reward_dirs):
         click.echo(line)
 
 
-@command.command("compare")
+@command.command("compare", short_help="Paired per-prompt change between two steps.")
 @RUN
 @click.argument("step_a", type=int)
 @click.argument("step_b", type=int)
@@ -103,7 +103,7 @@ def compare_command(run, step_a, step_b):
         click.echo(line)
 
 
-@command.command("samples")
+@command.command("samples", short_help="Renders before and after (PNG).")
 @RUN
 @click.argument("step_a", type=int)
 @click.argument("step_b", type=int)
