@@ -81,7 +81,7 @@ def unbatched_config(src: str, dst: Path) -> Path:
 def run_once(samples, renders, config, out: Path, batch: int) -> tuple[float, dict]:
     from rl3d.stages import reward
     from rl3d.stages.contract import StageOptions
-    from rl3d.stages.rewards import clip
+    from rl3d.stages.scoring import clip
 
     reward._BACKEND_CACHE.clear()  # fresh backends and embedding caches: cold start each run
     clip._SCORERS.clear()

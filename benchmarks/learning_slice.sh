@@ -9,6 +9,6 @@ export RUN=${RUN:-runs/learn}
 mkdir -p "$(dirname "$RUN")"
 SHARDS=${SHARDS:-4} MICRO=${MICRO:-32} STEPS=${STEPS:-8} EVAL_EVERY=${EVAL_EVERY:-4} EVAL_N=32 VIEWS=4 LR=${LR:-1e-4} MINIBATCH=${MINIBATCH:-128} BATCH=512 \
   STOP_AFTER=${STOP_AFTER:-400} BASELINE=${BASELINE:-1} EVAL_ASYNC=${EVAL_ASYNC:-0} timeout 585 bash examples/learning_run.sh 2>&1 | tee -a "$RUN.log" | grep -v -i warn
-python3 -m rl3d.stages.learning_summary "$RUN" >/dev/null 2>&1
+rl3d learning-summary heldout "$RUN" >/dev/null 2>&1
 [ -n "${OUT:-}" ] && cp "$RUN/metrics.parquet" "$RUN/heldout_rewards.json" "$RUN.log" "$OUT/" 2>/dev/null
 ls "$RUN"

@@ -23,6 +23,7 @@ COMMANDS = {
     "train-scorer": "train_scorer",
     "rl-step": "rl_step",
     "eval": "eval",
+    "learning-summary": "learning_summary",
     "status": "status",
 }
 

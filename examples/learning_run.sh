@@ -94,4 +94,4 @@ for i in $(seq 1 "$STEPS"); do
 done
 # background scoring: a failed one fails the run (set -e) and leaves its seed dir for the rerun
 for pid in ${scoring[@]+"${scoring[@]}"}; do wait "$pid"; done
-python3 -m rl3d.stages.learning_summary "$RUN"
+"$RL3D" learning-summary heldout "$RUN"

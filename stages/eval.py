@@ -3,13 +3,13 @@
 For each policy: gen (its final level: "fine" for Hi-GRPO policies, "single" for flat ones) into
 OUT/<policy>/gen, render of the final-level meshes into OUT/<policy>/renders (both through the
 stage functions, so the stage contract's resumability applies: a rerun skips finished work),
-then the metrics of stages/metrics.py per category and overall. Reference renders (for KD/FD)
+then the metrics of stages/scoring/metrics.py per category and overall. Reference renders (for KD/FD)
 come from --references, the benchmark file's reference_dir column, or, for benchmarks with specs
 (synth-reasoning), from rendering the ground-truth grids into OUT/references once.
 
 Outputs: OUT/metrics/part-*.parquet (a `metrics` table: name, value + policy, category, metric,
 n, std, status, message, higher_is_better, ...), OUT/<policy>/per_sample.parquet, and the report
-(OUT/report.md, OUT/report.html, OUT/plots/*.png) from stages/report.py.
+(OUT/report.md, OUT/report.html, OUT/plots/*.png) from stages/scoring/report.py.
 
 A metric that cannot be computed is a row with status "skipped" and the reason, never a zero.
 """
@@ -24,20 +24,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from transformers.utils import logging as hf_logging
+
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
-from rl3d.stages import metrics as M
+from rl3d.formats.glb import write_glb
+from rl3d.formats.voxels import grid_to_mesh, voxel_iou
 from rl3d.stages.benchmarks import Benchmark, load_benchmark, reference_images
 from rl3d.stages.contract import Progress, StageOptions
+from rl3d.stages.gen import MODES, run_gen
+from rl3d.stages.policy.checkpoint import load_codec_for, read_policy_meta
+from rl3d.stages.render import run_render
+from rl3d.stages.rewards import geometry
+from rl3d.stages.rewards.spec import check_spec
+from rl3d.stages.scoring import registry
+from rl3d.stages.scoring.clip import ClipScorer, default_scorer_dir
+from rl3d.stages.scoring.metrics import (KD_SCALE, FeatureModel, frechet_distance, kernel_distance, mean_std,
+                                         model_fingerprint, pairwise_iou_mean, rate)
+from rl3d.stages.scoring.report import ReportContext, pick_grid, write_report
 
 METRIC_GROUPS = ("decode", "clip", "kd", "fd", "spec", "geometry", "diversity", "reference_iou")
 ALL = "all"  # the category value of overall rows
-# metric name -> higher is better (None: descriptive, no better direction)
-DIRECTION = {"decode_failure_rate": False, "clip_score": True, "kd_x100": False, "fd": False,
-             "spec_accuracy": True, "spec_all_correct": True, "single_component_rate": True,
-             "grounded_rate": True, "stable_rate": True, "watertight_rate": True, "diversity_iou": None,
-             "reference_iou": True}
 GEOMETRY_RATES = ("single_component_rate", "grounded_rate", "stable_rate", "watertight_rate")
 
 
@@ -77,7 +85,7 @@ def metric_row(policy: str, category: str, metric: str, value=None, n: int = 0, 
         status, message = "skipped", message or "no value"
     return {"name": f"{category}/{metric}", "value": value, "policy": policy, "category": category,
             "metric": metric, "n": int(n), "std": None if std is None or not np.isfinite(std) else float(std),
-            "status": status, "message": message, "higher_is_better": DIRECTION.get(metric.split(":")[0]),
+            "status": status, "message": message, "higher_is_better": registry.direction(metric),
             **extra}
 
 
@@ -113,10 +121,11 @@ class Sample:
 
 @dataclass
 class Models:
-    clip: M.ClipScorer | None = None
+    clip: ClipScorer | None = None
     clip_reason: str = ""
-    features: M.FeatureModel | None = None
+    features: FeatureModel | None = None
     features_reason: str = ""
+    batch_size: int = 32            # views per forward pass of the CLIP scorer
 
 
 def compute_metrics(policy: str, samples: list[Sample], categories: list[str], groups, models: Models,
@@ -136,7 +145,7 @@ def compute_metrics(policy: str, samples: list[Sample], categories: list[str], g
 
     if "decode" in groups:
         for c, ss in scopes:
-            v, n = M.rate([s.status != "ok" for s in ss])
+            v, n = rate([s.status != "ok" for s in ss])
             rows.append(metric_row(policy, c, "decode_failure_rate", v, n,
                                    message="" if n else "no samples"))
 
@@ -159,8 +168,8 @@ def compute_metrics(policy: str, samples: list[Sample], categories: list[str], g
             for pid in dict.fromkeys(s.prompt_id for s in ss):
                 grids = [s.grid for s in ss if s.prompt_id == pid and s.status == "ok" and s.grid is not None]
                 if len(grids) >= 2:
-                    vals.append(M.pairwise_iou_mean(np.stack(grids)))
-            m, sd, n = M.mean_std(vals)
+                    vals.append(pairwise_iou_mean(np.stack(grids)))
+            m, sd, n = mean_std(vals)
             rows.append(metric_row(policy, c, "diversity_iou", m, n, sd,
                                    message="" if n else "diversity skipped: no prompt has 2 decoded samples "
                                                         "(use --samples-per-prompt >= 2)"))
@@ -170,13 +179,11 @@ def compute_metrics(policy: str, samples: list[Sample], categories: list[str], g
             rows += skipped(policy, categories, "reference_iou", "reference IoU skipped: the benchmark has "
                             "no ground-truth grids (only spec benchmarks such as synth-reasoning do)")
         else:
-            from rl3d.formats.voxels import voxel_iou
-
             for s in ok:
                 if s.prompt_id in reference_grids:
                     per[s.sample_id]["reference_iou"] = voxel_iou(s.grid, reference_grids[s.prompt_id])
             for c, ss in scopes:
-                m, sd, n = M.mean_std([per[s.sample_id].get("reference_iou") for s in ss])
+                m, sd, n = mean_std([per[s.sample_id].get("reference_iou") for s in ss])
                 rows.append(metric_row(policy, c, "reference_iou", m, n, sd,
                                        message="" if n else "no decoded samples"))
     return rows, list(per.values())
@@ -190,12 +197,12 @@ def _clip_rows(policy, scopes, models: Models, per, progress) -> list[dict]:
     if not scored:
         return skipped(policy, cats, "clip_score", "CLIP score skipped: no rendered views")
     progress.log(f"eval {policy}: CLIP score of {len(scored)} samples")
-    values = models.clip.score([s.prompt for s in scored], [s.views for s in scored])
+    values = models.clip.score([s.prompt for s in scored], [s.views for s in scored], batch_size=models.batch_size)
     for s, v in zip(scored, values):
         per[s.sample_id]["clip_score"] = v
     out = []
     for c, ss in scopes:
-        m, sd, n = M.mean_std([per[s.sample_id].get("clip_score") for s in ss])
+        m, sd, n = mean_std([per[s.sample_id].get("clip_score") for s in ss])
         out.append(metric_row(policy, c, "clip_score", m, n, sd, message="" if n else "no rendered samples"))
     return out
 
@@ -230,10 +237,10 @@ def _distribution_rows(policy, scopes, groups, models: Models, references, kd_su
                                       message=f"{m.split('_')[0].upper()} skipped: needs >= 2 generated and >= 2 "
                                               f"reference views (have {len(x)} and {len(y)})"))
             elif m == "kd_x100":
-                v, sd = M.kernel_distance(x, y, kd_subsets, kd_subset_size, seed)
-                out.append(metric_row(policy, c, m, M.KD_SCALE * v, len(x), M.KD_SCALE * sd, feature_model=fname))
+                v, sd = kernel_distance(x, y, kd_subsets, kd_subset_size, seed)
+                out.append(metric_row(policy, c, m, KD_SCALE * v, len(x), KD_SCALE * sd, feature_model=fname))
             else:
-                out.append(metric_row(policy, c, m, M.frechet_distance(x, y), len(x), feature_model=fname))
+                out.append(metric_row(policy, c, m, frechet_distance(x, y), len(x), feature_model=fname))
     return out
 
 
@@ -242,14 +249,6 @@ def reference_feature_matrix(models: Models, references: dict[str, list[str]], c
     items = [(category_of[pid], p) for pid, paths in references.items() if pid in category_of for p in paths]
     feats = models.features.features([p for _, p in items]) if items else np.zeros((0, 1))
     return feats, np.array([c for c, _ in items])
-
-
-def _spec_check():
-    try:
-        from rl3d.stages.rewards.spec import check_spec
-    except ImportError as e:
-        return None, f"the spec checker is not available ({e})"
-    return check_spec, ""
 
 
 SPEC_KINDS = ("nonempty", "grounded", "no_floating_parts", "silhouette", "hollow", "wireframe", "stable")
@@ -279,12 +278,9 @@ def _spec_rows(policy, scopes, categories, ok: list[Sample], per) -> list[dict]:
     with_spec = [s for s in ok if s.spec]
     if not any(s.spec for _, ss in scopes[:1] for s in ss):
         return skipped(policy, categories, "spec_accuracy", "spec accuracy skipped: the benchmark has no specs")
-    check, reason = _spec_check()
-    if check is None:
-        return skipped(policy, categories, "spec_accuracy", f"spec accuracy skipped: {reason}")
     for s in with_spec:
         try:
-            result = check(s.spec, s.grid)
+            result = check_spec(s.spec, s.grid)
             attrs = spec_attributes(result)
         except Exception as e:  # a checker failure is recorded per sample, not scored
             per[s.sample_id]["spec_status"] = f"spec_error: {type(e).__name__}: {e}"[:300]
@@ -299,31 +295,29 @@ def _spec_rows(policy, scopes, categories, ok: list[Sample], per) -> list[dict]:
         # failed decodes count as wrong: a spec benchmark asks for an object, no object is not "unscored"
         failed = [s for s in ss if s.spec and s.status != "ok"]
         acc = [r["spec_accuracy"] for r in checked if r["spec_accuracy"] is not None] + [0.0] * len(failed)
-        m, sd, n = M.mean_std(acc)
+        m, sd, n = mean_std(acc)
         errors = sum(1 for s in ss if "spec_status" in per[s.sample_id])
         note = "; ".join(x for x in (f"{len(failed)} undecodable samples count as 0" if failed else "",
                                      f"{errors} samples the checker failed on are not counted" if errors else "") if x)
         out.append(metric_row(policy, c, "spec_accuracy", m, n, sd, message=note or ("" if n else "no checked samples")))
-        v, n2 = M.rate([r["spec_all_correct"] for r in checked] + [False] * len(failed))
+        v, n2 = rate([r["spec_all_correct"] for r in checked] + [False] * len(failed))
         out.append(metric_row(policy, c, "spec_all_correct", v, n2, message=note or ("" if n2 else "no checked samples")))
         attrs = sorted({a for r in checked for a in r["spec"]})
         for a in attrs:
-            m, sd, n = M.mean_std([r["spec"][a] for r in checked if a in r["spec"]])
+            m, sd, n = mean_std([r["spec"][a] for r in checked if a in r["spec"]])
             out.append(metric_row(policy, c, f"spec_accuracy:{a}", m, n, sd))
     return out
 
 
 def geometry_flags(grid: np.ndarray) -> dict[str, bool]:
     """Binary geometry outcomes of one decoded grid (from the geometry reward's measures)."""
-    from rl3d.stages.rewards import geometry as G
-
     occ = grid > 0
     if not occ.any():
         return {k: False for k in GEOMETRY_RATES}
-    return {"single_component_rate": G.largest_component(occ)[1]["components"] == 1,
-            "grounded_rate": G.ground_contact(occ)[1]["gap_layers"] == 0,
-            "stable_rate": G.stability(occ)[1]["outside_by"] == 0.0,
-            "watertight_rate": G.watertight(occ)[1]["non_manifold_edges"] == 0}
+    return {"single_component_rate": geometry.largest_component(occ)[1]["components"] == 1,
+            "grounded_rate": geometry.ground_contact(occ)[1]["gap_layers"] == 0,
+            "stable_rate": geometry.stability(occ)[1]["outside_by"] == 0.0,
+            "watertight_rate": geometry.watertight(occ)[1]["non_manifold_edges"] == 0}
 
 
 def _geometry_rows(policy, scopes, ok: list[Sample], per) -> list[dict]:
@@ -332,7 +326,7 @@ def _geometry_rows(policy, scopes, ok: list[Sample], per) -> list[dict]:
     out = []
     for c, ss in scopes:
         for m in GEOMETRY_RATES:
-            v, n = M.rate([per[s.sample_id].get(m) for s in ss])
+            v, n = rate([per[s.sample_id].get(m) for s in ss])
             out.append(metric_row(policy, c, m, v, n, message="over decoded samples" if n else "no decoded samples"))
     return out
 
@@ -357,9 +351,7 @@ def resolve_mode(policy_dir: Path, mode: str) -> str:
         return mode
     if mode != "auto":
         raise InputError(f"--mode {mode!r}: expected auto, hi-grpo or flat")
-    from rl3d.stages.policy import checkpoint as pol
-
-    meta = pol.read_policy_meta(policy_dir)
+    meta = read_policy_meta(policy_dir)
     return meta.get("mode") if meta.get("mode") in ("hi-grpo", "flat") else "hi-grpo"
 
 
@@ -378,8 +370,6 @@ def _stage_opts(opts: EvalOptions, out: Path) -> StageOptions:
 
 
 def _render(samples_path: Path, out: Path, opts: EvalOptions) -> None:
-    from rl3d.stages.render import run_render
-
     run_render(str(samples_path), _stage_opts(opts, out), views=opts.views, resolution=opts.resolution, sheet=False,
                workers=opts.workers, supersample=opts.supersample)
 
@@ -403,9 +393,6 @@ def reference_renders(bench: Benchmark, opts: EvalOptions, progress: Progress) -
     if not bench.has_specs:
         return {}, ""
     # ground-truth grids -> GLBs -> the same renderer and cameras as the generated samples
-    from rl3d.formats.glb import write_glb
-    from rl3d.formats.voxels import grid_to_mesh
-
     ref = Path(opts.out) / "references"
     index = ref / f"objects-{bench.content_hash()}.parquet"
     if not index.exists():
@@ -445,32 +432,28 @@ def _references_from(d: Path, bench: Benchmark) -> dict[str, list[str]]:
 
 
 def load_models(opts: EvalOptions, groups) -> Models:
-    models = Models()
+    models = Models(batch_size=opts.batch_size)
     if opts.quiet:  # --quiet means no progress output, transformers' weight-loading bars included
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
-    clip_dir = opts.clip_model or M.default_scorer_dir()
+    shipped = default_scorer_dir()
+    clip_dir = opts.clip_model or (shipped if (shipped / "config.json").exists() else None)
     if "clip" in groups:
         if clip_dir is None:
             models.clip_reason = "no CLIP model (pass --clip-model DIR; the shipped scorer is not built)"
         else:
-            models.clip = M.ClipScorer(clip_dir, device=opts.device or "cpu", batch_size=opts.batch_size)
+            models.clip = ClipScorer(clip_dir, device=opts.device or "cpu")
     if {"kd", "fd"} & set(groups):
         fdir = opts.feature_model or clip_dir
         if fdir is None:
             models.features_reason = "pass --feature-model DIR (DINOv2 / CLIP dir, or an Inception TorchScript file)"
         else:
-            models.features = M.FeatureModel.load(fdir, device=opts.device or "cpu")
+            models.features = FeatureModel.load(fdir, device=opts.device or "cpu")
     return models
 
 
 def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path: Path, opts: EvalOptions,
                     progress: Progress) -> tuple[list[Sample], dict]:
     """gen + render for one policy (resumable stage dirs) -> its final-level samples and info."""
-    from rl3d.stages.policy import checkpoint as pol
-    from rl3d.stages.gen import MODES, run_gen
-
     mode = resolve_mode(policy_dir, opts.mode)
     final = MODES[mode][-1]
     pdir = Path(opts.out) / name
@@ -487,8 +470,8 @@ def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path:
     _render(final_path, pdir / "renders", opts)
     views = _views_by_sample(pdir / "renders")
 
-    meta = pol.read_policy_meta(policy_dir)
-    codec = pol.load_codec_for(Path(policy_dir), meta)
+    meta = read_policy_meta(policy_dir)
+    codec = load_codec_for(Path(policy_dir), meta)
     prompt_rows = {r["prompt_id"]: r for r in bench.prompts}
     out = []
     for r in rows:
@@ -504,15 +487,14 @@ def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path:
                           json.loads(pr["spec"]) if pr.get("spec") else None))
     policy_id = rows[0]["policy_id"] if rows else tables.table_policy(pdir / "gen")
     info = {"name": name, "dir": str(Path(policy_dir).resolve()), "policy_id": policy_id, "mode": mode,
-            "final_level": final, "step": int(meta.get("step", 0)), "base": meta.get("base"),
+            "final_level": final, "step": int(meta.get("step", 0)),
+            "rl_step": int(meta.get("rl_step", 0)), "base": meta.get("base"),
             "gen_config": tables.table_config(pdir / "gen"), "gen_skipped": bool(gsum.get("skipped"))}
     return out, info
 
 
 def run_eval(opts: EvalOptions) -> dict:
     """The whole eval: benchmark -> per policy gen/render/metrics -> metrics table + report."""
-    from rl3d.stages import report as rep
-
     progress = Progress(opts.quiet)
     unknown = set(opts.metrics) - set(METRIC_GROUPS)
     if unknown:
@@ -555,11 +537,11 @@ def run_eval(opts: EvalOptions) -> dict:
     table = tables.with_metadata(metrics_table(all_rows), "metrics", config)
     tables.validate(table, "metrics", "eval output")
     shards_io.write_part(table, out / "metrics", shards_io.Shard(0, 1))
-    ctx = rep.ReportContext(
+    ctx = ReportContext(
         bench=bench.name, bench_source=bench.source, bench_hash=bench.content_hash(), categories=categories,
         policies=infos, notes=bench.notes + _model_notes(models, opts, ref_source), config=config,
-        grid=rep.pick_grid(bench.prompts, grid_samples, refs, opts.grid_prompts), runs=list(opts.runs))
-    files = rep.write_report(all_rows, out, ctx)
+        grid=pick_grid(bench.prompts, grid_samples, refs, opts.grid_prompts), runs=list(opts.runs))
+    files = write_report(all_rows, out, ctx)
     ok = sum(r["status"] == "ok" for r in all_rows)
     return {"stage": "eval", "out": str(out), "bench": bench.name, "prompts": len(bench.prompts),
             "policies": [i["name"] for i in infos], "rows": len(all_rows), "metrics_ok": ok,
@@ -576,7 +558,7 @@ def _model_notes(models: Models, opts: EvalOptions, ref_source: str) -> list[str
                         "comparable with the paper's numbers)",
                 "hf": "the CLS token of the model's last hidden state (DINOv2 protocol)",
                 "torchscript": "Inception-V3 pool features (TorchScript)"}[f.kind]
-        notes.append(f"KD/FD features: {f.path} ({M.model_fingerprint(f.path)}): {what}")
+        notes.append(f"KD/FD features: {f.path} ({model_fingerprint(f.path)}): {what}")
     if ref_source:
         notes.append(f"reference renders: {ref_source}")
     notes.append(f"renders: {opts.views} views at {opts.resolution}px (supersample {opts.supersample}); "

@@ -16,9 +16,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
+from rl3d.stages.policy.device import pick_device
+from rl3d.stages.scoring.clip import ImageProcessor, load_rgb, pooled
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 IMAGE_SIZE = 128
@@ -32,9 +38,6 @@ PHRASINGS = ("{p}", "a {p}", "a 3d model of {p}", "a voxel model of {p}", "a ren
 def build_tokenizer(texts: list[str], vocab_size: int = 2048):
     """A CLIP-style byte-level BPE (end-of-word suffix </w>, lowercase) trained on `texts`,
     wrapped as transformers' CLIPTokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
     proto = CLIPTokenizer()  # the CLIP normaliser and pre-tokeniser, to train with the same split
     bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=EOS))
     bpe.normalizer = proto.backend_tokenizer.normalizer
@@ -52,17 +55,11 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048):
 
 
 def build_image_processor(size: int = IMAGE_SIZE):
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
     return ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def scorer_config(vocab_size: int, bos_id: int, eos_id: int, image_size: int = IMAGE_SIZE, hidden: int = 192,
                   layers: int = 4, heads: int = 4, patch: int = 16, projection: int = 128):
-    from transformers import CLIPConfig
-
     text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=MAX_TEXT_TOKENS, projection_dim=projection,
                 bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
@@ -73,9 +70,6 @@ def scorer_config(vocab_size: int, bos_id: int, eos_id: int, image_size: int = I
 
 def init_scorer(texts: list[str], seed: int = 0, **size):
     """(random-init CLIPModel, tokenizer, image processor) sized for the default scorer."""
-    import torch
-    from transformers import CLIPModel
-
     tok = build_tokenizer(texts)
     torch.manual_seed(seed)
     cfg = scorer_config(len(tok), tok.bos_token_id, tok.eos_token_id, **size)
@@ -124,10 +118,6 @@ def load_pairs(objects, renders) -> tuple[list[dict], list[dict]]:
 
 def pixel_tensor(proc, paths: list[str], batch: int = 256):
     """All images through the scorer's own processor once, kept as float16 [N, 3, S, S]."""
-    import torch
-
-    from rl3d.stages.rewards.clip import load_rgb
-
     out = []
     for s in range(0, len(paths), batch):
         px = proc(images=[load_rgb(p) for p in paths[s:s + batch]], return_tensors="pt")["pixel_values"]
@@ -139,8 +129,6 @@ def pixel_tensor(proc, paths: list[str], batch: int = 256):
 
 def contrastive_loss(img, txt, logit_scale, same_caption):
     """Symmetric CLIP loss; rows sharing a caption are all positives (uniform soft targets)."""
-    import torch.nn.functional as F
-
     logits = logit_scale.exp().clamp(max=100) * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     target = same_caption.float() / same_caption.float().sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -150,9 +138,6 @@ def retrieval_accuracy(model, tok, pixels, view_owner: np.ndarray, prompts: list
                        seed: int = 0, device: str = "cpu") -> float:
     """Top-1 accuracy of picking an eval view's caption among `candidates` captions (the true one
     plus distinct others drawn from the eval set)."""
-    import torch
-    import torch.nn.functional as F
-
     uniq = sorted(set(prompts))
     if len(uniq) < candidates:
         candidates = len(uniq)
@@ -162,12 +147,12 @@ def retrieval_accuracy(model, tok, pixels, view_owner: np.ndarray, prompts: list
         t = []
         for s in range(0, len(uniq), 256):
             enc = tok(uniq[s:s + 256], padding=True, truncation=True, return_tensors="pt").to(device)
-            t.append(F.normalize(_pooled(model.get_text_features(**enc)).float(), dim=-1))
+            t.append(F.normalize(pooled(model.get_text_features(**enc)).float(), dim=-1))
         txt = torch.cat(t)
         im = []
         for s in range(0, len(pixels), 256):
             px = pixels[s:s + 256].to(device=device, dtype=torch.float32)
-            im.append(F.normalize(_pooled(model.get_image_features(pixel_values=px)).float(), dim=-1))
+            im.append(F.normalize(pooled(model.get_image_features(pixel_values=px)).float(), dim=-1))
         sims = (torch.cat(im) @ txt.T).cpu().numpy()
     rng = np.random.default_rng(seed)
     hits = 0
@@ -180,16 +165,8 @@ def retrieval_accuracy(model, tok, pixels, view_owner: np.ndarray, prompts: list
     return hits / max(len(view_owner), 1)
 
 
-def _pooled(out):
-    return out.pooler_output if hasattr(out, "pooler_output") else out
-
-
 def train(objects, renders, out: Path, steps: int = 3000, batch_size: int = 256, lr: float = 5e-4,
           seed: int = 0, device: str = "auto", log=print) -> dict:
-    import torch
-
-    from rl3d.stages.policy.device import pick_device
-
     device = pick_device(device)
     rng = random.Random(seed)
     train_rows, eval_rows = load_pairs(objects, renders)
@@ -223,8 +200,8 @@ def train(objects, renders, out: Path, steps: int = 3000, batch_size: int = 256,
         enc = tok(caps, padding=True, truncation=True, return_tensors="pt").to(device)
         px = pixels[torch.tensor(view_idx, device=device)].float()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            img = _pooled(model.get_image_features(pixel_values=px))
-            txt = _pooled(model.get_text_features(**enc))
+            img = pooled(model.get_image_features(pixel_values=px))
+            txt = pooled(model.get_text_features(**enc))
         loss = contrastive_loss(img.float(), txt.float(), model.logit_scale, ids[:, None] == ids[None, :])
         opt.zero_grad(set_to_none=True)
         loss.backward()

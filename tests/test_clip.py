@@ -31,7 +31,7 @@ def direct(model_dir, prompt, paths):
     """cos(text, image) computed by hand from the saved model and processors."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-    from rl3d.stages.rewards.clip import load_rgb
+    from rl3d.stages.scoring.clip import load_rgb
 
     m = CLIPModel.from_pretrained(str(model_dir)).eval()
     tok, proc = AutoTokenizer.from_pretrained(str(model_dir)), CLIPImageProcessorPil.from_pretrained(str(model_dir))

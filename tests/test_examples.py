@@ -75,4 +75,5 @@ def test_learning_run_shards_stages_and_resumes(tmp_path, eval_async):
     assert f"--policy {tmp_path}/run/step-000001/policy" in rl[1]
     n = len(calls)
     subprocess.run(["bash", str(ROOT / "examples/learning_run.sh")], env=env, check=True, capture_output=True)
-    assert [c.split()[0] for c in log.read_text().splitlines()[n:]] == ["synth"]  # only the idempotent prompts
+    # only the idempotent prompts and the (cheap, idempotent) held-out summary
+    assert [c.split()[0] for c in log.read_text().splitlines()[n:]] == ["synth", "learning-summary"]

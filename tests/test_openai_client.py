@@ -37,7 +37,8 @@ class FakeChatServer:
                     server.active += 1
                     server.max_active = max(server.max_active, server.active)
                     server.bodies.append(body)
-                    server.headers.append(dict(self.headers))
+                    # header names are case-insensitive: record them in one spelling
+                    server.headers.append({k.title(): v for k, v in self.headers.items()})
                 try:
                     status, text, delay = server.behave(n, body)
                     time.sleep(delay)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rl3d.stages import report as rep
+from rl3d.stages.scoring import report
 from rl3d.stages.eval import metric_row
 
 _spec = importlib.util.spec_from_file_location("eval_fixtures", Path(__file__).with_name("test_eval_fixtures.py"))
@@ -31,7 +31,7 @@ def _rows():
 
 
 def test_delta_table_signs():
-    t = {m: rep.delta_table(_rows(), m, ["A", "B"], CATS) for m in ("clip_score", "kd_x100", "fd", "diversity_iou")}
+    t = {m: report.delta_table(_rows(), m, ["A", "B"], CATS) for m in ("clip_score", "kd_x100", "fd", "diversity_iou")}
     clip = {r["category"]: r for r in t["clip_score"]}
     assert clip["all"]["deltas"]["B"] == pytest.approx(5.0) and clip["all"]["better"]["B"] is True
     assert clip["organic_forms"]["deltas"]["B"] == pytest.approx(6.0)
@@ -39,7 +39,7 @@ def test_delta_table_signs():
     assert t["fd"][0]["deltas"]["B"] == pytest.approx(2.0) and t["fd"][0]["better"]["B"] is False
     assert t["diversity_iou"][0]["better"]["B"] is None
     assert [r["category"] for r in t["clip_score"]] == ["all", *CATS]
-    assert rep.delta_table(_rows(), "spec_accuracy", ["A", "B"], CATS) == []  # skipped everywhere: no table
+    assert report.delta_table(_rows(), "spec_accuracy", ["A", "B"], CATS) == []  # skipped everywhere: no table
 
 
 def test_report_files_contain_policies_categories_and_reasons(tmp_path):
@@ -47,15 +47,15 @@ def test_report_files_contain_policies_categories_and_reasons(tmp_path):
     run = tmp_path / "run_metrics.parquet"
     pq.write_table(pa.table({"step": [0, 1, 2, 0, 1, 2], "name": ["reward/total"] * 3 + ["kl"] * 3,
                              "value": [0.1, 0.3, 0.4, 0.0, 0.01, 0.02]}), run)
-    grid = rep.pick_grid([{"prompt_id": "p1", "prompt": "a red chair", "category": CATS[0]},
+    grid = report.pick_grid([{"prompt_id": "p1", "prompt": "a red chair", "category": CATS[0]},
                           {"prompt_id": "p2", "prompt": "a tulip", "category": CATS[1]}],
                          {"A": {"p1": imgs[:3], "p2": imgs[3:]}, "B": {"p1": imgs[:3]}}, {"p1": imgs[:2]}, 4)
     assert [g["prompt_id"] for g in grid] == ["p1", "p2"]
-    ctx = rep.ReportContext("toy", "hand-made", "abc", CATS,
+    ctx = report.ReportContext("toy", "hand-made", "abc", CATS,
                             [{"name": "A", "policy_id": "/x/A@1111#step0", "mode": "hi-grpo", "final_level": "fine"},
                              {"name": "B", "policy_id": "/x/B@2222#step5", "mode": "flat", "final_level": "single"}],
                             notes=["a note"], config={"seed": 0}, grid=grid, runs=[str(run)])
-    files = rep.write_report(_rows(), tmp_path / "out", ctx)
+    files = report.write_report(_rows(), tmp_path / "out", ctx)
     md, page = files["report_md"].read_text(), files["report_html"].read_text()
     for text in (md, page):
         for needle in ["A", "B", "/x/B@2222#step5", *CATS, "spec accuracy skipped: no specs", "+5.000"]:
@@ -77,7 +77,7 @@ def test_learning_run_plot_from_shipped_run_data(tmp_path):
 
     from PIL import Image
 
-    from rl3d.stages.learning_summary import plot_runs
+    from rl3d.stages.scoring.learning import plot_runs
 
     data = Path(__file__).resolve().parents[1] / "docs" / "data"
     run = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_learning_run_plot_from_shipped_run_data(tmp_path):
 
 
 def test_reward_variance_shares_follow_the_term_that_varies():
-    from rl3d.stages.learning_summary import reward_variance_shares
+    from rl3d.stages.scoring.learning import reward_variance_shares
 
     rows = []
     for i, (a, b) in enumerate([(1.0, 0.5), (2.0, 0.5), (3.0, 0.5), (4.0, 0.5)]):  # only term a varies
@@ -125,7 +125,7 @@ def test_before_after_sheet_shows_the_most_changed_prompts(tmp_path):
     import pyarrow as pa
 
     from rl3d.formats import shards, tables
-    from rl3d.stages.learning_summary import before_after_sheet
+    from rl3d.stages.scoring.learning import before_after_sheet
 
     change = {"up": 1.0, "same": 0.0, "down": -1.0, "flat": 0.1}
     for step, sign in ((0, 0.0), (10, 1.0)):
@@ -157,7 +157,7 @@ def test_heldout_table_reports_failed_share_beside_the_scored_mean(tmp_path):
     import pyarrow as pa
 
     from rl3d.formats import shards, tables
-    from rl3d.stages.learning_summary import heldout_table
+    from rl3d.stages.scoring.learning import heldout_table
 
     for seed, fine in (("101", [2.0, None]), ("102", [3.0, 1.0])):
         rows = {"sample_id": ["a-0-coarse", "a-1-coarse", "a-0-fine", "a-1-fine"], "prompt_id": ["a"] * 4,
@@ -184,7 +184,7 @@ def test_heldout_table_reports_failed_share_beside_the_scored_mean(tmp_path):
 
 
 def test_paired_prompt_change_pairs_by_prompt_and_skips_failed_samples():
-    from rl3d.stages.learning_summary import paired_prompt_change
+    from rl3d.stages.scoring.learning import paired_prompt_change
 
     def rows(totals):  # prompt -> fine totals of its samples (None = failed)
         return [{"prompt_id": p, "level": "fine", "total": t} for p, ts in totals.items() for t in ts]
@@ -196,3 +196,62 @@ def test_paired_prompt_change_pairs_by_prompt_and_skips_failed_samples():
     assert c["change"] == pytest.approx(0.15)
     assert 0.1 - 1e-9 <= c["ci_low"] <= c["change"] <= c["ci_high"] <= 0.2 + 1e-9
     assert paired_prompt_change(a, b, "coarse")["prompts"] == 0
+
+
+def test_learning_summary_is_an_rl3d_subcommand(tmp_path):
+    """`rl3d learning-summary heldout RUN` writes RUN/heldout_rewards.json and prints the table;
+    a bad LABEL=DIR is a one-line error with exit code 2."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rl3d.cli.main import main
+
+    out = tmp_path / "eval" / "step-000002" / "seed-101" / "rewards"
+    _write_eval_rewards(out, {"a-0-coarse": 1.0, "a-1-coarse": 2.0, "a-0-fine": 3.0, "a-1-fine": None})
+    r = CliRunner().invoke(main, ["learning-summary", "heldout", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:3] == ["step", "total_coarse", "failed_coarse"]
+    assert lines[1].split()[:3] == ["2", "1.5000", "0.0000"]
+    (row,) = json.loads((tmp_path / "heldout_rewards.json").read_text())
+    assert row["total_fine"] == 3.0 and row["failed_fine"] == 0.5
+    r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "x.png"), "nolabel"])
+    assert r.exit_code == 2 and "expected LABEL=DIR" in r.output
+    assert "learning-summary" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_few_samples_are_flagged_and_n1_deltas_get_no_verdict(tmp_path):
+    """A value from fewer than 8 samples is marked with a visible note; with n = 1 a delta is shown
+    but not called better or worse; the policies table shows each policy's RL step."""
+    rows = []
+    for p, v, n in (("A", 20.0, 1), ("B", 25.0, 1)):
+        rows += [metric_row(p, c, "clip_score", v, n) for c in ["all", *CATS]]
+    for p, v in (("A", 0.5), ("B", 0.3)):
+        rows += [metric_row(p, c, "kd_x100", v, 40) for c in ["all", *CATS]]
+    t = report.delta_table(rows, "clip_score", ["A", "B"], CATS)
+    assert t[0]["deltas"]["B"] == pytest.approx(5.0) and t[0]["better"]["B"] is None
+    assert report.delta_table(rows, "kd_x100", ["A", "B"], CATS)[0]["better"]["B"] is True
+    ctx = report.ReportContext("toy", "hand-made", "abc", CATS,
+                               [{"name": "A", "policy_id": "a", "mode": "hi-grpo", "final_level": "fine", "step": 300,
+                                 "rl_step": 0},
+                                {"name": "B", "policy_id": "b", "mode": "hi-grpo", "final_level": "fine", "step": 300,
+                                 "rl_step": 12}])
+    files = report.write_report(rows, tmp_path / "out", ctx)
+    md, page = files["report_md"].read_text(), files["report_html"].read_text()
+    assert "| A | hi-grpo (fine) | 300 | 0 |" in md and "| B | hi-grpo (fine) | 300 | 12 |" in md
+    assert "<th>RL step</th>" in page and "<td>12</td>" in page
+    for text in (md, page):
+        assert "Few samples" in text and "fewer than 8 samples" in text
+        assert "20.00†" in text and "+5.000" in text
+        assert "-0.200 ▲" in text                       # KD (n = 40): lower is better
+        assert "+5.000 ▲" not in text and "+5.000 ▼" not in text and "+5.000" in text  # CLIP (n = 1): no verdict
+    assert "class='few'" in page
+
+
+def test_no_few_samples_note_when_every_value_has_enough(tmp_path):
+    ctx = report.ReportContext("toy", "hand-made", "abc", CATS,
+                               [{"name": "A", "policy_id": "a", "mode": "hi-grpo", "final_level": "fine"},
+                                {"name": "B", "policy_id": "b", "mode": "flat", "final_level": "single"}])
+    files = report.write_report(_rows(), tmp_path / "out", ctx)
+    assert "Few samples" not in files["report_md"].read_text()

@@ -14,7 +14,6 @@ from rl3d.formats.glb import face_rgb
 from rl3d.stages.raycast import open3d_engine, shading
 from rl3d.stages.raycast.cameras import DEFAULT_FOV, cached_cameras, check_framing, object_scale
 from rl3d.stages.raycast.engines import INVALID_ID, Hits, resolve_backend
-from rl3d.stages.policy.device import pick_device
 
 
 def mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,7 +37,7 @@ def resolve_engine(backend: str = "auto", device: str | None = None) -> tuple[st
     backend = resolve_backend(backend)
     if backend == "open3d":
         return backend, None
-    return backend, pick_device(device)
+    return backend, _torch_engine().pick_device(device)
 
 
 MAX_SUPERSAMPLE = 8

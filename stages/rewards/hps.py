@@ -13,7 +13,7 @@ import numpy as np
 from rl3d.formats.errors import InputError
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.policy.device import pick_device
-from rl3d.stages.rewards.clip import load_rgb
+from rl3d.stages.scoring.clip import load_rgb
 
 _MODELS: dict[tuple, tuple] = {}
 

@@ -1,27 +1,23 @@
-"""A small client for OpenAI-compatible /v1/chat/completions endpoints (vLLM, SGLang, OpenAI, ...).
+"""The chat client of the endpoint judge: OpenAI-compatible /v1/chat/completions endpoints (vLLM,
+SGLang, OpenAI, ...) through the `openai` Python client (optional extra: pip install rl3d[openai]).
 
-Stdlib only (urllib + a thread pool), so the project adds no HTTP dependency. It never raises
-for a failed request: every request gets a ChatReply with either text or an error message, in
-input order. Transient failures (timeouts, connection errors, HTTP 5xx, 408, 429) are retried
-with exponential backoff; other 4xx (bad request, bad key) are not, since retrying cannot help.
+The openai client does the HTTP, the timeouts and the retries: transient failures (timeouts,
+connection errors, HTTP 408, 409, 429, 5xx) are retried with exponential backoff (0.5 s doubling,
+capped at 8 s, with jitter; a server's Retry-After is honoured); other 4xx (bad request, bad key)
+are not, since retrying cannot help. This module never raises for a failed request: every
+conversation gets a ChatReply with either text or an error message, in input order, requests
+running `concurrency` at a time.
 """
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
-import socket
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from rl3d.formats.errors import InputError
 
-_RETRY_STATUS = {408, 429}  # client-side codes that mean "try again later"
-_MAX_BACKOFF_S = 30.0
 _BODY_EXCERPT = 300
 
 
@@ -56,28 +52,45 @@ def user_message(text: str, images: list) -> dict:
     return {"role": "user", "content": content}
 
 
-class _Transient(Exception):
-    """A failure worth retrying."""
+def import_openai():
+    """The openai package, imported lazily on purpose: an optional extra that only the endpoint judge needs."""
+    try:
+        import openai
+    except ImportError:
+        raise InputError("the endpoint judge needs the openai client: pip install 'rl3d[openai]'") from None
+    return openai
+
+
+def _base_url(endpoint: str) -> str:
+    """The '.../v1' base the openai client appends /chat/completions to."""
+    return chat_completions_url(endpoint)[: -len("/chat/completions")]
 
 
 class ChatClient:
     def __init__(self, endpoint: str, model_name: str, api_key_env: str | None = None,
                  timeout: float = 120.0, retries: int = 3, concurrency: int = 8,
-                 backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.0):
+                 backoff: float | None = None, max_tokens: int = 512, temperature: float = 0.0):
+        """`backoff` is accepted for old configs and not used: the openai client's schedule applies."""
         if not endpoint or not model_name:
             raise InputError("chat endpoint: both endpoint and model_name are required")
         if retries < 0 or concurrency < 1 or timeout <= 0:
             raise InputError("chat endpoint: need retries >= 0, concurrency >= 1 and timeout > 0")
         self.url = chat_completions_url(endpoint)
         self.model_name = model_name
-        self.api_key = None
+        api_key = None
         if api_key_env:
             # The key lives only in the environment; configs name the variable, never the key.
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
                 raise InputError(f"chat endpoint: environment variable {api_key_env} (api_key_env) is not set")
         self.timeout, self.retries, self.concurrency = float(timeout), int(retries), int(concurrency)
-        self.backoff, self.max_tokens, self.temperature = float(backoff), int(max_tokens), float(temperature)
+        self.max_tokens, self.temperature = int(max_tokens), float(temperature)
+        self.openai = import_openai()
+        # a local server without a key gets no Authorization header (not OPENAI_API_KEY's value either);
+        # the client insists on some key, so it gets a placeholder it never sends
+        self.headers = {} if api_key else {"Authorization": self.openai.Omit()}
+        self.client = self.openai.OpenAI(base_url=_base_url(endpoint), api_key=api_key or "unused", timeout=self.timeout,
+                                         max_retries=self.retries)
 
     def complete_many(self, conversations: list[list[dict]]) -> list[ChatReply]:
         """Send each conversation (a list of chat messages); replies in input order."""
@@ -88,62 +101,36 @@ class ChatClient:
             return list(pool.map(self.complete, conversations))
 
     def complete(self, messages: list[dict]) -> ChatReply:
-        body = json.dumps({"model": self.model_name, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode("utf-8")
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S))
-            try:
-                return ChatReply(text=self._post(body), attempts=attempt + 1)
-            except _Transient as e:
-                last_error = str(e)
-            except _Permanent as e:
-                return ChatReply(error=str(e), attempts=attempt + 1)
-        return ChatReply(error=f"{last_error} (gave up after {self.retries + 1} attempts)",
-                         attempts=self.retries + 1)
-
-    def _post(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        o = self.openai
+        gave_up = f" (gave up after {self.retries + 1} attempts)"
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _excerpt(e.read())
-            msg = f"HTTP {e.code} from {self.url}: {detail}"
-            if e.code >= 500 or e.code in _RETRY_STATUS:
-                raise _Transient(msg) from None
-            raise _Permanent(msg) from None
-        except (TimeoutError, socket.timeout) as e:
-            raise _Transient(f"timeout after {self.timeout:g}s from {self.url}") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Transient(f"timeout after {self.timeout:g}s from {self.url}") from None
-            raise _Transient(f"connection error to {self.url}: {e.reason}") from None
-        except (ConnectionError, OSError) as e:
-            raise _Transient(f"connection error to {self.url}: {e}") from None
-        return _content(raw, self.url)
-
-
-class _Permanent(Exception):
-    """A failure that retrying cannot fix (4xx, malformed response)."""
+            raw = self.client.chat.completions.with_raw_response.create(
+                model=self.model_name, messages=messages, max_tokens=self.max_tokens, temperature=self.temperature,
+                extra_headers=self.headers)
+            reply = raw.parse()
+        except o.APITimeoutError:
+            return ChatReply(error=f"timeout after {self.timeout:g}s from {self.url}{gave_up}", attempts=self.retries + 1)
+        except o.APIConnectionError as e:
+            return ChatReply(error=f"connection error to {self.url}: {e}{gave_up}", attempts=self.retries + 1)
+        except o.APIStatusError as e:
+            transient = e.status_code >= 500 or e.status_code in (408, 409, 429)
+            msg = f"HTTP {e.status_code} from {self.url}: {_excerpt(e.response.content)}"
+            return (ChatReply(error=msg + gave_up, attempts=self.retries + 1) if transient
+                    else ChatReply(error=msg, attempts=1))
+        except (o.APIResponseValidationError, ValueError) as e:
+            return ChatReply(error=f"malformed chat response from {self.url}: {e}", attempts=1)
+        attempts = raw.retries_taken + 1
+        try:
+            content = reply.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            return ChatReply(error=f"malformed chat response from {self.url}: {_excerpt(raw.content)}",
+                             attempts=attempts)
+        if not isinstance(content, str):
+            return ChatReply(error=f"chat response from {self.url} has no text content: {_excerpt(raw.content)}",
+                             attempts=attempts)
+        return ChatReply(text=content, attempts=attempts)
 
 
 def _excerpt(raw: bytes) -> str:
     text = raw.decode("utf-8", errors="replace") if raw else ""
     return " ".join(text.split())[:_BODY_EXCERPT]
-
-
-def _content(raw: bytes, url: str) -> str:
-    """The first choice's message content, or _Permanent naming what is wrong with the response."""
-    try:
-        obj = json.loads(raw)
-        content = obj["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise _Permanent(f"malformed chat response from {url}: {_excerpt(raw)}") from None
-    if not isinstance(content, str):
-        raise _Permanent(f"chat response from {url} has no text content: {_excerpt(raw)}")
-    return content

@@ -20,6 +20,7 @@ from rl3d.formats.model_dirs import from_local_dir
 from rl3d.stages.policy.device import pick_device
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.rewards.judge_prompts import SYSTEM, JudgeParseError, Rubric, RUBRICS, get_rubric
+from rl3d.stages.rewards.openai_client import ChatClient, user_message
 
 _REPLY_EXCERPT = 240
 
@@ -164,15 +165,11 @@ class TransformersEngine:
 class EndpointEngine:
     def __init__(self, endpoint: str, model_name: str, api_key_env: str | None, timeout: float,
                  retries: int, concurrency: int, backoff: float, max_new_tokens: int):
-        from rl3d.stages.rewards.openai_client import ChatClient
-
         self.client = ChatClient(endpoint, model_name, api_key_env=api_key_env, timeout=timeout,
                                  retries=retries, concurrency=concurrency, backoff=backoff,
                                  max_tokens=max_new_tokens, temperature=0.0)
 
     def generate(self, requests: list[JudgeRequest]) -> list[JudgeReply]:
-        from rl3d.stages.rewards.openai_client import user_message
-
         convs = [[{"role": "system", "content": r.system}, user_message(r.text, r.images)] for r in requests]
         return [JudgeReply(text=c.text, error=c.error) for c in self.client.complete_many(convs)]
 

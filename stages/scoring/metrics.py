@@ -6,22 +6,27 @@ Distribution metrics compare features of generated renders with features of refe
     as in the Hi-GRPO paper's tables. (The paper's released eval script reports a mean RBF
     similarity instead, which is not a distance; we do not reproduce that.)
   - FD: the Frechet distance between Gaussians fitted to the two feature sets (FID's formula).
-Per-sample metrics: CLIP score (mean over views of 100 * max(cos, 0)), spec accuracy, geometry
-rates and decode failures are aggregated by `rate`/`mean_std`; diversity is the mean pairwise voxel
-IoU of one prompt's samples (lower = more diverse).
+Per-sample metrics: CLIP score (mean over views of 100 * max(cos, 0), from the one CLIP scorer in
+scoring/clip.py), spec accuracy, geometry rates and decode failures are aggregated by
+`rate`/`mean_std`; diversity is the mean pairwise voxel IoU of one prompt's samples (lower = more
+diverse).
 
-Model loading (CLIP scorer, feature model) happens here too, from local directories only.
+The KD/FD feature model is loaded here, from local paths only.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
+from rl3d.stages.scoring.clip import load_rgb_or_fail, pooled
 
 KD_SCALE = 100.0  # KD is reported x100, like KID in the paper's tables
 
@@ -95,13 +100,6 @@ def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- per-sample metrics
 
-def clip_score_from_embeddings(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    """100 * max(cos, 0) per row pair (the paper's CLIP score scale)."""
-    a = image_emb / np.linalg.norm(image_emb, axis=-1, keepdims=True)
-    b = text_emb / np.linalg.norm(text_emb, axis=-1, keepdims=True)
-    return 100.0 * np.clip((a * b).sum(-1), 0, None)
-
-
 def pairwise_iou_mean(grids: np.ndarray) -> float:
     """Mean voxel IoU over all pairs of a prompt's samples (occupancy only). Lower = more diverse.
     Two empty grids count as IoU 1 (formats.voxels.voxel_iou's convention)."""
@@ -140,83 +138,9 @@ def _check_dir(path, what: str) -> Path:
     return p
 
 
-def default_scorer_dir() -> Path | None:
-    """The shipped CLIP scorer (rl3d/assets/scorer/) when it exists, else None."""
-    import rl3d.assets
-
-    for base in rl3d.assets.__path__:
-        d = Path(base) / "scorer"
-        if (d / "config.json").exists():
-            return d
-    return None
-
-
 def _load_images(paths: list[str]):
-    from PIL import Image
-
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                    # transparent backgrounds go on white, like our renders (convert("RGB") would make
-                    # them black: the background mismatch of the paper's released eval script)
-                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                    out.append(Image.alpha_composite(bg, im.convert("RGBA")).convert("RGB"))
-                else:
-                    out.append(im.convert("RGB"))
-        except OSError as e:
-            raise InputError(f"{p}: not a readable image ({e})") from None
-    return out
-
-
-class ClipScorer:
-    """CLIP score from a local CLIPModel directory (model + tokenizer + image processor)."""
-
-    def __init__(self, model_dir, device: str = "cpu", batch_size: int = 32):
-        import torch
-        from transformers import AutoProcessor, CLIPModel
-
-        self.dir = _check_dir(model_dir, "CLIP model directory")
-        try:
-            self.model = from_local_dir(CLIPModel, self.dir, "CLIP model").to(device).eval()
-            self.processor = from_local_dir(AutoProcessor, self.dir, "CLIP processor")
-        except (OSError, ValueError) as e:
-            raise InputError(f"{self.dir}: not a loadable CLIP model directory ({e})") from None
-        self.device, self.batch_size, self.torch = device, batch_size, torch
-        self.max_len = int(self.model.config.text_config.max_position_embeddings)
-
-    def text_embeddings(self, texts: list[str]) -> np.ndarray:
-        with self.torch.no_grad():
-            enc = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_len).to(self.device)
-            out = self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        return _pooled(out).float().cpu().numpy()
-
-    def image_embeddings(self, paths: list[str]) -> np.ndarray:
-        chunks = []
-        for i in range(0, len(paths), self.batch_size):
-            with self.torch.no_grad():
-                px = self.processor(images=_load_images(paths[i:i + self.batch_size]), return_tensors="pt")
-                out = self.model.get_image_features(pixel_values=px["pixel_values"].to(self.device))
-            chunks.append(_pooled(out).float().cpu().numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.model.config.projection_dim), np.float32)
-
-    def score(self, prompts: list[str], views: list[list[str]]) -> list[float]:
-        """Per sample: mean over its views of 100 * max(cos(image, prompt), 0)."""
-        flat = [p for vs in views for p in vs]
-        img = self.image_embeddings(flat)
-        txt = self.text_embeddings(prompts)
-        owner = np.repeat(np.arange(len(views)), [len(v) for v in views])
-        per_view = clip_score_from_embeddings(img, txt[owner])
-        return [float(per_view[owner == i].mean()) if len(v) else float("nan") for i, v in enumerate(views)]
-
-
-def _pooled(out):
-    """get_*_features returns a tensor (transformers 4.x) or an output object (5.x)."""
-    if hasattr(out, "pooler_output") and not hasattr(out, "shape"):
-        return out.pooler_output
-    return out
+    """RGB images (transparency on white, as the CLIP scorer loads them); an unreadable file is bad input."""
+    return [load_rgb_or_fail(p) for p in paths]
 
 
 @dataclass
@@ -235,14 +159,10 @@ class FeatureModel:
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> "FeatureModel":
-        import torch
-
         p = _check_dir(path, "feature model")
         try:
             if p.is_file():
                 return cls(p, "torchscript", torch.jit.load(str(p), map_location=device).eval(), None, device)
-            from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
-
             cfg = from_local_dir(AutoConfig, p, "feature model config")
             proc = from_local_dir(AutoImageProcessor, p, "image processor")
             if cfg.model_type == "clip":
@@ -256,8 +176,6 @@ class FeatureModel:
         return f"{self.kind}:{self.path.name}"
 
     def features(self, paths: list[str], batch_size: int = 32) -> np.ndarray:
-        import torch
-
         chunks = []
         for i in range(0, len(paths), batch_size):
             imgs = _load_images(paths[i:i + batch_size])
@@ -268,7 +186,7 @@ class FeatureModel:
                 else:
                     px = self.processor(images=imgs, return_tensors="pt")["pixel_values"].to(self.device)
                     if self.kind == "clip":
-                        f = _pooled(self.model.get_image_features(pixel_values=px))
+                        f = pooled(self.model.get_image_features(pixel_values=px))
                     else:
                         f = self.model(pixel_values=px).last_hidden_state[:, 0]
             chunks.append(f.reshape(len(imgs), -1).float().cpu().numpy())
@@ -277,8 +195,6 @@ class FeatureModel:
 
 def model_fingerprint(path) -> str:
     """A short content id of a model dir/file (config + weight file sizes and names) for reports."""
-    import hashlib
-
     p = Path(path)
     h = hashlib.sha256()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())

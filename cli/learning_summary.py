@@ -1,0 +1,123 @@
+"""`rl3d learning-summary`: summarise a learning run (held-out rewards, curves, paired changes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rl3d.cli.common import handle_errors
+
+RUN = click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+
+
+@click.group("learning-summary")
+def command():
+    """Summarise a learning run (examples/learning_run.sh): held-out reward per step, learning
+    curves, paired per-prompt changes, which reward terms drive the advantages, before/after renders.
+
+    A run folder holds metrics.parquet (rl-step's --run-metrics) and eval/step-NNNNNN/seed-S/{renders,rewards}
+    (held-out generations scored by `rl3d reward`).
+
+    \b
+    Examples:
+      rl3d learning-summary heldout runs/lr1e-4
+      rl3d learning-summary plot --out curves.png "lr 1e-4=runs/lr1e-4" "lr 3e-4=runs/lr3e-4"
+      rl3d learning-summary compare runs/lr1e-4 0 10
+      rl3d learning-summary samples runs/lr1e-4 0 10 --out before_after.png
+      rl3d learning-summary drivers runs/lr1e-4/step-000001/rewards
+    """
+
+
+@command.command("heldout", short_help="Held-out reward per step -> RUN/heldout_rewards.json.")
+@RUN
+@handle_errors
+def heldout_command(run):
+    """Held-out reward per evaluated step, per level and reward term (mean over sampling seeds).
+
+    Writes RUN/heldout_rewards.json (also the `_seed_std` spread of each column) and prints the table.
+    `total_*` is the mean over scored samples, `failed_*` the share of samples without a reward
+    (empty meshes). A seed whose scoring is unfinished is left out.
+
+    \b
+    Example:
+      rl3d learning-summary heldout runs/lr1e-4
+    """
+    from rl3d.stages.learning_summary import heldout
+
+    for line in heldout(run):
+        click.echo(line)
+
+
+@command.command("plot", short_help="Learning curves of one or more runs (PNG).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG file to write (four charts: training R_low, held-out reward, held-out CLIP, log10 KL).")
+@click.argument("runs", nargs=-1, required=True, metavar="LABEL=DIR...")
+@handle_errors
+def plot_command(out, runs):
+    """Learning curves of one or more runs, one line per run (LABEL=DIR; DIR holds metrics.parquet
+    and heldout_rewards.json from `rl3d learning-summary heldout`).
+
+    \b
+    Example:
+      rl3d learning-summary plot --out curves.png "lr 1e-4=runs/lr1e-4" "lr 3e-4=runs/lr3e-4"
+    """
+    from rl3d.stages.learning_summary import plot
+
+    click.echo(plot(out, list(runs)))
+
+
+@command.command("drivers", short_help="Which reward terms the advantages follow.")
+@click.argument("reward_dirs", nargs=-1, required=True, metavar="REWARDS_DIR...",
+                type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def drivers_command(reward_dirs):
+    """Which reward terms the advantages follow: each term's mean share of the within-group
+    variance of its level's total (shares of a level sum to 1), over the given rewards tables.
+
+    \b
+    Example:
+      rl3d learning-summary drivers runs/lr1e-4/step-000001/rewards runs/lr1e-4/step-000002/rewards
+    """
+    from rl3d.stages.learning_summary import drivers
+
+    for line in drivers(list(reward_dirs)):
+        click.echo(line)
+
+
+@command.command("compare", short_help="Paired per-prompt change between two steps.")
+@RUN
+@click.argument("step_a", type=int)
+@click.argument("step_b", type=int)
+@handle_errors
+def compare_command(run, step_a, step_b):
+    """Change of the held-out total from STEP_A to STEP_B, paired by prompt, with a 95% bootstrap
+    interval over prompts, per level.
+
+    \b
+    Example:
+      rl3d learning-summary compare runs/lr1e-4 0 10
+    """
+    from rl3d.stages.learning_summary import compare
+
+    for line in compare(run, step_a, step_b):
+        click.echo(line)
+
+
+@command.command("samples", short_help="Renders before and after (PNG).")
+@RUN
+@click.argument("step_a", type=int)
+@click.argument("step_b", type=int)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG file to write.")
+@handle_errors
+def samples_command(run, step_a, step_b, out):
+    """One image of renders before (STEP_A, left) and after (STEP_B, right): view 0 of the first
+    sampling seed's fine samples for the prompts whose mean total rose most, changed least and fell most.
+
+    \b
+    Example:
+      rl3d learning-summary samples runs/lr1e-4 0 10 --out before_after.png
+    """
+    from rl3d.stages.learning_summary import samples
+
+    click.echo(samples(run, step_a, step_b, out))

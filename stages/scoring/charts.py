@@ -1,0 +1,171 @@
+"""Charts for the eval report and the learning summary, as PNG files: grouped bars and step
+curves through matplotlib (its object API on the Agg canvas: no display, no global pyplot state),
+and the grid of renders (a montage of images, PIL)."""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw, ImageFont
+
+from rl3d.formats.shards import atomic_path
+from rl3d.stages.scoring.registry import format_value
+
+# matplotlib's tab10, one colour per policy / run
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+DPI = 100
+
+
+def font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def _text_w(draw, text, f) -> float:
+    return draw.textlength(text, font=f)
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _tick_label(text: str, width: int = 14) -> str:
+    """snake_case category names wrapped onto lines instead of cut off."""
+    return "\n".join(textwrap.wrap(text.replace("_", " "), width)) or text
+
+
+def _figure(width: int, height: int) -> Figure:
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    fig.set_facecolor("white")
+    return fig
+
+
+def _save_figure(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None]], path: Path,
+              ylabel: str = "", width: int = 900, height: int = 420) -> Path:
+    """Grouped bars: one group per x label, one coloured bar per series (policy), the value on
+    each bar ("n/a" where there is none), a legend of the series."""
+    fig = _figure(width, height)
+    ax = fig.add_subplot()
+    names = list(series)
+    x = np.arange(len(groups))
+    w = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        vals = series[name]
+        heights = [v if _finite(v) else 0.0 for v in vals]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * w, heights, w * 0.95, label=name,
+                      color=PALETTE[i % len(PALETTE)])
+        ax.bar_label(bars, labels=[format_value(v) if _finite(v) else "n/a" for v in vals], padding=2,
+                     fontsize=8 if len(names) * len(groups) > 16 else 9)
+    ax.set_xticks(x, [_tick_label(g) for g in groups], fontsize=9)
+    if len(groups) > 1 and groups[-1] == "ALL":  # the overall group stands apart from the categories
+        ax.axvline(len(groups) - 1.5, color="#999999", linewidth=0.8, linestyle="--")
+    ax.set_title(title, loc="left", fontsize=12)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.margins(y=0.15)  # room for the value labels above the tallest bar
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if names:
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save_figure(fig, path)
+
+
+def draw_lines(ax: Axes, title: str, curves: dict[str, tuple[list[float], list[float]]]) -> None:
+    """Lines of (step, value) per name on one axes, steps on an integer axis when they are integers."""
+    xs = [x for xv, _ in curves.values() for x in xv]
+    for i, (name, (xv, yv)) in enumerate(curves.items()):
+        pts = [(x, y) for x, y in zip(xv, yv) if _finite(y)]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, linewidth=1.6,
+                color=PALETTE[i % len(PALETTE)], label=name)
+    if xs and all(float(x).is_integer() for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if curves:
+        ax.legend(frameon=False, fontsize=8)
+
+
+def line_chart(title: str, curves: dict[str, tuple[list[float], list[float]]], path: Path,
+               width: int = 900, height: int = 360) -> Path:
+    """Lines of (step, value) per name on shared axes (one chart per metric name is typical)."""
+    fig = _figure(width, height)
+    draw_lines(fig.add_subplot(), title, curves)
+    return _save_figure(fig, path)
+
+
+def line_sheet(panels: list[tuple[str, dict]], path: Path, columns: int = 2, width: int = 900,
+               height: int = 360) -> Path:
+    """Several line charts (title, curves) on one image, `columns` per row, each width x height."""
+    rows = math.ceil(len(panels) / columns)
+    fig = _figure(width * columns, height * rows)
+    for i, (title, curves) in enumerate(panels):
+        draw_lines(fig.add_subplot(rows, columns, i + 1), title, curves)
+    return _save_figure(fig, path)
+
+
+def render_grid(grid: list[dict], policies: list[str], path: Path, views: int = 3, tile: int = 128) -> Path | None:
+    """Rows = prompts, columns = reference (when any) + policies; each cell `views` views side by side."""
+    if not grid:
+        return None
+    cols = (["reference"] if any(g.get("reference") for g in grid) else []) + policies
+    # no empty slots: as many view columns as the most views any cell has (up to `views`)
+    most = max(len(paths) for g in grid for paths in [g.get("reference", []), *g["policies"].values()])
+    views = max(1, min(views, most))
+    label_h, head_h, cell_w = 34, 32, views * tile + 16
+    img = Image.new("RGB", (max(cell_w * len(cols) + 10, 480), head_h + len(grid) * (tile + label_h) + 10), "white")
+    d = ImageDraw.Draw(img)
+    f, f_small = font(16), font(13)
+    for ci, c in enumerate(cols):
+        d.text((10 + ci * cell_w, 8), c, fill="black", font=f)
+        d.line([(10 + ci * cell_w, head_h - 4), (10 + ci * cell_w + views * tile, head_h - 4)], fill=(200, 200, 200))
+    for ri, g in enumerate(grid):
+        y = head_h + ri * (tile + label_h)
+        text = f"[{g['category']}] {g['prompt']}"
+        while _text_w(d, text, f_small) > img.width - 20 and len(text) > 10:
+            text = text[:-2]
+        d.text((10, y + 4), text if text.endswith(g["prompt"][-1:]) else text + "…", fill=(60, 60, 60), font=f_small)
+        for ci, c in enumerate(cols):
+            paths = g.get("reference", []) if c == "reference" else g["policies"].get(c, [])
+            x = 10 + ci * cell_w
+            if not paths:
+                d.rectangle([x, y + label_h - 12, x + views * tile - 2, y + label_h - 12 + tile - 2], outline=(200, 200, 200))
+                why = "no reference render" if c == "reference" else "no render (failed sample)"
+                d.text((x + 8, y + label_h + tile / 2 - 20), why, fill=(170, 60, 60), font=f_small)
+                continue
+            for vi, p in enumerate(_spread(paths, views)):
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    im = im.resize((tile, max(1, round(tile * im.height / im.width))), Image.LANCZOS)
+                    img.paste(im, (x + vi * tile, y + label_h - 12))
+    return _save(img, path)
+
+
+def _spread(paths: list[str], k: int) -> list[str]:
+    """k views spread evenly around the orbit."""
+    if len(paths) <= k:
+        return paths
+    return [paths[int(i * len(paths) / k)] for i in range(k)]
+
+
+def _save(img: Image.Image, path: Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", optimize=True)
+    return path

@@ -1,0 +1,185 @@
+"""The one CLIP scorer: prompt vs rendered views with a transformers CLIPModel loaded from a local
+directory (default: the scorer shipped in rl3d/assets/scorer, trained by `rl3d train-scorer`).
+
+Used by the `clip` reward backend (stages/rewards/clip.py), the eval's CLIP score and KD/FD
+features (stages/eval.py, scoring/metrics.py), and train-scorer: one model load, one image loader,
+one processor, one pooled-feature helper. The reward's embeddings are L2-normalised in torch and
+cached per process (clip_score and pickscore over one model encode each view once); the eval's
+are normalised in numpy (clip_score_from_embeddings), which can differ by one float32 ulp.
+
+Per-view scores from cos = cos(text, image):
+  clip_score  max(100 * cos, 0)                        as torchmetrics' CLIPScore, in [0, 100]
+  pickscore   logit_scale.exp() * cos                  PickScore-style preference logit
+  cosine      cos                                      in [-1, 1]
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, CLIPModel
+from transformers.utils import logging as hf_logging
+
+from rl3d.formats.errors import InputError
+from rl3d.formats.model_dirs import from_local_dir
+from rl3d.stages.policy.device import pick_device
+
+try:
+    from transformers import CLIPImageProcessorPil as ImageProcessor
+except ImportError:  # transformers 4.x: the PIL-based processor is the plain one
+    from transformers import CLIPImageProcessor as ImageProcessor
+
+METRICS = ("clip_score", "pickscore", "cosine")
+_SCORERS: dict[tuple[str, str], "ClipScorer"] = {}
+
+
+def default_scorer_dir() -> Path:
+    """The shipped CLIP scorer's directory (rl3d/assets/scorer)."""
+    return Path(str(files("rl3d.assets") / "scorer"))
+
+
+def load_rgb(path: str | os.PathLike, background=(255, 255, 255)) -> Image.Image:
+    """An image as RGB; transparent pixels composited over `background` (renders may be RGBA;
+    convert("RGB") alone would put them on black). Training, rewards and eval load images this way."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, tuple(background) + (255,))
+            return Image.alpha_composite(bg, im).convert("RGB")
+        return im.convert("RGB")
+
+
+def pooled(out):
+    """get_text/image_features return a tensor (transformers 4.x) or an output object (5.x)."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def load_processors(model_dir: str | os.PathLike):
+    """(tokenizer, image processor) from a CLIP model dir, PIL image backend (no torchvision)."""
+    return (from_local_dir(AutoTokenizer, model_dir, "CLIP tokenizer"),
+            from_local_dir(ImageProcessor, model_dir, "CLIP image processor"))
+
+
+def clip_score_from_embeddings(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """100 * max(cos, 0) per row pair from raw embeddings, normalised in numpy (the eval's CLIP score).
+
+    The reward normalises in torch instead (ClipScorer.text/image_embeddings). The two norms can differ
+    in the last float32 bit, so a score may differ by one ulp (about 1e-5 on the 0..100 scale); each
+    caller keeps its own so that neither's recorded numbers change."""
+    a = image_emb / np.linalg.norm(image_emb, axis=-1, keepdims=True)
+    b = text_emb / np.linalg.norm(text_emb, axis=-1, keepdims=True)
+    return 100.0 * np.clip((a * b).sum(-1), 0, None)
+
+
+def view_scores(cos: np.ndarray, metric: str, logit_scale: float) -> np.ndarray:
+    """Per-view score of one metric (METRICS) from cosine similarities."""
+    if metric == "clip_score":
+        return np.maximum(100.0 * cos, 0.0)
+    if metric == "pickscore":
+        return logit_scale * cos
+    return cos
+
+
+class ClipScorer:
+    """A CLIPModel + its processors -> normalised text and image embeddings (cached by text / path)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "auto", cache_size: int = 8192):
+        hf_logging.disable_progress_bar()  # no per-load bars in stage logs
+        d = Path(model_dir)
+        if not (d / "config.json").is_file():
+            raise InputError(f"CLIP model dir {d}: no config.json (a transformers CLIPModel saved with "
+                             f"save_pretrained is expected)")
+        self.dir = d
+        self.device = pick_device(device)
+        self.model = from_local_dir(CLIPModel, d, "CLIP model", dtype=torch.float32).to(self.device).eval()
+        self.tokenizer, self.image_processor = load_processors(d)
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        self.logit_scale = float(self.model.logit_scale.detach().exp().cpu())
+        self._img: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._txt: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_size = cache_size
+
+    def text_embeddings(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        return self._cached(self._txt, texts, self._encode_texts, batch_size)
+
+    def image_embeddings(self, paths: list[str], batch_size: int = 64) -> np.ndarray:
+        """One row per path; an unreadable image gets a NaN row (its item fails alone)."""
+        return self._cached(self._img, [str(p) for p in paths], self._encode_images, batch_size)
+
+    def score(self, prompts: list[str], views: list[list[str]], batch_size: int = 32) -> list[float]:
+        """The eval's CLIP score: per sample, the mean over its views of 100 * max(cos, 0) (NaN without
+        views). Views are encoded in batches of `batch_size` in order, prompts in one padded batch, and
+        the embeddings normalised in numpy (clip_score_from_embeddings), as the eval always has: the
+        eval's numbers stay what they were. An unreadable view is an InputError naming the file."""
+        flat = [p for vs in views for p in vs]
+        chunks = [self._image_features([load_rgb_or_fail(p) for p in flat[i:i + batch_size]]).cpu().numpy()
+                  for i in range(0, len(flat), batch_size)]
+        img = np.concatenate(chunks) if chunks else np.zeros((0, self.model.config.projection_dim), np.float32)
+        txt = self._text_features(prompts).cpu().numpy()
+        owner = np.repeat(np.arange(len(views)), [len(v) for v in views])
+        per_view = clip_score_from_embeddings(img, txt[owner])
+        return [float(per_view[owner == i].mean()) if len(v) else float("nan") for i, v in enumerate(views)]
+
+    def _cached(self, cache: OrderedDict, keys: list[str], encode, batch_size: int) -> np.ndarray:
+        todo = list(dict.fromkeys(k for k in keys if k not in cache))
+        failed: dict[str, np.ndarray] = {}
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            fresh = dict(zip(chunk, encode(chunk)))
+            cache.update({k: e for k, e in fresh.items() if not np.isnan(e).any()})
+            failed.update({k: e for k, e in fresh.items() if np.isnan(e).any()})
+        out = np.stack([cache.get(k, failed.get(k)) for k in keys]) if keys else np.zeros((0, 1), np.float32)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
+        return out
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        """Pooled text features (not normalised), float32."""
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            return pooled(self.model.get_text_features(**{k: v.to(self.device) for k, v in enc.items()})).float()
+
+    def _image_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """Pooled image features (not normalised), float32."""
+        px = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            return pooled(self.model.get_image_features(pixel_values=px.to(self.device))).float()
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        return torch.nn.functional.normalize(self._text_features(texts), dim=-1).cpu().numpy()
+
+    def _encode_images(self, paths: list[str]) -> np.ndarray:
+        images, ok = [], []
+        for p in paths:
+            try:
+                images.append(load_rgb(p))
+                ok.append(True)
+            except (OSError, ValueError):
+                ok.append(False)
+        out = np.full((len(paths), self.model.config.projection_dim), np.nan, np.float32)
+        if images:
+            out[np.asarray(ok)] = torch.nn.functional.normalize(self._image_features(images), dim=-1).cpu().numpy()
+        return out
+
+
+def load_rgb_or_fail(path) -> Image.Image:
+    """load_rgb, an unreadable file being bad input (the eval's rule; the reward fails the item alone)."""
+    try:
+        return load_rgb(path)
+    except OSError as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+
+
+def load_scorer(model_dir: str | os.PathLike | None = None, device: str = "auto") -> ClipScorer:
+    """One ClipScorer per (dir, device) per process."""
+    d = str(Path(model_dir) if model_dir else default_scorer_dir())
+    key = (os.path.realpath(d), pick_device(device))
+    if key not in _SCORERS:
+        _SCORERS[key] = ClipScorer(d, device)
+    return _SCORERS[key]

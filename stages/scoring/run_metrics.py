@@ -1,0 +1,26 @@
+"""Run-level metrics of rl-step (a Parquet of step, name, value per update), read for curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from rl3d.formats.errors import InputError
+
+
+def read_run_metrics(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
+    """A run-level metrics Parquet (columns step, name, value), or a dir holding one -> name -> (steps, values)."""
+    p = Path(path)
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not files or not files[0].exists():
+        raise InputError(f"--run {path}: no run metrics Parquet (columns step, name, value)")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for f in files:
+        t = pq.read_table(f)
+        for c in ("step", "name", "value"):
+            if c not in t.column_names:
+                raise InputError(f"{f}: missing column {c!r} for run metrics (step, name, value)")
+        for s, n, v in zip(*(t.column(c).to_pylist() for c in ("step", "name", "value"))):
+            if v is not None:
+                out.setdefault(n, []).append((float(s), float(v)))
+    return {n: ([s for s, _ in sorted(v)], [x for _, x in sorted(v)]) for n, v in out.items()}
