@@ -5,6 +5,7 @@ The loss is `policy_loss` below; it is HI-GRPO.md's formula, per level, summed o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -196,6 +197,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     ref_model = None
     if cfg.beta > 0 and kept:
         ref_model = pol.load_policy(initial, device=str(policy.device), dtype="float32").model.eval()
+        if acc.num_processes > 1:
+            _broadcast_from_main(ref_model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     # log-probs must use the temperature the samples were drawn with (gen records it per row)
@@ -211,7 +214,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     # 3. reference log-probs once (no grad), then epochs x minibatches of optimizer steps
     def forward(rows, net):
         b = pol.collate(rows, special, device=acc.device)
-        with acc.autocast():
+        with acc.autocast(), _attention_without_cudnn():
             lp, _ = net(b["input_ids"], b["attention_mask"], b["prompt_lens"], b["kinds"])
         return lp, b["kinds"]
 
@@ -340,6 +343,35 @@ def _load_optimizer_state(scorer, opt, state: dict) -> None:
         return
     set_optimizer_state_dict(scorer, getattr(opt, "optimizer", opt), state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def _broadcast_from_main(module: torch.nn.Module) -> None:
+    """Process 0's weights and buffers into every process's copy of a module that no wrapper
+    syncs (the frozen reference). Under an FSDP launch with cpu-RAM-efficient loading,
+    transformers loads a model's weights on the main process only and leaves the others'
+    uninitialised for FSDP to broadcast; the reference is never wrapped, so without this the
+    other processes scored the KL against garbage (KL 4.0 on 2 GPUs at the first update)."""
+    import torch.distributed as dist
+
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
+@contextlib.contextmanager
+def _attention_without_cudnn():
+    """SDPA without its cuDNN backend. On H100/H200 with torch >= 2.11, cuDNN attention's
+    backward returns NaN gradients when the sequence length is 64 mod 128 and a query row is
+    fully masked, which every left-padded row is (pytorch/pytorch#196678): a micro-batch of
+    width 704 made every gradient NaN and the update was skipped. Which micro-batches hit such
+    a width depends on how a minibatch is split, so one process and N processes skipped
+    different updates. The memory-efficient and flash kernels are unaffected."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def _sum_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
