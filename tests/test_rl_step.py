@@ -20,7 +20,9 @@ from rl3d.cli.main import main  # noqa: E402
 from rl3d.formats import shards, tables  # noqa: E402
 from rl3d.stages import gen  # noqa: E402
 from rl3d.stages import policy as pol  # noqa: E402
-from rl3d.stages.rl_step import RLConfig, run_rl_step  # noqa: E402
+from rl3d.stages.rl.config import RLConfig  # noqa: E402
+from rl3d.stages.rl.loss import warmup_lr  # noqa: E402
+from rl3d.stages.rl_step import run_rl_step  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
@@ -119,7 +121,6 @@ def test_clipping_engages_after_the_policy_moved(run, tmp_path):
 
 
 def test_warmup_ramps_the_lr_across_steps():
-    from rl3d.stages.rl_step import warmup_lr
     assert [warmup_lr(1e-3, u, 4) for u in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert warmup_lr(1e-3, 0, 0) == 1e-3
 
