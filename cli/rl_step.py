@@ -62,7 +62,8 @@ def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, de
     clipped token-level objective with a k3 KL to a frozen reference, and a complete checkpoint."""
     from rl3d.formats.errors import InputError
     from rl3d.stages.contract import Progress
-    from rl3d.stages.rl_step import RLConfig, run_rl_step
+    from rl3d.stages.rl.config import RLConfig
+    from rl3d.stages.rl_step import run_rl_step
 
     ds, min_std = dynamic_sampling, 0.0
     if ds.startswith("min-std"):

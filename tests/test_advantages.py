@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from rl3d.formats.errors import InputError
-from rl3d.stages.advantages import compute_advantages
+from rl3d.stages.rl.advantages import compute_advantages
 
 
 def _traj(pid, rewards_coarse, rewards_fine):

@@ -48,9 +48,10 @@ def tiny_tokenizer(codec):
     return fast
 
 
-def make_tiny_policy(out: Path, seed: int = 0, step: int = 3, mode: str | None = None) -> Path:
+def make_tiny_policy(out: Path, seed: int = 0, step: int = 3, mode: str | None = None, tied: bool = False) -> Path:
     """Random-init Qwen2 (hidden 32, 2 layers) + word tokenizer + tiny codec, saved by save_policy.
-    `mode` ("hi-grpo" / "flat") is recorded in rl3d_policy.json when given."""
+    `mode` ("hi-grpo" / "flat") is recorded in rl3d_policy.json when given; `tied`: the output head
+    shares the input embedding (as the shipped policy does)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     codec = tiny_codec()
@@ -58,7 +59,7 @@ def make_tiny_policy(out: Path, seed: int = 0, step: int = 3, mode: str | None =
     torch.manual_seed(seed)
     cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                       intermediate_size=64, vocab_size=len(tok) + 3, max_position_embeddings=2048,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                      tie_word_embeddings=tied, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():  # make text tokens and <mesh-start> likely enough to see short plans
         model.lm_head.weight.mul_(8.0)

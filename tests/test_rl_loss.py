@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from rl3d.stages.rl_step import RLConfig, policy_loss, token_weights
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.loss import policy_loss, token_weights
 
 torch.manual_seed(0)
 B, T, V, D = 4, 6, 7, 5

@@ -20,8 +20,9 @@ from rl3d.cli.main import main  # noqa: E402
 from rl3d.formats import shards, tables  # noqa: E402
 from rl3d.stages import gen  # noqa: E402
 from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
-from rl3d.stages.policy.sampler import Sampling  # noqa: E402
-from rl3d.stages.rl_step import RLConfig, run_rl_step  # noqa: E402
+from rl3d.stages.rl.config import RLConfig  # noqa: E402
+from rl3d.stages.rl.loss import warmup_lr  # noqa: E402
+from rl3d.stages.rl_step import run_rl_step  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
@@ -32,11 +33,14 @@ PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
 def run(tmp_path_factory):
     """A tiny policy, a hi-grpo samples table from it and a rewards table scoring each sample by the
     fraction of non-empty mesh blocks (any deterministic function with spread will do)."""
-    root = tmp_path_factory.mktemp("rl")
-    policy = make_tiny_policy(root / "policy")
+    return _batch(tmp_path_factory.mktemp("rl"))
+
+
+def _batch(root, tied=False):
+    policy = make_tiny_policy(root / "policy", tied=tied)
     loaded = load_policy(policy, device="cpu", dtype="float32")
     rows = gen.generate(loaded, PROMPTS, "hi-grpo", group_size=3, seed=3,
-                        sampling=Sampling(max_reasoning_tokens=6), batch_size=8)
+                        sampling=gen.Sampling(max_reasoning_tokens=6), batch_size=8)
     samples = pa.Table.from_pylist(rows)
     shards.write_part(tables.with_metadata(samples, "samples"), root / "gen", shards.Shard(0, 1))
     rewards = [{"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
@@ -117,7 +121,6 @@ def test_clipping_engages_after_the_policy_moved(run, tmp_path):
 
 
 def test_warmup_ramps_the_lr_across_steps():
-    from rl3d.stages.rl_step import warmup_lr
     assert [warmup_lr(1e-3, u, 4) for u in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert warmup_lr(1e-3, 0, 0) == 1e-3
 
@@ -182,6 +185,55 @@ def test_two_process_ddp_matches_one_process(run, tmp_path):
     moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
     apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
     assert moved > 0 and apart < 1e-2 * moved
+
+
+# what `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets for every process;
+# FSDP itself needs GPUs, so on CPU the processes run DDP and load the way an FSDP launch loads
+FSDP_LOADING_LAUNCHER = """
+import os, sys
+import accelerate
+_init = accelerate.Accelerator.__init__
+def _init_then_fsdp_loading(self, *a, **k):
+    _init(self, *a, **k)
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
+accelerate.Accelerator.__init__ = _init_then_fsdp_loading
+from rl3d.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_two_processes_with_fsdp_loading_and_uneven_splits_match_one_process(tmp_path, tied):
+    """2 CPU processes, loading as under an FSDP launch (transformers then reads the weights on
+    process 0 only and leaves the other processes' uninitialised for FSDP to broadcast; versions
+    up to at least 5.17 do), 12 samples in minibatches of 5 and micro-batches of 2 (a 5-row
+    minibatch splits 3/2, so process 1 runs an empty micro-batch): the same updates, metrics and
+    weights as one process. Before the fix process 1 scored the KL against an uninitialised
+    reference (KL 0.82 instead of 0.0003 here). A tied policy's checkpoint stays tied."""
+    import os
+    import subprocess
+
+    root, policy, _ = _batch(tmp_path, tied=tied)
+    args = ["--policy", str(policy), "--samples", str(root / "gen"), "--rewards", str(root / "rewards"),
+            "--lr", "1e-3", "--minibatch", "5", "--micro-batch", "2", "--beta", "0.05", "--device", "cpu", "--quiet"]
+    r = CliRunner().invoke(main, ["rl-step", *args, "--out", str(tmp_path / "one")])
+    assert r.exit_code == 0, r.output
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(FSDP_LOADING_LAUNCHER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+           "rl-step", *args, "--out", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert m1["updates"] == m2["updates"] == 3 and m2["skipped_updates"] == 0
+    for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    w0, w1, w2 = (load_file(p / "model.safetensors") for p in (Path(policy), tmp_path / "one", tmp_path / "two"))
+    assert w0.keys() == w1.keys() == w2.keys()
+    assert ("lm_head.weight" in w2) is not tied
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["tie_word_embeddings"] is tied
+    moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
+    apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved
 
 
 def test_lora_step_merges_the_adapter_into_a_plain_checkpoint(run, tmp_path):

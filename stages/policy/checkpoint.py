@@ -153,6 +153,8 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if state_dict is not None:
+        state_dict = _without_tied_copies(model, state_dict)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     if codec_ref is None:
@@ -172,6 +174,19 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     return out
+
+
+def _without_tied_copies(model, state_dict: dict) -> dict:
+    """`state_dict` less the names under which `model` holds a parameter it also holds under an
+    earlier name (a tied lm_head.weight): a gathered state dict (FSDP, DDP) copies each name
+    to its own tensor, and some transformers versions then write the tied copy as a weight of its
+    own, so a tied policy's checkpoint would come back with a separate lm_head.weight."""
+    seen, aliases = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.add(name)
+        seen.add(id(p))
+    return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
 def model_vocab_size(model) -> int:

@@ -272,6 +272,12 @@ class CompletionLogprobs(torch.nn.Module):
         # the decoder-layer classes FSDP's transformer-based auto-wrap looks for on the root module
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs):
+        """Re-tie the policy's input and output embeddings. accelerate's FSDP2 preparation loads the
+        sharded weights with load_state_dict(assign=True), which gives each parameter name its own
+        tensor, and then calls tie_weights() on the wrapped module if it has one."""
+        self.model.tie_weights()
+
     def forward(self, input_ids, attention_mask, prompt_lens, kinds):
         return completion_logprobs(self.model, input_ids, attention_mask, prompt_lens, kinds, self.special,
                                    self.temperature)

@@ -1,0 +1,32 @@
+"""The settings of one rl-step (`rl3d rl-step --help` names each)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RLConfig:
+    algo: str = "hi-grpo"            # hi-grpo | grpo
+    lam: float = 1.0                 # back-flow weight of R_low into R_high
+    beta: float = 0.01               # k3 KL weight; 0 loads no reference
+    kl_max: float = 0.0              # per-token k3 cap (10 = verl's low_var_kl); 0 = uncapped, as HI-GRPO.md
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg: str = "token"          # token | sequence | dr-grpo
+    ratio: str = "token"             # token | sequence (GSPO)
+    adv_std: str = "group"           # group | none
+    std_eps: float = 1e-4
+    epochs: int = 1
+    minibatch: int = 0               # sequences per optimizer step; 0 = the whole batch
+    micro_batch: int = 8             # sequences per forward pass (gradient accumulation; exact)
+    lr: float = 1e-6
+    warmup_updates: int = 0          # linear LR warm-up over the run's first N optimizer updates
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dynamic_sampling: str = "off"    # off | zero-std | min-std
+    min_std: float = 0.0
+    failed_rewards: str = "drop-group"  # drop-group | error | penalty
+    failed_penalty: float = 0.0      # the total a policy failure (empty mesh) gets under "penalty"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    temperature: float | None = None  # None: the temperature the samples were drawn with

@@ -1,0 +1,82 @@
+"""The Hi-GRPO loss (docs/rl.md):  L_k = -(1/sum_i |y_k,i|) sum_i sum_t [min(r A, clip(r) A) - beta KL3],
+per level, summed over levels; the aggregation weights; the LR warm-up."""
+from __future__ import annotations
+
+import torch
+
+from rl3d.stages.rl.config import RLConfig
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
+    """Per-token objective summed with `weights` (which encode the aggregation and 1/|y|).
+
+    logp, old_logp, ref_logp, weights: [B, T] (weights 0 on padding and forced tokens); adv: [B].
+    Returns (loss, parts) where parts hold detached diagnostics.
+    """
+    mask = weights > 0
+    log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
+    if cfg.ratio == "sequence":  # GSPO: one geometric-mean ratio per sequence, shared by its tokens
+        n = mask.sum(1).clamp(min=1)
+        log_ratio = (log_ratio.sum(1) / n)[:, None].expand_as(logp)
+    ratio = torch.exp(log_ratio.clamp(max=20.0))  # bound exp() so one stale token cannot overflow
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high) * a
+    pg = torch.minimum(unclipped, clipped)
+    if cfg.beta > 0:
+        d = (ref_logp - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
+        if cfg.kl_max > 0:
+            # a few sampled tokens the policy has pushed far below the reference would otherwise
+            # give k3 ~ e^20 and gradients that swamp the policy-gradient term (seen at lr 1e-4)
+            kl = kl.clamp(max=cfg.kl_max)
+    else:
+        kl = torch.zeros_like(logp)
+    per_row = -((pg - cfg.beta * kl) * weights).sum(1)
+    loss = per_row.sum()
+    with torch.no_grad():
+        w = weights / weights.sum().clamp(min=1e-12)
+        parts = {
+            "pg": float(-(pg * weights).sum()),
+            "kl": float((kl * w).sum()),
+            "clip_low_frac": float((((ratio < 1 - cfg.clip_low) & (a < 0)).float() * w).sum()),
+            "clip_high_frac": float((((ratio > 1 + cfg.clip_high) & (a > 0)).float() * w).sum()),
+            "ratio_mean": float((ratio * w).sum()),
+            "row_loss": per_row.detach(),
+        }
+    return loss, parts
+
+
+def token_weights(loss_mask: torch.Tensor, level_ids: torch.Tensor, agg: str) -> torch.Tensor:
+    """Aggregation weights so that sum(weights * objective) is the mean the loss asks for, per level.
+
+    token:    1 / (all valid tokens of the level in the batch)            (DAPO)
+    sequence: 1 / (|y_i| * sequences of the level)                         (GRPO)
+    dr-grpo:  1 / (sequences of the level * longest completion of the level)
+    Levels are summed (L = L_1 + L_2). Precomputed for the whole minibatch so micro-batching is exact.
+    """
+    m = loss_mask.float()
+    w = torch.zeros_like(m)
+    for lv in level_ids.unique():
+        rows = level_ids == lv
+        lens = m[rows].sum(1)
+        if agg == "token":
+            w[rows] = m[rows] / lens.sum().clamp(min=1)
+        elif agg == "sequence":
+            w[rows] = m[rows] / (lens.clamp(min=1)[:, None] * rows.sum())
+        elif agg == "dr-grpo":
+            w[rows] = m[rows] / (rows.sum() * lens.max().clamp(min=1))
+        else:
+            raise ValueError(f"unknown loss aggregation {agg!r}")
+    return w
+
+
+def warmup_lr(lr: float, update_index: int, warmup_updates: int) -> float:
+    """LR of the run's `update_index`-th optimizer update (0-based, counted across rl-steps).
+
+    Adam's first updates move every weight by about lr whatever its gradient; without a ramp a
+    peaked policy can jump far from its reference in the first step (seen on the H100 at lr 2e-4).
+    """
+    if warmup_updates <= 0:
+        return lr
+    return lr * min(1.0, (update_index + 1) / warmup_updates)

@@ -1,0 +1,162 @@
+"""The optimizer steps of one rl-step: epochs x minibatches, each minibatch's gradient summed over
+micro-batches (exactly: the aggregation weights are computed on the whole minibatch first) and
+over processes, clipped, and applied unless non-finite."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from rl3d.stages.policy.sequence import KIND_MESH, KIND_PAD, KIND_REASONING, LEVELS, collate, completion_kinds
+from rl3d.stages.rl import processes
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.loss import policy_loss, token_weights, warmup_lr
+
+DIAGNOSTICS = ("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean")
+
+
+@dataclass
+class UpdateStats:
+    """What the applied updates of a step add up to (skipped ones count only in skipped_updates)."""
+    sums: dict[str, float] = field(default_factory=dict)  # DIAGNOSTICS summed over updates
+    level_loss: dict[str, float] = field(default_factory=lambda: {lv: 0.0 for lv in LEVELS})
+    grad_norms: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    n_updates: int = 0
+    n_tokens: int = 0
+    skipped_updates: int = 0
+
+
+@contextlib.contextmanager
+def attention_without_cudnn():
+    """SDPA without its cuDNN backend. On H100/H200 with torch >= 2.11, cuDNN attention's
+    backward returns NaN gradients when the sequence length is 64 mod 128 and a query row is
+    fully masked, which every left-padded row is (pytorch/pytorch#196678): a micro-batch of
+    width 704 made every gradient NaN and the update was skipped. Which micro-batches hit such
+    a width depends on how a minibatch is split, so one process and N processes skipped
+    different updates. The memory-efficient and flash kernels are unaffected."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+def logprobs(net, rows: list[dict], special, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [B, T] of each row's completion under `net`, position kinds [B, T])."""
+    b = collate(rows, special, device=acc.device)
+    with acc.autocast():
+        lp, _ = net(b["input_ids"], b["attention_mask"], b["prompt_lens"], b["kinds"])
+    return lp, b["kinds"]
+
+
+def reference_logprobs(rows: list[dict], ref_scorer, special, acc, micro_batch: int) -> None:
+    """Each row's completion log-probs under the frozen reference, into row["ref_logp"]."""
+    with torch.no_grad():
+        for i in range(0, len(rows), micro_batch):
+            chunk = rows[i:i + micro_batch]
+            lp, kinds = logprobs(ref_scorer, chunk, special, acc)
+            for r, row_lp, n in zip(chunk, lp.cpu(), (kinds != KIND_PAD).sum(1).tolist()):
+                r["ref_logp"] = row_lp[:n]
+
+
+def run_updates(rows: list[dict], scorer, opt, acc, special, cfg: RLConfig, with_reference: bool,
+                updates_before: int) -> UpdateStats:
+    """cfg.epochs passes over `rows` in minibatches of cfg.minibatch (shuffled by cfg.seed when
+    there is more than one minibatch or epoch), one optimizer update per minibatch."""
+    stats = UpdateStats()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mb_size = cfg.minibatch or len(rows)
+    for _ in range(cfg.epochs if rows else 0):
+        order = torch.randperm(len(rows), generator=gen).tolist() if cfg.epochs > 1 or cfg.minibatch else list(range(len(rows)))
+        for s in range(0, len(order), mb_size):
+            mb = [rows[i] for i in order[s:s + mb_size]]
+            weights, n_tokens = minibatch_weights(mb, cfg.loss_agg)
+            mb_sums, mb_level_loss = accumulate_gradients(mb, weights, scorer, acc, special, cfg, with_reference)
+            norm = float(acc.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm))
+            if not math.isfinite(norm):  # never apply a non-finite update; count it instead
+                stats.skipped_updates += 1
+                opt.zero_grad(set_to_none=True)
+                continue
+            for k, v in mb_sums.items():
+                stats.sums[k] = stats.sums.get(k, 0.0) + v
+            for lv, v in mb_level_loss.items():
+                stats.level_loss[lv] += v
+            stats.grad_norms.append(norm)
+            stats.lrs.append(warmup_lr(cfg.lr, updates_before + stats.n_updates, cfg.warmup_updates))
+            for group in opt.param_groups:
+                group["lr"] = stats.lrs[-1]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stats.n_updates += 1
+            stats.n_tokens += n_tokens
+    return stats
+
+
+def minibatch_weights(mb: list[dict], loss_agg: str) -> tuple[torch.Tensor, int]:
+    """(aggregation weights [rows, width] of the whole minibatch, tokens that carry a choice)."""
+    masks = [loss_mask(r) for r in mb]
+    lens = torch.tensor([int(m.sum()) for m in masks])
+    levels = torch.tensor([LEVELS.index(r["level"]) for r in mb])
+    width = max(len(m) for m in masks)
+    mask = torch.zeros(len(mb), width, dtype=torch.bool)
+    for i, m in enumerate(masks):
+        mask[i, :len(m)] = m
+    return token_weights(mask, levels, loss_agg), int(lens.sum())
+
+
+def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc, special, cfg: RLConfig,
+                         with_reference: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Backward over this process's micro-batches of a minibatch; returns the minibatch's
+    diagnostics and per-level loss, summed over processes."""
+    mine = processes.my_rows(len(mb), acc)
+    mb_sums = dict.fromkeys(DIAGNOSTICS, 0.0)
+    mb_level_loss = {lv: 0.0 for lv in LEVELS}
+    for m in range(processes.micro_batch_count(len(mb), cfg.micro_batch, acc)):
+        idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
+        dummy = not mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]  # pairs another process's backward
+        rows = [mb[i] for i in idx]
+        lp, _ = logprobs(scorer, rows, special, acc)
+        T = lp.shape[1]
+        w = _fit(weights_all[idx], T).to(lp.device) * (0.0 if dummy else float(acc.num_processes))
+        old = _stack([torch.as_tensor(r["logprobs"], dtype=torch.float32) for r in rows], T).to(lp.device)
+        ref = _stack([r["ref_logp"] for r in rows], T).to(lp.device) if with_reference else old
+        adv = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=lp.device)
+        loss, parts = policy_loss(lp, old, ref, adv, w, cfg)
+        acc.backward(loss)
+        if not dummy:
+            frac = float(w.sum()) / max(float(weights_all.sum()), 1e-12) / acc.num_processes
+            for k, v in parts.items():
+                if k != "row_loss":
+                    # this process's share; w carries x num_processes for DDP's gradient mean
+                    mb_sums[k] += v / acc.num_processes if k == "pg" else v * frac
+            for r, rl in zip(rows, parts["row_loss"].tolist()):
+                mb_level_loss[r["level"]] += rl / acc.num_processes
+    return processes.sum_over_processes(acc, mb_sums), processes.sum_over_processes(acc, mb_level_loss)
+
+
+def loss_mask(row: dict) -> torch.Tensor:
+    """Positions that carry a choice: reasoning tokens, the unforced <mesh-start> and mesh tokens."""
+    kinds = completion_kinds(torch.tensor([row["prompt_len"]]), torch.tensor([row["reasoning_end"]]),
+                             torch.tensor([row["mesh_end"]]), torch.tensor([len(row["input_ids"])]),
+                             torch.tensor([bool(row.get("reasoning_truncated", False))]),
+                             len(row["input_ids"]) - row["prompt_len"])[0]
+    return (kinds == KIND_REASONING) | (kinds == KIND_MESH)
+
+
+def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def _stack(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        n = min(len(r), width)
+        out[i, :n] = r[:n]
+    return out
