@@ -21,7 +21,7 @@ for v in "1e-4 0" "2e-4 0" "2e-4 16"; do
 done
 python3 - "$RUN" <<'PY'
 import sys, glob
-from rl3d.stages.report import read_run_metrics
+from rl3d.stages.scoring.run_metrics import read_run_metrics
 for f in sorted(glob.glob(f"{sys.argv[1]}/lr*/metrics.parquet")):
     m = read_run_metrics(f)
     print(f.split("/")[-2], " ".join(f"{k}=" + "/".join(f"{v:.3g}" for v in m[k][1])
