@@ -42,7 +42,8 @@ def command():
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write codebook.npz + codec.json into (codec.json last; a directory that has "
                    "it is skipped).")
-@common_options(seed_help="Seed of the synth objects.", overwrite_help="Rebuild even if --out already holds a codebook.")
+@common_options(seed_help="Seed of the synth objects.",
+                overwrite_help="Rebuild even if --out already holds a codebook.")
 @handle_errors
 def build_cmd(n, patterns, eval_n, out, **kw):
     """Build a codebook of the P most frequent 4^3 patterns of synth train objects."""

@@ -67,14 +67,15 @@ def pop_common_options(kw: dict, out=None) -> StageOptions:
                         json=kw.pop("json_out"))
 
 
-def report(result: dict, opts: StageOptions, *, stage: str, started: float, line_keys: tuple[str, ...] = ()) -> None:
-    """Print a command's summary. The summary is the stage's result with the keys every summary
-    has: stage, out, skipped (False unless the stage says so), seconds (the command's wall time
-    since `started` unless the stage measured its own). With --json all of it is one JSON object on
-    stdout; otherwise, unless --quiet, one line on stderr: stage, shard, rows, the command's
-    line_keys (a dotted key reads a nested dict), skipped, seconds, out."""
+def report(result: dict, opts: StageOptions, *, stage: str | None = None, started: float | None = None,
+           line_keys: tuple[str, ...] = ()) -> None:
+    """Print a command's summary: the stage's result with the keys every summary has - stage,
+    out, skipped (False unless the stage says so), seconds (the command's wall time since
+    `started` unless the stage measured its own) - then the stage's own fields. With --json all of
+    it is one JSON object on stdout; otherwise, unless --quiet, one line on stderr: stage, shard,
+    rows, the command's line_keys (a dotted key reads a nested dict), skipped, seconds, out."""
     summary = {"stage": stage, "out": None if opts.out is None else str(opts.out), "skipped": False,
-               "seconds": round(time.time() - started, 2), **result}
+               "seconds": None if started is None else round(time.time() - started, 2), **result}
     if opts.json:
         click.echo(jsonlib.dumps(summary, sort_keys=True, default=str))
     elif not opts.quiet:

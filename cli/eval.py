@@ -21,7 +21,7 @@ EXAMPLES = """Examples:
 """
 
 
-@click.command("eval", epilog=EXAMPLES)
+@click.command("eval", epilog=EXAMPLES, short_help="Score policies on a benchmark: Parquet metrics + a report.")
 @click.option("--bench", required=True, metavar="NAME|FILE",
               help="synth-reasoning, text-reasoning, or a benchmark file (.csv/.json/.jsonl/.parquet/.txt with "
                    "prompt [, prompt_id, category, reference_dir]).")

@@ -18,7 +18,7 @@ EXAMPLES = """Examples:
 """
 
 
-@click.command("gen", epilog=EXAMPLES)
+@click.command("gen", epilog=EXAMPLES, short_help="Sample rollouts of a policy into a samples table + GLB meshes.")
 @click.option("--prompts", required=True, type=click.Path(path_type=Path),
               help="Prompt file (.txt/.jsonl/.csv/.parquet) or a synth objects table dir "
                    "(its category and spec columns are carried to the samples).")

@@ -16,7 +16,7 @@ EXAMPLES = """Examples:
 """
 
 
-@click.command("render", epilog=EXAMPLES)
+@click.command("render", epilog=EXAMPLES, short_help="Multi-view PNG renders of meshes (ray casting on CPU or GPU).")
 @click.option("--samples", required=True, type=click.Path(exists=True),
               help="Table with sample_id + mesh_path columns (file, shard dir or glob: gen samples, "
                    "synth objects), or a directory of .glb files (sample_id = file stem).")

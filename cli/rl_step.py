@@ -23,7 +23,7 @@ Several GPUs (same options):
 """
 
 
-@click.command("rl-step", epilog=EXAMPLES)
+@click.command("rl-step", epilog=EXAMPLES, short_help="One Hi-GRPO / GRPO policy update -> a complete checkpoint.")
 @click.option("--policy", "policy_dir", required=True, type=click.Path(path_type=Path),
               help="Policy checkpoint dir to update (an sft final dir or a previous rl-step output).")
 @click.option("--samples", required=True, help="Samples table from `rl3d gen` (file, dir or glob).")
@@ -71,7 +71,8 @@ Several GPUs (same options):
               "policy failure (decode_error: an empty mesh) --failed-penalty; other failures drop the group.")
 @click.option("--failed-penalty", type=float, default=0.0, show_default=True,
               help="Total reward of a failed sample under --failed-rewards penalty (per level).")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in the backward pass (less memory).")
 @click.option("--lora-rank", type=int, default=0, show_default=True,
               help="Train a LoRA adapter of this rank (peft), merged on save; 0 trains all weights.")
 @click.option("--run-metrics", default=None, show_default="metrics.parquet beside --out",

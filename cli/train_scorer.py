@@ -17,7 +17,7 @@ EXAMPLES = """Examples:
 """
 
 
-@click.command("train-scorer", epilog=EXAMPLES)
+@click.command("train-scorer", epilog=EXAMPLES, short_help="Train the default alignment scorer (a small CLIP).")
 @click.option("--objects", required=True, type=click.Path(path_type=Path),
               help="Objects table from `rl3d synth` (prompt, split): file, dir or glob.")
 @click.option("--renders", required=True, type=click.Path(path_type=Path),

@@ -108,6 +108,13 @@ def test_every_flag_named_in_help_exists(path):
     assert unknown_flags(help_texts(COMMANDS[path]), COMMANDS[path]) == []
 
 
+def test_rl3d_help():
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "Examples" in res.output
+    assert all(f" {name} " in res.output for name in main.list_commands(click.Context(main)))
+    assert unknown_flags(help_texts(main), main) == []
+
+
 def test_flag_check_catches_a_missing_flag():
     gen = COMMANDS["gen"]
     assert unknown_flags("ShapeLLM-Omni: -T 0.7 --top-p 0.7, <mesh-start>, log-probs", gen) == ["no option -T"]
