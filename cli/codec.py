@@ -52,7 +52,7 @@ def build_cmd(n, patterns, eval_n, out, **kw):
     started = time.time()
     opts = pop_common_options(kw, out=out)
     result = codec.run_build(n, opts.seed, patterns, eval_n, out, overwrite=opts.overwrite, quiet=opts.quiet)
-    report(result, opts, stage="codec build", started=started,
+    report(result, opts, stage="codec-build", started=started,
            line_keys=("vocab_size", "content_hash", "train.voxel_iou", "eval.voxel_iou", "eval.color_accuracy"))
 
 
@@ -71,6 +71,6 @@ def stats_cmd(data, codec_path, n, **kw):
 
     started = time.time()
     opts = pop_common_options(kw)
-    report(codec.run_stats(data, codec_path, n, opts.seed), opts, stage="codec stats", started=started,
+    report(codec.run_stats(data, codec_path, n, opts.seed), opts, stage="codec-stats", started=started,
            line_keys=("codec", "content_hash", "objects", "voxel_iou", "voxel_iou_p05", "color_accuracy",
                       "tokens_used"))

@@ -28,7 +28,7 @@ def run_build(n: int, seed: int, patterns: int, eval_n: int, out: Path, overwrit
     out = Path(out)
     if (out / STATS_FILE).is_file() and not overwrite:
         Progress(quiet).log(f"codec build: {out} already holds a codebook, skipping (use --overwrite to rebuild)")
-        return {"stage": "codec build", "out": str(out), "skipped": True, "seconds": round(time.time() - t0, 2)}
+        return {"stage": "codec-build", "out": str(out), "skipped": True, "seconds": round(time.time() - t0, 2)}
     train = synth_grids(n, seed, "train")
     codec = VoxelCodec.build(train, patterns)
     stats = {"train_objects": len(train), "seed": seed, "n_patterns": patterns,
@@ -37,7 +37,7 @@ def run_build(n: int, seed: int, patterns: int, eval_n: int, out: Path, overwrit
         stats["eval"] = roundtrip_stats(codec, synth_grids(eval_n, seed, "eval"))
     codec.stats = {"built_with": f"rl3d codec build --n {n} --seed {seed} --patterns {patterns}", **stats}
     codec.save(out)
-    return {"stage": "codec build", "out": str(out), "skipped": False, "vocab_size": codec.vocab_size,
+    return {"stage": "codec-build", "out": str(out), "skipped": False, "vocab_size": codec.vocab_size,
             "content_hash": codec.content_hash(), "seconds": round(time.time() - t0, 2), **stats}
 
 
@@ -47,7 +47,7 @@ def run_stats(data: Path | None, codec_path: Path | None, n: int, seed: int) -> 
     t0 = time.time()
     codec = load_codec(codec_path)
     grids = grids_from_table(data) if data is not None else synth_grids(n, seed, "eval")
-    return {"stage": "codec stats", "out": None, "skipped": False, "codec": str(codec_path or "shipped"),
+    return {"stage": "codec-stats", "out": None, "skipped": False, "codec": str(codec_path or "shipped"),
             "content_hash": codec.content_hash(), "vocab_size": codec.vocab_size, **roundtrip_stats(codec, grids),
             "seconds": round(time.time() - t0, 2)}
 

@@ -108,6 +108,13 @@ def test_every_flag_named_in_help_exists(path):
     assert unknown_flags(help_texts(COMMANDS[path]), COMMANDS[path]) == []
 
 
+@pytest.mark.parametrize("path", sorted(COMMANDS))
+def test_help_cites_only_pages_in_the_repository(path):
+    text = help_texts(COMMANDS[path])
+    assert not re.search(r"[A-Z][A-Z-]+\.md", text), "a design note outside the repository"
+    assert [d for d in re.findall(r"docs/[\w/.-]+\.md", text) if not (REPO / d).is_file()] == []
+
+
 def test_rl3d_help():
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0 and "Examples" in res.output
@@ -162,13 +169,13 @@ def test_summary_line_on_stderr(tmp_path):
 
 def test_codec_summaries(tmp_path):
     s = run_json("codec", "stats", "--n", "2")
-    assert (s["stage"], s["out"], s["skipped"], s["objects"]) == ("codec stats", None, False, 2)
+    assert (s["stage"], s["out"], s["skipped"], s["objects"]) == ("codec-stats", None, False, 2)
     assert 0 < s["voxel_iou"] <= 1
     out = tmp_path / "cb"
     out.mkdir()
     (out / "codec.json").write_text("{}")  # written last by a build: the directory holds a codebook
     s = run_json("codec", "build", "--n", "2", "--out", str(out))
-    assert (s["stage"], s["out"], s["skipped"]) == ("codec build", str(out), True)
+    assert (s["stage"], s["out"], s["skipped"]) == ("codec-build", str(out), True)
     assert (out / "codec.json").read_text() == "{}"
 
 
