@@ -43,7 +43,7 @@ def main():
     from rl3d.formats.codec import VoxelCodec, grids_to_blocks, nearest_pattern, pack_bits
 
     if a.synth:
-        from rl3d.cli.codec import synth_grids
+        from rl3d.stages.codec import synth_grids
 
         grids = synth_grids(a.n, 0, "train")
     else:

@@ -15,7 +15,7 @@ def command():
     """Summarise a learning run (examples/learning_run.sh): held-out reward per step, learning
     curves, paired per-prompt changes, which reward terms drive the advantages, before/after renders.
 
-    A run folder holds metrics.parquet (rl-step's --run-metrics) and eval/step-NNNNNN/seed-S/{renders,rewards}
+    A run folder holds metrics.parquet (rl-step's run metrics file) and eval/step-NNNNNN/seed-S/{renders,rewards}
     (held-out generations scored by `rl3d reward`).
 
     \b
@@ -39,7 +39,7 @@ def heldout_command(run):
     (empty meshes). A seed whose scoring is unfinished is left out.
 
     \b
-    Example:
+    Examples:
       rl3d learning-summary heldout runs/lr1e-4
     """
     from rl3d.stages.learning_summary import heldout
@@ -58,7 +58,7 @@ def plot_command(out, runs):
     and heldout_rewards.json from `rl3d learning-summary heldout`).
 
     \b
-    Example:
+    Examples:
       rl3d learning-summary plot --out curves.png "lr 1e-4=runs/lr1e-4" "lr 3e-4=runs/lr3e-4"
     """
     from rl3d.stages.learning_summary import plot
@@ -75,7 +75,7 @@ def drivers_command(reward_dirs):
     variance of its level's total (shares of a level sum to 1), over the given rewards tables.
 
     \b
-    Example:
+    Examples:
       rl3d learning-summary drivers runs/lr1e-4/step-000001/rewards runs/lr1e-4/step-000002/rewards
     """
     from rl3d.stages.learning_summary import drivers
@@ -94,7 +94,7 @@ def compare_command(run, step_a, step_b):
     interval over prompts, per level.
 
     \b
-    Example:
+    Examples:
       rl3d learning-summary compare runs/lr1e-4 0 10
     """
     from rl3d.stages.learning_summary import compare
@@ -115,7 +115,7 @@ def samples_command(run, step_a, step_b, out):
     sampling seed's fine samples for the prompts whose mean total rose most, changed least and fell most.
 
     \b
-    Example:
+    Examples:
       rl3d learning-summary samples runs/lr1e-4 0 10 --out before_after.png
     """
     from rl3d.stages.learning_summary import samples

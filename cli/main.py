@@ -38,7 +38,17 @@ class LazyGroup(click.Group):
         return importlib.import_module(f"rl3d.cli.{COMMANDS[name]}").command
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+EXAMPLES = """Examples (one step of the loop; `rl3d CMD --help` describes every option of CMD):
+
+\b
+  rl3d synth --n 64 --seed 1 --split train --out runs/demo/prompts
+  rl3d gen --prompts runs/demo/prompts --out runs/demo/step-000001/gen
+  rl3d render --samples runs/demo/step-000001/gen --out runs/demo/step-000001/renders
+"""
+
+
+@click.group(cls=LazyGroup, epilog=EXAMPLES,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="rl3d")
 @click.option("--trust-remote-code", is_flag=True,
               help="Let transformers import Python files shipped inside model directories (config.json "

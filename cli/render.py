@@ -1,12 +1,22 @@
 """`rl3d render`: multi-view PNG renders of every mesh in a samples table or a GLB directory."""
 from __future__ import annotations
 
+import time
+
 import click
 
 from rl3d.cli.common import handle_errors, pop_stage_options, report, stage_options
 
+EXAMPLES = """Examples:
 
-@click.command("render")
+\b
+  rl3d render --samples runs/demo/step-000001/gen --out runs/demo/step-000001/renders
+  rl3d render --samples runs/demo/prompts --views 1 --resolution 32 --out runs/demo/prompt_renders
+  rl3d render --samples meshes/ --preset orbit --backend torch --device cuda --depth --out renders/
+"""
+
+
+@click.command("render", epilog=EXAMPLES, short_help="Multi-view PNG renders of meshes (ray casting on CPU or GPU).")
 @click.option("--samples", required=True, type=click.Path(exists=True),
               help="Table with sample_id + mesh_path columns (file, shard dir or glob: gen samples, "
                    "synth objects), or a directory of .glb files (sample_id = file stem).")
@@ -24,17 +34,17 @@ from rl3d.cli.common import handle_errors, pop_stage_options, report, stage_opti
 @click.option("--depth", is_flag=True, help="Also save z-depth as 16-bit PNG (millimetres, 0 = background).")
 @click.option("--normals", is_flag=True, help="Also save camera-space normal maps as PNG.")
 @click.option("--no-sheet", is_flag=True, help="Skip the per-mesh contact sheet (sheet.png).")
-@click.option("--workers", default=None, type=int,
-              help="open3d backend: processes rendering meshes in parallel [min(2, cores)]. The torch backend "
-                   "renders in this process.")
+@click.option("--workers", default=None, type=int, show_default="min(2, CPU cores)",
+              help="open3d backend: processes rendering meshes in parallel. The torch backend renders in "
+                   "this process.")
 @click.option("--backend", type=click.Choice(["auto", "open3d", "torch"]), default="auto", show_default=True,
               help="Ray caster. open3d: Embree on the CPU; torch: PyTorch on --device (GPU throughput, no open3d "
                    "needed); auto: open3d when installed, else torch. See docs/render.md.")
 @click.option("--supersample", default=2, show_default=True, type=click.IntRange(1, 8),
               help="Anti-aliasing: K x K rays per pixel, averaged (box filter); costs ~K^2 the ray casting. "
                    "1: one ray through each pixel centre (aliased edges).")
-@click.option("--device", default=None,
-              help="torch backend: torch device, e.g. cuda, cuda:1, cpu [cuda when available, else cpu].")
+@click.option("--device", default=None, show_default="cuda when available, else cpu",
+              help="torch backend: torch device, e.g. cuda, cuda:1, cpu.")
 @stage_options
 @handle_errors
 def command(samples, views, elevation, preset, resolution, background, fov, framing, depth, normals, no_sheet, workers,
@@ -46,8 +56,9 @@ def command(samples, views, elevation, preset, resolution, background, fov, fram
     """
     from rl3d.stages.render import run_render
 
+    started = time.time()
     opts = pop_stage_options(kw)
     summary = run_render(samples, opts, views=views, preset=preset, elevation=elevation, resolution=resolution,
                          background=background, fov=fov, framing=framing, depth=depth, normals=normals, sheet=not no_sheet,
                          workers=workers, backend=backend, device=device, supersample=supersample)
-    report(summary, opts)
+    report(summary, opts, stage="render", started=started)

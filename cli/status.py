@@ -15,8 +15,8 @@ from rl3d.stages.status import as_dict, run_status, status_line
 @click.option("--json", "json_out", is_flag=True, help="Print one JSON object per stage output on stdout.")
 @handle_errors
 def command(path, json_out):
-    """Which shards of each stage output under PATH are done or missing, with the Slurm `--array=`
-    expression that resubmits exactly the missing ones. PATH is a stage output dir or a run dir
+    """Which shards of each stage output under PATH are done or missing, with the Slurm array
+    expression (for sbatch's array option) that resubmits exactly the missing ones. PATH is a stage output dir or a run dir
     (searched four levels down; rl-step checkpoints count as one shard).
 
     Exit code 0 when everything found is complete, 3 when something is missing, 2 on bad input.
@@ -25,7 +25,6 @@ def command(path, json_out):
     Examples:
       rl3d status runs/demo
       rl3d status runs/demo/step-000003/renders --json
-      sbatch --array=$(rl3d status runs/demo/step-000003/renders --json | jq -r .array) step.sbatch
     """
     found = run_status(path)
     for s in found:

@@ -160,10 +160,10 @@ def test_cli_stats_on_table(codec, tmp_path):
 
 
 def test_cli_build(tmp_path, monkeypatch):
-    from rl3d.cli import codec as cli_codec
+    from rl3d.stages import codec as stages_codec
     from rl3d.cli.main import main
 
-    monkeypatch.setattr(cli_codec, "synth_grids", lambda n, seed, split: random_shapes(n, seed + (split == "eval")))
+    monkeypatch.setattr(stages_codec, "synth_grids", lambda n, seed, split: random_shapes(n, seed + (split == "eval")))
     r = CliRunner().invoke(main, ["codec", "build", "--n", "60", "--seed", "3", "--patterns", "31",
                                   "--eval-n", "10", "--out", str(tmp_path / "cb"), "--json"])
     assert r.exit_code == 0, r.output
