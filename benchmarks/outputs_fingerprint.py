@@ -93,8 +93,9 @@ def main(out: Path) -> None:
     run("synth", "--n", "4", "--seed", "7", "--split", "train", "--out", str(out / "prompts"))
     run("gen", "--prompts", str(out / "prompts"), "--out", str(out / "gen"), "--group-size", "2",
         "--mode", "hi-grpo", "--seed", "1")
+    # --supersample 1: the renders of rl3d before anti-aliasing (the default is 2)
     run("render", "--samples", str(out / "gen"), "--out", str(out / "renders"), "--views", "2",
-        "--resolution", "64")
+        "--resolution", "64", "--supersample", "1")
     run("reward", "--samples", str(out / "gen"), "--renders", str(out / "renders"), "--config", "default",
         "--out", str(out / "rewards"))
     from rl3d.stages.policy import default_policy_dir
@@ -102,7 +103,8 @@ def main(out: Path) -> None:
         str(out / "rewards"), "--out", str(out / "policy"), "--lr", "1e-4", "--seed", "0",
         "--run-metrics", str(out / "metrics.parquet"))
     run("eval", "--bench", "synth-reasoning", "--limit", "1", "--samples-per-prompt", "1", "--views", "2",
-        "--resolution", "64", "--policy", str(out / "policy"), "--out", str(out / "eval"), "--grid-prompts", "2")
+        "--resolution", "64", "--supersample", "1", "--policy", str(out / "policy"), "--out", str(out / "eval"),
+        "--grid-prompts", "2")
     print_hashes(out)
 
 
