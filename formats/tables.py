@@ -7,8 +7,10 @@ fail with one line naming the file and the missing or mistyped column.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +22,8 @@ META_TABLE = b"rl3d.table"
 META_VERSION = b"rl3d.version"
 META_CONFIG = b"rl3d.config"  # JSON of the config that produced the table
 META_POLICY = b"rl3d.policy"  # policy id (path, hash, step) where one was involved
+META_TABLE_ID = b"rl3d.table_id"  # this table's identity: its kind, the config and policy that made it
+META_MADE_FROM = b"rl3d.made_from"  # JSON {role: table_id} of the input tables it was made for
 
 _str, _i32, _i64, _f32, _f64 = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64()
 
@@ -65,20 +69,74 @@ SCHEMAS: dict[str, tuple[int, dict[str, pa.DataType]]] = {
 MEDIA_COLUMNS = ("mesh_path", "image_path", "sheet_path", "depth_path", "normal_path")
 
 
-def schema_metadata(kind: str, config: dict | None = None, policy: str | None = None) -> dict[bytes, bytes]:
+def table_id(kind: str, config: dict, policy: str | None = None) -> str:
+    """A table's identity: every shard of one run shares it, a table of another run (another seed,
+    policy, input or option) gets another. Stages record the ids of their inputs (made_from)."""
+    text = json.dumps([kind, config, policy], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def schema_metadata(kind: str, config: dict | None = None, policy: str | None = None,
+                    made_from: dict[str, str] | None = None) -> dict[bytes, bytes]:
     version, _ = SCHEMAS[kind]
     meta = {META_TABLE: kind.encode(), META_VERSION: str(version).encode()}
     if config is not None:
         meta[META_CONFIG] = json.dumps(config, sort_keys=True, default=str).encode()
+        meta[META_TABLE_ID] = table_id(kind, config, policy).encode()
     if policy is not None:
         meta[META_POLICY] = policy.encode()
+    if made_from:
+        meta[META_MADE_FROM] = json.dumps(made_from, sort_keys=True).encode()
     return meta
 
 
-def with_metadata(table: pa.Table, kind: str, config: dict | None = None, policy: str | None = None) -> pa.Table:
+def with_metadata(table: pa.Table, kind: str, config: dict | None = None, policy: str | None = None,
+                  made_from: dict[str, str] | None = None) -> pa.Table:
     meta = dict(table.schema.metadata or {})
-    meta.update(schema_metadata(kind, config, policy))
+    meta.update(schema_metadata(kind, config, policy, made_from))
     return table.replace_schema_metadata(meta)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a table on disk says about itself: its id, the policy, and the inputs it was made for."""
+
+    path: str
+    kind: str | None
+    table_id: str | None
+    policy: str | None
+    made_from: dict
+
+
+def provenance(path: str | os.PathLike) -> Provenance:
+    """Read from the schemas of every part (cheap: no rows); parts of different runs are an error."""
+    ids, first = set(), None
+    for f in list_parts(path):
+        try:
+            meta = pq.read_schema(f).metadata or {}
+        except Exception as e:
+            raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        ids.add(meta.get(META_TABLE_ID, b"").decode())
+        first = first if first is not None else meta
+    if len(ids) > 1:
+        raise InputError(f"{path}: its parts come from different runs (table ids {', '.join(sorted(ids))})")
+    kind, policy = first.get(META_TABLE), first.get(META_POLICY)
+    return Provenance(str(path), kind.decode() if kind else None, ids.pop() or None,
+                      policy.decode() if policy else None, json.loads(first.get(META_MADE_FROM, b"{}")))
+
+
+def require_made_for(table: Provenance, role: str, source: Provenance) -> None:
+    """`table` must record `source` as the `role` input it was made from (e.g. rewards made from these
+    samples): a join of tables of different runs is refused with one line naming both."""
+    if source.table_id is None:
+        raise InputError(f"{source.path}: records no table id (written by an older rl3d); regenerate it")
+    made = table.made_from.get(role)
+    if made is None:
+        raise InputError(f"{table.path}: records no {role} table it was made from (written by an older rl3d); "
+                         f"regenerate it from {source.path}")
+    if made != source.table_id:
+        raise InputError(f"{table.path} was made from another {role} table ({made}) than {source.path} "
+                         f"({source.table_id}): tables of different runs do not join")
 
 
 def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
