@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
-from rl3d.formats.tables import absolute_media, list_parts
+from rl3d.formats.tables import absolute_media, list_parts, provenance
 from rl3d.stages.contract import run_stage
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
@@ -233,4 +233,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
                  "views_per_s": round(ok / secs, 2) if secs > 0 else None}
         return renders_table(rows, ropts, copied), stats
 
-    return run_stage("render", "renders", opts, config, produce)
+    # a dir of GLBs is no table: nothing to name
+    made_from = {"samples": provenance(samples).table_id} if any(Path(samples).glob("*.parquet")) or \
+        Path(samples).suffix == ".parquet" else None
+    return run_stage("render", "renders", opts, config, produce, made_from=made_from)

@@ -299,5 +299,19 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
         stats["status"] = status_counts(out)
         return out, stats
 
+    made_from = check_inputs(samples, renders, Progress(opts.quiet))
     policy = tables.table_policy(samples)
-    return run_stage("reward", "rewards", opts, record, produce, policy=policy)
+    return run_stage("reward", "rewards", opts, record, produce, policy=policy, made_from=made_from)
+
+
+def check_inputs(samples, renders, progress: Progress) -> dict[str, str | None]:
+    """Refuse renders of other samples (another run, seed or policy); the ids the rewards are made from."""
+    source = tables.provenance(samples)
+    made_from = {"samples": source.table_id}
+    if renders:
+        rendered = tables.provenance(renders)
+        warning = tables.require_made_for(rendered, "samples", source)
+        if warning:
+            progress.log(f"WARNING: {warning}")
+        made_from["renders"] = rendered.table_id
+    return made_from
