@@ -29,6 +29,9 @@ import pyarrow.parquet as pq
 VOLATILE_KEYS = re.compile(r"(time|seconds|elapsed|started|finished|created|duration|_s$|per_s|host|pid|version|"
                            r"config_hash)", re.I)
 VOLATILE_FILES = ("rng_state.pt",)
+# table ids name the run that made a table (its config holds absolute paths): left out, so outputs
+# compare with those of rl3d before it recorded provenance
+PROVENANCE_KEYS = (b"rl3d.table_id", b"rl3d.made_from")
 
 
 def mask(value, root: str):
@@ -61,6 +64,8 @@ def parquet_fingerprint(path: Path, root: str) -> str:
         h.update(name.encode())
         h.update(json.dumps(mask(table.column(name).to_pylist(), root), default=str).encode())
     for key, value in sorted((table.schema.metadata or {}).items()):
+        if key in PROVENANCE_KEYS:
+            continue
         h.update(key)
         h.update(json_fingerprint(value.decode(errors="replace"), root).encode())
     return h.hexdigest()[:16]
