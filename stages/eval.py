@@ -399,7 +399,7 @@ def reference_renders(bench: Benchmark, opts: EvalOptions, progress: Progress) -
         progress.log(f"eval: building {len(bench.prompts)} reference meshes from the benchmark's specs")
         rows = []
         for r in bench.prompts:
-            rel = f"meshes/{r['prompt_id']}.glb"
+            rel = f"{shards_io.MESHES}/{r['prompt_id']}.glb"
             if not (ref / rel).exists():
                 write_glb(grid_to_mesh(bench.reference_grid(r)), shards_io.inside(ref, rel))
             rows.append({"sample_id": r["prompt_id"], "prompt_id": r["prompt_id"], "mesh_path": rel,

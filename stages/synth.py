@@ -187,7 +187,7 @@ def run_synth(n: int, seed: int, split: str, opts: StageOptions, meshes: bool = 
 
             with timed(stats, "glb_s"):
                 for k, o in enumerate(progress.track(objs, len(objs), "synth meshes")):
-                    rel = f"meshes/{o.sample_id}.glb"
+                    rel = f"{shards_io.MESHES}/{o.sample_id}.glb"
                     try:
                         write_glb(vox.grid_to_mesh(o.grid), shards_io.inside(out, rel))
                         paths[k] = rel

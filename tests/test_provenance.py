@@ -37,3 +37,15 @@ def test_reward_refuses_renders_of_another_run(tmp_path):
     assert rewards.made_from == {"samples": objects.table_id, "renders": renders.table_id}
     assert len({objects.table_id, renders.table_id, rewards.table_id}) == 3
     assert tables.provenance(tmp_path / "b" / "objects").table_id != objects.table_id  # another seed, another id
+
+
+def test_stage_outputs_read_as_parquet_datasets(tmp_path):
+    """Media live in underscore folders, which dataset readers skip: the stage dir is the dataset."""
+    import pyarrow.parquet as pq
+
+    _ok("synth", "--n", "3", "--seed", "1", "--out", tmp_path / "objects")
+    _ok("render", "--samples", tmp_path / "objects", "--out", tmp_path / "renders", "--views", "2",
+        "--resolution", "32", "--supersample", "1")
+    assert any((tmp_path / "objects" / "_meshes").glob("*.glb"))
+    assert pq.read_table(tmp_path / "objects").num_rows == 3
+    assert pq.read_table(tmp_path / "renders").num_rows == 6

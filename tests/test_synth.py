@@ -86,7 +86,7 @@ def test_cli_writes_valid_objects_table(tmp_path):
         assert np.array_equal(grid, synth.make_object(int(row["sample_id"][-6:]), 5).grid)
         assert json.loads(row["spec"])["family"] == row["family"]
         assert row["mesh_path"].endswith(f"{row['sample_id']}.glb")
-        assert (out / "meshes" / f"{row['sample_id']}.glb").stat().st_size > 0
+        assert (out / "_meshes" / f"{row['sample_id']}.glb").stat().st_size > 0
         if row["message"] != "no codec":
             assert len(row["mesh_tokens"]) == 512
 
@@ -95,7 +95,7 @@ def test_no_meshes_and_bad_split(tmp_path):
     r = CliRunner().invoke(command, ["--n", "4", "--out", str(tmp_path / "a"), "--no-meshes", "--quiet"])
     assert r.exit_code == 0, r.output
     t = read_table(tmp_path / "a", "objects").to_pylist()
-    assert all(row["mesh_path"] is None for row in t) and not (tmp_path / "a" / "meshes").exists()
+    assert all(row["mesh_path"] is None for row in t) and not (tmp_path / "a" / "_meshes").exists()
     r = CliRunner().invoke(command, ["--n", "4", "--out", str(tmp_path / "b"), "--split", "test"])
     assert r.exit_code == 2
 
