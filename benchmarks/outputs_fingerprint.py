@@ -34,13 +34,16 @@ VOLATILE_FILES = ("rng_state.pt",)
 PROVENANCE_KEYS = (b"rl3d.table_id", b"rl3d.made_from")
 
 
+REPO = str(Path(__file__).resolve().parents[1])  # policy ids hold the shipped policy's absolute path
+
+
 def mask(value, root: str):
     if isinstance(value, dict):
         return {k: ("<volatile>" if VOLATILE_KEYS.search(k) else mask(v, root)) for k, v in sorted(value.items())}
     if isinstance(value, list):
         return [mask(v, root) for v in value]
     if isinstance(value, str):
-        return value.replace(root, "<OUT>")
+        return value.replace(root, "<OUT>").replace(REPO, "<REPO>")
     return value
 
 
@@ -48,7 +51,7 @@ def json_fingerprint(text: str, root: str) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return hashlib.sha256(text.replace(root, "<OUT>").encode()).hexdigest()[:16]
+        return hashlib.sha256(text.replace(root, "<OUT>").replace(REPO, "<REPO>").encode()).hexdigest()[:16]
     return hashlib.sha256(json.dumps(mask(data, root), sort_keys=True).encode()).hexdigest()[:16]
 
 
