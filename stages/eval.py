@@ -31,7 +31,7 @@ from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
 from rl3d.formats.voxels import grid_to_mesh, voxel_iou
-from rl3d.stages.benchmarks import Benchmark, load_benchmark, reference_images
+from rl3d.stages.eval_sets import Benchmark, load_benchmark, reference_images
 from rl3d.stages.contract import Progress, StageOptions
 from rl3d.stages.gen import MODES, run_gen
 from rl3d.stages.policy.checkpoint import load_codec_for, read_policy_meta
