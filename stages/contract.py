@@ -1,4 +1,4 @@
-"""The stage contract of DESIGN.md, in one place, so every command gets it for free.
+"""The stage contract (docs/internals.md, "The stage contract"), in one place, so every command gets it for free.
 
 A stage is a function `produce(shard, progress) -> (pa.Table, stats)` for one shard; `run_stage`
 handles skip-if-complete, --overwrite, the atomic part write, the completion marker, the
