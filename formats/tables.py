@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.shards import check_complete
 
 META_TABLE = b"rl3d.table"
 META_VERSION = b"rl3d.version"
@@ -190,8 +191,6 @@ def list_parts(path: str | os.PathLike) -> list[Path]:
     """A file, a directory of part files, or a glob -> the sorted list of Parquet files."""
     p = Path(path)
     if p.is_dir():
-        from rl3d.formats.shards import check_complete
-
         check_complete(p)
         files = sorted(p.glob("part-*.parquet")) or sorted(p.glob("*.parquet"))
         if not files:

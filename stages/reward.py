@@ -21,8 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats import tables
+from rl3d.formats.codec import VoxelCodec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
+from rl3d.formats.voxels import from_bytes
 from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
@@ -78,7 +80,6 @@ def render_state(rows: list[dict]) -> tuple[str, str, list[str]]:
 
 def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[list, list[str]]:
     """Per row: the voxel grid (or None) and a decode error message ('' when fine)."""
-    from rl3d.formats.voxels import from_bytes
 
     n = len(rows["sample_id"])
     grids: list = [None] * n
@@ -90,7 +91,6 @@ def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[lis
             except (ValueError, TypeError) as e:
                 errors[i] = f"voxels: {e}"
         return grids, errors
-    from rl3d.formats.codec import VoxelCodec
 
     try:
         codec = VoxelCodec.load(codec_path or None)
