@@ -34,6 +34,23 @@ class StageOptions:
     json: bool = False
 
 
+PLAIN_EVERY_S = 10.0
+
+
+def plain_line(desc: str, done: int, total: int | None, elapsed: float) -> str:
+    """"gen 12/64 (19%) 31s elapsed, ETA 2m14s" - the ETA from the mean pace so far."""
+    if not total:
+        return f"{desc} {done} ({elapsed:.0f}s elapsed)"
+    eta = elapsed / done * (total - done) if done else 0.0
+    return f"{desc} {done}/{total} ({100 * done / total:.0f}%) {_duration(elapsed)} elapsed, ETA {_duration(eta)}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 class Progress:
     """Rich progress bar on a terminal, plain log lines otherwise, nothing with --quiet."""
 
@@ -51,12 +68,14 @@ class Progress:
             yield from track(items, total=total, description=desc, console=_stderr_console(), transient=True)
             return
         total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-        step = max(1, (total or 10) // 10)
-        t0 = time.time()
+        t0 = last = time.time()
         for i, x in enumerate(items, 1):
             yield x
-            if total and (i % step == 0 or i == total):
-                print(f"[rl3d] {desc} {i}/{total} ({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
+            now = time.time()
+            # in a pipe (a log file, Slurm): a line every PLAIN_EVERY_S seconds and at the end, with an ETA
+            if now - last >= PLAIN_EVERY_S or i == total:
+                last = now
+                print(f"[rl3d] {plain_line(desc, i, total, now - t0)}", file=sys.stderr, flush=True)
 
     def log(self, msg: str) -> None:
         if not self.quiet:

@@ -30,6 +30,7 @@ from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.update import UpdateStats, attention_without_cudnn, reference_logprobs, run_updates
+from rl3d.stages.scoring.run_metrics import write_tensorboard
 
 __all__ = ["RLConfig", "run_rl_step", "append_run_metrics", "DONE_FILE"]
 
@@ -38,7 +39,8 @@ DONE_FILE = "rl_step.json"
 
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
-                lora_rank: int = 0, progress=None, allow_off_policy: bool = False) -> dict:
+                lora_rank: int = 0, progress=None, allow_off_policy: bool = False,
+                tensorboard: str | None = None) -> dict:
     progress = progress or Progress()
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
@@ -57,6 +59,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         failed_penalty=cfg.failed_penalty)
     kept = _kept_samples(samples, adv_rows)
     timings["load_s"] = time.time() - t0
+    progress.log(f"rl-step: {len(kept)} of {len(samples)} samples train ({adv_stats['groups']} groups, "
+                 f"{adv_stats['dropped_failed'] + adv_stats['dropped_no_spread']} dropped); loading the policy")
 
     # 2. models: the policy being trained, and the frozen reference for the KL term
     device_type = resolve_device_dtype(device)[0].type
@@ -99,11 +103,17 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     with attention_without_cudnn():
         t1 = time.time()
         if ref_scorer is not None:
+            progress.log(f"rl-step: reference log-probs of {len(kept)} samples")
             reference_logprobs(kept, ref_scorer, special, acc, cfg.micro_batch)
         timings["ref_s"] = time.time() - t1
         t2 = time.time()
+        minibatches = -(-len(kept) // (cfg.minibatch or max(len(kept), 1))) * cfg.epochs if kept else 0
+        progress.log(f"rl-step: {minibatches} optimizer update(s) ({cfg.epochs} epoch(s)), reference took "
+                     f"{timings['ref_s']:.0f}s")
         stats = run_updates(kept, scorer, opt, acc, special, cfg, ref_scorer is not None, updates_before)
         timings["update_s"] = time.time() - t2
+        progress.log(f"rl-step: {stats.n_updates} update(s) in "
+                     f"{timings['update_s']:.0f}s; writing the checkpoint")
 
     # 4. metrics, collapse warnings, checkpoint
     if stats.skipped_updates:
@@ -125,6 +135,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             model_to_save = model_to_save.merge_and_unload()
         _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
                          samples_path, rewards_path, run_metrics, overwrite)
+        if tensorboard:
+            write_tensorboard(tensorboard, metrics["step"], metrics)
     acc.wait_for_everyone()
     metrics["save_s"] = round(time.time() - t3, 3)
     return {"stage": "rl-step", "out": str(out), "skipped": False, "step": metrics["step"],

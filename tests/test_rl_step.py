@@ -272,3 +272,17 @@ def test_rewards_of_another_run_do_not_join(run, tmp_path):
     res = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
                                     "--rewards", str(other), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "do not join" in res.output and not (tmp_path / "y").exists()
+
+
+def test_cli_writes_tensorboard_scalars_beside_the_run_metrics(run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, policy, rows = run
+    res = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                    "--rewards", str(root / "rewards"), "--out", str(tmp_path / "o"), "--lr", "1e-3",
+                                    "--tensorboard", str(tmp_path / "tb")])
+    assert res.exit_code == 0, res.output
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"loss", "kl", "grad_norm"} <= set(acc.Tags()["scalars"]) and acc.Scalars("loss")[0].step == 1
+    assert "rl-step: reference log-probs" in res.output and "writing the checkpoint" in res.output
