@@ -16,7 +16,8 @@ and every other file (weights, optimizer state, media) equal to the reference's 
     python benchmarks/kill_resume.py                        # every stage, 20 trials each
     python benchmarks/kill_resume.py --trials 3 --stages synth,render --work /tmp/kr --verbose
 
-One line per stage, then a verdict; a JSON with every trial lands in WORK/results.json.
+One line per stage, then a verdict; a JSON with every trial lands in WORK/results-STAGES.json.
+Write windows are tried in the order each stage lists them (the riskiest first).
 Runs the CLI as `python -m rl3d.cli.main` with the interpreter running this script.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from outputs_fingerprint import VOLATILE_KEYS, fingerprint  # noqa: E402  (same folder)
+from outputs_fingerprint import VOLATILE_FILES, VOLATILE_KEYS, fingerprint  # noqa: E402  (same folder)
 
 STAGE_ORDER = ("synth", "gen", "render", "reward", "rl-step", "eval", "sft")
 MEDIA_COLUMNS = ("mesh_path", "image_path", "sheet_path", "depth_path", "normal_path")
@@ -104,6 +105,10 @@ def snapshot(root: Path) -> Snapshot:
                 continue  # checked by _check_manifest; they hold wall times
             elif name.endswith((".glb", ".png")):
                 _media(snap, path, rel)
+            elif name.endswith(".pt") and name not in VOLATILE_FILES:
+                snap.blobs[rel] = _state_fingerprint(path)
+                if snap.blobs[rel].startswith("unloadable"):
+                    snap.torn.append(f"{rel}: {snap.blobs[rel]}")
             else:
                 snap.blobs[rel] = fingerprint(path, str(root))
     return snap
@@ -183,6 +188,28 @@ def _jsonl(snap: Snapshot, path: Path, rel: str) -> None:
             if k != "step" and not VOLATILE_KEYS.search(k):
                 rows.append(((rec.get("step"), k), (("value", _plain(v)),)))
     snap.rows[rel] = rows
+
+
+def _state_fingerprint(path: Path) -> str:
+    """A torch state file by content: pickling the same values can give other bytes (a restored
+    RNG state's containers), which is not a difference in what was saved."""
+    import torch
+
+    def canon(x):
+        if isinstance(x, torch.Tensor):
+            return ["tensor", str(x.dtype), list(x.shape), hashlib.sha256(x.contiguous().view(-1).view(torch.uint8)
+                                                                           .numpy().tobytes()).hexdigest()]
+        if isinstance(x, dict):
+            return [[str(k), canon(v)] for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))]
+        if isinstance(x, (list, tuple)):
+            return [canon(v) for v in x]
+        return x
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        return f"unloadable ({type(e).__name__})"
+    return hashlib.sha256(json.dumps(canon(state), default=str).encode()).hexdigest()[:16]
 
 
 def _media(snap: Snapshot, path: Path, rel: str) -> None:
@@ -298,7 +325,7 @@ INPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict, Path], list[str]]]] = {
                                                   "--config", "default", "--out", str(o)]),
 }
 
-SHARD_WINDOWS = ("*.part-*.tmp-*", "out/_shards/*.json", "out/._manifest.json.tmp-*")
+SHARD_WINDOWS = ("out/_shards/*.json", "*.part-*.tmp-*", "out/._manifest.json.tmp-*")
 STAGES = {s.name: s for s in (
     Stage("synth", (), lambda i, t: ["synth", "--n", "6", "--seed", "3", "--out", str(t / "out")],
           ("out/meshes/.tmp-*",) + SHARD_WINDOWS),
@@ -311,16 +338,16 @@ STAGES = {s.name: s for s in (
           lambda i, t: ["rl-step", "--policy", default_policy(), "--samples", i["gen"], "--rewards", i["rewards"],
                         "--out", str(t / "out"), "--minibatch", "4", "--lr", "1e-4", "--seed", "0",
                         "--run-metrics", str(t / "metrics.parquet")],
-          (".out.rl-tmp/*", "out/rl_step.json", ".tmp-*-metrics.parquet")),
+          ("out/rl_step.json", ".out.rl-tmp/*", ".tmp-*-metrics.parquet")),
     Stage("eval", (), lambda i, t: ["eval", "--bench", "synth-reasoning", "--limit", "1", "--samples-per-prompt", "1",
                                     "--views", "2", "--resolution", "48", "--policy", default_policy(),
                                     "--grid-prompts", "1", "--out", str(t / "out")],
-          ("out/*/gen/meshes/.tmp-*", "out/*/_shards/*.json", "out/*.part-*.tmp-*", "out/*/.tmp-*",
+          ("out/*/gen/meshes/.tmp-*", "out/*/_shards/*.json", "out/*/.tmp-*", "out/*.part-*.tmp-*",
            "out/metrics/*.parquet")),
     Stage("sft", ("objects",), lambda i, t: ["sft", "--data", i["objects"], "--config", "tiny", "--steps", "4",
                                             "--batch-size", "4", "--save-every", "1", "--eval-every", "2",
                                             "--log-every", "1", "--seed", "0", "--out", str(t / "out")],
-          ("out/checkpoints/*.tmp/*", "out/checkpoints/step-*/trainer_state.pt", "out/.final.tmp-*/*",
+          ("out/checkpoints/*.tmp/trainer_state.pt", "out/checkpoints/*.tmp/*", "out/.final.tmp-*/*",
            "out/final/*")),
 )}
 
@@ -380,6 +407,14 @@ class Trial:
 
 
 def _first_match(trial_dir: Path, pattern: str) -> str:
+    head, _, tail = pattern.rpartition("/")
+    if not any(c in head for c in "*?["):  # a fixed folder: list it alone (fast polls catch short windows)
+        try:
+            names = os.listdir(trial_dir / head)
+        except FileNotFoundError:
+            return ""
+        hit = next((n for n in names if fnmatch.fnmatch(n, tail)), "")
+        return f"{head}/{hit}".lstrip("/") if hit else ""
     for dirpath, dirnames, filenames in os.walk(trial_dir):
         rel_d = Path(dirpath).relative_to(trial_dir)
         for name in dirnames + filenames:
@@ -546,11 +581,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: not compared (differ between two uninterrupted runs): {r.nondeterministic}", flush=True)
     ok, line = verdict(results)
     print(line, flush=True)
-    (work / "results.json").write_text(json.dumps([{**asdict(r), "counts": r.counts()} for r in results], indent=1))
+    results_file = work / f"results-{'_'.join(names)}.json"
+    results_file.write_text(json.dumps([{**asdict(r), "counts": r.counts()} for r in results], indent=1))
     if a.work is None and not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:
-        print(f"details: {work / 'results.json'}")
+        print(f"details: {results_file}")
     return 0 if ok else 1
 
 
