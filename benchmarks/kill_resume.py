@@ -235,7 +235,7 @@ def _media(snap: Snapshot, path: Path, rel: str) -> None:
 class Diff:
     lost: int = 0          # reference keys missing after the rerun
     doubled: int = 0       # extra copies of a key
-    changed: int = 0       # same key, different data (or a file with other bytes)
+    changed: int = 0       # same key, different data, or a file missing or with other bytes
     torn: int = 0
     stale: int = 0
     manifests: int = 0
@@ -286,8 +286,8 @@ def compare(ref: Snapshot, got: Snapshot, nondet: dict) -> Diff:
     for rel in sorted(set(ref.blobs) | set(got.blobs)):
         if rel in nondet["files"]:
             continue
-        if rel not in got.blobs:
-            d.lost += 1
+        if rel not in got.blobs:  # a missing file is a changed output, not a lost row
+            d.changed += 1
             d.notes.append(f"{rel}: missing")
         elif rel not in ref.blobs:
             d.changed += 1
