@@ -177,6 +177,7 @@ def _table(snap: Snapshot, path: Path, rel: str, root: Path) -> None:
 
 
 def _jsonl(snap: Snapshot, path: Path, rel: str) -> None:
+    """Metric logs ({"step": N, name: value, ...}) as (step, name) rows; other records keyed like tables."""
     rows = []
     for i, line in enumerate(path.read_text().splitlines()):
         try:
@@ -184,9 +185,13 @@ def _jsonl(snap: Snapshot, path: Path, rel: str) -> None:
         except ValueError:
             snap.torn.append(f"{rel}: line {i + 1} is not JSON")
             continue
-        for k, v in sorted(rec.items()):
-            if k != "step" and not VOLATILE_KEYS.search(k):
-                rows.append(((rec.get("step"), k), (("value", _plain(v)),)))
+        if "step" in rec:
+            rows += [((rec["step"], k), (("value", _plain(v)),)) for k, v in sorted(rec.items())
+                     if k != "step" and not VOLATILE_KEYS.search(k)]
+            continue
+        data = tuple((k, _plain(v)) for k, v in sorted(rec.items()) if not VOLATILE_KEYS.search(k))
+        key = _key_columns(list(rec))
+        rows.append((tuple(_plain(rec[k]) for k in key) if key else data, data))
     snap.rows[rel] = rows
 
 
@@ -272,9 +277,10 @@ def compare(ref: Snapshot, got: Snapshot, nondet: dict) -> Diff:
     for name in sorted(set(ref.rows) | set(got.rows)):
         drop = nondet["columns"].get(name, [])
         want = {k: _strip(v, drop) for k, v in ref.rows.get(name, [])}
+        ref_n = Counter(k for k, _ in ref.rows.get(name, []))  # a key the reference repeats may repeat
         have = Counter(k for k, _ in got.rows.get(name, []))
         lost = [k for k in want if k not in have]
-        extra = sum(n - 1 for n in have.values() if n > 1) + sum(1 for k in have if k not in want)
+        extra = sum(max(0, n - ref_n[k]) for k, n in have.items())
         changed = sum(1 for k, v in got.rows.get(name, []) if k in want and _strip(v, drop) != want[k])
         d.lost, d.doubled, d.changed = d.lost + len(lost), d.doubled + extra, d.changed + changed
         if lost:
