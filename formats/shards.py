@@ -218,6 +218,9 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
             raise InputError(f"{out}: was written with {m['num_shards']} shards, not {shard.count}; "
                              f"use --overwrite or the same --shard count")
     if not overwrite and marker_path(out, shard).exists():
+        # a kill between `finish`'s marker and its manifest refresh leaves a stale manifest: refresh it
+        if m is not None and sorted(m.get("completed_shards", [])) != sorted(completed_shards(out, shard.count)):
+            atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
         return False
     # leftovers of this shard's killed writer only: other shards may be writing beside it right now
     for tmp in out.glob(f".{part_path(out, shard).name}.tmp-*"):
