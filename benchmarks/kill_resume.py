@@ -334,11 +334,11 @@ INPUTS: dict[str, tuple[tuple[str, ...], Callable[[dict, Path], list[str]]]] = {
 SHARD_WINDOWS = ("out/_shards/*.json", "*.part-*.tmp-*", "out/._manifest.json.tmp-*")
 STAGES = {s.name: s for s in (
     Stage("synth", (), lambda i, t: ["synth", "--n", "6", "--seed", "3", "--out", str(t / "out")],
-          ("out/meshes/.tmp-*",) + SHARD_WINDOWS),
-    Stage("gen", ("prompts",), lambda i, t: INPUTS["gen"][1](i, t / "out"), ("out/meshes/.tmp-*",) + SHARD_WINDOWS),
+          ("out/_meshes/.tmp-*",) + SHARD_WINDOWS),
+    Stage("gen", ("prompts",), lambda i, t: INPUTS["gen"][1](i, t / "out"), ("out/_meshes/.tmp-*",) + SHARD_WINDOWS),
     Stage("render", ("objects",), lambda i, t: ["render", "--samples", i["objects"], "--views", "2",
                                                 "--resolution", "48", "--out", str(t / "out")],
-          ("out/images/*/.tmp-*",) + SHARD_WINDOWS),
+          ("out/_images/*/.tmp-*",) + SHARD_WINDOWS),
     Stage("reward", ("gen", "renders"), lambda i, t: INPUTS["rewards"][1](i, t / "out"), SHARD_WINDOWS),
     Stage("rl-step", ("gen", "rewards"),
           lambda i, t: ["rl-step", "--policy", default_policy(), "--samples", i["gen"], "--rewards", i["rewards"],
@@ -348,7 +348,7 @@ STAGES = {s.name: s for s in (
     Stage("eval", (), lambda i, t: ["eval", "--bench", "synth-reasoning", "--limit", "1", "--samples-per-prompt", "1",
                                     "--views", "2", "--resolution", "48", "--policy", default_policy(),
                                     "--grid-prompts", "1", "--out", str(t / "out")],
-          ("out/*/gen/meshes/.tmp-*", "out/*/_shards/*.json", "out/*/.tmp-*", "out/*.part-*.tmp-*",
+          ("out/*/gen/_meshes/.tmp-*", "out/*/_shards/*.json", "out/*/.tmp-*", "out/*.part-*.tmp-*",
            "out/metrics/*.parquet")),
     Stage("sft", ("objects",), lambda i, t: ["sft", "--data", i["objects"], "--config", "tiny", "--steps", "4",
                                             "--batch-size", "4", "--save-every", "1", "--eval-every", "2",

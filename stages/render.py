@@ -122,9 +122,9 @@ def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: Ren
 def read_jobs(samples: str | os.PathLike) -> list[dict]:
     """Mesh jobs from a samples/objects table (needs sample_id + mesh_path) or a dir of GLBs."""
     p = Path(samples)
-    if p.is_dir() and not any(p.glob("*.parquet")) and any(p.glob("*.glb")):
-        return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""}
-                for g in sorted(p.glob("*.glb"))]
+    glbs = sorted(g for g in p.glob("*.glb") if not g.name.startswith(".")) if p.is_dir() else []
+    if glbs and not any(p.glob("*.parquet")):  # hidden .tmp-* GLBs are writes a kill interrupted
+        return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""} for g in glbs]
     jobs, seen = [], set()
     for f in list_parts(p):
         try:

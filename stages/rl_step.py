@@ -22,7 +22,7 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import load_policy, policy_id, read_policy_meta, save_policy
+from rl3d.stages.policy.checkpoint import load_policy, policy_id, read_policy_meta, rng_state, save_policy
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
@@ -45,7 +45,11 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
         progress.log(f"rl-step: {out} is already a complete checkpoint, skipping (use --overwrite to redo)")
+        if run_metrics:  # a kill after the checkpoint's rename and before this append: redo it (idempotent)
+            append_run_metrics(Path(run_metrics), tables.read_table(out / "metrics", "metrics"))
         return {"stage": "rl-step", "out": str(out), "skipped": True}
+    if out.exists() and not overwrite:  # before any training, not after it
+        raise InputError(f"{out}: exists and is not a complete rl-step checkpoint; use --overwrite")
     t0 = time.time()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -133,8 +137,12 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         model_to_save = acc.unwrap_model(scorer).model
         if lora_rank:
             model_to_save = model_to_save.merge_and_unload()
-        _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
-                         samples_path, rewards_path, run_metrics, overwrite)
+        try:
+            _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
+                             samples_path, rewards_path, run_metrics, overwrite)
+        except BaseException:  # a failed save leaves no half checkpoint behind (a kill leaves it for the rerun)
+            shutil.rmtree(out.with_name(f".{out.name}.rl-tmp"), ignore_errors=True)
+            raise
         if tensorboard:
             write_tensorboard(tensorboard, metrics["step"], metrics)
     acc.wait_for_everyone()
@@ -289,7 +297,7 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
                     base=meta.get("base"), codec_ref=None, extra=extra, state_dict=weights)
     if opt_state is not None:  # none for LoRA: the adapter is merged on save
         torch.save(opt_state, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, tmp / "rng_state.pt")
+    torch.save(rng_state(), tmp / "rng_state.pt")
     adv = pa.table({"sample_id": [a.sample_id for a in adv_rows], "prompt_id": [a.prompt_id for a in adv_rows],
                     "sample_index": pa.array([a.sample_index for a in adv_rows], pa.int32()),
                     "level": [a.level for a in adv_rows], "reward": [a.reward for a in adv_rows],

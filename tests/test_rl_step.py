@@ -286,3 +286,19 @@ def test_cli_writes_tensorboard_scalars_beside_the_run_metrics(run, tmp_path):
     acc.Reload()
     assert {"loss", "kl", "grad_norm"} <= set(acc.Tags()["scalars"]) and acc.Scalars("loss")[0].step == 1
     assert "rl-step: reference log-probs" in res.output and "writing the checkpoint" in res.output
+
+
+def test_kill_after_the_checkpoint_rename_loses_no_run_metrics(run, tmp_path):
+    root, policy, rows = run
+    _step(root, policy, tmp_path / "a", beta=0.0)
+    (tmp_path / "m.parquet").unlink()  # as if killed between the rename and the run-metrics append
+    assert _step(root, policy, tmp_path / "a", beta=0.0)["skipped"] is True
+    assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1}
+
+
+def test_an_existing_incomplete_out_fails_before_training(run, tmp_path):
+    root, policy, rows = run
+    (tmp_path / "p").mkdir()
+    with pytest.raises(InputError, match="is not a complete rl-step checkpoint"):
+        _step(root, policy, tmp_path / "p")
+    assert not (tmp_path / ".p.rl-tmp").exists() and not (tmp_path / "m.parquet").exists()

@@ -183,4 +183,5 @@ def _read_rows(path: Path, source: str) -> list[dict]:
 
 def reference_images(d: str | os.PathLike) -> list[str]:
     """Image files of a reference folder, sorted by name."""
-    return sorted(str(f) for f in Path(d).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    return sorted(str(f) for f in Path(d).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                  and not f.name.startswith("."))  # hidden .tmp-* files: writes a kill interrupted
