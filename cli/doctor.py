@@ -37,7 +37,7 @@ def command(policy, rewards, texture_hook, timeout, json_out):
       rl3d doctor --policy runs/demo/step-000003/policy --rewards default
       RL3D_HPS_CHECKPOINT=models/HPS_v2.1_compressed.pt RL3D_JUDGE_ENDPOINT=http://localhost:8090/v1 \\
         RL3D_QWEN_MODEL_DIR=models/Qwen2.5-VL-7B-Instruct rl3d doctor --policy models/ShapeLLM-Omni --rewards paper
-      rl3d doctor --texture-hook 'python paint.py --mesh {glb} --prompt {prompt_file} --out {out}' --json
+      rl3d doctor --texture-hook 'python paint.py {glb} {prompt_file} {out}' --json
     """
     checks = run_doctor(policy, rewards, texture_hook, timeout)
     for c in checks:

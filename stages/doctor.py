@@ -235,14 +235,14 @@ def check_policy(policy: str | os.PathLike) -> list[Check]:
     d = Path(policy)
     if not d.is_dir():
         return [_problem("policy", f"{d} does not exist", "pass --policy the dir written by rl3d sft / rl-step, "
-                                                          "or a converted checkpoint (docs/checkpoints.md)")]
+                                                          "or a converted checkpoint (docs/doctor.md)")]
     meta_file = d / POLICY_META
     checks: list[Check] = []
     meta: dict = {}
     if not meta_file.is_file():
         checks.append(_problem("policy metadata", f"{meta_file} is missing",
                                "write it with rl3d's save_policy, or create it by hand: "
-                               "{\"codec\": \"codec\", \"model_class\": \"...\"} (docs/checkpoints.md)"))
+                               "{\"codec\": \"codec\", \"model_class\": \"...\"} (docs/doctor.md)"))
     else:
         try:
             meta = json.loads(meta_file.read_text())
@@ -279,7 +279,7 @@ def check_policy_tokenizer(d: Path, k: int | None, config) -> list[Check]:
         return checks
     ok, desc = mesh_token_report(tok, k)
     fix = (f"add the codec's {k} mesh tokens: rl3d.stages.policy.tokenizer.add_mesh_tokens(tokenizer, {k}), "
-           f"resize the model's embeddings, and save both (docs/checkpoints.md)")
+           f"resize the model's embeddings, and save both (docs/doctor.md)")
     checks.append(Check("policy mesh tokens", ok, f"codec has {k} tokens; {desc}", "" if ok else fix))
     vocab_size = _vocab_size(config) if config is not None else None
     if ok and vocab_size is not None:

@@ -114,7 +114,7 @@ def test_broken_policy_pieces(models, tmp_path):
     code, out = doctor("--policy", tmp_path / "nope")
     assert code == 3 and problems(out) == [f"PROBLEM  policy: {tmp_path / 'nope'} does not exist -> fix: pass --policy "
                                            "the dir written by rl3d sft / rl-step, or a converted checkpoint "
-                                           "(docs/checkpoints.md)"]
+                                           "(docs/doctor.md)"]
 
     # a tokenizer without mesh tokens
     from tokenizers import AddedToken, Tokenizer, models as tok_models, pre_tokenizers
