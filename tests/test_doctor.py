@@ -241,3 +241,37 @@ def test_bad_input_exits_2():
     assert res.exit_code == 2 and "nothing to check" in res.stderr
     res = CliRunner().invoke(main, ["doctor", "--rewards", "default", "--timeout", "0"])
     assert res.exit_code == 2 and "--timeout" in res.stderr
+
+
+def test_policy_with_the_64_vqvae_codec(models, tmp_path):
+    """A policy whose codec is a 64^3 VQ-VAE dir: checked from the checkpoint's header (K = its codebook)."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+    from test_policy import tiny_tokenizer
+
+    vq = tmp_path / "vq"
+    shutil.copytree(models["policy"], vq)
+    shutil.rmtree(vq / "codec")
+    VQVAE64Codec(make_block_replica()).save(vq / "codec")          # codebook of 16
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (vq / f).unlink(missing_ok=True)
+    tiny_tokenizer(SimpleNamespace(vocab_size=16)).save_pretrained(vq)
+    meta = json.loads((vq / "rl3d_policy.json").read_text())
+    meta.pop("codec_hash")
+    (vq / "rl3d_policy.json").write_text(json.dumps(meta))
+    code, out = doctor("--policy", vq)
+    assert code == 0, out
+    assert "ok       policy codec: " in out and "64^3 VQ-VAE, channels [2, 2, 2], codebook 16x32" in out
+    assert "codec has 16 tokens; <mesh0>..<mesh15> = ids" in out
+
+    ckpt = vq / "codec" / "3DVQVAE.safetensors"
+    state = load_file(ckpt)
+    state.pop(sorted(state)[0])
+    save_file(state, ckpt)
+    code, out = doctor("--policy", vq)
+    assert code == 3
+    [line] = problems(out)
+    assert line.startswith("PROBLEM  policy codec: ") and "missing 1 key(s)" in line
