@@ -67,7 +67,8 @@ def safetensors_header(file: Path) -> dict:
             raise ValueError(f"{size} bytes: too short to be a safetensors file")
         n = struct.unpack("<Q", head)[0]
         if n > MAX_HEADER or 8 + n > size:
-            raise ValueError(f"header of {n} bytes does not fit in the file's {size} bytes (truncated or not safetensors)")
+            raise ValueError(f"header of {n} bytes does not fit in the file's {size} bytes "
+                             f"(truncated or not safetensors)")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -100,7 +101,8 @@ def check_weights(d: Path, what: str) -> Check:
     for name in files:
         f = d / name
         if not f.is_file():
-            return _problem(what, f"shard {f} is missing", "copy the whole model dir again (every shard the index names)")
+            return _problem(what, f"shard {f} is missing",
+                            "copy the whole model dir again (every shard the index names)")
         try:
             header = safetensors_header(f)
         except (OSError, ValueError) as e:
@@ -116,7 +118,8 @@ def check_weights(d: Path, what: str) -> Check:
             for s in v["shape"]:
                 p *= int(s)
             n_params += p
-    return _ok(what, f"{len(files)} safetensors file(s), {n_tensors} tensors, {n_params / 1e6:.3g}M parameters (headers)")
+    return _ok(what, f"{len(files)} safetensors file(s), {n_tensors} tensors, "
+                     f"{n_params / 1e6:.3g}M parameters (headers)")
 
 
 def read_model_config(d: Path):
@@ -190,8 +193,9 @@ def check_codec(policy: Path, meta: dict) -> tuple[Check, int | None]:
             p = Path(ref) if Path(ref).is_absolute() else policy / ref
             if (p / vqvae64.CHECKPOINT_FILE).is_file() or p.suffix == ".safetensors":
                 f, cfg = vqvae64.check_checkpoint(p)
-                return _ok(what, f"{f}: 64^3 VQ-VAE, channels {list(cfg.channels)}, codebook "
-                                 f"{cfg.num_embeddings}x{cfg.embedding_dim} (header; hash not checked)"), cfg.num_embeddings
+                detail = (f"{f}: 64^3 VQ-VAE, channels {list(cfg.channels)}, codebook "
+                          f"{cfg.num_embeddings}x{cfg.embedding_dim} (header; hash not checked)")
+                return _ok(what, detail), cfg.num_embeddings
             if not (p / CODEBOOK_FILE).is_file() and not p.is_file():
                 return _problem(what, f"{POLICY_META} names codec {ref!r} but {p} holds neither {CODEBOOK_FILE} "
                                       f"nor {vqvae64.CHECKPOINT_FILE}",
@@ -218,7 +222,8 @@ def mesh_token_report(tokenizer, k: int) -> tuple[bool, str]:
     ids = [vocab.get(mesh_token_text(i)) for i in range(k)]
     absent = [i for i, v in enumerate(ids) if v is None]
     if absent:
-        missing.append(f"<mesh{absent[0]}>" + (f"..<mesh{absent[-1]}> ({len(absent)} of {k})" if len(absent) > 1 else ""))
+        span = f"..<mesh{absent[-1]}> ({len(absent)} of {k})" if len(absent) > 1 else ""
+        missing.append(f"<mesh{absent[0]}>{span}")
     if missing:
         return False, "missing " + ", ".join(missing)
     contiguous = ids == list(range(ids[0], ids[0] + k))
@@ -339,8 +344,9 @@ def check_rewards(spec: str, timeout: float) -> list[Check]:
             key = term.backend_key()
             if key in seen:  # same backend and options as an earlier term: same verdict, said once
                 first = seen[key]
-                checks.append(Check(label, all(c.ok for c in first), "same backend and options as " + first[0].what.split(" ")[1]
-                                    + (" (see above)" if not all(c.ok for c in first) else "")))
+                ok = all(c.ok for c in first)
+                checks.append(Check(label, ok, "same backend and options as " + first[0].what.split(" ")[1]
+                                    + ("" if ok else " (see above)")))
                 continue
             term_checks = check_backend(term, label, env, timeout)
             seen[key] = term_checks
@@ -405,7 +411,8 @@ def check_hps(o: dict, label: str, env: dict[str, list[str]]) -> list[Check]:
                                                         "torchvision build that matches your torch)"))
     arch = o.get("arch", "ViT-H-14")
     if open_clip is not None and open_clip.get_model_config(arch) is None:
-        checks.append(_problem(label, f"open_clip has no model config {arch!r}", "set option arch to an open_clip model"))
+        checks.append(_problem(label, f"open_clip has no model config {arch!r}",
+                               "set option arch to an open_clip model"))
     ckpt = o.get("checkpoint", "")
     if not ckpt:
         fix = _env_fix(env, ("checkpoint",)) or "set option checkpoint"
@@ -476,7 +483,8 @@ def check_endpoint(endpoint: str, model_name: str | None, key_env: str | None, l
         return _problem(label, f"GET {url}: HTTP {e.code}", fix)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        return _problem(label, f"GET {url}: unreachable ({_one_line(reason) if isinstance(reason, Exception) else reason})",
+        reason = _one_line(reason) if isinstance(reason, Exception) else reason
+        return _problem(label, f"GET {url}: unreachable ({reason})",
                         "start the server (e.g. vllm serve ...) or fix option endpoint")
     try:
         served = [m.get("id") for m in json.loads(body).get("data", [])]
