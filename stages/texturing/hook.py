@@ -26,6 +26,7 @@ timeout, no output, an unreadable output - is a per-row texture status with a me
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -50,10 +51,11 @@ _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _STDERR_TAIL = 300
 
-# Runs an entry point in a child process: its own interpreter, so a timeout can kill it.
+# Runs an entry point in a child process: its own interpreter, so a timeout can kill it. The
+# arguments come on stdin (a long reasoning text would not fit in one argv entry).
 _ENTRY_RUNNER = """
 import importlib, json, sys
-a = json.loads(sys.argv[1])
+a = json.loads(sys.stdin.read())
 mod, fn = a.pop("entry").split(":")
 getattr(importlib.import_module(mod), fn)(**a)
 """
@@ -96,15 +98,14 @@ def hook_program(hook: TextureHook) -> str | None:
     return hook.argv[0] if hook.kind == "command" and hook.argv else None
 
 
-def _argv(hook: TextureHook, values: dict[str, str]) -> list[str]:
+def _argv(hook: TextureHook, values: dict[str, str]) -> tuple[list[str], str | None]:
+    """(argv, stdin text or None) of one call."""
     if hook.kind == "command":
-        return [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), a) for a in hook.argv]
-    import json
-
+        return [_PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), a) for a in hook.argv], None
     texts = {"glb": values["glb"], "occupancy": values["occupancy"], "out": values["out"],
              "sample_id": values["sample_id"], "prompt": Path(values["prompt_file"]).read_text(encoding="utf-8"),
              "reasoning": Path(values["reasoning_file"]).read_text(encoding="utf-8")}
-    return [sys.executable, "-c", _ENTRY_RUNNER, json.dumps({"entry": hook.spec, **texts})]
+    return [sys.executable, "-c", _ENTRY_RUNNER], json.dumps({"entry": hook.spec, **texts})
 
 
 def _tail(text: str) -> str:
@@ -126,9 +127,10 @@ def run_hook(hook: TextureHook, glb: Path, out: Path, prompt: str, reasoning: st
         partial = t / "out.glb"  # written here, moved to `out` only once it reads back
         values = {"glb": str(glb), "occupancy": occ, "prompt_file": str(t / "prompt.txt"),
                   "reasoning_file": str(t / "reasoning.txt"), "sample_id": sample_id, "out": str(partial)}
+        argv, stdin = _argv(hook, values)
         try:
-            proc = subprocess.run(_argv(hook, values), capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(argv, input=stdin if stdin is not None else "", capture_output=True, text=True,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             return "hook_timeout", f"texture hook ran past {timeout:g} s and was stopped"
         except OSError as e:  # e.g. the program does not exist or is not executable
