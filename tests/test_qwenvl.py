@@ -1,0 +1,161 @@
+"""ShapeLLM-Omni-class policies on CPU: a tiny random Qwen2.5-VL (text and vision towers) whose
+tokenizer has the mesh tokens added after its own specials (as ShapeLLM-Omni's do), and a
+reduced-size replica of the 64^3 VQ-VAE codec referenced by path. gen -> render -> reward ->
+rl-step end to end, sft, and the one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from rl3d.cli.main import main
+from rl3d.formats import tables
+from rl3d.formats.codec import MESH_END, MESH_START, mesh_token_text
+from rl3d.formats.errors import InputError
+from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+from rl3d.stages.policy.checkpoint import POLICY_META, load_policy
+from rl3d.stages.policy.sampler import CompletionLogprobs, resolve_sampling
+from rl3d.stages.policy.sequence import collate
+
+torch.set_num_threads(1)
+
+# ChatML as Qwen2.5-VL's tokenizer writes it for text-only turns (default system prompt included)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>"]
+TEXT = ["a red chair with four legs", "a tall blue table", "Please generate a 3D mesh based on the prompt "
+        "I provided:", "First plan the object at a high level: its sub-category, its key parts, their layout",
+        "Here is the high-level plan: Now expand the parts into precise detail", "You are a helpful assistant."]
+
+
+def qwen_like_tokenizer(n_mesh: int | None, skip: tuple[int, ...] = (), with_end: bool = True):
+    """A small byte-level BPE with Qwen's chat specials and chat template; then, like ShapeLLM-Omni,
+    <mesh0>..<mesh{n-1}>, <mesh-start>, <mesh-end> added after the specials (codes first)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=360, special_tokens=QWEN_SPECIALS,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          show_progress=False))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                      chat_template=CHAT_TEMPLATE)
+    if n_mesh is not None:
+        names = [mesh_token_text(i) for i in range(n_mesh) if i not in skip] + [MESH_START]
+        wrapped.add_tokens(names + ([MESH_END] if with_end else []))
+    return wrapped
+
+
+def save_codec(out: Path) -> VQVAE64Codec:
+    """The 16-code block replica of the VQ-VAE (published key names, channels 2), saved as a checkpoint dir."""
+    codec = VQVAE64Codec(make_block_replica())
+    codec.save(out)
+    return VQVAE64Codec.load(out)
+
+
+def save_replica(out: Path, codec_dir: Path, tok, seed: int = 0) -> Path:
+    """Tiny random Qwen2.5-VL + tokenizer + rl3d_policy.json naming the class and the codec by path."""
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok) + 2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=4096,
+                         rope_parameters=rope, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[0]))
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    with torch.no_grad():  # text and <mesh-start> likely enough for short plans
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    codec = VQVAE64Codec.load(codec_dir)
+    meta = {"model_class": "Qwen2_5_VLForConditionalGeneration", "codec": str(codec_dir),
+            "codec_hash": codec.content_hash(), "chat_template": True, "sampling": "shapellm", "step": 0,
+            "base": "random-init Qwen2.5-VL"}
+    (out / POLICY_META).write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwenvl")
+    save_codec(root / "vqvae")
+    tok = qwen_like_tokenizer(16)
+    return root, save_replica(root / "policy", root / "vqvae", tok)
+
+
+def test_mesh_ids_are_discovered_from_the_tokenizer(replica):
+    root, policy_dir = replica
+    pol = load_policy(policy_dir, device="cpu", dtype="float32")
+    vocab = pol.tokenizer.get_vocab()
+    assert pol.codec.seq_len == 1024 and pol.codec.vocab_size == 16
+    assert pol.special.mesh_ids.tolist() == [vocab[mesh_token_text(i)] for i in range(16)]
+    # codes first, then <mesh-start>, <mesh-end> (ShapeLLM-Omni's order), none at a fixed offset
+    assert pol.special.mesh_start == pol.special.mesh_ids[-1] + 1 and pol.special.mesh_end == pol.special.mesh_start + 1
+    text = set(pol.special.text_ids.tolist())
+    assert not text & {pol.special.mesh_start, pol.special.mesh_end, *pol.special.mesh_ids.tolist()}
+    assert vocab["<|im_start|>"] not in text and vocab["<|image_pad|>"] not in text
+    prompt = pol.prompt_format.wrap("hi")
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("skip,with_end,expected", [
+    ((5, 6, 7, 8, 9), True, "tokenizer lacks 5 of the codec's mesh tokens: <mesh5>..<mesh9>"),
+    ((3,), False, "tokenizer lacks 2 of the codec's mesh tokens: <mesh-end>, <mesh3>"),
+])
+def test_a_tokenizer_without_mesh_tokens_is_a_one_line_error(replica, tmp_path, skip, with_end, expected):
+    root, _ = replica
+    d = save_replica(tmp_path / "policy", root / "vqvae", qwen_like_tokenizer(16, skip=skip, with_end=with_end))
+    with pytest.raises(InputError) as e:
+        load_policy(d, device="cpu")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    r = CliRunner().invoke(main, ["gen", "--prompts", str(_prompts(tmp_path)), "--policy", str(d), "--out",
+                                  str(tmp_path / "gen"), "--device", "cpu"])
+    assert r.exit_code == 2 and expected in r.output
+
+
+def test_no_mesh_tokens_at_all(replica, tmp_path):
+    root, _ = replica
+    d = save_replica(tmp_path / "policy", root / "vqvae", qwen_like_tokenizer(None))
+    with pytest.raises(InputError, match=r"lacks 18 of the codec's mesh tokens: <mesh-start>, <mesh-end>, "
+                                         r"<mesh0>..<mesh15>"):
+        load_policy(d, device="cpu")
+
+
+def test_codec_hash_is_checked(replica, tmp_path):
+    root, policy_dir = replica
+    meta = json.loads((policy_dir / POLICY_META).read_text())
+    d = tmp_path / "policy"
+    save_replica(d, root / "vqvae", qwen_like_tokenizer(16))
+    (d / POLICY_META).write_text(json.dumps({**meta, "codec_hash": "0" * 16}))
+    with pytest.raises(InputError, match="has hash .* but the policy was trained with codec 0000"):
+        load_policy(d, device="cpu")
+
+
+def test_sampling_preset():
+    s = resolve_sampling("shapellm")
+    assert (s.temperature, s.top_p, s.top_k) == (0.7, 0.7, 8192)
+    assert resolve_sampling(None, {"sampling": "shapellm"}, top_p=0.9).top_p == 0.9
+    assert resolve_sampling(None, {}).top_p == 0.95
+    with pytest.raises(InputError, match="expected one of default, shapellm"):
+        resolve_sampling("nope")
+
+
+def _prompts(root: Path) -> Path:
+    f = root / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": p}) + "\n"
+                         for i, p in enumerate(["a red chair", "a tall blue table"])))
+    return f
