@@ -159,3 +159,127 @@ def _prompts(root: Path) -> Path:
     f.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": p}) + "\n"
                          for i, p in enumerate(["a red chair", "a tall blue table"])))
     return f
+
+
+GEOMETRY_ONLY = """
+name = "geometry-64"
+description = "geometry terms only, and the spec term (not applicable to uncoloured 64^3 occupancy)"
+{levels}
+"""
+TERM = """
+[[levels.{level}]]
+name = "{name}"
+backend = "{backend}"
+weight = 1.0
+aggregate = "none"
+"""
+
+
+def _reward_config(root: Path) -> Path:
+    terms = "".join(TERM.format(level=lv, name=n, backend=b) for lv in ("coarse", "fine")
+                    for n, b in (("non_degenerate", "geometry"), ("largest_component", "geometry"),
+                                 ("ground_contact", "geometry"), ("spec", "spec")))
+    f = root / "geometry.toml"
+    f.write_text(GEOMETRY_ONLY.format(levels=terms))
+    return f
+
+
+def _cli(*args):
+    r = CliRunner().invoke(main, [*map(str, args), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def loop(replica):
+    """gen (hi-grpo, G=3, the policy's shapellm preset) -> render -> reward -> rl-step, through the CLI."""
+    root, policy_dir = replica
+    run = root / "run"
+    _cli("gen", "--prompts", _prompts(root), "--policy", policy_dir, "--group-size", 3, "--max-reasoning-tokens", 6,
+         "--device", "cpu", "--out", run / "gen")
+    _cli("render", "--samples", run / "gen", "--views", 1, "--resolution", 24, "--out", run / "renders")
+    _cli("reward", "--samples", run / "gen", "--renders", run / "renders", "--config", _reward_config(root),
+         "--out", run / "rewards")
+    _cli("rl-step", "--policy", policy_dir, "--samples", run / "gen", "--rewards", run / "rewards", "--lr", 1e-2,
+         "--beta", 0.01, "--device", "cpu", "--out", run / "step-1")
+    return root, policy_dir, run
+
+
+def test_gen_samples_exactly_seq_len_mesh_tokens_with_the_preset(loop):
+    root, policy_dir, run = loop
+    rows = tables.read_table(run / "gen", "samples").to_pylist()
+    assert len(rows) == 2 * 3 * 2 and {r["level"] for r in rows} == {"coarse", "fine"}
+    pol = load_policy(policy_dir, device="cpu")
+    is_mesh = set(pol.special.mesh_ids.tolist())
+    for r in rows:
+        completion = r["input_ids"][r["prompt_len"]:]
+        assert sum(t in is_mesh for t in completion) == 1024 == len(r["mesh_tokens"])
+        assert r["input_ids"][r["mesh_start"] - 1] == pol.special.mesh_start
+        assert r["input_ids"][r["mesh_end"]] == pol.special.mesh_end
+        assert (r["temperature"], r["top_p"], r["top_k"]) == (0.7, 0.7, 8192)
+        assert r["input_ids"][:r["prompt_len"]] == pol.tokenizer.encode(
+            pol.prompt_format.wrap(f"Please generate a 3D mesh based on the prompt I provided: {r['prompt']}\n"
+                                   + r_instruction(r, rows)), add_special_tokens=False)
+    config = tables.table_config(run / "gen")
+    assert config["codec"] == str((root / "vqvae").resolve()) and config["chat_template"] is True
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all((run / "gen" / r["mesh_path"]).is_file() for r in ok)
+
+
+def r_instruction(r, rows) -> str:
+    from rl3d.stages.policy.sequence import INSTRUCTIONS
+
+    if r["level"] == "coarse":
+        return INSTRUCTIONS["coarse"]
+    plan = next(x["reasoning"] for x in rows if x["level"] == "coarse" and x["prompt_id"] == r["prompt_id"]
+                and x["sample_index"] == r["sample_index"])
+    return INSTRUCTIONS["fine"].format(plan=plan.strip())
+
+
+def test_stored_logprobs_match_a_recomputation_and_a_plain_forward(loop):
+    root, policy_dir, run = loop
+    rows = tables.read_table(run / "gen", "samples").to_pylist()[:4]
+    pol = load_policy(policy_dir, device="cpu")
+    batch = collate(rows, pol.special)
+    with torch.no_grad():
+        lp, mask = CompletionLogprobs(pol.model, pol.special, 0.7)(**batch)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"]) - r["prompt_len"]
+        np.testing.assert_allclose(lp[i, :n].numpy(), r["logprobs"], atol=2e-4)
+    # the mesh tokens' log-probs from a plain (unpadded, no position ids) forward of one sequence
+    r = rows[0]
+    ids = torch.tensor([r["input_ids"]])
+    with torch.no_grad():
+        logits = pol.model(input_ids=ids).logits[0].float() / 0.7
+    mesh = pol.special.mesh_ids
+    pos = torch.arange(r["mesh_start"], r["mesh_end"])
+    plain = torch.log_softmax(logits[pos - 1][:, mesh], -1)
+    codes = torch.as_tensor(r["mesh_tokens"], dtype=torch.long)
+    stored = torch.as_tensor(r["logprobs"][r["mesh_start"] - r["prompt_len"]:r["mesh_end"] - r["prompt_len"]])
+    np.testing.assert_allclose(plain[torch.arange(len(codes)), codes].numpy(), stored.numpy(), atol=2e-4)
+
+
+def test_reward_decodes_the_64_cubed_grids_and_marks_spec_not_applicable(loop):
+    root, policy_dir, run = loop
+    rew = tables.read_table(run / "rewards", "rewards").to_pylist()
+    assert all(r["spec_status"] == "not_applicable" and "64x64x64 occupancy" in r["spec_message"] for r in rew
+               if r["status"] != "decode_error")
+    ok = [r for r in rew if r["status"] == "ok"]
+    assert ok and all(r["non_degenerate_status"] == "ok" and r["total"] is not None for r in ok)
+
+
+def test_rl_step_trains_the_text_side_only_and_keeps_the_codec_reference(loop):
+    root, policy_dir, run = loop
+    before, after = load_file(policy_dir / "model.safetensors"), load_file(run / "step-1" / "model.safetensors")
+    # saved under the published checkpoint's names: visual.* (tower + merger), model.layers.*
+    vision = [k for k in before if k.startswith("visual.")]
+    text = [k for k in before if k.startswith("model.layers.")]
+    assert vision and text and set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in text)
+    meta = json.loads((run / "step-1" / POLICY_META).read_text())
+    assert meta["codec"] == str((root / "vqvae" / "3DVQVAE.safetensors").resolve())
+    assert meta["model_class"] == "Qwen2_5_VLForConditionalGeneration" and meta["chat_template"] is True
+    assert meta["sampling"] == "shapellm" and not (run / "step-1" / "codec").exists()
+    pol = load_policy(run / "step-1", device="cpu")
+    assert pol.codec.content_hash() == meta["codec_hash"] and pol.prompt_format.chat_tokenizer is not None
