@@ -192,10 +192,10 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def loop(replica):
-    """gen (hi-grpo, G=3, the policy's shapellm preset) -> render -> reward -> rl-step, through the CLI."""
+    """gen (hi-grpo, G=2, the policy's shapellm preset) -> render -> reward -> rl-step, through the CLI."""
     root, policy_dir = replica
     run = root / "run"
-    _cli("gen", "--prompts", _prompts(root), "--policy", policy_dir, "--group-size", 3, "--max-reasoning-tokens", 6,
+    _cli("gen", "--prompts", _prompts(root), "--policy", policy_dir, "--group-size", 2, "--max-reasoning-tokens", 6,
          "--device", "cpu", "--out", run / "gen")
     _cli("render", "--samples", run / "gen", "--views", 1, "--resolution", 24, "--out", run / "renders")
     _cli("reward", "--samples", run / "gen", "--renders", run / "renders", "--config", _reward_config(root),
@@ -208,7 +208,7 @@ def loop(replica):
 def test_gen_samples_exactly_seq_len_mesh_tokens_with_the_preset(loop):
     root, policy_dir, run = loop
     rows = tables.read_table(run / "gen", "samples").to_pylist()
-    assert len(rows) == 2 * 3 * 2 and {r["level"] for r in rows} == {"coarse", "fine"}
+    assert len(rows) == 2 * 2 * 2 and {r["level"] for r in rows} == {"coarse", "fine"}
     pol = load_policy(policy_dir, device="cpu")
     is_mesh = set(pol.special.mesh_ids.tolist())
     for r in rows:
@@ -283,3 +283,30 @@ def test_rl_step_trains_the_text_side_only_and_keeps_the_codec_reference(loop):
     assert meta["sampling"] == "shapellm" and not (run / "step-1" / "codec").exists()
     pol = load_policy(run / "step-1", device="cpu")
     assert pol.codec.content_hash() == meta["codec_hash"] and pol.prompt_format.chat_tokenizer is not None
+
+
+def test_sft_fine_tunes_the_replica_on_vq_tokens(replica, tmp_path):
+    """sft --init a Qwen2.5-VL policy on a table of mesh tokens (no voxels column): the coarse level's
+    targets come from decoding, coarsening and re-encoding through the VQ-VAE; the vision tower stays."""
+    root, policy_dir = replica
+    codec = VQVAE64Codec.load(root / "vqvae")
+    grids = np.zeros((4, 64, 64, 64), np.uint8)
+    for i in range(4):  # boxes of whole 4^3 blocks standing on the ground
+        grids[i, 16:48, :8 * (i + 2), 20:44] = 1
+    tokens = codec.encode_batch(grids)
+    import pyarrow as pa
+
+    table = pa.table({"prompt": [f"a box {i}" for i in range(4)], "plan": ["a box"] * 4,
+                      "detail": ["a plain grey box"] * 4,
+                      "mesh_tokens": pa.array([t.tolist() for t in tokens], pa.list_(pa.int32()))})
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "part-000000.parquet")
+    _cli("sft", "--data", tmp_path / "data", "--init", policy_dir, "--out", tmp_path / "sft", "--steps", 2,
+         "--batch-size", 2, "--lr", 1e-3, "--eval-fraction", 0, "--mode", "hi-grpo")
+    final = tmp_path / "sft" / "final"
+    meta = json.loads((final / POLICY_META).read_text())
+    assert meta["chat_template"] is True and meta["codec"] == str((root / "vqvae" / "3DVQVAE.safetensors").resolve())
+    before, after = load_file(policy_dir / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers."))
+    assert load_policy(final, device="cpu").codec.content_hash() == codec.content_hash()
