@@ -310,3 +310,23 @@ def test_sft_fine_tunes_the_replica_on_vq_tokens(replica, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model.layers."))
     assert load_policy(final, device="cpu").codec.content_hash() == codec.content_hash()
+
+
+def test_top_k_and_top_p_cuts_over_a_160k_vocabulary():
+    """The shapellm preset's cuts at ShapeLLM-Omni's vocabulary width: every draw lies in the top-k
+    set and in the top-p nucleus of its row."""
+    from rl3d.stages.policy.sampler import sample_tokens
+
+    V, B = 159_859, 16
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, V, generator=g) * 4 / 0.7
+    for top_k, top_p in ((8192, 0.7), (50, 1.0), (0, 0.3)):
+        tok, lp = sample_tokens(logits, torch.arange(B) * 7919, step=3, top_k=top_k, top_p=top_p)
+        probs = torch.softmax(logits, -1)
+        p_tok = probs.gather(1, tok[:, None])
+        rank = (probs > p_tok).sum(1)
+        mass_before = (probs * (probs > p_tok)).sum(1)
+        if top_k:
+            assert (rank < top_k).all()
+        assert (mass_before < top_p + 1e-6).all()
+        torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
