@@ -16,18 +16,19 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
+from rl3d.formats.codecs import VQVAE64, codec_kind
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
-from rl3d.formats.prompts import read_prompts
 from rl3d.formats.occupancy import occupancy_to_mesh
+from rl3d.formats.prompts import read_prompts
 from rl3d.formats.voxels import grid_to_mesh
 from rl3d.stages.contract import Progress, StageOptions, run_stage
-from rl3d.formats.codecs import VQVAE64, codec_kind
 from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
                                            read_policy_meta)
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
 from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
+from rl3d.stages.policy.tokenizer import describe_mesh_ids
 
 MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the modes gen samples, and their levels
 
@@ -181,6 +182,7 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         stats["decode_error"] = sum(r["status"] == "decode_error" for r in out)
         stats["reasoning_truncated"] = sum(r["reasoning_truncated"] for r in out)
         stats["tokens"] = sum(len(r["input_ids"]) - r["prompt_len"] for r in out)
+        stats.update(describe_mesh_ids(policy.special))  # the mesh ids found in the tokenizer, by name
         return samples_table(out, has_cat, has_spec), stats
 
     return run_stage("gen", "samples", opts, config, produce, policy=pid)
