@@ -10,9 +10,10 @@ from pathlib import Path
 
 from rl3d.formats.codec import VoxelCodec
 from rl3d.formats.errors import InputError
-from rl3d.formats.vqvae64 import CHECKPOINT_FILE, VQVAE64Codec
 
 VOXEL, VQVAE64 = "voxel", "vqvae64"
+# formats/vqvae64.py (and with it torch) is imported only where a VQ-VAE is named: reward and the
+# block codec's users stay free of torch
 
 
 def codec_kind(path: str | os.PathLike | None) -> str:
@@ -20,6 +21,8 @@ def codec_kind(path: str | os.PathLike | None) -> str:
     (None = the shipped block codec)."""
     if path is None:
         return VOXEL
+    from rl3d.formats.vqvae64 import CHECKPOINT_FILE  # lazy: see above
+
     p = Path(path)
     if p.suffix in (".safetensors", ".bin") or (p.is_dir() and (p / CHECKPOINT_FILE).is_file()):
         return VQVAE64
@@ -30,6 +33,8 @@ def load_codec(path: str | os.PathLike | None, device: str | None = None):
     """The codec at `path` (None = the shipped block codec); InputError naming the path when it is
     missing or unreadable. `device`: where the VQ-VAE runs (the block codec is numpy)."""
     if codec_kind(path) == VQVAE64:
+        from rl3d.formats.vqvae64 import VQVAE64Codec  # lazy: see above
+
         return VQVAE64Codec.load(path, device=device or "cpu")
     try:
         return VoxelCodec.load(path)
@@ -40,4 +45,6 @@ def load_codec(path: str | os.PathLike | None, device: str | None = None):
 def is_external(codec) -> bool:
     """True for a codec a policy references by path instead of copying (the published VQ-VAE
     is 533 MB: every checkpoint of a run points at the one file)."""
+    from rl3d.formats.vqvae64 import VQVAE64Codec  # lazy: see above
+
     return isinstance(codec, VQVAE64Codec) and bool(codec.source) and Path(codec.source).is_file()

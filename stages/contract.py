@@ -1,4 +1,4 @@
-"""The stage contract of DESIGN.md, in one place, so every command gets it for free.
+"""The stage contract (docs/internals.md, "The stage contract"), in one place, so every command gets it for free.
 
 A stage is a function `produce(shard, progress) -> (pa.Table, stats)` for one shard; `run_stage`
 handles skip-if-complete, --overwrite, the atomic part write, the completion marker, the
@@ -71,8 +71,9 @@ def _stderr_console():
 
 def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,
               produce: Callable[[Shard, Progress], tuple[pa.Table, dict]],
-              policy: str | None = None) -> dict:
-    """Run one shard of a stage under the contract; return a summary dict."""
+              policy: str | None = None, made_from: dict[str, str | None] | None = None) -> dict:
+    """Run one shard of a stage under the contract; return a summary dict. `made_from` names the
+    input tables ({role: table id}) the output is made for; later stages check it before a join."""
     progress = Progress(opts.quiet)
     out = Path(opts.out)
     t0 = time.time()
@@ -80,7 +81,7 @@ def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,
         progress.log(f"{stage}: shard {opts.shard.index}/{opts.shard.count} already complete in {out}, skipping")
         return {"stage": stage, "out": str(out), "shard": opts.shard.tag, "skipped": True}
     table, stats = produce(opts.shard, progress)
-    table = tables.with_metadata(table, kind, config, policy)
+    table = tables.with_metadata(table, kind, config, policy, {k: v for k, v in (made_from or {}).items() if v})
     tables.validate(table, kind, f"{stage} output")
     if opts.overwrite:
         shards_io.replace(out, stage, config, opts.shard)

@@ -22,7 +22,8 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import VISION_MODULES, carried_meta, freeze_vision, load_policy, save_policy
+from rl3d.stages.policy.checkpoint import (VISION_MODULES, carried_meta, freeze_vision, load_policy, policy_id,
+                                           read_policy_meta, save_policy)
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
@@ -38,7 +39,7 @@ DONE_FILE = "rl_step.json"
 
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
-                lora_rank: int = 0, progress=None) -> dict:
+                lora_rank: int = 0, progress=None, allow_off_policy: bool = False) -> dict:
     progress = progress or Progress()
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
@@ -49,6 +50,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     torch.manual_seed(cfg.seed)
 
     # 1. data: samples joined with rewards -> advantages -> the samples that train
+    check_batch(samples_path, rewards_path, policy_dir, allow_off_policy, progress)
     samples, rewards = _read_batch(samples_path, rewards_path)
     adv_rows, adv_stats = compute_advantages(
         samples, algo=cfg.algo, lam=cfg.lam, adv_std=cfg.adv_std, std_eps=cfg.std_eps,
@@ -131,6 +133,22 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             "seconds": round(time.time() - t0, 2), **{k: metrics[k] for k in
             ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
              "dropped_groups", "grad_norm") if k in metrics}}
+
+
+def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress) -> None:
+    """Refuse rewards of other samples, and samples drawn by another policy than the one being
+    updated (GRPO's ratio assumes the samples' log-probs are this policy's) unless allowed."""
+    samples = tables.provenance(samples_path)
+    warning = tables.require_made_for(tables.provenance(rewards_path), "samples", samples)
+    if warning:
+        progress.log(f"WARNING: {warning}")
+    if samples.kind is None or allow_off_policy:
+        return
+    path = Path(policy_dir).resolve()
+    current = policy_id(path, read_policy_meta(path))
+    if not tables.same_policy(samples.policy, current):
+        raise InputError(f"{samples_path}: sampled by policy {samples.policy}, not by --policy {current}; "
+                         f"pass --allow-off-policy to update from another policy's samples")
 
 
 def _read_batch(samples_path, rewards_path) -> tuple[list[dict], dict[str, dict]]:

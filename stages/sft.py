@@ -401,7 +401,7 @@ def policy_codec(opts: SFTOptions):
 
 
 def set_special_ids(model, tokenizer) -> None:
-    """Pad/eos ids on the model and a sane generation config (sampling as in HI-GRPO.md)."""
+    """Pad/eos ids on the model and a sane generation config (sampling as in docs/hi_grpo.md)."""
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = None
