@@ -330,3 +330,21 @@ def test_top_k_and_top_p_cuts_over_a_160k_vocabulary():
             assert (rank < top_k).all()
         assert (mass_before < top_p + 1e-6).all()
         torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
+
+
+def test_a_tokenizer_saved_as_qwen2tokenizer_loads_with_the_same_mesh_ids(tmp_path):
+    """ShapeLLM-Omni's tokenizer_config.json names Qwen2Tokenizer: load_tokenizer takes the
+    AutoTokenizer path for it, and the mesh ids and chat template come out the same."""
+    from rl3d.stages.policy.tokenizer import load_tokenizer
+
+    tok = qwen_like_tokenizer(16)
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "Qwen2Tokenizer"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    loaded = load_tokenizer(tmp_path)
+    assert type(loaded).__name__ == "Qwen2Tokenizer" and loaded.chat_template
+    names = [mesh_token_text(i) for i in range(16)] + [MESH_START, MESH_END]
+    assert loaded.convert_tokens_to_ids(names) == tok.convert_tokens_to_ids(names)
+    text = "a red chair <mesh-start><mesh3><mesh-end>"
+    assert loaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
