@@ -15,6 +15,7 @@ EXAMPLES = """Examples:
   rl3d gen --prompts runs/demo/prompts --mode flat -G 4 --device cpu --out runs/flat/gen
   rl3d gen --prompts runs/demo/prompts --policy runs/demo/step-000001/policy \\
       --temperature 0.7 --top-p 0.7 --top-k 8192 --out runs/demo/step-000002/gen
+  rl3d gen --prompts runs/demo/prompts --policy models/shapellm-omni --sampling shapellm --out runs/omni/gen
 """
 
 
@@ -27,13 +28,19 @@ EXAMPLES = """Examples:
 @click.option("--mode", type=click.Choice(["hi-grpo", "flat"]), default="hi-grpo", show_default=True,
               help="hi-grpo: coarse plan + mesh, then fine detail + mesh per trajectory; flat: one level.")
 @click.option("--group-size", "-G", default=8, show_default=True, type=int, help="Samples per prompt (and level).")
-@click.option("--temperature", default=1.0, show_default=True, type=float,
+@click.option("--sampling", "sampling_preset", type=click.Choice(["policy", "default", "shapellm"]), default="policy",
+              show_default=True,
+              help="Sampling preset: policy = the policy's rl3d_policy.json \"sampling\" (else default); default = "
+                   "temperature 1, top-p 0.95, no top-k; shapellm = ShapeLLM-Omni's (temperature 0.7, top-p 0.7, "
+                   "top-k 8192). --temperature/--top-p/--top-k/--max-reasoning-tokens override it.")
+@click.option("--temperature", default=None, show_default="1.0, or the preset's", type=float,
               help="Sampling temperature (log-probs are of the tempered, masked distribution).")
-@click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus cut, a probability mass (1 = off).")
-@click.option("--top-k", default=0, show_default=True, type=int,
+@click.option("--top-p", default=None, show_default="0.95, or the preset's", type=float,
+              help="Nucleus cut, a probability mass (1 = off).")
+@click.option("--top-k", default=None, show_default="0, or the preset's", type=int,
               help="Top-k cut, in tokens (0 = off). ShapeLLM-Omni samples with --temperature 0.7 --top-p 0.7 "
-                   "--top-k 8192.")
-@click.option("--max-reasoning-tokens", default=128, show_default=True, type=int,
+                   "--top-k 8192 (--sampling shapellm).")
+@click.option("--max-reasoning-tokens", default=None, show_default="128", type=int,
               help="Reasoning budget per level, in tokens; at the budget <mesh-start> is forced.")
 @click.option("--batch-size", default=64, show_default=True, type=int,
               help="Sequences sampled together (does not change the samples).")
@@ -42,7 +49,7 @@ EXAMPLES = """Examples:
               show_default="bfloat16 on CUDA, float32 on CPU", help="Model dtype.")
 @stage_options
 @handle_errors
-def command(prompts, policy_dir, mode, group_size, temperature, top_p, top_k, max_reasoning_tokens,
+def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
             batch_size, device, dtype, **kw):
     """Sample G rollouts per prompt: reasoning text, then exactly the codec's mesh tokens (512 with
     the shipped codec), per level.
@@ -51,11 +58,13 @@ def command(prompts, policy_dir, mode, group_size, temperature, top_p, top_k, ma
     mesh tokens, status) and OUT/_meshes/<sample_id>.glb. Resumable and shardable (--shard I/N splits
     by prompt_id); samples depend only on --seed and the row keys, not on sharding or batch size.
     """
-    from rl3d.stages.gen import Sampling, run_gen
+    from rl3d.stages.gen import run_gen
 
     started = time.time()
     opts = pop_stage_options(kw)
-    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_reasoning_tokens=max_reasoning_tokens)
-    summary = run_gen(prompts, opts, policy_dir=policy_dir, mode=mode, group_size=group_size, sampling=sampling,
-                      batch_size=batch_size, device=device, dtype=dtype)
+    overrides = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                 "max_reasoning_tokens": max_reasoning_tokens}
+    summary = run_gen(prompts, opts, policy_dir=policy_dir, mode=mode, group_size=group_size, sampling=None,
+                      batch_size=batch_size, device=device, dtype=dtype, sampling_preset=sampling_preset,
+                      sampling_overrides=overrides)
     report(summary, opts, stage="gen", started=started)

@@ -16,15 +16,19 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
+from rl3d.formats.codecs import VQVAE64, codec_kind
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
+from rl3d.formats.occupancy import occupancy_to_mesh
 from rl3d.formats.prompts import read_prompts
 from rl3d.formats.voxels import grid_to_mesh
 from rl3d.stages.contract import Progress, StageOptions, run_stage
-from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_policy, policy_id, read_policy_meta
+from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
+                                           read_policy_meta)
 from rl3d.stages.policy.device import resolve_device_dtype
-from rl3d.stages.policy.sampler import Sampling, row_seed, sample_sequences
+from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
 from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
+from rl3d.stages.policy.tokenizer import describe_mesh_ids
 
 MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the modes gen samples, and their levels
 
@@ -47,7 +51,7 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
     for level in MODES[mode]:
-        texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)))
+        texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
                  for r, k in jobs]
         batches = range(0, len(jobs), batch_size)
         for s in progress.track(batches, total=len(batches), desc=f"gen {level}"):
@@ -79,7 +83,7 @@ def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling,
         if not grids[i].any():
             status, message = "decode_error", "empty grid: every mesh token is the empty block"
         elif out_dir is not None:
-            mesh_path = _write_mesh(grids[i], Path(out_dir), sid)
+            mesh_path = _write_mesh(grids[i], Path(out_dir), sid, coloured=codec.resolution == 32)
         row = {
             "sample_id": sid, "prompt_id": r["prompt_id"], "sample_index": k, "level": level,
             "prompt": r["prompt"], "input_ids": sequences[i], **spans[i],
@@ -95,9 +99,11 @@ def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling,
     return out
 
 
-def _write_mesh(grid: np.ndarray, out: Path, sample_id: str) -> str:
+def _write_mesh(grid: np.ndarray, out: Path, sample_id: str, coloured: bool = True) -> str:
+    """The block codec's palette grids keep their colours; the VQ-VAE's occupancy (no colour) is
+    a neutral grey mesh (formats/occupancy.py)."""
     rel = f"{shards_io.MESHES}/{sample_id}.glb"
-    write_glb(grid_to_mesh(grid), shards_io.inside(out, rel))
+    write_glb(grid_to_mesh(grid) if coloured else occupancy_to_mesh(grid), shards_io.inside(out, rel))
     return rel
 
 
@@ -128,17 +134,22 @@ def samples_table(rows: list[dict], with_category: bool = False, with_spec: bool
 # ---- the stage -----------------------------------------------------------------------------------
 
 def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path | None = None,
-            mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling = Sampling(), batch_size: int = 64,
-            device: str | None = None, dtype: str | None = None) -> dict:
-    """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id)."""
+            mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(), batch_size: int = 64,
+            device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
+            sampling_overrides: dict | None = None) -> dict:
+    """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id). `sampling`
+    None: resolved from `sampling_preset` (None = the policy's own, else the defaults) and the
+    explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling)."""
     if mode not in MODES:
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if group_size < 1 or batch_size < 1:
         raise InputError("--group-size and --batch-size must be >= 1")
-    sampling.check()
     prompts = read_prompts(prompts_path)
     path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
     meta = read_policy_meta(path)
+    if sampling is None:
+        sampling = resolve_sampling(sampling_preset, meta, **(sampling_overrides or {}))
+    sampling.check()
     pid = policy_id(path, meta)
     _, dt = resolve_device_dtype(device, dtype)
     levels = MODES[mode]
@@ -146,8 +157,14 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         "stage": "gen", "prompts": str(Path(prompts_path).resolve()), "policy_id": pid, "mode": mode,
         "levels": list(levels), "group_size": group_size, "seed": opts.seed, "dtype": str(dt),
         "sampling": asdict(sampling), "codec_hash": meta.get("codec_hash"),
-        "request": REQUEST, "instructions": {lv: INSTRUCTIONS[lv] for lv in levels},
+        "request": meta.get("request_template") or REQUEST, "instructions": {lv: INSTRUCTIONS[lv] for lv in levels},
     }
+    codec_file = codec_path(path, meta)
+    if codec_kind(codec_file) == VQVAE64:  # outside the policy dir: reward decodes the tokens with it
+        config["codec"] = str(codec_file.resolve())
+    for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
+        if meta.get(key):
+            config[key] = meta[key]
     has_cat = "category" in prompts.column_names and prompts.column("category").null_count < prompts.num_rows
     has_spec = "spec" in prompts.column_names
 
@@ -165,6 +182,7 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         stats["decode_error"] = sum(r["status"] == "decode_error" for r in out)
         stats["reasoning_truncated"] = sum(r["reasoning_truncated"] for r in out)
         stats["tokens"] = sum(len(r["input_ids"]) - r["prompt_len"] for r in out)
+        stats.update(describe_mesh_ids(policy.special))  # the mesh ids found in the tokenizer, by name
         return samples_table(out, has_cat, has_spec), stats
 
     return run_stage("gen", "samples", opts, config, produce, policy=pid)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats import tables
-from rl3d.formats.codec import VoxelCodec
+from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
@@ -92,10 +92,7 @@ def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[lis
                 errors[i] = f"voxels: {e}"
         return grids, errors
 
-    try:
-        codec = VoxelCodec.load(codec_path or None)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"codec {codec_path or '(shipped)'}: {e}") from None
+    codec = load_codec(codec_path or None)  # the block codec or the 64^3 VQ-VAE (formats/codecs.py)
     good = [i for i, t in enumerate(rows["mesh_tokens"])
             if rows["status"][i] == "ok" and t is not None and len(t) == codec.seq_len]
     for i, t in enumerate(rows["mesh_tokens"]):
@@ -176,10 +173,12 @@ def combine(terms: list[TermConfig], cells: dict[str, dict]) -> tuple[float | No
 
 
 def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders: dict[str, list[dict]] | None,
-                 progress: Progress, stats: dict, batch: int = 64) -> pa.Table:
+                 progress: Progress, stats: dict, batch: int = 64, codec: str | None = None) -> pa.Table:
+    """`codec`: the codec to decode mesh tokens with when the config names none (gen records the
+    path of an external codec, e.g. the 64^3 VQ-VAE, in the samples table's config)."""
     n = len(rows["sample_id"])
     levels = rows["level"]
-    grids, decode_err = decode_grids(rows, kind, config.codec)
+    grids, decode_err = decode_grids(rows, kind, config.codec or codec or "")
     rstate = [render_state(renders.get(sid, [])) if renders is not None else ("missing_renders", "no --renders given", [])
               for sid in rows["sample_id"]]
     items = [RewardItem(sample_id=rows["sample_id"][i], prompt=rows["prompt"][i], level=levels[i],
@@ -295,7 +294,8 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
                 if lvl in set(rows["level"]):
                     get_backend(t)
         rgroups = group_renders(renders, set(rows["sample_id"])) if renders else None
-        out = reward_table(rows, kind, cfg, rgroups, progress, stats, batch)
+        codec = tables.table_config(samples).get("codec") if kind == "samples" else None
+        out = reward_table(rows, kind, cfg, rgroups, progress, stats, batch, codec=codec)
         stats["status"] = status_counts(out)
         return out, stats
 

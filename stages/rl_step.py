@@ -22,7 +22,8 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import load_policy, policy_id, read_policy_meta, rng_state, save_policy
+from rl3d.stages.policy.checkpoint import (VISION_MODULES, carried_meta, freeze_vision, load_policy, policy_id,
+                                           read_policy_meta, rng_state, save_policy)
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
@@ -75,6 +76,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     policy = load_policy(policy_dir, device=on, dtype="float32")
     meta = policy.meta
     model = policy.model
+    freeze_vision(model)  # text-only policy: a VLM's vision tower and projector stay fixed
     if lora_rank:
         model = _with_lora(model, lora_rank)
     if cfg.gradient_checkpointing:
@@ -200,7 +202,10 @@ def _with_lora(model, rank: int):
         from peft import LoraConfig, get_peft_model  # optional (the lora extra): only for --lora-rank
     except ImportError:
         raise InputError("--lora-rank needs peft: pip install 'rl3d[lora]'") from None
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0)
+    has_vision = any(n.split(".")[-1] in VISION_MODULES for n, _ in model.named_modules())
+    # no adapters on a vision-language policy's (frozen) vision tower and projector
+    vision = {"exclude_modules": rf"(.*\.)?({'|'.join(VISION_MODULES)})\..*"} if has_vision else {}
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, **vision)
     return get_peft_model(model, cfg)
 
 
@@ -289,7 +294,8 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
     tmp = out.with_name(f".{out.name}.rl-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    extra = {"initial_policy": initial, "parent": str(Path(policy.path).resolve()), "rl_config": asdict(cfg)}
+    extra = {**carried_meta(meta), "initial_policy": initial, "parent": str(Path(policy.path).resolve()),
+             "rl_config": asdict(cfg)}
     extra["rl_step"] = metrics["step"]
     extra["optimizer_updates"] = metrics["optimizer_updates"]
     extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)

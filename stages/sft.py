@@ -34,18 +34,21 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import (AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM,
+from transformers import (GenerationConfig, Qwen2Config, Qwen2ForCausalLM,
                           get_cosine_schedule_with_warmup)
 from transformers.utils import logging as hf_logging
 
 from rl3d.formats import tables
-from rl3d.formats.codec import VoxelCodec, majority_colour
+from rl3d.formats.codec import majority_colour
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
 from rl3d.formats.shards import atomic_path, atomic_write_json
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import POLICY_META, load_trainer_state, restore_rng, rng_state, save_policy
-from rl3d.stages.policy.sequence import MODE_LEVELS, build_prompt, mesh_block
+from rl3d.formats.codecs import load_codec
+from rl3d.stages.policy.checkpoint import (POLICY_META, carried_meta, freeze_vision, load_trainer_state,
+                                           model_class_for, prompt_format_for, read_policy_meta, restore_rng,
+                                           rng_state, save_policy)
+from rl3d.stages.policy.sequence import DEFAULT_FORMAT, MODE_LEVELS, PromptFormat, build_prompt, mesh_block
 from rl3d.stages.policy.tokenizer import (SpecialIds, add_mesh_tokens, build_tokenizer, load_tokenizer,
                                           mesh_token_offset, special_ids)
 
@@ -255,14 +258,14 @@ def mesh_targets(rows: dict, codec, levels: tuple[str, ...], workers: int | None
     return out
 
 
-def level_texts(rows: dict, level: str) -> tuple[list[str], list[str]]:
+def level_texts(rows: dict, level: str, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[list[str], list[str]]:
     """(prompt texts, reasoning texts) of every row at one level."""
     if level == "coarse":
-        return [build_prompt(p, "coarse") for p in rows["prompt"]], [s.strip() for s in rows["plan"]]
+        return [build_prompt(p, "coarse", fmt=fmt) for p in rows["prompt"]], [s.strip() for s in rows["plan"]]
     if level == "fine":
-        return ([build_prompt(p, "fine", plan=s) for p, s in zip(rows["prompt"], rows["plan"])],
+        return ([build_prompt(p, "fine", plan=s, fmt=fmt) for p, s in zip(rows["prompt"], rows["plan"])],
                 [d.strip() for d in rows["detail"]])
-    return [build_prompt(p, "single") for p in rows["prompt"]], [d.strip() for d in rows["detail"]]
+    return [build_prompt(p, "single", fmt=fmt) for p in rows["prompt"]], [d.strip() for d in rows["detail"]]
 
 
 def tokenize_sequences(tokenizer, special: SpecialIds, prompts: list[str], reasonings: list[str],
@@ -329,14 +332,15 @@ def split_objects(rows: dict, eval_fraction: float, seed: int) -> tuple[np.ndarr
     return np.sort(train[perm[n_eval:]]), np.sort(train[perm[:n_eval]]), int(excluded)
 
 
-def build_dataset(rows: dict, objects: np.ndarray, mode: str, tokenizer, special: SpecialIds, mesh: dict) -> Packed:
+def build_dataset(rows: dict, objects: np.ndarray, mode: str, tokenizer, special: SpecialIds, mesh: dict,
+                  fmt: PromptFormat = DEFAULT_FORMAT) -> Packed:
     """All sequences of the given objects, level by level, concatenated."""
     if len(objects) == 0:
         return Packed(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
     parts = []
     for lv in MODE_LEVELS[mode]:
         sub = {k: [rows[k][i] for i in objects] for k in ("prompt", "plan", "detail") if k in rows}
-        prompts, reasonings = level_texts(sub, lv)
+        prompts, reasonings = level_texts(sub, lv, fmt)
         pk = tokenize_sequences(tokenizer, special, prompts, reasonings, mesh[lv][objects])
         pk.levels = [lv] * len(pk)
         parts.append(pk)
@@ -374,12 +378,12 @@ def load_init(path: Path, n_mesh: int):
     if not (Path(path) / "config.json").is_file():
         raise InputError(f"{path}: not a model directory (no config.json)")
     tok = load_tokenizer(path)
-    model = from_local_dir(AutoModelForCausalLM, path, "causal LM", dtype="float32")
+    model = from_local_dir(model_class_for(path), path, "causal LM", dtype="float32")
     try:
         add_mesh_tokens(tok, n_mesh)
     except ValueError as e:
         raise InputError(f"{path}: {e}") from None
-    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:  # (a VLM resizes its text embeddings)
         model.resize_token_embeddings(len(tok))
     return model, tok
 
@@ -391,8 +395,8 @@ def policy_codec(opts: SFTOptions):
         if meta.get("codec") not in (None, "default"):
             path = Path(opts.init) / meta["codec"]
     try:
-        return VoxelCodec.load(path)
-    except (FileNotFoundError, ValueError) as e:
+        return load_codec(path)  # the block codec, or a 64^3 VQ-VAE checkpoint (formats/codecs.py)
+    except InputError as e:
         raise InputError(f"--codec: {e}") from None
 
 
@@ -403,7 +407,7 @@ def set_special_ids(model, tokenizer) -> None:
     model.config.bos_token_id = None
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        do_sample=True, temperature=0.7, top_p=0.7, max_length=model.config.max_position_embeddings)
+        do_sample=True, temperature=0.7, top_p=0.7, max_length=model.config.get_text_config().max_position_embeddings)
 
 
 def mesh_id_table(special: SpecialIds, device) -> torch.Tensor:
@@ -545,11 +549,14 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     set_seed(opts.seed)
     resume = latest_checkpoint(out)
     model, tokenizer = initial_model(opts, rows, codec, resume)
+    freeze_vision(model)  # a vision-language policy trains its text side only
     set_special_ids(model, tokenizer)
     special = special_ids(tokenizer, codec)
+    prompt_meta = inherited_prompt_meta(opts, resume)
+    fmt = prompt_format_for(prompt_meta, tokenizer)
     with _timed(progress, "sft: preparing sequences"):
         train, evals, excluded, too_long = build_datasets(rows, opts, tokenizer, special, codec,
-                                                          model.config.max_position_embeddings)
+                                                          model.config.get_text_config().max_position_embeddings, fmt)
 
     # schedule, optimizer, resume
     per_step = opts.batch_size * opts.grad_accum * acc.num_processes
@@ -611,13 +618,14 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
             acc.wait_for_everyone()
             if main:
                 save_checkpoint(out, done, acc.unwrap_model(model), tokenizer, codec, optimizer, scheduler,
-                                opts.keep_checkpoints, base, policy_meta(opts.mode, tokenizer, codec, "float32"))
+                                opts.keep_checkpoints, base,
+                                {**prompt_meta, **policy_meta(opts.mode, tokenizer, codec, "float32")})
                 metrics.write_parquet(key)
             acc.wait_for_everyone()
 
     # the final policy
     if main:
-        extra = {"sft": key, "params": n_params, "train_sequences": len(train), "eval": last_eval}
+        extra = {**prompt_meta, "sft": key, "params": n_params, "train_sequences": len(train), "eval": last_eval}
         export_policy(out, acc.unwrap_model(model), tokenizer, codec, total, opts.mode, opts.save_dtype, base, extra)
         metrics.write_parquet(key)
     acc.wait_for_everyone()
@@ -659,7 +667,7 @@ def initial_model(opts: SFTOptions, rows: dict, codec, resume: Path | None):
     model with a tokenizer trained on the table's texts."""
     if resume is not None:
         tokenizer = load_tokenizer(resume)
-        return from_local_dir(AutoModelForCausalLM, resume, "causal LM", dtype="float32"), tokenizer
+        return from_local_dir(model_class_for(resume), resume, "causal LM", dtype="float32"), tokenizer
     if opts.init is not None:
         return load_init(Path(opts.init), codec.vocab_size)
     texts = [t for c in ("prompt", "plan", "detail") if c in rows for t in rows[c]]
@@ -667,14 +675,23 @@ def initial_model(opts: SFTOptions, rows: dict, codec, resume: Path | None):
     return build_model(opts.config, len(tokenizer), tokenizer), tokenizer
 
 
+def inherited_prompt_meta(opts: SFTOptions, resume: Path | None) -> dict:
+    """The prompt / sampling fields of the run's checkpoint or --init's rl3d_policy.json (e.g. a
+    ShapeLLM-Omni policy's chat template), kept in every checkpoint sft writes."""
+    src = resume if resume is not None else (Path(opts.init) if opts.init is not None else None)
+    if src is None or not (src / POLICY_META).is_file():
+        return {}
+    return carried_meta(read_policy_meta(src))
+
+
 def build_datasets(rows: dict, opts: SFTOptions, tokenizer, special: SpecialIds, codec,
-                   max_len: int) -> tuple[Packed, Packed, int, int]:
+                   max_len: int, fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[Packed, Packed, int, int]:
     """(train, eval sequences, excluded rows, sequences too long for the model): the split, the mesh
     targets, the sequences of every level; eval capped at --eval-rows by a seeded choice."""
     train_obj, eval_obj, excluded = split_objects(rows, opts.eval_fraction, opts.seed)
     mesh = mesh_targets(rows, codec, MODE_LEVELS[opts.mode])
-    train = build_dataset(rows, train_obj, opts.mode, tokenizer, special, mesh)
-    evals = build_dataset(rows, eval_obj, opts.mode, tokenizer, special, mesh)
+    train = build_dataset(rows, train_obj, opts.mode, tokenizer, special, mesh, fmt)
+    evals = build_dataset(rows, eval_obj, opts.mode, tokenizer, special, mesh, fmt)
     too_long = int((train.lengths > max_len).sum() + (evals.lengths > max_len).sum())
     train = train.subset(np.flatnonzero(train.lengths <= max_len))
     evals = evals.subset(np.flatnonzero(evals.lengths <= max_len))
@@ -686,9 +703,11 @@ def build_datasets(rows: dict, opts: SFTOptions, tokenizer, special: SpecialIds,
 
 
 def build_optimizer(model, opts: SFTOptions) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    """AdamW with weight decay on matrices only (not on norms and biases); frozen parameters
+    (a vision tower) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
 

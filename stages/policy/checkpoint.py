@@ -1,8 +1,10 @@
 """Policy checkpoints: the one writer (save_policy) and reader (load_policy) of a policy dir, its
 metadata file (rl3d_policy.json) and the policy id that names it in every output.
 
-A policy dir: transformers weights (safetensors), the tokenizer, the codec (a copy under codec/
-or "default") and rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}.
+A policy dir: transformers weights (safetensors), the tokenizer, the codec (a copy under codec/,
+"default", or a path to a ShapeLLM-Omni VQ-VAE checkpoint kept outside the dir) and
+rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}. Optional prompt and sampling
+fields (request_template, chat_template, system_prompt, sampling): docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ import torch
 import transformers
 from transformers.utils import logging as hf_logging
 
-from rl3d.formats.codec import VoxelCodec
+from rl3d.formats.codecs import is_external, load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import remote_code_allowed
 from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.policy.sequence import REQUEST, PromptFormat
 from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids
 
 POLICY_META = "rl3d_policy.json"
@@ -40,6 +43,7 @@ class Policy:
     step: int
     meta: dict = field(default_factory=dict)
     special: "SpecialIds | None" = None
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
 
     @property
     def device(self) -> torch.device:
@@ -82,17 +86,40 @@ def _model_class(name: str | None, source: Path):
     return cls
 
 
-def load_codec_for(path: Path, meta: dict):
+def codec_path(path: Path, meta: dict) -> Path | None:
+    """The codec rl3d_policy.json names: None for "default" (the shipped codec), else a path
+    relative to the policy dir (a copy under codec/) or absolute (an external VQ-VAE checkpoint)."""
+    ref = meta.get("codec", "default")
+    return None if ref in (None, "default") else Path(path) / ref
+
+
+def load_codec_for(path: Path, meta: dict, device: str | None = None):
+    """The policy's codec, checked against the content hash the policy was trained with."""
     ref = meta.get("codec", "default")
     try:
-        codec = VoxelCodec.load(None if ref in (None, "default") else path / ref)
-    except (FileNotFoundError, ValueError) as e:
+        codec = load_codec(codec_path(path, meta), device=device)
+    except InputError as e:
         raise InputError(f"{path / POLICY_META}: codec {ref!r}: {e}") from None
     want = meta.get("codec_hash")
     if want and want != codec.content_hash():
         raise InputError(f"{path / POLICY_META}: codec {ref!r} has hash {codec.content_hash()}, but the policy "
                          f"was trained with codec {want}")
     return codec
+
+
+def prompt_format_for(meta: dict, tokenizer, source: str = POLICY_META) -> PromptFormat:
+    """The prompt layout rl3d_policy.json asks for: `request_template` (must hold "{prompt}"),
+    `chat_template` (true: wrap the user turn with the tokenizer's own chat template, as
+    ShapeLLM-Omni's inference does) and `system_prompt` (a system turn, chat template only)."""
+    request = meta.get("request_template") or REQUEST
+    if "{prompt}" not in request:
+        raise InputError(f"{source}: request_template {request!r} has no {{prompt}} placeholder")
+    chat = bool(meta.get("chat_template", False))
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{source}: chat_template is true but the tokenizer has no chat template "
+                         f"(tokenizer_config.json / chat_template.jinja)")
+    return PromptFormat(request=request, chat_tokenizer=tokenizer if chat else None,
+                        system_prompt=meta.get("system_prompt"))
 
 
 def load_policy(path: str | os.PathLike | None = None, device: str | None = None,
@@ -102,8 +129,9 @@ def load_policy(path: str | os.PathLike | None = None, device: str | None = None
     path = Path(path).resolve() if path is not None else default_policy_dir()
     meta = read_policy_meta(path)
     dev, dt = resolve_device_dtype(device, dtype)
-    codec = load_codec_for(path, meta)
+    codec = load_codec_for(path, meta, device=str(dev))
     tokenizer = load_tokenizer(path)
+    fmt = prompt_format_for(meta, tokenizer, str(path / POLICY_META))
     cls = _model_class(meta.get("model_class"), path)
     try:
         model = cls.from_pretrained(str(path), local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
@@ -111,7 +139,7 @@ def load_policy(path: str | os.PathLike | None = None, device: str | None = None
         raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(dev).eval()
     special = special_ids(tokenizer, codec, model_vocab_size(model), source=str(path))
-    return Policy(model, tokenizer, codec, path, policy_id(path, meta), int(meta.get("step", 0)), meta, special)
+    return Policy(model, tokenizer, codec, path, policy_id(path, meta), int(meta.get("step", 0)), meta, special, fmt)
 
 
 def policy_id(path: Path, meta: dict) -> str:
@@ -148,7 +176,8 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
                 codec_ref: str | None = None, extra: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a checkpoint dir that load_policy reads: weights (safetensors), tokenizer and
     rl3d_policy.json. `codec_ref`: "default" (the shipped codec) or None to copy the codec into
-    out/codec. `state_dict`: the weights to write when `model` holds only a shard of them (FSDP).
+    out/codec - except an external VQ-VAE checkpoint, which is referenced by its absolute path
+    (never copied: the published file is 533 MB). `state_dict`: the weights to write when `model` holds only a shard of them (FSDP).
     Written into a temp dir renamed at the end, so a killed save leaves no torn dir. The one writer
     of a policy dir: sft's final policy and trainer checkpoints and rl-step's checkpoints use it."""
     out = Path(out)
@@ -159,7 +188,9 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         state_dict = _without_tied_copies(model, state_dict)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
-    if codec_ref is None:
+    if codec_ref is None and is_external(codec):
+        codec_ref = str(Path(codec.source).resolve())
+    elif codec_ref is None:
         codec.save(tmp / "codec")
         codec_ref = "codec"
     arch = (getattr(model.config, "architectures", None) or [None])[0]
@@ -227,3 +258,42 @@ def load_trainer_state(path: Path) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: not a loadable rl3d trainer state (only tensors and plain values are "
                          f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None
+
+
+# module names of a vision-language policy's image side: Qwen2.5-VL's vision tower (which holds its
+# patch merger, the projector) is `visual`; LLaVA-style models use the other two
+VISION_MODULES = ("visual", "vision_tower", "multi_modal_projector")
+# rl3d_policy.json keys about prompting and sampling that every checkpoint of a run carries on
+PROMPT_META_KEYS = ("request_template", "chat_template", "system_prompt", "sampling")
+
+
+def freeze_vision(model) -> int:
+    """requires_grad False on the vision tower and projector (text-only policies: they get no
+    gradient and must not drift under weight decay); returns how many parameters were frozen."""
+    n = 0
+    for name, p in model.named_parameters():
+        if any(part in VISION_MODULES for part in name.split(".")):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def carried_meta(meta: dict) -> dict:
+    """The prompt / sampling fields of a parent's rl3d_policy.json that a child checkpoint keeps."""
+    return {k: meta[k] for k in PROMPT_META_KEYS if k in meta}
+
+
+def model_class_for(path: Path):
+    """The transformers class to load a model dir with: rl3d_policy.json's model_class, else
+    config.json's architectures[0] when it is a transformers class, else AutoModelForCausalLM."""
+    path = Path(path)
+    name = None
+    if (path / POLICY_META).is_file():
+        name = read_policy_meta(path).get("model_class")
+    if name is None and (path / "config.json").is_file():
+        try:
+            arch = (json.loads((path / "config.json").read_text()).get("architectures") or [None])[0]
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
+        name = arch if arch and hasattr(transformers, arch) else None
+    return _model_class(name, path)

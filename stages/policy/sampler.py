@@ -46,6 +46,33 @@ class Sampling:
         return self
 
 
+# Named settings for `rl3d gen --sampling NAME` (and rl3d_policy.json "sampling": a name or a dict).
+# "shapellm": the authors' inference defaults for ShapeLLM-Omni (temperature 0.7, top-p 0.7, top-k 8192).
+SAMPLING_PRESETS = {
+    "default": {},
+    "shapellm": {"temperature": 0.7, "top_p": 0.7, "top_k": 8192},
+}
+
+
+def resolve_sampling(preset: str | None, policy_meta: dict | None = None, **overrides) -> Sampling:
+    """Sampling from, in order of precedence: explicit overrides (None = not given), the named
+    preset ("policy" or None = the policy's rl3d_policy.json "sampling", else the defaults)."""
+    source = "--sampling"
+    if preset in (None, "policy"):
+        preset, source = (policy_meta or {}).get("sampling") or "default", "rl3d_policy.json sampling"
+    if isinstance(preset, dict):
+        base = dict(preset)
+    elif preset in SAMPLING_PRESETS:
+        base = dict(SAMPLING_PRESETS[preset])
+    else:
+        raise InputError(f"{source} {preset!r}: expected one of {', '.join(SAMPLING_PRESETS)} (or a dict)")
+    unknown = set(base) - set(Sampling.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"{source}: unknown sampling field(s) {', '.join(sorted(unknown))}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return Sampling(**base).check()
+
+
 # ---- counter-based randomness ----------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF

@@ -8,6 +8,7 @@ a sequence, the position kinds of a completion and the batch layout for log-prob
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,7 +35,33 @@ INSTRUCTIONS = {
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 
 
-def build_prompt(prompt: str, level: str, plan: str | None = None) -> str:
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a policy is prompted (rl3d_policy.json: request_template, chat_template, system_prompt).
+    The default is rl3d's own layout: <|user|>request\ninstruction<|assistant|>. With a chat
+    tokenizer (ShapeLLM-Omni / Qwen2.5-VL), the user turn request\ninstruction goes through the
+    tokenizer's chat template with the generation prompt, as the authors' inference does."""
+    request: str = REQUEST
+    chat_tokenizer: object = None
+    system_prompt: str | None = None
+
+    def wrap(self, user_text: str) -> str:
+        if self.chat_tokenizer is None:
+            return f"{USER}{user_text}{ASSISTANT}"
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        messages.append({"role": "user", "content": user_text})
+        return self.chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def describe(self) -> dict:
+        """What gen records in its output config."""
+        return {"request": self.request, "chat_template": self.chat_tokenizer is not None,
+                "system_prompt": self.system_prompt}
+
+
+DEFAULT_FORMAT = PromptFormat()
+
+
+def build_prompt(prompt: str, level: str, plan: str | None = None, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
     """The text the policy is conditioned on for one level (before the reasoning span)."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}")
@@ -43,7 +70,7 @@ def build_prompt(prompt: str, level: str, plan: str | None = None) -> str:
         if plan is None:
             raise ValueError("the fine level needs the coarse plan")
         instruction = instruction.format(plan=plan.strip())
-    return f"{USER}{REQUEST.format(prompt=prompt.strip())}\n{instruction}{ASSISTANT}"
+    return fmt.wrap(f"{fmt.request.replace('{prompt}', prompt.strip())}\n{instruction}")
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

@@ -147,17 +147,45 @@ class SpecialIds:
 
 
 def mesh_token_ids(tokenizer, codec, source: str = "tokenizer") -> tuple[torch.Tensor, int, int, int]:
-    """-> (int64[K] ids of <mesh0>..<mesh{K-1}> in codec order, id of <mesh-start>, of <mesh-end>, of eos)."""
+    """-> (int64[K] ids of <mesh0>..<mesh{K-1}> in codec order, id of <mesh-start>, of <mesh-end>, of eos).
+    Ids are looked up by name: a real checkpoint's (e.g. ShapeLLM-Omni's 151665..159858) need not
+    be contiguous or follow any offset. InputError naming every missing token (as ranges)."""
     vocab = tokenizer.get_vocab()
     names = [mesh_token_text(i) for i in range(codec.vocab_size)]
-    missing = [n for n in [MESH_START, MESH_END] + names if n not in vocab]
-    if missing:
-        raise InputError(f"{source}: tokenizer lacks {len(missing)} codec tokens (e.g. {missing[0]}); "
-                         f"the codec needs {MESH_START}, {MESH_END} and <mesh0>..<mesh{codec.vocab_size - 1}>")
+    missing = [n for n in (MESH_START, MESH_END) if n not in vocab]
+    missing_codes = [i for i, n in enumerate(names) if n not in vocab]
+    if missing or missing_codes:
+        what = missing + [f"<mesh{a}>" if a == b else f"<mesh{a}>..<mesh{b}>" for a, b in _runs(missing_codes)]
+        shown = ", ".join(what[:6]) + (f" and {len(what) - 6} more ranges" if len(what) > 6 else "")
+        raise InputError(f"{source}: tokenizer lacks {len(missing) + len(missing_codes)} of the codec's mesh tokens: "
+                         f"{shown} (the codec needs {MESH_START}, {MESH_END} and <mesh0>..<mesh{codec.vocab_size - 1}>)")
     if tokenizer.eos_token_id is None:
         raise InputError(f"{source}: tokenizer has no eos token")
     ids = torch.tensor([vocab[n] for n in names], dtype=torch.long)
     return ids, vocab[MESH_START], vocab[MESH_END], int(tokenizer.eos_token_id)
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted ints -> (first, last) of each run of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for v in values:
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
+
+
+def describe_mesh_ids(special: "SpecialIds") -> dict:
+    """What gen records about the tokenizer's mesh ids: the id ranges of <mesh0>.. in codec order,
+    and of <mesh-start> / <mesh-end> (e.g. ShapeLLM-Omni: [[151665, 159856]], 159857, 159858)."""
+    ids = special.mesh_ids.tolist()
+    runs, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            runs.append([ids[start], ids[i - 1]])
+            start = i
+    return {"mesh_code_ids": runs, "mesh_start_id": special.mesh_start, "mesh_end_id": special.mesh_end}
 
 
 def special_ids(tokenizer, codec, vocab_size: int | None = None, source: str = "tokenizer") -> SpecialIds:

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from rl3d.formats.voxels import COLOR_INDEX, PALETTE_NAMES
+from rl3d.formats.voxels import COLOR_INDEX, PALETTE_NAMES, RESOLUTION
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.shapes import FAMILIES
 from rl3d.stages.shapes import probes
@@ -289,6 +289,10 @@ class SpecBackend(RewardBackend):
                 continue
             if it.grid is None:
                 out.append(TermResult(status="decode_error", message="no voxel grid to check"))
+                continue
+            if np.asarray(it.grid).shape != (RESOLUTION,) * 3:  # e.g. the VQ-VAE's uncoloured 64^3 occupancy
+                out.append(TermResult(status="not_applicable", message=f"spec checks need a {RESOLUTION}^3 palette "
+                                      f"grid; this shape is {'x'.join(map(str, np.asarray(it.grid).shape))} occupancy"))
                 continue
             res = check_spec(spec, np.asarray(it.grid))
             out.append(TermResult(value=res.score, details={"checks": res.checks, "family": spec["family"]}))
