@@ -227,3 +227,20 @@ def table_policy(path: str | os.PathLike) -> str | None:
     meta = pq.read_schema(f).metadata or {}
     v = meta.get(META_POLICY)
     return v.decode() if v else None
+
+
+def require_unique(table: pa.Table, keys: tuple[str, ...], source: str) -> None:
+    """Refuse a table whose key repeats: a join on it would silently keep the last row."""
+    seen: dict[tuple, int] = {}
+    cols = [table.column(k).to_pylist() for k in keys]
+    for n, key in enumerate(zip(*cols), 1):
+        if key in seen:
+            what = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key))
+            raise InputError(f"{source}: row {n}: duplicate key {what} (first at row {seen[key]})")
+        seen[key] = n
+
+
+def require_rows(table: pa.Table, source: str, kind: str) -> None:
+    """Refuse an input table with no rows (a stage would write an empty output and call it done)."""
+    if table.num_rows == 0:
+        raise InputError(f"{source}: the {kind} table has no rows")

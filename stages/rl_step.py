@@ -29,6 +29,7 @@ from rl3d.stages.policy.sequence import LEVELS
 from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.inputs import check_step_inputs, learned_nothing
 from rl3d.stages.rl.update import UpdateStats, attention_without_cudnn, reference_logprobs, run_updates
 
 __all__ = ["RLConfig", "run_rl_step", "append_run_metrics", "DONE_FILE"]
@@ -44,6 +45,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     if (out / DONE_FILE).exists() and not overwrite:
         progress.log(f"rl-step: {out} is already a complete checkpoint, skipping (use --overwrite to redo)")
         return {"stage": "rl-step", "out": str(out), "skipped": True}
+    check_step_inputs(policy_dir, samples_path, rewards_path, cfg)  # input guard: one line naming file and row
     t0 = time.time()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -109,6 +111,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         progress.log(f"WARNING: skipped {stats.skipped_updates} update(s) with a non-finite gradient norm")
     metrics = _metrics(samples, adv_rows, adv_stats, kept, stats, timings, meta, cfg, rewards)
     warnings = _collapse_warnings(metrics, run_metrics)
+    nothing = learned_nothing(kept, stats.n_updates, stats.skipped_updates)  # loud, and a metric
+    warnings = [nothing] + warnings if nothing else warnings
+    metrics["learned_nothing"] = int(nothing is not None)
     for w_ in warnings:
         progress.log(f"WARNING: {w_}")
     metrics["skipped_updates"] = stats.skipped_updates
@@ -129,7 +134,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     return {"stage": "rl-step", "out": str(out), "skipped": False, "step": metrics["step"],
             "seconds": round(time.time() - t0, 2), **{k: metrics[k] for k in
             ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
-             "dropped_groups", "grad_norm") if k in metrics}}
+             "dropped_groups", "grad_norm", "learned_nothing") if k in metrics}}
 
 
 def _read_batch(samples_path, rewards_path) -> tuple[list[dict], dict[str, dict]]:
