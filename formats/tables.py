@@ -215,16 +215,22 @@ def absolute_media(table: pa.Table, base: Path) -> pa.Table:
     return table
 
 
+def _first_meta(path: str | os.PathLike) -> dict:
+    f = list_parts(path)[0]
+    try:
+        return pq.read_schema(f).metadata or {}
+    except Exception as e:  # corrupt or non-Parquet file
+        raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
 def table_config(path: str | os.PathLike) -> dict:
     """The config JSON stored in the first part's schema metadata ({} if none)."""
-    f = list_parts(path)[0]
-    meta = pq.read_schema(f).metadata or {}
+    meta = _first_meta(path)
     return json.loads(meta.get(META_CONFIG, b"{}"))
 
 
 def table_policy(path: str | os.PathLike) -> str | None:
-    f = list_parts(path)[0]
-    meta = pq.read_schema(f).metadata or {}
+    meta = _first_meta(path)
     v = meta.get(META_POLICY)
     return v.decode() if v else None
 

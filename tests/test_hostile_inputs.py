@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -815,10 +816,10 @@ def test_case(c: Case, good, tmp_path):
     w = Work(good, tmp_path)
     args = [str(a) for a in c.build(w)]
     before = {str(d): _fingerprint(d) for d in w.guarded}
-    r = CliRunner().invoke(main, args, env=c.env)
+    r = CliRunner().invoke(main, args, env=c.env, prog_name="rl3d")
     err = r.stderr
     assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), \
-        f"{c.name}: crashed: {r.exception!r}\n{r.output}"
+        f"{c.name}: crashed:\n{''.join(traceback.format_exception(*r.exc_info))[-1500:]}"
     assert r.exit_code == c.code, f"{c.name}: exit {r.exit_code}\n{r.output}"
     if c.code == 2:
         lines = err.strip().splitlines()
