@@ -495,7 +495,7 @@ def _(w):
     return _rl(w) + ["--lr", "nan"]
 
 
-@case("policy: weight file missing", message=r"policy: no weight files")
+@case("policy: weight file missing", message=r"policy: cannot load the model .*no file named model\.safetensors")
 def _(w):
     p = w.policy_copy()
     for f in p.glob("*.safetensors"):
