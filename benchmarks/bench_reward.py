@@ -31,7 +31,7 @@ def make_inputs(work: Path, meshes: int, views: int, resolution: int) -> tuple[P
     from rl3d.formats.voxels import coarsen_grid, grid_to_mesh
     from rl3d.stages.raycast.cameras import view_angles
     from rl3d.stages.raycast.renderer import render_views
-    from rl3d.stages.synth import generate_objects
+    from rl3d.stages.shapes.world import generate_objects
 
     objs = generate_objects(meshes // 2, seed=0)
     codec = VoxelCodec.load()

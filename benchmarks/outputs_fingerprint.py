@@ -29,6 +29,12 @@ import pyarrow.parquet as pq
 VOLATILE_KEYS = re.compile(r"(time|seconds|elapsed|started|finished|created|duration|_s$|per_s|host|pid|version|"
                            r"config_hash)", re.I)
 VOLATILE_FILES = ("rng_state.pt",)
+# table ids name the run that made a table (its config holds absolute paths): left out, so outputs
+# compare with those of rl3d before it recorded provenance
+PROVENANCE_KEYS = (b"rl3d.table_id", b"rl3d.made_from")
+
+
+REPO = str(Path(__file__).resolve().parents[1])  # policy ids hold the shipped policy's absolute path
 
 
 def mask(value, root: str):
@@ -37,7 +43,7 @@ def mask(value, root: str):
     if isinstance(value, list):
         return [mask(v, root) for v in value]
     if isinstance(value, str):
-        return value.replace(root, "<OUT>")
+        return value.replace(root, "<OUT>").replace(REPO, "<REPO>")
     return value
 
 
@@ -45,7 +51,7 @@ def json_fingerprint(text: str, root: str) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return hashlib.sha256(text.replace(root, "<OUT>").encode()).hexdigest()[:16]
+        return hashlib.sha256(text.replace(root, "<OUT>").replace(REPO, "<REPO>").encode()).hexdigest()[:16]
     return hashlib.sha256(json.dumps(mask(data, root), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -61,6 +67,8 @@ def parquet_fingerprint(path: Path, root: str) -> str:
         h.update(name.encode())
         h.update(json.dumps(mask(table.column(name).to_pylist(), root), default=str).encode())
     for key, value in sorted((table.schema.metadata or {}).items()):
+        if key in PROVENANCE_KEYS:
+            continue
         h.update(key)
         h.update(json_fingerprint(value.decode(errors="replace"), root).encode())
     return h.hexdigest()[:16]

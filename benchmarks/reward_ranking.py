@@ -165,7 +165,7 @@ def main():
     import torch
     from scipy.stats import spearmanr
 
-    from rl3d.stages.synth import generate_objects
+    from rl3d.stages.shapes.world import generate_objects
 
     torch.set_num_threads(1)  # a shared 2-core box
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1")

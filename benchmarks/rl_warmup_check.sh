@@ -16,7 +16,7 @@ for v in "1e-4 0" "2e-4 0" "2e-4 16"; do
   # two steps on the same batch: the second measures KL to the initial policy after the first
   $RL3D rl-step --policy "$policy" --samples "$RUN/gen" --rewards "$RUN/rewards" --out "$d/step1" \
     --lr "$1" --warmup-updates "$2" --kl-max "${KL_MAX:-0}" --minibatch "$MINIBATCH" --run-metrics "$d/metrics.parquet" --quiet
-  $RL3D rl-step --policy "$d/step1" --samples "$RUN/gen" --rewards "$RUN/rewards" --out "$d/step2" \
+  $RL3D rl-step --policy "$d/step1" --samples "$RUN/gen" --rewards "$RUN/rewards" --out "$d/step2" --allow-off-policy \
     --lr "$1" --warmup-updates "$2" --kl-max "${KL_MAX:-0}" --minibatch "$MINIBATCH" --run-metrics "$d/metrics.parquet" --quiet
 done
 python3 - "$RUN" <<'PY'

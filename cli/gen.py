@@ -48,7 +48,7 @@ def command(prompts, policy_dir, mode, group_size, temperature, top_p, top_k, ma
     the shipped codec), per level.
 
     Writes OUT/part-*.parquet (a samples table: input ids, spans, per-token log-probs, reasoning,
-    mesh tokens, status) and OUT/meshes/<sample_id>.glb. Resumable and shardable (--shard I/N splits
+    mesh tokens, status) and OUT/_meshes/<sample_id>.glb. Resumable and shardable (--shard I/N splits
     by prompt_id); samples depend only on --seed and the row keys, not on sharding or batch size.
     """
     from rl3d.stages.gen import Sampling, run_gen

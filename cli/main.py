@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "eval",
     "learning-summary": "learning_summary",
     "status": "status",
+    "doctor": "doctor",
 }
 
 

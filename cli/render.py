@@ -51,7 +51,7 @@ def command(samples, views, elevation, preset, resolution, background, fov, fram
             backend, device, supersample, **kw):
     """Render every mesh to PNG views (headless ray casting on CPU or GPU, deterministic).
 
-    Writes images/<sample_id>/view-XX.png, a contact sheet per mesh, and a renders table
+    Writes _images/<sample_id>/view-XX.png, a contact sheet per mesh, and a renders table
     (one row per sample and view; failed meshes keep a status and message).
     """
     from rl3d.stages.render import run_render

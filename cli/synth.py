@@ -28,7 +28,7 @@ def command(n, split, no_meshes, **kw):
     """Generate N shape-world objects into an objects table (deterministic by --seed).
 
     Writes OUT/part-*.parquet (an objects table: prompt (the caption), plan, detail, spec,
-    voxels, mesh tokens, split) and OUT/meshes/<sample_id>.glb. See docs/shape_world.md.
+    voxels, mesh tokens, split) and OUT/_meshes/<sample_id>.glb. See docs/shape_world.md.
     """
     from rl3d.stages.synth import run_synth
 

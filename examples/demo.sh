@@ -13,10 +13,20 @@ VIEWS=${VIEWS:-4}
 RES=${RES:-160}
 SEED=${SEED:-0}
 BENCH_LIMIT=${BENCH_LIMIT:-1}
-RL3D=${RL3D:-rl3d}
+# rl3d from PATH, else the checkout's .venv (examples/setup.sh), else the current python
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${RL3D:-}" ]; then
+  if command -v rl3d >/dev/null; then RL3D=rl3d
+  elif [ -x "$HERE/.venv/bin/rl3d" ]; then RL3D="$HERE/.venv/bin/rl3d"
+  else RL3D="python3 -m rl3d.cli.main"; fi
+fi
+PY=$(dirname "$(command -v rl3d 2>/dev/null || echo "$HERE/.venv/bin/rl3d")")/python
+[ -x "$PY" ] || PY=python3
 
 mkdir -p "$RUN"
-policy=$(python -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
+echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: about 15-30 minutes on a 2-core CPU," \
+     "a few on a GPU. Every stage prints its progress; rerun to resume after an interruption."
+policy=$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
 echo "[demo] initial policy: $policy"
 $RL3D synth --n "$PROMPTS_N" --seed 7 --split train --out "$RUN/prompts" --quiet
 
@@ -25,15 +35,15 @@ for i in $(seq 1 "$STEPS"); do
   d="$RUN/$step"
   echo "[demo] $step"
   $RL3D gen --prompts "$RUN/prompts" --policy "$policy" --out "$d/gen" --group-size "$GROUP" \
-            --mode hi-grpo --seed $((SEED + i)) --quiet
-  $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --quiet
-  $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+            --mode hi-grpo --seed $((SEED + i))
+  $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES"
+  $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards"
   $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
-                --lr "$LR" --seed "$SEED" --run-metrics "$RUN/metrics.parquet" --quiet
+                --lr "$LR" --seed "$SEED" --run-metrics "$RUN/metrics.parquet"
   policy="$d/policy"
 done
 
 $RL3D eval --bench synth-reasoning --limit "$BENCH_LIMIT" --samples-per-prompt 1 \
-           --policy "$(python -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")" \
-           --policy "$policy" --run "$RUN" --out "$RUN/eval" --quiet
+           --policy "$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")" \
+           --policy "$policy" --run "$RUN" --out "$RUN/eval"
 echo "[demo] done: report at $RUN/eval/report.html, run metrics at $RUN/metrics.parquet"

@@ -32,7 +32,7 @@ EVAL_ASYNC=${EVAL_ASYNC:-0}   # 1: score a checkpoint in the background while tr
 BASELINE=${BASELINE:-1}       # 0: skip scoring the initial policy (already scored with these settings)
 STOP_AFTER=${STOP_AFTER:-0}   # seconds; >0: stop cleanly (exit 3) before starting work past this
 log() { echo "[learn] $(date +%T) $*"; }
-# A stop between stages leaves nothing half-written, so a time-limited job (Slurm, a lent GPU)
+# A stop between stages leaves nothing half-written, so a time-limited job (Slurm, a preemptible GPU node)
 # can end early and the rerun continues; a finished stage is skipped and costs only start-up.
 check_time() {
   if [ "$STOP_AFTER" -gt 0 ] && [ "$SECONDS" -ge "$STOP_AFTER" ]; then

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rl3d.formats.voxels import NUM_COLORS, RESOLUTION
+from rl3d.formats.errors import InputError
+from rl3d.formats.shards import atomic_path, atomic_write_json
+from rl3d.formats.tables import list_parts
+from rl3d.formats.voxels import NUM_COLORS, RESOLUTION, color_accuracy, from_bytes, voxel_iou
 
 MESH_START = "<mesh-start>"
 MESH_END = "<mesh-end>"
@@ -130,8 +133,6 @@ class VoxelCodec:
         return cls(patterns, stats)
 
     def save(self, out: str | os.PathLike) -> Path:
-        from rl3d.formats.shards import atomic_path, atomic_write_json
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / CODEBOOK_FILE) as tmp:
@@ -215,7 +216,6 @@ class VoxelCodec:
 
 def roundtrip_stats(codec: VoxelCodec, grids: np.ndarray, batch: int = 256) -> dict:
     """Mean voxel IoU / colour accuracy of decode(encode(grid)), plus the token statistics."""
-    from rl3d.formats.voxels import color_accuracy, voxel_iou
 
     ious, accs, empty, used = [], [], 0, np.zeros(codec.vocab_size, bool)
     for s in range(0, len(grids), batch):
@@ -236,7 +236,6 @@ def roundtrip_stats(codec: VoxelCodec, grids: np.ndarray, batch: int = 256) -> d
 def grids_from_objects(objects) -> np.ndarray:
     """uint8[B, 32, 32, 32] from an objects table (pyarrow, `voxels` bytes column), a list of
     rows / objects with a `grid` array or `voxels` bytes, or an array of grids."""
-    from rl3d.formats.voxels import from_bytes
 
     if isinstance(objects, np.ndarray):
         return objects.astype(np.uint8)
@@ -265,8 +264,6 @@ def grids_from_table(path: str | os.PathLike) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rl3d.formats.errors import InputError
-    from rl3d.formats.tables import list_parts
 
     parts = []
     for f in list_parts(path):

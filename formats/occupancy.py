@@ -12,6 +12,8 @@ Two frames meet here:
 from __future__ import annotations
 
 import numpy as np
+from rl3d.formats.glb import write_glb
+from rl3d.formats.voxels import grid_to_faces
 
 RESOLUTION = 64
 NEUTRAL_RGBA = (200, 200, 200, 255)  # untextured meshes: light grey, matte, not metallic
@@ -84,7 +86,6 @@ def occupancy_to_mesh(grid: np.ndarray):
     welded vertices, metres, +Y up, a neutral matte material (no texture)."""
     import trimesh
 
-    from rl3d.formats.voxels import grid_to_faces
 
     v, f, _ = grid_to_faces((np.asarray(grid) > 0).astype(np.uint8))
     mesh = trimesh.Trimesh(vertices=v, faces=f, process=True)  # weld shared cube corners
@@ -96,6 +97,5 @@ def occupancy_to_mesh(grid: np.ndarray):
 
 def write_occupancy_glb(grid: np.ndarray, path, metadata: dict | None = None):
     """occupancy_to_mesh written as GLB (formats.glb.write_glb: atomic, glTF Y-up)."""
-    from rl3d.formats.glb import write_glb
 
     return write_glb(occupancy_to_mesh(grid), path, metadata)

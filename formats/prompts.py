@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import check_id
+from rl3d.formats.tables import list_parts
 
 
 def prompt_hash(text: str) -> str:
@@ -25,8 +26,6 @@ def read_prompts(path: str | os.PathLike) -> pa.Table:
     """-> a prompts table (prompt_id, prompt, category + extra string columns), in file order."""
     p = Path(path)
     if p.is_dir() or any(ch in str(path) for ch in "*?["):
-        from rl3d.formats.tables import list_parts
-
         rows = []
         for f in list_parts(p):
             rows += _rows_parquet(f)

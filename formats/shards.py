@@ -4,7 +4,9 @@ Layout of a stage output directory:
     part-00000-of-00004.parquet     one Parquet part per shard
     _shards/00000-of-00004.json     completion marker of a shard (written after its part)
     _manifest.json                  stage, config, config hash, shard count, completeness (written last)
-    meshes/ images/ ...             media files, each written atomically
+    _meshes/ _images/ ...           media files, each written atomically; the leading underscore keeps
+                                    them out of a dataset reader's view (pyarrow, pandas), so the dir
+                                    reads as one Parquet dataset
 
 A killed stage leaves either nothing or a whole part: files are written under a temporary
 name, fsynced and renamed. Readers refuse a directory whose shards are not all complete.
@@ -26,6 +28,8 @@ from rl3d.formats.errors import InputError
 
 MANIFEST = "_manifest.json"
 MARKERS = "_shards"
+MESHES = "_meshes"  # GLBs of gen and synth
+IMAGES = "_images"  # PNGs of render
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,9 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
             raise InputError(f"{out}: was written with {m['num_shards']} shards, not {shard.count}; "
                              f"use --overwrite or the same --shard count")
     if not overwrite and marker_path(out, shard).exists():
+        # a kill between `finish`'s marker and its manifest refresh leaves a stale manifest: refresh it
+        if m is not None and sorted(m.get("completed_shards", [])) != sorted(completed_shards(out, shard.count)):
+            atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
         return False
     # leftovers of this shard's killed writer only: other shards may be writing beside it right now
     for tmp in out.glob(f".{part_path(out, shard).name}.tmp-*"):

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.shards import check_complete
 
 META_TABLE = b"rl3d.table"
 META_VERSION = b"rl3d.version"
@@ -125,9 +126,16 @@ def provenance(path: str | os.PathLike) -> Provenance:
                       policy.decode() if policy else None, json.loads(first.get(META_MADE_FROM, b"{}")))
 
 
-def require_made_for(table: Provenance, role: str, source: Provenance) -> None:
+def require_made_for(table: Provenance, role: str, source: Provenance) -> str | None:
     """`table` must record `source` as the `role` input it was made from (e.g. rewards made from these
-    samples): a join of tables of different runs is refused with one line naming both."""
+    samples): a join of tables of different runs is refused with one line naming both.
+
+    Tables written by another tool (no rl3d metadata at all) cannot prove anything: the join goes
+    ahead and the returned warning says so. Every table rl3d writes carries its provenance."""
+    if table.kind is None or source.kind is None:
+        other = table if table.kind is None else source
+        return (f"{other.path} was not written by rl3d: cannot check that {table.path} was made from "
+                f"{source.path}")
     if source.table_id is None:
         raise InputError(f"{source.path}: records no table id (written by an older rl3d); regenerate it")
     made = table.made_from.get(role)
@@ -137,6 +145,14 @@ def require_made_for(table: Provenance, role: str, source: Provenance) -> None:
     if made != source.table_id:
         raise InputError(f"{table.path} was made from another {role} table ({made}) than {source.path} "
                          f"({source.table_id}): tables of different runs do not join")
+    return None
+
+
+def same_policy(policy_a: str | None, policy_b: str | None) -> bool:
+    """Policy ids ("<dir>@<weights hash>#step<N>") name the same weights: the directory may move."""
+    if not policy_a or not policy_b:
+        return False
+    return policy_a.split("@", 1)[-1] == policy_b.split("@", 1)[-1]
 
 
 def validate(table: pa.Table, kind: str, source: str) -> pa.Table:
@@ -175,8 +191,6 @@ def list_parts(path: str | os.PathLike) -> list[Path]:
     """A file, a directory of part files, or a glob -> the sorted list of Parquet files."""
     p = Path(path)
     if p.is_dir():
-        from rl3d.formats.shards import check_complete
-
         check_complete(p)
         files = sorted(p.glob("part-*.parquet")) or sorted(p.glob("*.parquet"))
         if not files:

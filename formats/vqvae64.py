@@ -37,6 +37,7 @@ from torch import nn
 from rl3d.formats.codec import MESH_END, MESH_START, CodecError, mesh_token_text  # noqa: F401 (re-exported)
 from rl3d.formats.errors import InputError
 from rl3d.formats.occupancy import RESOLUTION, gltf_to_vq_frame, vq_to_gltf_frame
+from rl3d.formats.shards import atomic_path, atomic_write_json
 
 CHECKPOINT_FILE = "3DVQVAE.safetensors"  # the published 3DVQVAE.bin, converted (convert_bin_checkpoint)
 CONFIG_FILE = "vqvae64.json"             # optional beside it: a non-published config (test replicas)
@@ -385,7 +386,6 @@ class VQVAE64Codec:
         """out/3DVQVAE.safetensors + out/vqvae64.json (the config and content hash)."""
         from safetensors.torch import save_file
 
-        from rl3d.formats.shards import atomic_path, atomic_write_json
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from rl3d.formats.codec import STATS_FILE, VoxelCodec, grids_from_objects, grids_from_table, roundtrip_stats
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.synth import generate_objects
+from rl3d.stages.shapes.world import generate_objects
 
 
 def synth_grids(n: int, seed: int, split: str):

@@ -31,7 +31,7 @@ from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
 from rl3d.formats.voxels import grid_to_mesh, voxel_iou
-from rl3d.stages.benchmarks import Benchmark, load_benchmark, reference_images
+from rl3d.stages.eval_sets import Benchmark, load_benchmark, reference_images
 from rl3d.stages.contract import Progress, StageOptions
 from rl3d.stages.gen import MODES, run_gen
 from rl3d.stages.policy.checkpoint import load_codec_for, read_policy_meta
@@ -399,7 +399,7 @@ def reference_renders(bench: Benchmark, opts: EvalOptions, progress: Progress) -
         progress.log(f"eval: building {len(bench.prompts)} reference meshes from the benchmark's specs")
         rows = []
         for r in bench.prompts:
-            rel = f"meshes/{r['prompt_id']}.glb"
+            rel = f"{shards_io.MESHES}/{r['prompt_id']}.glb"
             if not (ref / rel).exists():
                 write_glb(grid_to_mesh(bench.reference_grid(r)), shards_io.inside(ref, rel))
             rows.append({"sample_id": r["prompt_id"], "prompt_id": r["prompt_id"], "mesh_path": rel,

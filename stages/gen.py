@@ -37,7 +37,7 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
              progress: Progress | None = None) -> list[dict]:
     """Rollouts for prompt rows (dicts with prompt_id, prompt and optional category/spec): G samples
     per prompt and level, coarse before fine. With out_dir, decodable meshes are written to
-    out_dir/meshes/<sample_id>.glb (mesh_path relative to out_dir); without, mesh_path stays None."""
+    out_dir/_meshes/<sample_id>.glb (mesh_path relative to out_dir); without, mesh_path stays None."""
     if mode not in MODES:
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if group_size < 1 or batch_size < 1:
@@ -97,7 +97,7 @@ def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling,
 
 
 def _write_mesh(grid: np.ndarray, out: Path, sample_id: str) -> str:
-    rel = f"meshes/{sample_id}.glb"
+    rel = f"{shards_io.MESHES}/{sample_id}.glb"
     write_glb(grid_to_mesh(grid), shards_io.inside(out, rel))
     return rel
 

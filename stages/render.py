@@ -1,7 +1,7 @@
 """`rl3d render`: headless multi-view renders of meshes (ray casting, deterministic).
 
 Reads a samples/objects table (or a directory of GLBs), renders every mesh this shard owns with
-the stages/raycast library and writes, under the stage out dir, images/<sample_id>/view-XX.png,
+the stages/raycast library and writes, under the stage out dir, _images/<sample_id>/view-XX.png,
 optional depth-XX.png (uint16 z-depth in millimetres, 0 = background) and normal-XX.png
 (camera-space normals, x right, y up, z towards the camera, as (n + 1) / 2 * 255; background
 0), and sheet.png, a captioned contact sheet of the views for people; then the renders table
@@ -20,10 +20,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
 from rl3d.formats.shards import check_id
-from rl3d.formats.tables import absolute_media, list_parts
+from rl3d.formats.tables import absolute_media, list_parts, provenance
 from rl3d.stages.contract import run_stage
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
@@ -97,7 +98,7 @@ def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: Ren
     if res is None:
         return rows
     az, el = [r["azimuth"] for r in rows], [r["elevation"] for r in rows]
-    rel = Path("images") / _safe_dir_name(job["sample_id"])
+    rel = Path(shards_io.IMAGES) / _safe_dir_name(job["sample_id"])
     for i, r in enumerate(rows):
         r["image_path"] = str(rel / f"view-{i:02d}.png")
         images.save_png(res["rgb"][i], Path(out) / r["image_path"])
@@ -122,9 +123,9 @@ def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: Ren
 def read_jobs(samples: str | os.PathLike) -> list[dict]:
     """Mesh jobs from a samples/objects table (needs sample_id + mesh_path) or a dir of GLBs."""
     p = Path(samples)
-    if p.is_dir() and not any(p.glob("*.parquet")) and any(p.glob("*.glb")):
-        return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""}
-                for g in sorted(p.glob("*.glb"))]
+    glbs = sorted(g for g in p.glob("*.glb") if not g.name.startswith(".")) if p.is_dir() else []
+    if glbs and not any(p.glob("*.parquet")):  # hidden .tmp-* GLBs are writes a kill interrupted
+        return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""} for g in glbs]
     jobs, seen = [], set()
     for f in list_parts(p):
         try:
@@ -239,4 +240,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
                  "views_per_s": round(ok / secs, 2) if secs > 0 else None}
         return renders_table(rows, ropts, copied), stats
 
-    return run_stage("render", "renders", opts, config, produce)
+    # a dir of GLBs is no table: nothing to name
+    made_from = {"samples": provenance(samples).table_id} if any(Path(samples).glob("*.parquet")) or \
+        Path(samples).suffix == ".parquet" else None
+    return run_stage("render", "renders", opts, config, produce, made_from=made_from)

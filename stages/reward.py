@@ -21,8 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats import tables
+from rl3d.formats.codec import VoxelCodec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
+from rl3d.formats.voxels import from_bytes
 from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
@@ -82,7 +84,6 @@ def render_state(rows: list[dict]) -> tuple[str, str, list[str]]:
 
 def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[list, list[str]]:
     """Per row: the voxel grid (or None) and a decode error message ('' when fine)."""
-    from rl3d.formats.voxels import from_bytes
 
     n = len(rows["sample_id"])
     grids: list = [None] * n
@@ -94,7 +95,6 @@ def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[lis
             except (ValueError, TypeError) as e:
                 errors[i] = f"voxels: {e}"
         return grids, errors
-    from rl3d.formats.codec import VoxelCodec
 
     try:
         codec = VoxelCodec.load(codec_path or None)
@@ -305,5 +305,19 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
         stats["status"] = status_counts(out)
         return out, stats
 
+    made_from = check_inputs(samples, renders, Progress(opts.quiet))
     policy = tables.table_policy(samples)
-    return run_stage("reward", "rewards", opts, record, produce, policy=policy)
+    return run_stage("reward", "rewards", opts, record, produce, policy=policy, made_from=made_from)
+
+
+def check_inputs(samples, renders, progress: Progress) -> dict[str, str | None]:
+    """Refuse renders of other samples (another run, seed or policy); the ids the rewards are made from."""
+    source = tables.provenance(samples)
+    made_from = {"samples": source.table_id}
+    if renders:
+        rendered = tables.provenance(renders)
+        warning = tables.require_made_for(rendered, "samples", source)
+        if warning:
+            progress.log(f"WARNING: {warning}")
+        made_from["renders"] = rendered.table_id
+    return made_from

@@ -22,7 +22,7 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import load_policy, save_policy
+from rl3d.stages.policy.checkpoint import load_policy, policy_id, read_policy_meta, rng_state, save_policy
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
@@ -31,6 +31,7 @@ from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs, learned_nothing
 from rl3d.stages.rl.update import UpdateStats, attention_without_cudnn, reference_logprobs, run_updates
+from rl3d.stages.scoring.run_metrics import write_tensorboard
 
 __all__ = ["RLConfig", "run_rl_step", "append_run_metrics", "DONE_FILE"]
 
@@ -39,18 +40,24 @@ DONE_FILE = "rl_step.json"
 
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
-                lora_rank: int = 0, progress=None) -> dict:
+                lora_rank: int = 0, progress=None, allow_off_policy: bool = False,
+                tensorboard: str | None = None) -> dict:
     progress = progress or Progress()
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
         progress.log(f"rl-step: {out} is already a complete checkpoint, skipping (use --overwrite to redo)")
+        if run_metrics:  # a kill after the checkpoint's rename and before this append: redo it (idempotent)
+            append_run_metrics(Path(run_metrics), tables.read_table(out / "metrics", "metrics"))
         return {"stage": "rl-step", "out": str(out), "skipped": True}
+    if out.exists() and not overwrite:  # before any training, not after it
+        raise InputError(f"{out}: exists and is not a complete rl-step checkpoint; use --overwrite")
     check_step_inputs(policy_dir, samples_path, rewards_path, cfg)  # input guard: one line naming file and row
     t0 = time.time()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
 
     # 1. data: samples joined with rewards -> advantages -> the samples that train
+    check_batch(samples_path, rewards_path, policy_dir, allow_off_policy, progress)
     samples, rewards = _read_batch(samples_path, rewards_path)
     adv_rows, adv_stats = compute_advantages(
         samples, algo=cfg.algo, lam=cfg.lam, adv_std=cfg.adv_std, std_eps=cfg.std_eps,
@@ -58,6 +65,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         failed_penalty=cfg.failed_penalty)
     kept = _kept_samples(samples, adv_rows)
     timings["load_s"] = time.time() - t0
+    progress.log(f"rl-step: {len(kept)} of {len(samples)} samples train ({adv_stats['groups']} groups, "
+                 f"{adv_stats['dropped_failed'] + adv_stats['dropped_no_spread']} dropped); loading the policy")
 
     # 2. models: the policy being trained, and the frozen reference for the KL term
     device_type = resolve_device_dtype(device)[0].type
@@ -100,11 +109,17 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     with attention_without_cudnn():
         t1 = time.time()
         if ref_scorer is not None:
+            progress.log(f"rl-step: reference log-probs of {len(kept)} samples")
             reference_logprobs(kept, ref_scorer, special, acc, cfg.micro_batch)
         timings["ref_s"] = time.time() - t1
         t2 = time.time()
+        minibatches = -(-len(kept) // (cfg.minibatch or max(len(kept), 1))) * cfg.epochs if kept else 0
+        progress.log(f"rl-step: {minibatches} optimizer update(s) ({cfg.epochs} epoch(s)), reference took "
+                     f"{timings['ref_s']:.0f}s")
         stats = run_updates(kept, scorer, opt, acc, special, cfg, ref_scorer is not None, updates_before)
         timings["update_s"] = time.time() - t2
+        progress.log(f"rl-step: {stats.n_updates} update(s) in "
+                     f"{timings['update_s']:.0f}s; writing the checkpoint")
 
     # 4. metrics, collapse warnings, checkpoint
     if stats.skipped_updates:
@@ -127,14 +142,36 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         model_to_save = acc.unwrap_model(scorer).model
         if lora_rank:
             model_to_save = model_to_save.merge_and_unload()
-        _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
-                         samples_path, rewards_path, run_metrics, overwrite)
+        try:
+            _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
+                             samples_path, rewards_path, run_metrics, overwrite)
+        except BaseException:  # a failed save leaves no half checkpoint behind (a kill leaves it for the rerun)
+            shutil.rmtree(out.with_name(f".{out.name}.rl-tmp"), ignore_errors=True)
+            raise
+        if tensorboard:
+            write_tensorboard(tensorboard, metrics["step"], metrics)
     acc.wait_for_everyone()
     metrics["save_s"] = round(time.time() - t3, 3)
     return {"stage": "rl-step", "out": str(out), "skipped": False, "step": metrics["step"],
             "seconds": round(time.time() - t0, 2), **{k: metrics[k] for k in
             ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
              "dropped_groups", "grad_norm", "learned_nothing") if k in metrics}}
+
+
+def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress) -> None:
+    """Refuse rewards of other samples, and samples drawn by another policy than the one being
+    updated (GRPO's ratio assumes the samples' log-probs are this policy's) unless allowed."""
+    samples = tables.provenance(samples_path)
+    warning = tables.require_made_for(tables.provenance(rewards_path), "samples", samples)
+    if warning:
+        progress.log(f"WARNING: {warning}")
+    if samples.kind is None or allow_off_policy:
+        return
+    path = Path(policy_dir).resolve()
+    current = policy_id(path, read_policy_meta(path))
+    if not tables.same_policy(samples.policy, current):
+        raise InputError(f"{samples_path}: sampled by policy {samples.policy}, not by --policy {current}; "
+                         f"pass --allow-off-policy to update from another policy's samples")
 
 
 def _read_batch(samples_path, rewards_path) -> tuple[list[dict], dict[str, dict]]:
@@ -265,7 +302,7 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
                     base=meta.get("base"), codec_ref=None, extra=extra, state_dict=weights)
     if opt_state is not None:  # none for LoRA: the adapter is merged on save
         torch.save(opt_state, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, tmp / "rng_state.pt")
+    torch.save(rng_state(), tmp / "rng_state.pt")
     adv = pa.table({"sample_id": [a.sample_id for a in adv_rows], "prompt_id": [a.prompt_id for a in adv_rows],
                     "sample_index": pa.array([a.sample_index for a in adv_rows], pa.int32()),
                     "level": [a.level for a in adv_rows], "reward": [a.reward for a in adv_rows],

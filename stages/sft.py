@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import random
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +44,7 @@ from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
 from rl3d.formats.shards import atomic_path, atomic_write_json
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import POLICY_META, save_policy
+from rl3d.stages.policy.checkpoint import POLICY_META, load_trainer_state, restore_rng, rng_state, save_policy
 from rl3d.stages.policy.sequence import MODE_LEVELS, build_prompt, mesh_block
 from rl3d.stages.policy.tokenizer import (SpecialIds, add_mesh_tokens, build_tokenizer, load_tokenizer,
                                           mesh_token_offset, special_ids)
@@ -398,7 +397,7 @@ def policy_codec(opts: SFTOptions):
 
 
 def set_special_ids(model, tokenizer) -> None:
-    """Pad/eos ids on the model and a sane generation config (sampling as in HI-GRPO.md)."""
+    """Pad/eos ids on the model and a sane generation config (sampling as in docs/hi_grpo.md)."""
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = None
@@ -432,7 +431,9 @@ def completion_loss(model, batch, is_mesh: torch.Tensor):
 # ---- checkpoints -------------------------------------------------------------------------------
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    # step-N.tmp is a save a kill interrupted: never resume from it
+    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*")
+                   if not p.name.endswith(".tmp") and (p / STATE_FILE).is_file())
     return ckpts[-1] if ckpts else None
 
 
@@ -452,36 +453,6 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, codec, optimizer, sc
     for old in sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def rng_state() -> dict:
-    """Every RNG's state as tensors and plain numbers, so trainer_state.pt loads with
-    torch.load(weights_only=True) (numpy's state tuple holds an ndarray, which would need pickle)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    n = rng["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def load_trainer_state(path: Path) -> dict:
-    """trainer_state.pt without unpickling code: tensors, numbers, strings and containers only."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a loadable rl3d trainer state (only tensors and plain values are "
-                         f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None
 
 
 def policy_meta(mode: str, tokenizer, codec, dtype: str) -> dict:

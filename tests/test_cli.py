@@ -195,7 +195,7 @@ def test_checkpoint_stage_summaries_when_complete(tmp_path):
 
 
 # commands that only read outputs and report on them: no seed, nothing to overwrite
-REPORTERS = ("status", "learning-summary")
+REPORTERS = ("status", "learning-summary", "doctor")
 
 
 def test_every_command_takes_the_common_options():

@@ -1,7 +1,7 @@
 """rl3d eval end to end on tiny random policies and a tiny CLIP, plus metric computation on
 hand-built samples (no gen)."""
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +11,10 @@ from click.testing import CliRunner
 
 from rl3d.cli.main import main
 from rl3d.stages import eval as E
-from rl3d.stages.benchmarks import load_benchmark
+from rl3d.stages.eval_sets import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("eval_fixtures", Path(__file__).with_name("test_eval_fixtures.py"))
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
+sys.path.insert(0, str(Path(__file__).parent))
+import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 
 def _grid(x0, x1, y0=0):

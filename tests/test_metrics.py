@@ -1,4 +1,4 @@
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +9,8 @@ from rl3d.formats.errors import InputError
 from rl3d.stages.scoring import metrics
 from rl3d.stages.scoring.clip import ClipScorer
 
-_spec = importlib.util.spec_from_file_location("eval_fixtures", Path(__file__).with_name("test_eval_fixtures.py"))
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
+sys.path.insert(0, str(Path(__file__).parent))
+import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 
 def test_kd_hand_computed_three_points():

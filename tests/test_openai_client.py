@@ -17,10 +17,11 @@ from rl3d.stages.rewards.vlm import VLMJudgeBackend
 
 
 class FakeChatServer:
-    """behave(request_number, body) -> (status, reply_text_or_error_body, delay_s)."""
+    """behave(request_number, body) -> (status, reply_text_or_error_body, delay_s). GET /v1/models
+    lists `served` (what `rl3d doctor` asks an endpoint)."""
 
-    def __init__(self, behave):
-        self.behave, self.lock = behave, threading.Lock()
+    def __init__(self, behave, served=("judge",)):
+        self.behave, self.lock, self.served = behave, threading.Lock(), list(served)
         self.count = self.active = self.max_active = 0
         self.bodies, self.headers = [], []
         server = self
@@ -28,6 +29,16 @@ class FakeChatServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep pytest output clean
                 pass
+
+            def do_GET(self):
+                ok = self.path.rstrip("/") == "/v1/models"
+                payload = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in server.served]}
+                                     if ok else {"error": {"message": "not found"}}).encode()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -65,8 +76,8 @@ class FakeChatServer:
 
 
 @contextmanager
-def chat_server(behave):
-    srv = FakeChatServer(behave)
+def chat_server(behave, served=("judge",)):
+    srv = FakeChatServer(behave, served)
     t = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     try:

@@ -144,14 +144,14 @@ def test_cli_glb_dir_outputs_and_error_rows(glb_dir, tmp_path):
     assert sheet.width > sheet.height  # 3 x 2 grid + caption
     assert ok[0]["image_path"].startswith(str((tmp_path / "r").resolve()))  # absolute once read
     stored = [v for v in pq.read_table(tmp_path / "r" / "part-00000-of-00001.parquet").column("image_path").to_pylist() if v]
-    assert stored and all(v.startswith("images/") for v in stored)  # relative on disk
+    assert stored and all(v.startswith("_images/") for v in stored)  # relative on disk
 
 
 def test_cli_png_bytes_are_deterministic(glb_dir, tmp_path):
     for name in ("a", "b"):
         assert run_cli("--samples", str(glb_dir), "--out", str(tmp_path / name), "--resolution", "64",
                        "--workers", "1").exit_code == 0
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "images").rglob("*.png"))
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "_images").rglob("*.png"))
     assert len(files) == 2 * 7  # 6 views + sheet per good mesh
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()

@@ -1,4 +1,4 @@
-import importlib.util
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,9 +9,8 @@ from PIL import Image
 from rl3d.stages.scoring import report
 from rl3d.stages.eval import metric_row
 
-_spec = importlib.util.spec_from_file_location("eval_fixtures", Path(__file__).with_name("test_eval_fixtures.py"))
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
+sys.path.insert(0, str(Path(__file__).parent))
+import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 CATS = ["spatial_structural", "organic_forms"]
 

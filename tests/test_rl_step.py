@@ -18,6 +18,7 @@ from test_policy import make_tiny_policy  # noqa: E402
 
 from rl3d.cli.main import main  # noqa: E402
 from rl3d.formats import shards, tables  # noqa: E402
+from rl3d.formats.errors import InputError  # noqa: E402
 from rl3d.stages import gen  # noqa: E402
 from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
 from rl3d.stages.rl.config import RLConfig  # noqa: E402
@@ -42,7 +43,10 @@ def _batch(root, tied=False):
     rows = gen.generate(loaded, PROMPTS, "hi-grpo", group_size=3, seed=3,
                         sampling=gen.Sampling(max_reasoning_tokens=6), batch_size=8)
     samples = pa.Table.from_pylist(rows)
-    shards.write_part(tables.with_metadata(samples, "samples"), root / "gen", shards.Shard(0, 1))
+    # provenance as gen and reward record it: rl-step checks both before it joins them
+    gen_config = {"prompts": "PROMPTS", "seed": 3}
+    shards.write_part(tables.with_metadata(samples, "samples", gen_config, loaded.policy_id), root / "gen",
+                      shards.Shard(0, 1))
     rewards = [{"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
                 "level": r["level"], "total": float(np.mean(np.asarray(r["mesh_tokens"]) != 0)) + 0.1 * r["sample_index"],
                 "status": "ok", "message": ""} for r in rows]
@@ -50,13 +54,16 @@ def _batch(root, tied=False):
                                                       ("sample_index", pa.int32()), ("level", pa.string()),
                                                       ("total", pa.float64()), ("status", pa.string()),
                                                       ("message", pa.string())]))
-    shards.write_part(tables.with_metadata(t, "rewards"), root / "rewards", shards.Shard(0, 1))
+    made_from = {"samples": tables.table_id("samples", gen_config, loaded.policy_id)}
+    shards.write_part(tables.with_metadata(t, "rewards", {"reward": "mesh fill"}, loaded.policy_id, made_from),
+                      root / "rewards", shards.Shard(0, 1))
     return root, policy, rows
 
 
-def _step(root, policy, out, **kw):
+def _step(root, policy, out, allow_off_policy=False, **kw):
     cfg = RLConfig(**{"lr": 1e-3, "micro_batch": 4, **kw})
-    return run_rl_step(policy, root / "gen", root / "rewards", out, cfg, run_metrics=str(out.parent / "m.parquet"))
+    return run_rl_step(policy, root / "gen", root / "rewards", out, cfg, run_metrics=str(out.parent / "m.parquet"),
+                       allow_off_policy=allow_off_policy)
 
 
 def _metrics(out):
@@ -94,7 +101,10 @@ def test_checkpoint_is_complete_and_loadable(run, tmp_path):
     run_metrics = pq.read_table(tmp_path / "m.parquet").to_pylist()
     assert {r["name"] for r in run_metrics} >= {"loss", "kl", "entropy", "reward_mean_coarse", "grad_norm"}
     # a second step from the first: its reference is still the initial policy, so KL > 0 now
-    samples_meta = _step(root, out, tmp_path / "ckpt2", beta=0.01)
+    # (on the first step's samples: another policy drew them, which rl-step refuses unless told)
+    with pytest.raises(InputError, match="pass --allow-off-policy"):
+        _step(root, out, tmp_path / "ckpt2", beta=0.01)
+    samples_meta = _step(root, out, tmp_path / "ckpt2", beta=0.01, allow_off_policy=True)
     assert samples_meta["step"] == 2 and _metrics(tmp_path / "ckpt2")["kl"] > 0
     assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1, 2}
 
@@ -131,7 +141,7 @@ def test_warmup_continues_from_the_parent_checkpoint(run, tmp_path):
     m1 = _metrics(tmp_path / "w1")
     assert m1["optimizer_updates"] == 2 and m1["lr"] == pytest.approx(1e-3 * (1 + 2) / 2 / 8)
     assert json.loads((tmp_path / "w1" / "rl3d_policy.json").read_text())["optimizer_updates"] == 2
-    _step(root, tmp_path / "w1", tmp_path / "w2", beta=0.0, minibatch=6, warmup_updates=8)
+    _step(root, tmp_path / "w1", tmp_path / "w2", beta=0.0, minibatch=6, warmup_updates=8, allow_off_policy=True)
     m2 = _metrics(tmp_path / "w2")
     assert m2["optimizer_updates"] == 4 and m2["lr"] == pytest.approx(1e-3 * (3 + 4) / 2 / 8)
     # AdamW's state carries over too: named by parameter, its step count continues from the parent
@@ -247,3 +257,48 @@ def test_lora_step_merges_the_adapter_into_a_plain_checkpoint(run, tmp_path):
     assert any(not torch.equal(w0[k].to(w1[k].dtype), w1[k]) for k in w1)
     assert not (out / "optimizer.pt").exists()
     assert load_policy(out, device="cpu", dtype="float32").model is not None
+
+
+def test_rewards_of_another_run_do_not_join(run, tmp_path):
+    """Sample ids repeat from run to run: step 1's rewards must not train on step 2's rollouts."""
+    root, policy, rows = run
+    other = tmp_path / "other-rewards"
+    t = tables.read_table(root / "rewards", "rewards")
+    made_from = {"samples": tables.table_id("samples", {"prompts": "PROMPTS", "seed": 4}, "another run")}
+    shards.write_part(tables.with_metadata(t, "rewards", {"reward": "mesh fill"}, None, made_from), other,
+                      shards.Shard(0, 1))
+    with pytest.raises(InputError, match="was made from another samples table .* do not join"):
+        run_rl_step(policy, root / "gen", other, tmp_path / "x", RLConfig(lr=1e-3))
+    res = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                    "--rewards", str(other), "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "do not join" in res.output and not (tmp_path / "y").exists()
+
+
+def test_cli_writes_tensorboard_scalars_beside_the_run_metrics(run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, policy, rows = run
+    res = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                    "--rewards", str(root / "rewards"), "--out", str(tmp_path / "o"), "--lr", "1e-3",
+                                    "--tensorboard", str(tmp_path / "tb")])
+    assert res.exit_code == 0, res.output
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"loss", "kl", "grad_norm"} <= set(acc.Tags()["scalars"]) and acc.Scalars("loss")[0].step == 1
+    assert "rl-step: reference log-probs" in res.output and "writing the checkpoint" in res.output
+
+
+def test_kill_after_the_checkpoint_rename_loses_no_run_metrics(run, tmp_path):
+    root, policy, rows = run
+    _step(root, policy, tmp_path / "a", beta=0.0)
+    (tmp_path / "m.parquet").unlink()  # as if killed between the rename and the run-metrics append
+    assert _step(root, policy, tmp_path / "a", beta=0.0)["skipped"] is True
+    assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1}
+
+
+def test_an_existing_incomplete_out_fails_before_training(run, tmp_path):
+    root, policy, rows = run
+    (tmp_path / "p").mkdir()
+    with pytest.raises(InputError, match="is not a complete rl-step checkpoint"):
+        _step(root, policy, tmp_path / "p")
+    assert not (tmp_path / ".p.rl-tmp").exists() and not (tmp_path / "m.parquet").exists()

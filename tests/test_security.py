@@ -19,7 +19,7 @@ from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV, remote_code_allowed
 from rl3d.formats.prompts import read_prompts
 from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.rewards.hps import _read_weights
-from rl3d.stages.sft import load_trainer_state, restore_rng, rng_state
+from rl3d.stages.policy.checkpoint import load_trainer_state, restore_rng, rng_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_policy import make_tiny_policy  # noqa: E402

@@ -169,3 +169,12 @@ def test_process_pool_encoding_matches_serial(data, monkeypatch):
     monkeypatch.setattr(sft, "ENCODE_CHUNK", 3)
     pooled = sft.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=2)
     assert all((serial[k] == pooled[k]).all() for k in serial)
+
+
+def test_resume_never_picks_a_checkpoint_a_kill_left_half_written(tmp_path):
+    from rl3d.stages.sft import STATE_FILE, latest_checkpoint
+
+    for name in ("step-000001", "step-000002.tmp"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / STATE_FILE).write_bytes(b"")
+    assert latest_checkpoint(tmp_path).name == "step-000001"

@@ -5,7 +5,7 @@ from rl3d.formats.voxels import color_id
 from rl3d.stages.rewards.base import RewardItem
 from rl3d.stages.rewards.spec import SpecBackend, check_spec, parse_prompt
 from rl3d.stages.shapes import FAMILIES
-from rl3d.stages.synth import generate_objects, make_object
+from rl3d.stages.shapes.world import generate_objects, make_object
 
 
 def _first(family, pred=lambda o: True, seed=0):

@@ -8,26 +8,25 @@ from click.testing import CliRunner
 from rl3d.cli.synth import command
 from rl3d.formats import voxels as vox
 from rl3d.formats.tables import read_table
-from rl3d.stages import synth
-from rl3d.stages.shapes import FAMILIES
+from rl3d.stages.shapes import FAMILIES, world
 
 
 def test_api_names_and_categories():
-    assert synth.CATEGORIES == ("spatial_structural", "mechanical_affordance", "physical_plausibility",
+    assert world.CATEGORIES == ("spatial_structural", "mechanical_affordance", "physical_plausibility",
                                 "organic_forms", "rare_entities", "stylized_abstract")
-    assert len(synth.FAMILIES) >= 15
+    assert len(world.FAMILIES) >= 15
     cats = {f.category for f in FAMILIES.values()}
-    assert cats == set(synth.CATEGORIES)
+    assert cats == set(world.CATEGORIES)
 
 
 def test_deterministic_by_seed():
-    a, b = synth.generate_objects(30, seed=3), synth.generate_objects(30, seed=3)
+    a, b = world.generate_objects(30, seed=3), world.generate_objects(30, seed=3)
     assert [o.caption for o in a] == [o.caption for o in b]
     assert all(np.array_equal(x.grid, y.grid) for x, y in zip(a, b))
-    c = synth.generate_objects(30, seed=4)
+    c = world.generate_objects(30, seed=4)
     assert [o.caption for o in a] != [o.caption for o in c]
     # object i depends only on (seed, i)
-    assert synth.make_object(17, 3).caption == a[17].caption
+    assert world.make_object(17, 3).caption == a[17].caption
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -50,7 +49,7 @@ def test_every_family_builds_a_large_grounded_grid(name):
 
 
 def test_captions_vary_and_texts_present():
-    objs = synth.generate_objects(60, seed=1)
+    objs = world.generate_objects(60, seed=1)
     assert len({o.caption for o in objs}) == 60
     table_caps = [o.caption for o in objs if o.family == "table"]
     assert len({c.split(" ")[0] for c in table_caps} | {len(c) for c in table_caps}) > 2
@@ -61,7 +60,7 @@ def test_captions_vary_and_texts_present():
 
 
 def test_split_rule_rare_only_in_eval():
-    objs = synth.generate_objects(400, seed=2)
+    objs = world.generate_objects(400, seed=2)
     rare = [o for o in objs if o.category == "rare_entities"]
     assert rare and all(o.split == "eval" for o in rare)
     train = [o for o in objs if o.split == "train"]
@@ -69,9 +68,9 @@ def test_split_rule_rare_only_in_eval():
     for o in train:  # held-out families and held-out combinations never reach train
         fam = FAMILIES[o.family]
         assert not fam.held_out and not fam.is_rare(o.spec)
-    only_train = synth.generate_objects(100, seed=2, split="train")
+    only_train = world.generate_objects(100, seed=2, split="train")
     assert all(o.split == "train" and o.category != "rare_entities" for o in only_train)
-    assert any(FAMILIES[o.family].held_out for o in synth.generate_objects(200, seed=2, split="eval"))
+    assert any(FAMILIES[o.family].held_out for o in world.generate_objects(200, seed=2, split="eval"))
 
 
 def test_cli_writes_valid_objects_table(tmp_path):
@@ -83,10 +82,10 @@ def test_cli_writes_valid_objects_table(tmp_path):
     for row in t:
         assert row["prompt_id"] == row["sample_id"] and row["status"] == "ok"
         grid = vox.from_bytes(row["voxels"])
-        assert np.array_equal(grid, synth.make_object(int(row["sample_id"][-6:]), 5).grid)
+        assert np.array_equal(grid, world.make_object(int(row["sample_id"][-6:]), 5).grid)
         assert json.loads(row["spec"])["family"] == row["family"]
         assert row["mesh_path"].endswith(f"{row['sample_id']}.glb")
-        assert (out / "meshes" / f"{row['sample_id']}.glb").stat().st_size > 0
+        assert (out / "_meshes" / f"{row['sample_id']}.glb").stat().st_size > 0
         if row["message"] != "no codec":
             assert len(row["mesh_tokens"]) == 512
 
@@ -95,7 +94,7 @@ def test_no_meshes_and_bad_split(tmp_path):
     r = CliRunner().invoke(command, ["--n", "4", "--out", str(tmp_path / "a"), "--no-meshes", "--quiet"])
     assert r.exit_code == 0, r.output
     t = read_table(tmp_path / "a", "objects").to_pylist()
-    assert all(row["mesh_path"] is None for row in t) and not (tmp_path / "a" / "meshes").exists()
+    assert all(row["mesh_path"] is None for row in t) and not (tmp_path / "a" / "_meshes").exists()
     r = CliRunner().invoke(command, ["--n", "4", "--out", str(tmp_path / "b"), "--split", "test"])
     assert r.exit_code == 2
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from transformers.utils import logging as hf_logging
@@ -193,3 +195,35 @@ def model_vocab_size(model) -> int:
     """Rows of the output head (the logits width), which may exceed len(tokenizer)."""
     head = model.get_output_embeddings()
     return int(head.weight.shape[0]) if head is not None else int(model.config.get_text_config().vocab_size)
+
+
+# ---- RNG and trainer state, loadable with torch.load(weights_only=True) ----
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain numbers, so trainer_state.pt loads with
+    torch.load(weights_only=True) (numpy's state tuple holds an ndarray, which would need pickle)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_trainer_state(path: Path) -> dict:
+    """trainer_state.pt without unpickling code: tensors, numbers, strings and containers only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a loadable rl3d trainer state (only tensors and plain values are "
+                         f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None

@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from rl3d.formats.errors import InputError
+from rl3d.formats.glb import read_glb
+from rl3d.formats.voxels import grid_to_faces
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 
 _FACE_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
@@ -98,7 +101,6 @@ def _distance_outside(p: np.ndarray, hull: np.ndarray) -> float:
 def watertight(occ: np.ndarray) -> tuple[float, dict]:
     """Fraction of the merged cube mesh's edges that are manifold (exactly two faces): 1.0 =
     watertight. Voxels meeting only along an edge make 4-face (non-manifold) edges."""
-    from rl3d.formats.voxels import grid_to_faces
 
     v, f, _ = grid_to_faces(occ.astype(np.uint8))
     # weld vertices: they sit on the integer lattice, so an exact integer key merges them
@@ -157,7 +159,6 @@ def grid_from_glb(path: str, resolution: int = 32, samples: int = 200_000) -> np
     the cells the surface bounds; enclosed cells are then filled. Exact for rl3d's cube meshes."""
     import trimesh
 
-    from rl3d.formats.glb import read_glb
 
     mesh = read_glb(path)
     if isinstance(mesh, trimesh.Scene):
@@ -181,8 +182,6 @@ class GeometryBackend(RewardBackend):
     needs_views = False
 
     def __init__(self, metric: str, **params):
-        from rl3d.formats.errors import InputError
-
         if metric not in METRICS:
             raise InputError(f"unknown geometry metric {metric!r} (known: {', '.join(METRICS)})")
         self.metric = metric

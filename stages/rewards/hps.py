@@ -30,8 +30,6 @@ def load_hps(checkpoint: str, arch: str, device: str):
     """(model, preprocess, tokenizer), once per process per (checkpoint, arch, device)."""
     key = (os.path.realpath(checkpoint), arch, device)
     if key not in _MODELS:
-        import torch
-
         open_clip = import_open_clip()
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
         state = _read_weights(checkpoint)

@@ -7,7 +7,7 @@ only that final line and rejects anything else (missing line, wrong keys, non-nu
 out of range). A reply that fails to parse raises JudgeParseError; the backend turns it into a
 "parse_error" TermResult. There are no default scores.
 
-The wording is ours; the terms follow the paper's judge rewards (../shared/HI-GRPO.md, Rewards).
+The wording is ours; the terms follow the paper's judge rewards (docs/hi_grpo.md, "Rewards per level").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Group-relative advantages with Hi-GRPO's back-flow (HI-GRPO.md, "Advantages and loss").
+"""Group-relative advantages with Hi-GRPO's back-flow (docs/hi_grpo.md, "Advantages").
 
 Pure functions on plain arrays so they can be checked by hand:
     R~_high_i = R_high_i + lambda * R_low_i          (coarse rows; the refined result supervises the plan)

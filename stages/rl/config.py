@@ -12,7 +12,7 @@ class RLConfig:
     algo: str = "hi-grpo"            # hi-grpo | grpo
     lam: float = 1.0                 # back-flow weight of R_low into R_high
     beta: float = 0.01               # k3 KL weight; 0 loads no reference
-    kl_max: float = 0.0              # per-token k3 cap (10 = verl's low_var_kl); 0 = uncapped, as HI-GRPO.md
+    kl_max: float = 0.0              # per-token k3 cap (10 = verl's low_var_kl); 0 = uncapped, as the Hi-GRPO loss (docs/hi_grpo.md)
     clip_low: float = 0.2
     clip_high: float = 0.28
     loss_agg: str = "token"          # token | sequence | dr-grpo

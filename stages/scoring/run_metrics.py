@@ -8,6 +8,19 @@ import pyarrow.parquet as pq
 from rl3d.formats.errors import InputError
 
 
+def write_tensorboard(logdir: str | Path, step: int, metrics: dict) -> None:
+    """One step's numeric metrics as TensorBoard scalars (tag = metric name), beside metrics.parquet,
+    for users who watch runs there. Needs the tensorboard package (rl3d[tensorboard])."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # lazy: an optional dependency
+    except ImportError:
+        raise InputError("--tensorboard needs the tensorboard package: pip install 'rl3d[tensorboard]'") from None
+    with SummaryWriter(log_dir=str(logdir)) as writer:
+        for name, value in sorted(metrics.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(name, float(value), global_step=int(step))
+
+
 def read_run_metrics(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """A run-level metrics Parquet (columns step, name, value), or a dir holding one -> name -> (steps, values)."""
     p = Path(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rl3d.formats.voxels import COLOR_INDEX, RESOLUTION
+from rl3d.formats.voxels import COLOR_INDEX, RESOLUTION, color_id
 
 R = RESOLUTION
 C = (R - 1) / 2.0  # 15.5: the x/z centre of the grid, between voxels 15 and 16
@@ -119,8 +119,6 @@ class Canvas:
         self.labels[tuple(pts.T)] = self._id(part)
 
     def grid(self) -> np.ndarray:
-        from rl3d.formats.voxels import color_id
-
         lut = np.zeros(len(self.parts) + 1, np.uint8)
         for k, p in enumerate(self.parts, 1):
             lut[k] = color_id(self.colors[p])

@@ -3,7 +3,7 @@
 - `synth-reasoning`: procedural prompts of the synth "eval" split, PER_CATEGORY per category, each
   with its machine-readable spec and its ground-truth grid (rebuilt from the spec, so reference
   renders and spec checks need no stored data). Drawn deterministically at load time from
-  rl3d.stages.synth with SYNTH_SEED; the content hash recorded in the report says exactly which
+  rl3d.stages.shapes.world with SYNTH_SEED; the content hash recorded in the report says exactly which
   prompt set was used.
 - `text-reasoning`: 252 free-text, reasoning-heavy prompts written for rl3d (counts, spatial
   relations, affordances, plausibility, rare objects, styles) in the six categories; no specs,
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.prompts import read_prompts
+from rl3d.stages.shapes import world
 
 CATEGORIES = ("spatial_structural", "mechanical_affordance", "physical_plausibility", "organic_forms",
               "rare_entities", "stylized_abstract")
@@ -72,9 +74,7 @@ class Benchmark:
         """The ground-truth voxel grid of a synth prompt (None for benchmarks without specs)."""
         if not prompt_row.get("spec"):
             return None
-        from rl3d.stages import synth
-
-        return synth.build_grid(json.loads(prompt_row["spec"]))
+        return world.build_grid(json.loads(prompt_row["spec"]))
 
 
 def list_benchmarks() -> list[str]:
@@ -112,12 +112,10 @@ def synth_reasoning(per_category: int = PER_CATEGORY, seed: int = SYNTH_SEED, ma
 
     Draws stop when every category is full, or when all categories seen so far are full and the
     last 1000 draws found no new one (a synth world without some category: the report says so)."""
-    from rl3d.stages import synth
-
     by_cat: dict[str, list[dict]] = {}
     last_new = 0
     for i in range(max_draws):
-        o = synth.make_object(i, seed, "eval")
+        o = world.make_object(i, seed, "eval")
         rows = by_cat.setdefault(o.category, [])
         if not rows and i:
             last_new = i
@@ -176,8 +174,6 @@ def load_benchmark_file(path: str | os.PathLike) -> Benchmark:
 
 
 def _read_rows(path: Path, source: str) -> list[dict]:
-    from rl3d.formats.prompts import read_prompts
-
     try:
         t = read_prompts(path)
     except InputError as e:
@@ -187,4 +183,5 @@ def _read_rows(path: Path, source: str) -> list[dict]:
 
 def reference_images(d: str | os.PathLike) -> list[str]:
     """Image files of a reference folder, sorted by name."""
-    return sorted(str(f) for f in Path(d).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    return sorted(str(f) for f in Path(d).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                  and not f.name.startswith("."))  # hidden .tmp-* files: writes a kill interrupted
