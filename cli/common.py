@@ -7,6 +7,7 @@ summary always has stage, out, skipped and seconds, then the command's own field
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json as jsonlib
 import sys
@@ -99,6 +100,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR, errno.EEXIST}
+
+
+def _fail(message: str):
+    ctx = click.get_current_context(silent=True)
+    name = ctx.command_path if ctx else "rl3d"
+    click.echo(f"{name}: error: {message}", err=True)
+    sys.exit(2)
+
+
 def handle_errors(f):
     """Bad input -> one line on stderr naming the file (and row), exit code 2."""
 
@@ -107,9 +119,12 @@ def handle_errors(f):
         try:
             return f(*a, **kw)
         except InputError as e:
-            ctx = click.get_current_context(silent=True)
-            name = ctx.command_path if ctx else "rl3d"
-            click.echo(f"{name}: error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except OSError as e:
+            # where the user's disk says no (read-only, full, over quota, a file where a dir goes): one
+            # line naming the path; other OS errors are bugs and keep their traceback
+            if e.filename is None or e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            _fail(f"{e.filename}: {e.strerror}")
 
     return wrapper

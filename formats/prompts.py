@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -33,11 +34,11 @@ def read_prompts(path: str | os.PathLike) -> pa.Table:
         raise InputError(f"{p}: prompt file not found")
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        rows = [{"prompt": line.strip()} for line in p.read_text().splitlines()
+        rows = [{"prompt": line.strip()} for line in _read_text(p).splitlines()
                 if line.strip() and not line.lstrip().startswith("#")]
     elif suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(_read_text(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -48,13 +49,29 @@ def read_prompts(path: str | os.PathLike) -> pa.Table:
                 raise InputError(f"{p}:{n}: expected a JSON object per line")
             rows.append(obj)
     elif suffix == ".csv":
-        with open(p, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_read_text(p), newline="")))
     elif suffix == ".parquet":
         rows = _rows_parquet(p)
     else:
         raise InputError(f"{p}: unknown prompt file type {suffix!r} (use .txt, .jsonl, .csv or .parquet)")
     return _to_table(rows, str(p))
+
+
+def _read_text(p: Path) -> str:
+    """A text prompt file as UTF-8; a binary or otherwise encoded file is one line naming where."""
+    data = p.read_bytes()
+    if b"\0" in data:
+        at = data.index(b"\0")
+        raise InputError(f"{p}:{_line_of(data, at)}: NUL byte at offset {at} (a binary file, not prompt text)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}:{_line_of(data, e.start)}: not UTF-8 text (byte {data[e.start]:#04x} "
+                         f"at offset {e.start})") from None
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
 
 
 def _rows_parquet(f: Path) -> list[dict]:

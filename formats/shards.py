@@ -62,9 +62,19 @@ def parse_shard(text: str | None, env: dict | None = None) -> Shard:
     if "SLURM_ARRAY_TASK_ID" in env:
         if "SLURM_ARRAY_TASK_COUNT" not in env:
             raise InputError("SLURM_ARRAY_TASK_ID is set but the shard count is not: pass --shard I/N")
-        return Shard(int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
-                     int(env["SLURM_ARRAY_TASK_COUNT"]))
+        task, count, first = (_env_int(env, k, d) for k, d in (("SLURM_ARRAY_TASK_ID", None),
+                                                               ("SLURM_ARRAY_TASK_COUNT", None),
+                                                               ("SLURM_ARRAY_TASK_MIN", "0")))
+        return Shard(task - first, count)
     return Shard(0, 1)
+
+
+def _env_int(env, key: str, default: str | None) -> int:
+    value = env.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{key}={value!r}: expected an integer (or pass --shard I/N)") from None
 
 
 def stable_hash(text: str) -> int:

@@ -229,15 +229,38 @@ def absolute_media(table: pa.Table, base: Path) -> pa.Table:
     return table
 
 
+def _first_meta(path: str | os.PathLike) -> dict:
+    f = list_parts(path)[0]
+    try:
+        return pq.read_schema(f).metadata or {}
+    except Exception as e:  # corrupt or non-Parquet file
+        raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
 def table_config(path: str | os.PathLike) -> dict:
     """The config JSON stored in the first part's schema metadata ({} if none)."""
-    f = list_parts(path)[0]
-    meta = pq.read_schema(f).metadata or {}
+    meta = _first_meta(path)
     return json.loads(meta.get(META_CONFIG, b"{}"))
 
 
 def table_policy(path: str | os.PathLike) -> str | None:
-    f = list_parts(path)[0]
-    meta = pq.read_schema(f).metadata or {}
+    meta = _first_meta(path)
     v = meta.get(META_POLICY)
     return v.decode() if v else None
+
+
+def require_unique(table: pa.Table, keys: tuple[str, ...], source: str) -> None:
+    """Refuse a table whose key repeats: a join on it would silently keep the last row."""
+    seen: dict[tuple, int] = {}
+    cols = [table.column(k).to_pylist() for k in keys]
+    for n, key in enumerate(zip(*cols), 1):
+        if key in seen:
+            what = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key))
+            raise InputError(f"{source}: row {n}: duplicate key {what} (first at row {seen[key]})")
+        seen[key] = n
+
+
+def require_rows(table: pa.Table, source: str, kind: str) -> None:
+    """Refuse an input table with no rows (a stage would write an empty output and call it done)."""
+    if table.num_rows == 0:
+        raise InputError(f"{source}: the {kind} table has no rows")

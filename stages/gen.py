@@ -26,6 +26,7 @@ from rl3d.stages.contract import Progress, StageOptions, run_stage
 from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
                                            read_policy_meta)
 from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.policy.limits import check_prompts_fit
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
 from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
 from rl3d.stages.policy.tokenizer import describe_mesh_ids
@@ -165,6 +166,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
     for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
         if meta.get(key):
             config[key] = meta[key]
+    # input guard: refuse prompts beyond the policy's positions before any output is touched
+    check_prompts_fit(path, meta, prompts.to_pylist(), levels, sampling.max_reasoning_tokens, str(prompts_path))
     has_cat = "category" in prompts.column_names and prompts.column("category").null_count < prompts.num_rows
     has_spec = "spec" in prompts.column_names
 

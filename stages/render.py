@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
+from rl3d.formats.shards import check_id
 from rl3d.formats.tables import absolute_media, list_parts, provenance
 from rl3d.stages.contract import run_stage
 from rl3d.stages.raycast import images
@@ -135,10 +136,13 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
             if need not in names:
                 raise InputError(f"{f}: missing column {need!r} (render needs sample_id and mesh_path)")
         cols = ["sample_id", "mesh_path"] + [c for c in ("status", "message", *COPY_COLUMNS) if c in names]
-        t = absolute_media(pq.read_table(f, columns=cols), f.parent)
+        try:
+            t = absolute_media(pq.read_table(f, columns=cols), f.parent)
+        except Exception as e:  # a footer that reads but truncated or corrupt pages
+            raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
         for i, row in enumerate(t.to_pylist()):
-            if not row["sample_id"]:
-                raise InputError(f"{f}: row {i}: empty sample_id")
+            if (why := check_id(row["sample_id"] or "", "sample_id")) is not None:  # it names images/<id>/
+                raise InputError(f"{f}: row {i}: {why}")
             row["status"] = row.get("status") or "ok"
             row["message"] = row.get("message") or ""
             row["mesh_path"] = row["mesh_path"] or ""
@@ -146,6 +150,8 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
                 raise InputError(f"{f}: row {i}: duplicate sample_id {row['sample_id']!r}")
             seen.add(row["sample_id"])
             jobs.append(row)
+    if not jobs:
+        raise InputError(f"{p}: the table has no rows (nothing to render)")
     return jobs
 
 

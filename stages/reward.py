@@ -52,12 +52,16 @@ def read_scored_rows(path) -> tuple[pa.Table, str]:
     kind = "samples" if "sample_index" in names else "objects" if "voxels" in names else None
     if kind is None:
         raise InputError(f"{first}: neither a samples table (no 'sample_index') nor an objects table (no 'voxels')")
-    return tables.read_table(path, kind), kind
+    table = tables.read_table(path, kind)
+    tables.require_rows(table, str(path), kind)
+    tables.require_unique(table, ("sample_id",), str(path))  # rewards join on it
+    return table, kind
 
 
 def group_renders(path, wanted: set[str]) -> dict[str, list[dict]]:
     """sample_id -> its render rows sorted by view."""
     t = tables.read_table(path, "renders", columns=None)
+    tables.require_unique(t, ("sample_id", "view"), str(path))
     cols = {c: t.column(c).to_pylist() for c in ("sample_id", "view", "image_path", "status", "message")}
     out: dict[str, list[dict]] = defaultdict(list)
     for i, sid in enumerate(cols["sample_id"]):
@@ -280,6 +284,8 @@ def check_levels(rows: dict[str, list], config: RewardConfig, source: str) -> No
 
 
 def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64) -> dict:
+    if batch < 1:
+        raise InputError(f"--batch {batch}: must be >= 1")
     cfg = load_config(config)
     record = {"reward": cfg.to_dict(), "samples": str(samples), "renders": str(renders) if renders else None}
 

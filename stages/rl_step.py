@@ -30,6 +30,7 @@ from rl3d.stages.policy.sequence import LEVELS
 from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.inputs import check_step_inputs, learned_nothing
 from rl3d.stages.rl.update import UpdateStats, attention_without_cudnn, reference_logprobs, run_updates
 from rl3d.stages.scoring.run_metrics import write_tensorboard
 
@@ -51,6 +52,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         return {"stage": "rl-step", "out": str(out), "skipped": True}
     if out.exists() and not overwrite:  # before any training, not after it
         raise InputError(f"{out}: exists and is not a complete rl-step checkpoint; use --overwrite")
+    check_step_inputs(policy_dir, samples_path, rewards_path, cfg)  # input guard: one line naming file and row
     t0 = time.time()
     timings: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
@@ -126,6 +128,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         progress.log(f"WARNING: skipped {stats.skipped_updates} update(s) with a non-finite gradient norm")
     metrics = _metrics(samples, adv_rows, adv_stats, kept, stats, timings, meta, cfg, rewards)
     warnings = _collapse_warnings(metrics, run_metrics)
+    nothing = learned_nothing(kept, stats.n_updates, stats.skipped_updates)  # loud, and a metric
+    warnings = [nothing] + warnings if nothing else warnings
+    metrics["learned_nothing"] = int(nothing is not None)
     for w_ in warnings:
         progress.log(f"WARNING: {w_}")
     metrics["skipped_updates"] = stats.skipped_updates
@@ -152,7 +157,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     return {"stage": "rl-step", "out": str(out), "skipped": False, "step": metrics["step"],
             "seconds": round(time.time() - t0, 2), **{k: metrics[k] for k in
             ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
-             "dropped_groups", "grad_norm") if k in metrics}}
+             "dropped_groups", "grad_norm", "learned_nothing") if k in metrics}}
 
 
 def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -121,7 +122,10 @@ def load_config(spec: str | os.PathLike) -> RewardConfig:
 
 
 def _read(p: Path) -> dict:
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: not UTF-8 text (byte {e.start}); a reward config is a TOML file") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -215,6 +219,8 @@ def _number(v, key: str, bad) -> float:
     if isinstance(v, bool):
         bad(key, "must be a number")
     if isinstance(v, (int, float)):
+        if not math.isfinite(v):  # nan or inf would make every total NaN (or inf) with status ok
+            bad(key, f"{v!r} is not a finite number")
         return float(v)
     if isinstance(v, str):
         try:

@@ -1,7 +1,10 @@
 """The settings of one rl-step (`rl3d rl-step --help` names each)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+
+from rl3d.formats.errors import InputError
 
 
 @dataclass
@@ -30,3 +33,16 @@ class RLConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     temperature: float | None = None  # None: the temperature the samples were drawn with
+
+    def check(self) -> "RLConfig":
+        """Settings under which a step cannot train are an error, not a step that learned nothing."""
+        for name, low in (("epochs", 1), ("micro_batch", 1), ("minibatch", 0), ("warmup_updates", 0)):
+            if getattr(self, name) < low:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {low}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
+        if self.lr < 0:
+            raise InputError(f"--lr {self.lr}: must be >= 0")
+        return self

@@ -1,0 +1,70 @@
+"""rl-step's input guard: everything about the samples, the rewards and the settings that would
+otherwise crash deep in the update with a traceback, or train on garbage without a word, is refused
+up front with one line naming the file and row. And the after-the-fact check that a step learned
+something: a step that applied no update is reported loudly, never as a normal step."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rl3d.formats import tables
+from rl3d.formats.errors import InputError
+from rl3d.stages.policy.limits import model_limits
+from rl3d.stages.rl.config import RLConfig
+
+
+def check_step_inputs(policy_dir, samples_path, rewards_path, cfg: RLConfig) -> None:
+    """Refuse before any model is loaded or any output touched (an --overwrite keeps the old output)."""
+    cfg.check()
+    if not Path(policy_dir).is_dir():
+        raise InputError(f"policy dir {policy_dir} not found")
+    limits = model_limits(policy_dir)
+    samples = tables.read_table(samples_path, "samples")
+    rewards = tables.read_table(rewards_path, "rewards")
+    tables.require_rows(samples, str(samples_path), "samples")
+    tables.require_unique(samples, ("sample_id",), str(samples_path))
+    tables.require_unique(rewards, ("sample_id",), str(rewards_path))
+    for n, s in enumerate(samples.to_pylist(), 1):
+        why = sample_problem(s, limits.vocab_size, limits.max_positions)
+        if why:
+            raise InputError(f"{samples_path}: row {n} (sample {s['sample_id']!r}): {why}")
+    for n, (sid, total, status) in enumerate(zip(*(rewards.column(c).to_pylist()
+                                                   for c in ("sample_id", "total", "status"))), 1):
+        if status == "ok" and (total is None or not math.isfinite(total)):
+            raise InputError(f"{rewards_path}: row {n} (sample {sid!r}): status ok with total {total} "
+                             f"(a failed reward needs a failure status)")
+
+
+def sample_problem(s: dict, vocab_size: int | None, max_positions: int | None) -> str | None:
+    """Why a samples row cannot be trained on, or None."""
+    ids = s["input_ids"] or []
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in ids):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        return f"token id {bad} outside the policy's vocabulary [0, {vocab_size})"
+    if max_positions is not None and len(ids) > max_positions:
+        return f"{len(ids)} tokens, more than the policy's {max_positions} positions"
+    if not 0 < s["prompt_len"] < len(ids) + (s["status"] != "ok"):
+        return f"prompt_len {s['prompt_len']} does not fit input_ids of length {len(ids)}"
+    spans = [s[k] for k in ("prompt_len", "reasoning_start", "reasoning_end", "mesh_start", "mesh_end")]
+    if s["status"] == "ok" and (any(v is None for v in spans) or spans != sorted(spans) or spans[-1] > len(ids)):
+        return f"spans {spans} (prompt_len, reasoning_start/end, mesh_start/end) out of order or past the sequence"
+    lps = s["logprobs"] or []
+    if s["status"] == "ok" and len(lps) != len(ids) - s["prompt_len"]:
+        return f"{len(lps)} log-probs for {len(ids) - s['prompt_len']} completion tokens"
+    if any(v is None or not math.isfinite(v) for v in lps):
+        return "non-finite sampling log-prob (the ratio to it would be NaN)"
+    return None
+
+
+def learned_nothing(kept: list, n_updates: int, skipped_updates: int) -> str | None:
+    """Why this step changed no weight, or None. Reported as a WARNING line and the metric
+    learned_nothing = 1, so a run's charts and scripts can see it."""
+    if not kept:
+        return ("learned nothing: every group was dropped (no reward spread, failed rewards, or groups of one "
+                "sample); the checkpoint equals its parent")
+    if all(r.get("advantage", 0.0) == 0.0 for r in kept):
+        return ("learned nothing: every kept advantage is 0 (groups of one sample, or no reward spread), so "
+                "the policy-gradient term is zero")
+    if n_updates == 0:
+        return f"learned nothing: all {skipped_updates} update(s) had a non-finite gradient; the checkpoint equals its parent"
+    return None
