@@ -47,7 +47,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
         progress.log(f"rl-step: {out} is already a complete checkpoint, skipping (use --overwrite to redo)")
-        if run_metrics:  # a kill after the checkpoint's rename and before this append: redo it (idempotent)
+        if run_metrics and (out / "metrics").is_dir():  # a kill between the rename and the append: redo it
             append_run_metrics(Path(run_metrics), tables.read_table(out / "metrics", "metrics"))
         return {"stage": "rl-step", "out": str(out), "skipped": True}
     if out.exists() and not overwrite:  # before any training, not after it
