@@ -4,7 +4,7 @@ Compares, in the same run: encode_batch vs encoding one grid at a time, and the 
 xor + popcount Hamming matcher vs matching on unpacked bits with a float matmul
 (|a| + |b| - 2 a.b), the usual alternative.
 
-    /work/venv/bin/python benchmarks/bench_codec.py [--n 512] [--synth]
+    python benchmarks/bench_codec.py [--n 512] [--synth]
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ views encoded 64 per forward pass) against an unbatched baseline (one sample per
 one view per forward pass). Render time is setup, not measured. Goal on the 2-core dev box:
 <= 30 s for the batched run.
 
-    /work/venv/bin/python benchmarks/bench_reward.py [--meshes 128] [--views 6] [--resolution 128]
+    python benchmarks/bench_reward.py [--meshes 128] [--views 6] [--resolution 128]
 """
 from __future__ import annotations
 

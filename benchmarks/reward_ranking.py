@@ -15,7 +15,7 @@ CLIP + geometry; the honest test, since the spec checker also sees the ground-tr
 CLIP alone and for the spec checker alone; and Spearman rank correlations over all 4N rows of the
 non-spec total and of the CLIP score against the spec checker's raw score.
 
-    /work/venv/bin/python benchmarks/reward_ranking.py [--n 40] [--seed 4242] [--json out.json] [--keep DIR]
+    python benchmarks/reward_ranking.py [--n 40] [--seed 4242] [--json out.json] [--keep DIR]
 """
 from __future__ import annotations
 
