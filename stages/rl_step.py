@@ -337,6 +337,9 @@ def append_run_metrics(path: Path, rows: pa.Table) -> None:
     """Append a step's metric rows to the run-level Parquet (rewritten atomically); a rerun of the
     same step replaces that step's rows instead of duplicating them."""
     step = rows.column("step")[0].as_py()
+    # one rl-step writes a run's metrics at a time: a temp file beside it is a killed earlier write
+    for stale in path.parent.glob(f".tmp-*-{path.name}"):
+        stale.unlink(missing_ok=True)
     if path.exists():
         old = pq.read_table(path)
         old = old.filter(pc.not_equal(old.column("step"), step))

@@ -302,3 +302,14 @@ def test_an_existing_incomplete_out_fails_before_training(run, tmp_path):
     with pytest.raises(InputError, match="is not a complete rl-step checkpoint"):
         _step(root, policy, tmp_path / "p")
     assert not (tmp_path / ".p.rl-tmp").exists() and not (tmp_path / "m.parquet").exists()
+
+
+def test_a_killed_run_metrics_write_leaves_no_file_a_reader_takes(tmp_path):
+    from rl3d.stages.rl_step import append_run_metrics
+    from rl3d.stages.scoring.run_metrics import read_run_metrics
+
+    stale = tmp_path / ".tmp-999-metrics.parquet"
+    stale.write_bytes(b"PAR1 torn")
+    rows = pa.table({"step": pa.array([1], pa.int64()), "name": ["loss"], "value": [0.5]})
+    append_run_metrics(tmp_path / "metrics.parquet", rows)
+    assert not stale.exists() and read_run_metrics(tmp_path)["loss"] == ([1.0], [0.5])

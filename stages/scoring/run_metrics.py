@@ -24,7 +24,8 @@ def write_tensorboard(logdir: str | Path, step: int, metrics: dict) -> None:
 def read_run_metrics(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """A run-level metrics Parquet (columns step, name, value), or a dir holding one -> name -> (steps, values)."""
     p = Path(path)
-    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    # hidden .tmp-* files are writes a kill interrupted
+    files = sorted(f for f in p.glob("*.parquet") if not f.name.startswith(".")) if p.is_dir() else [p]
     if not files or not files[0].exists():
         raise InputError(f"--run {path}: no run metrics Parquet (columns step, name, value)")
     out: dict[str, list[tuple[float, float]]] = {}
