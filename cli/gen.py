@@ -47,10 +47,16 @@ EXAMPLES = """Examples:
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               show_default="bfloat16 on CUDA, float32 on CPU", help="Model dtype.")
+@click.option("--texture-hook", default=None, metavar="HOOK",
+              help="Paint each mesh with an external texturing stage: a command template with {glb} "
+                   "{occupancy} {prompt_file} {reasoning_file} {sample_id} {out}, or module:function "
+                   "(docs/doctor.md). Results in _textured/; failures are row texture statuses.")
+@click.option("--texture-timeout", default=600.0, show_default=True, type=float,
+              help="Seconds a texture hook may take per mesh.")
 @stage_options
 @handle_errors
 def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
-            batch_size, device, dtype, **kw):
+            batch_size, device, dtype, texture_hook, texture_timeout, **kw):
     """Sample G rollouts per prompt: reasoning text, then exactly the codec's mesh tokens (512 with
     the shipped codec), per level.
 
@@ -66,5 +72,5 @@ def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature,
                  "max_reasoning_tokens": max_reasoning_tokens}
     summary = run_gen(prompts, opts, policy_dir=policy_dir, mode=mode, group_size=group_size, sampling=None,
                       batch_size=batch_size, device=device, dtype=dtype, sampling_preset=sampling_preset,
-                      sampling_overrides=overrides)
+                      sampling_overrides=overrides, texture_hook=texture_hook, texture_timeout=texture_timeout)
     report(summary, opts, stage="gen", started=started)

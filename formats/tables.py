@@ -67,7 +67,7 @@ SCHEMAS: dict[str, tuple[int, dict[str, pa.DataType]]] = {
 }
 
 # media paths inside tables are stored relative to the stage's output directory
-MEDIA_COLUMNS = ("mesh_path", "image_path", "sheet_path", "depth_path", "normal_path")
+MEDIA_COLUMNS = ("mesh_path", "textured_path", "image_path", "sheet_path", "depth_path", "normal_path")
 
 
 def table_id(kind: str, config: dict, policy: str | None = None) -> str:

@@ -30,6 +30,7 @@ from rl3d.stages.policy.limits import check_prompts_fit
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
 from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
 from rl3d.stages.policy.tokenizer import describe_mesh_ids
+from rl3d.stages.texturing import parse_hook, texture_meshes
 
 MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the modes gen samples, and their levels
 
@@ -110,6 +111,8 @@ def _write_mesh(grid: np.ndarray, out: Path, sample_id: str, coloured: bool = Tr
 
 # ---- the samples table -----------------------------------------------------------------------------
 
+_TEXTURE = {"textured_path": pa.string(), "texture_status": pa.string(), "texture_message": pa.string(),
+            "texture_seconds": pa.float64()}
 _EXTRA = {"reasoning_truncated": pa.bool_(), "temperature": pa.float64(), "top_p": pa.float64(),
           "top_k": pa.int32(), "category": pa.string(), "spec": pa.string()}
 
@@ -122,6 +125,8 @@ def samples_table(rows: list[dict], with_category: bool = False, with_spec: bool
         fields["category"] = pa.string()
     if with_spec or any("spec" in r for r in rows):
         fields["spec"] = pa.string()
+    if any("texture_status" in r for r in rows):  # only with --texture-hook: default outputs unchanged
+        fields.update(_TEXTURE)
     schema = pa.schema([pa.field(k, t) for k, t in fields.items()])
     data = {}
     for k, t in fields.items():
@@ -137,7 +142,8 @@ def samples_table(rows: list[dict], with_category: bool = False, with_spec: bool
 def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path | None = None,
             mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(), batch_size: int = 64,
             device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
-            sampling_overrides: dict | None = None) -> dict:
+            sampling_overrides: dict | None = None, texture_hook: str | None = None,
+            texture_timeout: float = 600.0) -> dict:
     """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id). `sampling`
     None: resolved from `sampling_preset` (None = the policy's own, else the defaults) and the
     explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling)."""
@@ -145,6 +151,7 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if group_size < 1 or batch_size < 1:
         raise InputError("--group-size and --batch-size must be >= 1")
+    hook = parse_hook(texture_hook) if texture_hook else None  # a bad spec fails before any work
     prompts = read_prompts(prompts_path)
     path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
     meta = read_policy_meta(path)
@@ -163,6 +170,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
     codec_file = codec_path(path, meta)
     if codec_kind(codec_file) == VQVAE64:  # outside the policy dir: reward decodes the tokens with it
         config["codec"] = str(codec_file.resolve())
+    if texture_hook:  # only with a hook: default outputs unchanged
+        config["texture_hook"], config["texture_timeout"] = texture_hook, float(texture_timeout)
     for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
         if meta.get(key):
             config[key] = meta[key]
@@ -181,6 +190,9 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         progress.log(f"gen: {len(rows)} prompts x {group_size} x {len(levels)} level(s) with {policy.policy_id}")
         out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch_size, opts.out, progress)
         stats["seconds_generate"] = round(time.time() - t0, 3)
+        if hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
+            out = texture_meshes(out, hook, opts.out, texture_timeout)
+            stats["textured"] = sum(r.get("texture_status") == "ok" for r in out)
         stats["ok"] = sum(r["status"] == "ok" for r in out)
         stats["decode_error"] = sum(r["status"] == "decode_error" for r in out)
         stats["reasoning_truncated"] = sum(r["reasoning_truncated"] for r in out)

@@ -54,7 +54,7 @@ def test_command_hook_writes_textured_glbs(samples):
     grids = {"p0-0-fine": np.ones((4, 4, 4), bool), "p1-0-fine": np.ones((4, 4, 4), bool)}
     res = texture_meshes(rows, hook, out, timeout=60, grids=grids)
     assert [r["texture_status"] for r in res] == ["ok", "ok", "no_mesh"]
-    assert res[0]["textured_path"] == "textured/p0-0-fine.glb" and res[2]["textured_path"] is None
+    assert res[0]["textured_path"] == "_textured/p0-0-fine.glb" and res[2]["textured_path"] is None
     assert tuple(face_rgb(read_glb(out / res[0]["textured_path"]))[0]) == (200, 30, 30)
     assert tuple(face_rgb(read_glb(out / res[1]["textured_path"]))[0]) == (30, 30, 200)
     assert [r["status"] for r in res] == ["ok", "ok", "decode_error"]   # the sample's own status is kept
@@ -92,7 +92,7 @@ def test_failures_are_row_statuses(samples, tmp_path):
     junk.write_text("import sys; open(sys.argv[1], 'wb').write(b'not a glb')")
     res = texture_meshes(rows[:1], f"{py} {junk} {{out}}", out, timeout=30)
     assert res[0]["texture_status"] == "bad_output" and "cannot read GLB" in res[0]["texture_message"]
-    assert not (out / "textured" / "p0-0-fine.glb").exists()
+    assert not (out / "_textured" / "p0-0-fine.glb").exists()
 
     res = texture_meshes(rows[:1], "/no/such/painter {out}", out, timeout=30)
     assert res[0]["texture_status"] == "hook_failed" and "could not start" in res[0]["texture_message"]
@@ -104,7 +104,7 @@ def test_failures_are_row_statuses(samples, tmp_path):
 def test_no_hook_leaves_meshes_untextured(samples):
     out, rows, _ = samples
     assert texture_meshes(rows, None, out) == rows
-    assert not (out / "textured").exists()
+    assert not (out / "_textured").exists()
 
 
 @pytest.mark.parametrize("spec, words", [("", "empty"), ("paint {glb}", "must name {out}"),
@@ -119,3 +119,32 @@ def test_placeholders_are_single_arguments():
     hook = parse_hook("paint --prompt {prompt_file} --out {out}")
     assert hook.kind == "command" and hook.argv == ("paint", "--prompt", "{prompt_file}", "--out", "{out}")
     assert parse_hook("pkg.mod:fn").kind == "entry_point"
+
+
+def test_gen_runs_the_hook_and_records_texture_statuses(tmp_path):
+    """rl3d gen --texture-hook: textured GLBs beside the meshes, a status per row, a bad spec exits 2."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_policy import make_tiny_policy
+
+    from rl3d.cli.main import main
+
+    policy = make_tiny_policy(tmp_path / "policy")
+    (tmp_path / "prompts.txt").write_text("a red box\n")
+    script = tmp_path / "paint.py"
+    script.write_text(PAINT)
+    hook = f"{sys.executable} {script} {{glb}} {{occupancy}} {{prompt_file}} {{reasoning_file}} {{out}} {{sample_id}}"
+    args = ["gen", "--prompts", str(tmp_path / "prompts.txt"), "--policy", str(policy), "-G", "2",
+            "--mode", "flat", "--max-reasoning-tokens", "4", "--quiet"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "gen"), "--texture-hook", hook])
+    assert res.exit_code == 0, res.output
+    rows = pq.read_table(tmp_path / "gen").to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["texture_status"] == "ok" for r in ok)
+    assert all(tuple(face_rgb(read_glb(tmp_path / "gen" / r["textured_path"]))[0]) == (200, 30, 30) for r in ok)
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "bad"), "--texture-hook", "paint {glb}"])
+    assert res.exit_code == 2 and "{out}" in res.output and not (tmp_path / "bad").exists()

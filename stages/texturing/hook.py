@@ -46,7 +46,7 @@ from rl3d.formats.glb import read_glb
 
 PLACEHOLDERS = ("glb", "occupancy", "prompt_file", "reasoning_file", "sample_id", "out")
 TEXTURE_STATUSES = ("ok", "no_mesh", "hook_failed", "hook_timeout", "bad_output")
-TEXTURED_DIR = "textured"
+TEXTURED_DIR = "_textured"  # underscore: dataset readers skip it, like _meshes
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 _STDERR_TAIL = 300
