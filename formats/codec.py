@@ -94,6 +94,16 @@ def nearest_pattern(codes: np.ndarray, patterns: np.ndarray) -> tuple[np.ndarray
     return idx, dist
 
 
+def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int) -> np.ndarray:
+    """[B, seq_len] token ids in [0, vocab_size) as int64; CodecError otherwise (every codec decodes through it)."""
+    t = np.asarray(tokens)
+    if t.ndim != 2 or t.shape[1] != seq_len:
+        raise CodecError(f"expected {seq_len} mesh tokens per shape, got shape {t.shape}")
+    if t.size and (t.min() < 0 or t.max() >= vocab_size):
+        raise CodecError(f"mesh token ids must be in [0, {vocab_size}), got [{t.min()}, {t.max()}]")
+    return t.astype(np.int64)
+
+
 class VoxelCodec:
     resolution = RESOLUTION
     block = BLOCK
@@ -191,12 +201,7 @@ class VoxelCodec:
         return self.encode_batch(np.asarray(grid)[None])[0]
 
     def decode_batch(self, tokens: np.ndarray) -> np.ndarray:
-        t = np.asarray(tokens)
-        if t.ndim != 2 or t.shape[1] != self.seq_len:
-            raise CodecError(f"expected {self.seq_len} mesh tokens per shape, got shape {t.shape}")
-        if t.size and (t.min() < 0 or t.max() >= self.vocab_size):
-            raise CodecError(f"mesh token ids must be in [0, {self.vocab_size}), got [{t.min()}, {t.max()}]")
-        t = t.astype(np.int64)
+        t = check_tokens(tokens, self.seq_len, self.vocab_size)
         pidx = np.maximum(t - 1, 0) // NUM_COLORS
         colour = np.where(t > 0, (t - 1) % NUM_COLORS + 1, 0).astype(np.uint8)
         blocks = self._occ[pidx] * colour[..., None]  # [B, 512, 64]

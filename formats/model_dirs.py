@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rl3d.formats.errors import InputError
+from rl3d.formats.errors import InputError, first_line
 
 TRUST_REMOTE_CODE_ENV = "RL3D_TRUST_REMOTE_CODE"
 
@@ -32,5 +32,4 @@ def from_local_dir(cls, path: str | os.PathLike, what: str, **kwargs):
     except InputError:
         raise
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"{p}: cannot load the {what} ({type(e).__name__}: {reason})") from None
+        raise InputError(f"{p}: cannot load the {what} ({type(e).__name__}: {first_line(e)})") from None

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl3d.formats.codec import MESH_END, MESH_START, CodecError, mesh_token_text  # noqa: F401 (re-exported)
+from rl3d.formats.codec import MESH_END, MESH_START, CodecError, check_tokens, mesh_token_text  # noqa: F401 (re-exported)
 from rl3d.formats.errors import InputError
 from rl3d.formats.occupancy import RESOLUTION, gltf_to_vq_frame, vq_to_gltf_frame
 from rl3d.formats.shards import atomic_path, atomic_write_json
@@ -430,12 +430,7 @@ class VQVAE64Codec:
         return self.encode_batch(np.asarray(grid)[None])[0]
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        t = np.asarray(tokens)
-        if t.ndim != 2 or t.shape[1] != self.seq_len:
-            raise CodecError(f"expected {self.seq_len} mesh tokens per shape, got shape {t.shape}")
-        if t.size and (t.min() < 0 or t.max() >= self.vocab_size):
-            raise CodecError(f"mesh token ids must be in [0, {self.vocab_size}), got [{t.min()}, {t.max()}]")
-        return t.astype(np.int64)
+        return check_tokens(tokens, self.seq_len, self.vocab_size)
 
     def decode_logits_batch(self, tokens: np.ndarray) -> np.ndarray:
         """int[B, 1024] -> float32[B, 64, 64, 64] occupancy logits in rl3d's frame."""

@@ -23,7 +23,7 @@ import transformers
 from transformers.utils import logging as hf_logging
 
 from rl3d.formats.codecs import is_external, load_codec
-from rl3d.formats.errors import InputError
+from rl3d.formats.errors import InputError, first_line
 from rl3d.formats.model_dirs import remote_code_allowed
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sequence import REQUEST, PromptFormat
@@ -255,7 +255,7 @@ def load_trainer_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e) or type(e).__name__
         raise InputError(f"{path}: not a loadable rl3d trainer state (only tensors and plain values are "
                          f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None
 

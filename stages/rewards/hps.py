@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rl3d.formats.errors import InputError
+from rl3d.formats.errors import InputError, first_line
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.policy.device import pick_device
 from rl3d.stages.scoring.clip import load_rgb
@@ -50,7 +50,7 @@ def _read_weights(checkpoint: str) -> dict:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e) or type(e).__name__
         raise InputError(f"option checkpoint: {checkpoint}: not loadable as plain weights (rl3d never unpickles "
                          f"code; convert it to .safetensors): {reason[:200]}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
