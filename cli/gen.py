@@ -44,6 +44,10 @@ EXAMPLES = """Examples:
               help="Reasoning budget per level, in tokens; at the budget <mesh-start> is forced.")
 @click.option("--batch-size", default=64, show_default=True, type=int,
               help="Sequences sampled together (does not change the samples).")
+@click.option("--sampler", type=click.Choice(["auto", "plain", "static"]), default="auto", show_default=True,
+              help="Sampling engine (same samples up to float noise): static = fixed-shape steps replayed as a "
+                   "CUDA graph on GPUs (docs/performance.md); plain = the step-by-step loop; auto = static on "
+                   "CUDA, plain on CPU.")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               show_default="bfloat16 on CUDA, float32 on CPU", help="Model dtype.")
@@ -56,7 +60,7 @@ EXAMPLES = """Examples:
 @stage_options
 @handle_errors
 def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
-            batch_size, device, dtype, texture_hook, texture_timeout, **kw):
+            batch_size, sampler, device, dtype, texture_hook, texture_timeout, **kw):
     """Sample G rollouts per prompt: reasoning text, then exactly the codec's mesh tokens (512 with
     the shipped codec), per level.
 
@@ -72,5 +76,6 @@ def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature,
                  "max_reasoning_tokens": max_reasoning_tokens}
     summary = run_gen(prompts, opts, policy_dir=policy_dir, mode=mode, group_size=group_size, sampling=None,
                       batch_size=batch_size, device=device, dtype=dtype, sampling_preset=sampling_preset,
-                      sampling_overrides=overrides, texture_hook=texture_hook, texture_timeout=texture_timeout)
+                      sampling_overrides=overrides, texture_hook=texture_hook, texture_timeout=texture_timeout,
+                      sampler=sampler)
     report(summary, opts, stage="gen", started=started)

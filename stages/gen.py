@@ -29,6 +29,7 @@ from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.limits import check_prompts_fit
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
 from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
+from rl3d.stages.policy.static_sampler import SAMPLERS, choose_sampler
 from rl3d.stages.policy.tokenizer import describe_mesh_ids
 from rl3d.stages.texturing import parse_hook, texture_meshes
 
@@ -39,7 +40,7 @@ MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the modes g
 
 def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", group_size: int = 8,
              seed: int = 0, sampling: Sampling = Sampling(), batch_size: int = 64, out_dir: str | Path | None = None,
-             progress: Progress | None = None) -> list[dict]:
+             progress: Progress | None = None, sampler: str = "auto") -> list[dict]:
     """Rollouts for prompt rows (dicts with prompt_id, prompt and optional category/spec): G samples
     per prompt and level, coarse before fine. With out_dir, decodable meshes are written to
     out_dir/_meshes/<sample_id>.glb (mesh_path relative to out_dir); without, mesh_path stays None."""
@@ -49,6 +50,7 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
         raise InputError("--group-size and --batch-size must be >= 1")
     sampling.check()
     progress = progress or Progress(quiet=True)
+    _, sample_fn = choose_sampler(sampler, policy.device)
     jobs = [(r, k) for r in prompt_rows for k in range(group_size)]
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
@@ -58,18 +60,20 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
         batches = range(0, len(jobs), batch_size)
         for s in progress.track(batches, total=len(batches), desc=f"gen {level}"):
             chunk = jobs[s:s + batch_size]
-            level_rows = _sample_chunk(policy, chunk, texts[s:s + batch_size], level, seed, sampling, out_dir)
+            level_rows = _sample_chunk(policy, chunk, texts[s:s + batch_size], level, seed, sampling, out_dir,
+                                       sample_fn)
             for (r, k), row in zip(chunk, level_rows):
                 plans[(r["prompt_id"], k)] = row["reasoning"]
             rows += level_rows
     return rows
 
 
-def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling, out_dir) -> list[dict]:
+def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling, out_dir,
+                  sample_fn=sample_sequences) -> list[dict]:
     tok, special, codec = policy.tokenizer, policy.special, policy.codec
     prompt_ids = [encode_text(tok, t) for t in texts]
     seeds = [row_seed(seed, r["prompt_id"], k, level) for r, k in chunk]
-    done = sample_sequences(policy.model, special, prompt_ids, seeds, codec.seq_len, sampling)
+    done = sample_fn(policy.model, special, prompt_ids, seeds, codec.seq_len, sampling)
     sequences = [prompt_ids[i] + d["tokens"] for i, d in enumerate(done)]
     spans = [sequence_spans(len(prompt_ids[i]), d["n_reasoning"], codec.seq_len) for i, d in enumerate(done)]
     reasoning = tok.batch_decode([ids[s["reasoning_start"]:s["reasoning_end"]] for ids, s in zip(sequences, spans)],
@@ -143,7 +147,7 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
             mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(), batch_size: int = 64,
             device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
             sampling_overrides: dict | None = None, texture_hook: str | None = None,
-            texture_timeout: float = 600.0) -> dict:
+            texture_timeout: float = 600.0, sampler: str = "auto") -> dict:
     """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id). `sampling`
     None: resolved from `sampling_preset` (None = the policy's own, else the defaults) and the
     explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling)."""
@@ -151,6 +155,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if group_size < 1 or batch_size < 1:
         raise InputError("--group-size and --batch-size must be >= 1")
+    if sampler not in SAMPLERS:
+        raise InputError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     hook = parse_hook(texture_hook) if texture_hook else None  # a bad spec fails before any work
     prompts = read_prompts(prompts_path)
     path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
@@ -170,6 +176,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
     codec_file = codec_path(path, meta)
     if codec_kind(codec_file) == VQVAE64:  # outside the policy dir: reward decodes the tokens with it
         config["codec"] = str(codec_file.resolve())
+    if sampler != "auto":  # only when chosen: default outputs unchanged (stats name the engine auto picked)
+        config["sampler"] = sampler
     if texture_hook:  # only with a hook: default outputs unchanged
         config["texture_hook"], config["texture_timeout"] = texture_hook, float(texture_timeout)
     for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
@@ -188,7 +196,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         t0 = time.time()
         policy = load_policy(path, device, dtype)
         progress.log(f"gen: {len(rows)} prompts x {group_size} x {len(levels)} level(s) with {policy.policy_id}")
-        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch_size, opts.out, progress)
+        stats["sampler"] = choose_sampler(sampler, policy.device)[0]
+        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch_size, opts.out, progress, sampler)
         stats["seconds_generate"] = round(time.time() - t0, 3)
         if hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
             out = texture_meshes(out, hook, opts.out, texture_timeout)

@@ -91,9 +91,12 @@ def _pcg(x: torch.Tensor) -> torch.Tensor:
     return ((w >> 22) ^ w) & _M32
 
 
-def uniform_draws(seeds: torch.Tensor, step: int, attempt: int = 0) -> torch.Tensor:
-    """float64[B] in (0, 1): the draw of each row at one step (and rejection attempt)."""
-    h = _pcg(seeds ^ _pcg(torch.full_like(seeds, step) ^ _pcg(torch.full_like(seeds, attempt))))
+def uniform_draws(seeds: torch.Tensor, step: int | torch.Tensor, attempt: int | torch.Tensor = 0) -> torch.Tensor:
+    """float64 in (0, 1): the draw of each row at one step (and rejection attempt). Counters are ints
+    or int64 tensors that broadcast with `seeds` (a fixed-shape sampler draws every attempt at once)."""
+    def counter(x):
+        return x if isinstance(x, torch.Tensor) else torch.full_like(seeds, x)
+    h = _pcg(seeds ^ _pcg(counter(step) ^ _pcg(counter(attempt))))
     h2 = _pcg(h ^ 0x9E3779B9)
     return ((h << 21 | (h2 >> 11)).double() + 0.5) / float(1 << 53)
 
@@ -101,24 +104,30 @@ def uniform_draws(seeds: torch.Tensor, step: int, attempt: int = 0) -> torch.Ten
 _BLOCK = 128  # vocabulary block of the two-level inverse CDF
 
 
-def _inverse_cdf(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(w: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Index i of each row with cumsum(w)[i-1] < target <= cumsum(w)[i], for non-negative weights
-    w [B, V] and targets in (0, sum(w)]. Two levels (block sums, then one block) instead of a
-    cumsum over the whole vocabulary, which is a slow sequential scan on CPU."""
+    w [B, V] and targets in (0, sum(w)], one per row ([B]) or several ([B, A]). Two levels (block sums,
+    then one block) instead of a cumsum over the whole vocabulary, which is a slow sequential scan on CPU."""
     B, V = w.shape
     nb = V // _BLOCK  # callers pad the vocabulary to a multiple of _BLOCK
+    one = target.dim() == 1
+    target = target[:, None] if one else target  # [B, A]
     wb = w.view(B, nb, _BLOCK)
     bcdf = wb.sum(-1).cumsum(-1)
-    blk = torch.searchsorted(bcdf, target[:, None]).clamp(max=nb - 1)
+    blk = torch.searchsorted(bcdf, target).clamp(max=nb - 1)
     before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp(min=0)), 0.0)
-    inner = wb.gather(1, blk[:, :, None].expand(-1, -1, _BLOCK))[:, 0].cumsum(-1)
-    rest = torch.minimum(target[:, None] - before, inner[:, -1:])  # rounding: stay inside the block
-    idx = torch.searchsorted(inner, rest).clamp(max=_BLOCK - 1)
-    return (blk * _BLOCK + idx)[:, 0]
+    inner = wb.gather(1, blk[:, :, None].expand(-1, -1, _BLOCK)).cumsum(-1)  # [B, A, BLOCK]
+    rest = torch.minimum(target - before, inner[..., -1])  # rounding: stay inside the block
+    idx = torch.searchsorted(inner, rest[..., None]).clamp(max=_BLOCK - 1)[..., 0]
+    out = blk * _BLOCK + idx
+    return out[:, 0] if one else out
+
+
+MAX_ATTEMPTS = 64  # rejection attempts of the top-k / top-p cut before a row takes its most likely token
 
 
 def sample_tokens(masked: torch.Tensor, seeds: torch.Tensor, step: int, top_k: int = 0, top_p: float = 1.0,
-                  max_attempts: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_attempts: int = MAX_ATTEMPTS) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(masked) (masked [B, V]: constrained, tempered logits),
     restricted to the top-k / top-p set, by inverse-CDF draws from counter-based uniforms.
     Returns (tokens, their log-probs under the full masked distribution).
@@ -141,7 +150,7 @@ def sample_tokens(masked: torch.Tensor, seeds: torch.Tensor, step: int, top_k: i
     for attempt in range(max_attempts if (cut_k or cut_p) else 1):
         wr, tr, sr = (w, total, seeds) if attempt == 0 else (w[rows], total[rows], seeds[rows])
         u = uniform_draws(sr, step, attempt).to(w.device, w.dtype)
-        draw = _inverse_cdf(wr, u * tr)
+        draw = inverse_cdf(wr, u * tr)
         ok = torch.ones_like(draw, dtype=torch.bool)
         if cut_k or cut_p:
             below = wr <= wr.gather(1, draw[:, None])
@@ -230,22 +239,28 @@ def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], se
         if getattr(out, ck, None) is not None:
             cache = getattr(out, ck)
 
+    return finish_rows(special, tokens, logps, n_reason, n_mesh, seq_len, R)
+
+
+def finish_rows(special: SpecialIds, tokens: torch.Tensor, logps: torch.Tensor, n_reason: torch.Tensor,
+                n_mesh: torch.Tensor, seq_len: int, max_reasoning: int) -> list[dict]:
+    """The sampler's per-row output from its step buffers: each completion cut to its length with the
+    forced tail (<mesh-end>, eos) appended."""
     n_reason, tokens, logps = n_reason.cpu(), tokens.cpu(), logps.cpu()
     if not torch.isfinite(logps).all() or bool((n_mesh < seq_len).any()):
         # only a broken checkpoint gets here (e.g. NaN weights): every masked position has a finite choice
         raise InputError("the policy produced non-finite log-probs or unfinished meshes; "
                          "its weights are likely corrupt (NaN/inf)")
     rows = []
-    for i in range(B):  # per row (not per token): cut each completion and append the forced tail
+    for i in range(tokens.shape[0]):  # per row (not per token): cut each completion and append the forced tail
         n = int(n_reason[i]) + 1 + seq_len
         rows.append({
             "tokens": tokens[i, :n].tolist() + [special.mesh_end, special.eos],
             "logprobs": np.concatenate([logps[i, :n].numpy(), np.zeros(2, np.float32)]),
             "n_reasoning": int(n_reason[i]),
-            "truncated": bool(n_reason[i] >= R),
+            "truncated": bool(n_reason[i] >= max_reasoning),
         })
     return rows
-
 
 
 # ---- the one masking of the logits ---------------------------------------------------------------

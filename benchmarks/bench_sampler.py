@@ -1,0 +1,278 @@
+"""Sampler speed at the real model shapes: rl3d's fixed-shape sampler (CUDA graphs) against the
+plain sampler loop and `transformers` generate with the same constraint masks, in one run.
+
+Random-init Qwen2 models of the Qwen2.5 0.5B / 1.5B / 7B shapes, built directly on the device in
+bf16, with a vocabulary of `--text-vocab` text tokens + <mesh-start>/<mesh-end> + `--mesh-vocab` mesh
+tokens (ours: 13.5k text + 8,192 mesh ~ 21.7k; the real ShapeLLM-Omni vocab: 151,665 text + 8,192
+mesh ~ 160k). Each row reasons for `--max-reasoning` tokens (a random-init model rarely emits
+<mesh-start> early, so every row uses the whole budget) and then samples `--mesh-tokens` mesh tokens.
+
+    python benchmarks/bench_sampler.py --shapes 0.5b,1.5b,7b --batches 8,64,256 [--real-vocab-7b]
+    python benchmarks/bench_sampler.py --shapes tiny --batches 4 --device cpu   # a check that it runs
+
+The baselines are slow, so they are timed over their first `--baseline-tokens` new tokens (a per-token
+rate: their step cost is launch-bound and grows with length, so this flatters them); the fixed-shape
+sampler is timed over whole rows. Also printed per shape: how closely its stored log-probs match the
+plain sampler's and a training-style recomputation (bf16), and where a step's GPU time goes
+(profiler, eager step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_sequences
+from rl3d.stages.policy.sequence import KIND_FORCE_END, KIND_FORCE_EOS, KIND_FORCE_START, KIND_MESH, KIND_PAD
+from rl3d.stages.policy.sequence import KIND_REASONING
+from rl3d.stages.policy.static_sampler import _DecodeLoop, sample_sequences_static
+from rl3d.stages.policy.tokenizer import SpecialIds
+
+SHAPES = {  # Qwen2.5 dimensions
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128),
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944),
+}
+
+
+def special_ids(text_vocab: int, mesh_vocab: int) -> SpecialIds:
+    """Ids laid out as text (eos = 0, pad = 1), <mesh-start>, <mesh-end>, then the mesh tokens."""
+    return SpecialIds(mesh_ids=torch.arange(text_vocab + 2, text_vocab + 2 + mesh_vocab), mesh_start=text_vocab,
+                      mesh_end=text_vocab + 1, eos=0, pad=1, text_ids=torch.arange(2, text_vocab),
+                      vocab_size=text_vocab + 2 + mesh_vocab)
+
+
+def build_model(shape: str, vocab: int, device: str, dtype: torch.dtype, max_pos: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**SHAPES[shape], vocab_size=vocab, max_position_embeddings=max_pos, rope_theta=1e6,
+                      tie_word_embeddings=shape in ("tiny", "0.5b", "1.5b"), eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def prompts(B: int, text_vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(40, 64, (B,), generator=g)
+    return [torch.randint(2, text_vocab, (int(n),), generator=g).tolist() for n in lens]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+class Constraint:
+    """A transformers LogitsProcessor applying rl3d's kind masks, the row state re-derived from the ids
+    generated so far (what a user of plain generate would write)."""
+
+    def __init__(self, sp: SpecialIds, width: int, R: int, M: int):
+        self.sp, self.P, self.R, self.M = sp, width, R, M
+
+    def __call__(self, input_ids, scores):
+        sp, g = self.sp, input_ids[:, self.P:]
+        started = (g == sp.mesh_start).any(1)
+        n_mesh = (g >= sp.mesh_end + 1).sum(1)
+        ended = (g == sp.mesh_end).any(1)
+        force = torch.full_like(started, g.shape[1] >= self.R)
+        kinds = torch.where(~started, torch.where(force, KIND_FORCE_START, KIND_REASONING),
+                            torch.where(n_mesh < self.M, KIND_MESH, torch.where(ended, KIND_FORCE_EOS, KIND_FORCE_END)))
+        return scores + sp.kind_bias(scores.device, scores.dtype)[kinds]
+
+
+def hf_generate(model, sp, prompt_ids, sampling, seq_len, new_tokens):
+    from transformers import LogitsProcessorList
+
+    dev = next(model.parameters()).device
+    P = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), P), sp.pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p):] = torch.tensor(p)
+        att[i, P - len(p):] = 1
+    proc = Constraint(sp, P, sampling.max_reasoning_tokens, seq_len)
+    return model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=True,
+                          temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
+                          logits_processor=LogitsProcessorList([proc]), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, eos_token_id=sp.eos, pad_token_id=sp.pad)
+
+
+def logprob_agreement(model, sp, prompt_ids, static_rows, plain_rows, sampling):
+    """Rows whose tokens are identical; max |logp| difference to the plain sampler on the common prefix; mean
+    and max |logp_gen - logp_train| against completion_logprobs (training-style, no cache) on all tokens."""
+    same = sum(a["tokens"] == b["tokens"] for a, b in zip(static_rows, plain_rows))
+    d_plain = 0.0
+    for a, b in zip(static_rows, plain_rows):
+        n = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), len(a["tokens"]))
+        if n:
+            d_plain = max(d_plain, float(abs(a["logprobs"][:n] - b["logprobs"][:n]).max()))
+    dev = next(model.parameters()).device
+    B = len(prompt_ids)
+    rows = [p + r["tokens"] for p, r in zip(prompt_ids, static_rows)]
+    L = max(map(len, rows))
+    ids = torch.full((B, L), sp.pad, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    T = max(len(r["tokens"]) for r in static_rows)
+    kinds = torch.full((B, T), KIND_PAD, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, static_rows)):
+        ids[i, :len(p) + len(r["tokens"])] = torch.tensor(p + r["tokens"])
+        att[i, :len(p) + len(r["tokens"])] = 1
+        nr = r["n_reasoning"]
+        k = [KIND_REASONING] * nr + [KIND_FORCE_START if r["truncated"] else KIND_REASONING]
+        k += [KIND_MESH] * (len(r["tokens"]) - nr - 3) + [KIND_FORCE_END, KIND_FORCE_EOS]
+        kinds[i, :len(k)] = torch.tensor(k)
+    with torch.no_grad():
+        lp, mask = completion_logprobs(model, ids.to(dev), att.to(dev), torch.tensor([len(p) for p in prompt_ids]),
+                                       kinds.to(dev), sp, sampling.temperature)
+    gen = torch.zeros_like(lp)
+    for i, r in enumerate(static_rows):
+        gen[i, :len(r["logprobs"])] = torch.as_tensor(r["logprobs"], device=dev)
+    d = (gen - lp).abs()[mask]
+    return {"rows_identical_to_plain": f"{same}/{B}", "max_dlogp_vs_plain_common_prefix": round(d_plain, 5),
+            "mean_dlogp_vs_recompute": round(float(d.mean()), 5), "max_dlogp_vs_recompute": round(float(d.max()), 4)}
+
+
+def step_profile(model, sp, prompt_ids, seq_len, sampling, device, out_dir):
+    """GPU kernel time of a few eager steps by operator (the graph replays the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(device)
+    B, P = len(prompt_ids), max(map(len, prompt_ids))
+    steps = sampling.max_reasoning_tokens + 1 + seq_len
+    ids = torch.full((B, P), sp.pad, dtype=torch.long)
+    att = torch.zeros((B, P + steps), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p):] = torch.tensor(p)
+        att[i, P - len(p):P] = 1
+    from rl3d.stages.policy.sampler import position_ids_from_mask
+    with torch.no_grad():
+        loop = _DecodeLoop(model, sp, ids.to(dev), att.to(dev), position_ids_from_mask(att[:, :P]).to(dev),
+                           torch.arange(B, device=dev), seq_len, sampling, steps)
+        for _ in range(3):
+            loop.step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                loop.step()
+            sync(device)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    if out_dir:
+        Path(out_dir, "profile.txt").open("a").write(table + "\n")
+    return table
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="0.5b")
+    ap.add_argument("--batches", default="8,64,256")
+    ap.add_argument("--text-vocab", type=int, default=13_500)
+    ap.add_argument("--mesh-vocab", type=int, default=8192)
+    ap.add_argument("--real-vocab-7b", action="store_true", help="7b: 151,665 text tokens (ShapeLLM-Omni's)")
+    ap.add_argument("--mesh-tokens", type=int, default=1024)
+    ap.add_argument("--max-reasoning", type=int, default=64)
+    ap.add_argument("--baseline-tokens", type=int, default=128)
+    ap.add_argument("--baselines", default="generate,plain", help="comma list of generate,plain ('' = none)")
+    ap.add_argument("--sampling", default="default", choices=["default", "shapellm"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-static", action="store_true", help="time only the baselines")
+    ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
+    args = ap.parse_args()
+    dev = args.device
+    dtype = torch.bfloat16 if torch.device(dev).type == "cuda" else torch.float32
+    base = {"default": Sampling(), "shapellm": Sampling(temperature=0.7, top_p=0.7, top_k=8192)}[args.sampling]
+    sampling = Sampling(base.temperature, base.top_p, base.top_k, args.max_reasoning)
+    card = torch.cuda.get_device_name() if torch.device(dev).type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"card: {card}; torch {torch.__version__}; sampling {sampling}; mesh tokens {args.mesh_tokens}")
+    baselines = [b for b in args.baselines.split(",") if b]
+    for shape in args.shapes.split(","):
+        text_vocab = 151_665 if (shape == "7b" and args.real_vocab_7b) else args.text_vocab
+        sp = special_ids(text_vocab, args.mesh_vocab)
+        model = build_model(shape, sp.vocab_size, dev, dtype, 4096)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"\n== {shape}: {n_params / 1e9:.2f}B params, vocab {sp.vocab_size}")
+        print(f"{'batch':>5} {'variant':<34} {'tokens':>8} {'seconds':>8} {'tok/s':>9} {'vs generate':>11} "
+              f"{'vs plain':>9}  peak GiB")
+        for B in (int(b) for b in args.batches.split(",")):
+            pids = prompts(B, text_vocab)
+            seeds = list(range(B))
+            rates = {}
+            short = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, args.max_reasoning)
+            for name in baselines:  # per-token rates over the first baseline-tokens tokens
+                n = args.baseline_tokens
+                if torch.device(dev).type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                if name == "generate":
+                    torch.manual_seed(0)
+                    with torch.no_grad():
+                        _, sec = timed(lambda: hf_generate(model, sp, pids, short, args.mesh_tokens, n), dev)
+                    tokens = B * n
+                else:
+                    m = max(1, n - args.max_reasoning - 1)
+                    _, sec = timed(lambda: sample_sequences(model, sp, pids, seeds, m, short), dev)
+                    tokens = B * (args.max_reasoning + 1 + m)
+                rates[name] = tokens / sec
+                report(B, f"{name} (first {n} tokens)", tokens, sec, rates, dev, args.json, shape)
+            if not args.no_static:
+                sample_sequences_static(model, sp, pids[:min(B, 8)], seeds[:min(B, 8)], 8, sampling)  # warm-up
+                if torch.device(dev).type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                rows, sec = timed(lambda: sample_sequences_static(model, sp, pids, seeds, args.mesh_tokens, sampling),
+                                  dev)
+                tokens = sum(len(r["tokens"]) for r in rows)
+                rates["static"] = tokens / sec
+                label = "static + CUDA graph" if torch.device(dev).type == "cuda" else "static (no graph on CPU)"
+                report(B, f"{label} (whole rows)", tokens, sec, rates, dev, args.json, shape)
+            if B == 64 or B == min(int(b) for b in args.batches.split(",")):
+                agree_b = min(B, 16)
+                ref = sample_sequences(model, sp, pids[:agree_b], seeds[:agree_b], args.mesh_tokens, sampling)
+                agree = logprob_agreement(model, sp, pids[:agree_b], rows[:agree_b], ref, sampling)
+                print(f"      log-probs (batch {agree_b}): {agree}")
+                if args.json:
+                    Path(args.json).open("a").write(json.dumps({"shape": shape, "batch": agree_b, **agree}) + "\n")
+            if args.profile and B == 64:
+                print(step_profile(model, sp, pids, args.mesh_tokens, sampling, dev, os.environ.get("OUT")))
+        del model
+        if torch.device(dev).type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def report(B, name, tokens, sec, rates, dev, json_path, shape):
+    rate = tokens / sec
+    vs_gen = f"{rate / rates['generate']:.1f}x" if "generate" in rates else "-"
+    vs_plain = f"{rate / rates['plain']:.1f}x" if "plain" in rates else "-"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(dev).type == "cuda" else float("nan")
+    print(f"{B:>5} {name:<34} {tokens:>8} {sec:>8.2f} {rate:>9.0f} {vs_gen:>11} {vs_plain:>9}  {peak:.1f}", flush=True)
+    if json_path:
+        Path(json_path).open("a").write(json.dumps({"shape": shape, "batch": B, "variant": name, "tokens": tokens,
+                                                    "seconds": round(sec, 4), "tok_per_s": round(rate, 1),
+                                                    "peak_gib": round(peak, 2)}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
