@@ -42,6 +42,16 @@ def load_codec(path: str | os.PathLike | None, device: str | None = None):
         raise InputError(f"codec {path or '(shipped)'}: {e}") from None
 
 
+def codec_seq_len(path: str | os.PathLike | None) -> int:
+    """Mesh tokens per shape of the codec at `path`, without loading VQ-VAE weights (a 533 MB read
+    that a length check before any work should not pay)."""
+    if codec_kind(path) == VQVAE64:
+        from rl3d.formats.vqvae64 import SEQ_LEN  # lazy: see above
+
+        return SEQ_LEN
+    return load_codec(path).seq_len  # the block codec's codebook is small
+
+
 def is_external(codec) -> bool:
     """True for a codec a policy references by path instead of copying (the published VQ-VAE
     is 533 MB: every checkpoint of a run points at the one file)."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl3d.formats.errors import InputError
-from rl3d.stages.policy.checkpoint import load_codec_for, prompt_format_for
+from rl3d.formats.codecs import codec_seq_len
+from rl3d.stages.policy.checkpoint import codec_path, prompt_format_for
 from rl3d.stages.policy.sequence import build_prompt, encode_text
 from rl3d.stages.policy.tokenizer import load_tokenizer
 
@@ -58,7 +59,7 @@ def check_prompts_fit(policy_dir: str | Path, meta: dict, prompt_rows: list[dict
     if limits.max_positions is None:
         return
     tok = load_tokenizer(policy_dir)
-    seq_len = load_codec_for(Path(policy_dir), meta).seq_len
+    seq_len = codec_seq_len(codec_path(Path(policy_dir), meta))
     fmt = prompt_format_for(meta, tok)
     lengths = [max(len(encode_text(tok, build_prompt(r["prompt"], lv, plan="", fmt=fmt)))
                    + (max_reasoning if lv == "fine" else 0)
