@@ -77,6 +77,14 @@ Several GPUs (same options):
               help="Total reward of a failed sample under --failed-rewards penalty (per level).")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute activations in the backward pass (less memory).")
+@click.option("--old-logprobs", type=click.Choice(["stored", "recompute"]), default="stored", show_default=True,
+              help="pi_old of the ratio: the log-probs gen stored, or recompute them with a no-grad pass of the "
+                   "policy before the update (verl's default; one more forward). docs/rl.md: the mismatch metrics.")
+@click.option("--length-buckets", is_flag=True,
+              help="Cut micro-batches from each minibatch in length order (less padding; the same gradient up to "
+                   "float summation order).")
+@click.option("--fused-adamw/--no-fused-adamw", default=True, show_default=True,
+              help="torch's fused AdamW kernel when every trained weight is on CUDA (no effect on CPU).")
 @click.option("--lora-rank", type=int, default=0, show_default=True,
               help="Train a LoRA adapter of this rank (peft), merged on save; 0 trains all weights.")
 @click.option("--run-metrics", default=None, show_default="metrics.parquet beside --out",
