@@ -85,8 +85,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     freeze_vision(model)  # text-only policy: a VLM's vision tower and projector stay fixed
     if lora_rank:
         model = _with_lora(model, lora_rank)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # the newer name where transformers has it (the old one warns)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     model.config.use_cache = False
     special = policy.special
@@ -98,7 +99,8 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
                                 dtype="bfloat16" if use_bf16 else "float32").model.eval()
         if acc.num_processes > 1:
             processes.broadcast_from_main(ref_model)
-    opt = make_optimizer(model, cfg, acc)
+    fused = use_fused_adamw(model, cfg, acc)
+    opt = make_optimizer(model, cfg, fused)
     # log-probs must use the temperature the samples were drawn with (gen records it per row)
     sampled_at = float(samples[0].get("temperature") or 1.0) if samples else 1.0
     temperature = cfg.temperature or sampled_at
@@ -107,6 +109,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     parent_opt = Path(policy_dir) / "optimizer.pt"
     if parent_opt.exists() and not lora_rank:
         processes.load_optimizer_state(scorer, opt, torch.load(parent_opt, map_location="cpu", weights_only=True))
+        set_fused(opt, fused)  # the parent's state carries its own run's kernel choice
     ref_scorer = CompletionLogprobs(ref_model, special, temperature) if ref_model is not None else None
     timings["model_load_s"] = time.time() - t_models
 
@@ -180,15 +183,36 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
 TIMERS = ("load_s", "model_load_s", "ref_s", "old_s", "update_s", "save_s", "wall_s")
 
 
-def make_optimizer(model, cfg: RLConfig, acc) -> torch.optim.Optimizer:
-    """AdamW over the trained weights; torch's fused kernel (one launch for all weights instead of
-    several per tensor) when every one is a CUDA tensor. Not under FSDP, whose wrapper replaces
-    the parameters after this optimizer is made."""
+def use_fused_adamw(model, cfg: RLConfig, acc) -> bool:
+    """torch's fused AdamW (one kernel launch for all weights instead of several per tensor) when
+    asked and every trained weight is a CUDA tensor. Not under FSDP, whose wrapper replaces the
+    parameters after the optimizer is made."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = (cfg.fused_adamw and bool(params) and all(p.is_cuda for p in params)
-             and acc.distributed_type != DistributedType.FSDP)
+    return (cfg.fused_adamw and bool(params) and all(p.is_cuda for p in params)
+            and acc.distributed_type != DistributedType.FSDP)
+
+
+def make_optimizer(model, cfg: RLConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW over the trained weights (fused: see use_fused_adamw)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                              **({"fused": True} if fused else {}))
+
+
+def set_fused(opt, fused: bool) -> None:
+    """This run's AdamW kernel after loading a parent's state: load_state_dict takes every setting
+    of the saved groups, so a parent written on another device (or before the fused kernel) would
+    pick the kernel. The step counters go where the kernel keeps them (fused: on the weight's
+    device; plain: on the CPU). Groups that already agree are left as they are (same bytes)."""
+    inner = getattr(opt, "optimizer", opt)
+    for group in inner.param_groups:
+        if bool(group.get("fused")) == fused:
+            continue
+        group["fused"] = True if fused else None
+        for p in group["params"]:
+            state = inner.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(dtype=torch.float32, device=p.device if fused else "cpu")
 
 
 def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress) -> None:

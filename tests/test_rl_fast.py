@@ -24,7 +24,7 @@ from rl3d.stages.policy.sequence import collate  # noqa: E402
 from rl3d.stages.rl.config import RLConfig  # noqa: E402
 from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics  # noqa: E402
 from rl3d.stages.rl.update import by_length  # noqa: E402
-from rl3d.stages.rl_step import TIMERS, make_optimizer  # noqa: E402
+from rl3d.stages.rl_step import TIMERS, make_optimizer, set_fused, use_fused_adamw  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -175,11 +175,39 @@ def test_timers_are_in_the_metrics_and_the_summary(run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")) == []
 
 
-def test_adamw_is_fused_only_with_every_weight_on_cuda():
+def test_adamw_is_fused_only_with_every_weight_on_cuda_and_keeps_its_kernel_over_a_parent_state():
     model = torch.nn.Linear(3, 2)
 
     class OneProcess:
         distributed_type = "NO"
 
-    opt = make_optimizer(model, RLConfig(), OneProcess())
-    assert not opt.defaults.get("fused")  # CPU weights: the plain kernel
+    assert use_fused_adamw(model, RLConfig(), OneProcess()) is False  # CPU weights: the plain kernel
+    assert use_fused_adamw(model, RLConfig(fused_adamw=False), OneProcess()) is False
+    opt = make_optimizer(model, RLConfig(), False)
+    assert not opt.defaults.get("fused")
+    # a parent written by a fused run (its step counters on the weights' device) loads into a plain run
+    parent = make_optimizer(torch.nn.Linear(3, 2), RLConfig(), True)  # torch also has a fused CPU kernel
+    parent.param_groups[0]["params"][0].grad = torch.ones(2, 3)
+    parent.param_groups[0]["params"][1].grad = torch.ones(2)
+    parent.step()
+    opt.load_state_dict(parent.state_dict())
+    assert opt.param_groups[0]["fused"] is True  # what load_state_dict does on its own
+    set_fused(opt, False)
+    assert opt.param_groups[0]["fused"] is None
+    assert all(opt.state[p]["step"].device.type == "cpu" for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert float(opt.state[model.weight]["step"]) == 2.0
+    before = opt.state_dict()
+    set_fused(opt, False)  # already plain: untouched
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_gradient_checkpointing_gives_the_same_update(run, tmp_path):
+    root, policy, _ = run
+    _step(root, policy, tmp_path / "plain", beta=0.01)
+    _step(root, policy, tmp_path / "ckpt", beta=0.01, gradient_checkpointing=True)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
