@@ -165,6 +165,9 @@ def main():
                     help="Dense bf16 peak of the card (989 for H100 / H200 SXM).")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}.")
     ap.add_argument("--no-warmup", action="store_true", help="Skip the untimed first step (CUDA / kernel warm-up).")
+    ap.add_argument("--profile", default=None, metavar="VARIANT",
+                    help="Run this variant once more under torch.profiler (after the table) and print its top "
+                         "kernels by device time, to see what limits the update.")
     args = ap.parse_args()
     for k, v in DEFAULTS[args.shape].items():
         if getattr(args, k) is None:
@@ -193,13 +196,34 @@ def main():
             synthetic_batch(policy_dir, root / "warmup", 1, args.group, args.mesh_tokens, args.max_reasoning)
             run_variant("warmup", policy_dir, root / "warmup", args, {})
         results = {n: run_variant(n, policy_dir, root, args, VARIANTS[n]) for n in names}
+        print_table(results, tokens, n_params, args.peak_tflops)
+        if args.profile:
+            profile_variant(args.profile, policy_dir, root, args)
 
+
+def profile_variant(name: str, policy_dir: Path, root: Path, args) -> None:
+    """The variant's whole rl-step under torch.profiler: the top 25 operators by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if name not in VARIANTS:
+        raise SystemExit(f"--profile {name}: not a variant ({', '.join(VARIANTS)})")
+    cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run_variant(f"profile-{name}", policy_dir, root, args, VARIANTS[name])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"# profile of {name}, by {sort}")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
+def print_table(results: dict, tokens: int, n_params: int, peak_tflops: float) -> None:
+    """One row per variant; "x baseline" is the update's tokens/s against the baseline's, same run."""
     base_tps = tokens / max(results["baseline"]["update_s"], 1e-9)
     print("| variant | tokens/s | MFU | x baseline | ref s | old s | update s | save s | load s | peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, s in results.items():
         tps = tokens / max(s["update_s"], 1e-9)
-        mfu = 6 * n_params * tps / (args.peak_tflops * 1e12)
+        mfu = 6 * n_params * tps / (peak_tflops * 1e12)
         print(f"| {n} | {tps:,.0f} | {mfu:.1%} | {tps / base_tps:.2f} | {s['ref_s']:.2f} | {s['old_s']:.2f} | "
               f"{s['update_s']:.2f} | {s['save_s']:.2f} | {s['load_s'] + s['model_load_s']:.2f} | "
               f"{s['peak_gb']:.1f} |")
