@@ -45,7 +45,9 @@ DONE_FILE = "rl_step.json"
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
                 lora_rank: int = 0, progress=None, allow_off_policy: bool = False,
-                tensorboard: str | None = None) -> dict:
+                tensorboard: str | None = None, startup_s: float = 0.0) -> dict:
+    """One step (docs/rl.md). `startup_s`: the caller's seconds before this call (the CLI's imports),
+    recorded with the phase timers."""
     progress = progress or Progress()
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
@@ -57,7 +59,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         raise InputError(f"{out}: exists and is not a complete rl-step checkpoint; use --overwrite")
     check_step_inputs(policy_dir, samples_path, rewards_path, cfg)  # input guard: one line naming file and row
     t0 = time.time()
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"startup_s": startup_s}
     torch.manual_seed(cfg.seed)
 
     # 1. data: samples joined with rewards -> advantages -> the samples that train
@@ -180,7 +182,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
 
 
 # per-phase seconds in the metrics and the summary (docs/rl.md)
-TIMERS = ("load_s", "model_load_s", "ref_s", "old_s", "update_s", "save_s", "wall_s")
+TIMERS = ("startup_s", "load_s", "model_load_s", "ref_s", "old_s", "update_s", "save_s", "wall_s")
 
 
 def use_fused_adamw(model, cfg: RLConfig, acc) -> bool:
