@@ -33,6 +33,7 @@ from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs, learned_nothing
+from rl3d.stages.rl.loss import mismatch_metrics
 from rl3d.stages.rl.update import (UpdateStats, attention_without_cudnn, recompute_old_logprobs, reference_logprobs,
                                    run_updates)
 from rl3d.stages.scoring.run_metrics import write_tensorboard
@@ -320,7 +321,7 @@ def _metrics(samples, adv_rows, adv_stats, kept, stats: UpdateStats, timings, me
         m[k] = float(np.mean(m[k]))
     m["diversity_identical_frac"] = _identical_fraction(samples)
     m["tokens"] = n_tokens
-    m.update(stats.mismatch)
+    m.update(stats.mismatch or mismatch_metrics({}))  # zeros and mismatch_tokens 0 when nothing trained
     total_s = sum(timings.values())
     m["tokens_per_s"] = n_tokens / max(timings.get("update_s", 0.0), 1e-9)
     m.update({k: round(v, 3) for k, v in timings.items()})

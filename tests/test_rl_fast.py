@@ -211,3 +211,34 @@ def test_gradient_checkpointing_gives_the_same_update(run, tmp_path):
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_two_process_ddp_with_length_buckets_matches_one_process_and_its_mismatch(run, tmp_path, mode):
+    """DDP on CPU (gloo): with length-ordered micro-batches and either pi_old, 2 processes give one
+    process's update and mismatch metrics (stored: each process measures its rows of the first
+    minibatch and the sums / max are combined; recompute: every process scores every row)."""
+    import os
+    import subprocess
+
+    root, policy, _ = run
+    args = ["--policy", str(policy), "--samples", str(root / "gen"), "--rewards", str(root / "rewards"),
+            "--lr", "1e-3", "--micro-batch", "2", "--minibatch", "5", "--device", "cpu", "--quiet",
+            "--old-logprobs", mode, "--length-buckets"]
+    r = CliRunner().invoke(main, ["rl-step", *args, "--out", str(tmp_path / "one"),
+                                  "--run-metrics", str(tmp_path / "m1.parquet")])
+    assert r.exit_code == 0, r.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rl3d.cli.main", "rl-step", *args, "--out", str(tmp_path / "two"),
+           "--run-metrics", str(tmp_path / "m2.parquet")]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert m1["updates"] == m2["updates"] == 3
+    for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    assert m2["mismatch_tokens"] == m1["mismatch_tokens"] > 0
+    assert m2["mismatch_abs_max"] < 1e-5 and m2["mismatch_abs_mean"] < 1e-6 and m2["mismatch_clip_frac"] == 0.0
+    w0, w1, w2 = (load_file(p / "model.safetensors") for p in (Path(policy), tmp_path / "one", tmp_path / "two"))
+    moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
+    apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
+    assert moved > 0 and apart < 1e-2 * moved
