@@ -135,9 +135,12 @@ def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    s = run_rl_step(policy_dir, root / "gen", root / "rewards", out, cfg, run_metrics=str(root / "metrics.parquet"),
-                    device=args.device, dtype=args.dtype, overwrite=True, allow_off_policy=True,
-                    progress=Progress(quiet=True))
+    try:
+        s = run_rl_step(policy_dir, root / "gen", root / "rewards", out, cfg,
+                        run_metrics=str(root / "metrics.parquet"), device=args.device, dtype=args.dtype,
+                        overwrite=True, allow_off_policy=True, progress=Progress(quiet=True))
+    except torch.OutOfMemoryError:  # a row of the table, not the end of the run (e.g. 1.5b without ckpt)
+        s = {"oom": True}
     s["command_s"] = time.time() - t0
     s["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     shutil.rmtree(out, ignore_errors=True)  # 1.5B: 18 GB of weights and optimizer state per variant
@@ -218,13 +221,17 @@ def profile_variant(name: str, policy_dir: Path, root: Path, args) -> None:
 
 def print_table(results: dict, tokens: int, n_params: int, peak_tflops: float) -> None:
     """One row per variant; "x baseline" is the update's tokens/s against the baseline's, same run."""
-    base_tps = tokens / max(results["baseline"]["update_s"], 1e-9)
+    base = results["baseline"]
+    base_tps = None if base.get("oom") else tokens / max(base["update_s"], 1e-9)
     print("| variant | tokens/s | MFU | x baseline | ref s | old s | update s | save s | load s | peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, s in results.items():
+        if s.get("oom"):
+            print(f"| {n} | out of memory | | | | | | | | {s['peak_gb']:.1f} |")
+            continue
         tps = tokens / max(s["update_s"], 1e-9)
         mfu = 6 * n_params * tps / (peak_tflops * 1e12)
-        print(f"| {n} | {tps:,.0f} | {mfu:.1%} | {tps / base_tps:.2f} | {s['ref_s']:.2f} | {s['old_s']:.2f} | "
+        print(f"| {n} | {tps:,.0f} | {mfu:.1%} | {f'{tps / base_tps:.2f}' if base_tps else 'n/a'} | {s['ref_s']:.2f} | {s['old_s']:.2f} | "
               f"{s['update_s']:.2f} | {s['save_s']:.2f} | {s['load_s'] + s['model_load_s']:.2f} | "
               f"{s['peak_gb']:.1f} |")
 
