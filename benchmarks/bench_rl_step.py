@@ -101,7 +101,8 @@ def synthetic_batch(policy_dir: Path, root: Path, prompts: int, group: int, mesh
         for k in range(group):
             plan = rng.choice(text, int(rng.integers(8, max_reasoning + 1))).tolist()
             for level, head in (("coarse", prompt), ("fine", prompt + rng.choice(text, 30).tolist() + plan)):
-                reasoning = plan if level == "coarse" else rng.choice(text, int(rng.integers(8, max_reasoning + 1))).tolist()
+                own = rng.choice(text, int(rng.integers(8, max_reasoning + 1))).tolist()
+                reasoning = plan if level == "coarse" else own
                 codes = rng.integers(0, special.k, mesh_tokens)
                 tail = [special.mesh_start, *special.mesh_ids[codes].tolist(), special.mesh_end, special.eos]
                 n_choice = len(reasoning) + 1 + mesh_tokens  # forced <mesh-end> and eos have log-prob 0
@@ -231,7 +232,8 @@ def print_table(results: dict, tokens: int, n_params: int, peak_tflops: float) -
             continue
         tps = tokens / max(s["update_s"], 1e-9)
         mfu = 6 * n_params * tps / (peak_tflops * 1e12)
-        print(f"| {n} | {tps:,.0f} | {mfu:.1%} | {f'{tps / base_tps:.2f}' if base_tps else 'n/a'} | {s['ref_s']:.2f} | {s['old_s']:.2f} | "
+        ratio = f"{tps / base_tps:.2f}" if base_tps else "n/a"
+        print(f"| {n} | {tps:,.0f} | {mfu:.1%} | {ratio} | {s['ref_s']:.2f} | {s['old_s']:.2f} | "
               f"{s['update_s']:.2f} | {s['save_s']:.2f} | {s['load_s'] + s['model_load_s']:.2f} | "
               f"{s['peak_gb']:.1f} |")
 

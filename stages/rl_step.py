@@ -1,8 +1,9 @@
 """`rl3d rl-step`: one Hi-GRPO (or GRPO) policy update from a samples table and a rewards table.
 
 Read top to bottom: load -> advantages -> models -> reference log-probs -> (recomputed old
-log-probs) -> optimizer steps -> metrics -> checkpoint. The library it calls is stages/rl/: advantages.py, loss.py (the loss,
-docs/rl.md), update.py (the minibatch / micro-batch loop), processes.py (multi-process bookkeeping).
+log-probs) -> optimizer steps -> metrics -> checkpoint. The library it calls is stages/rl/:
+advantages.py, loss.py (the loss, docs/rl.md), update.py (the scoring passes and the minibatch /
+micro-batch loop), processes.py (multi-process bookkeeping).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ class RLConfig:
     failed_rewards: str = "drop-group"  # drop-group | error | penalty
     failed_penalty: float = 0.0      # the total a policy failure (empty mesh) gets under "penalty"
     gradient_checkpointing: bool = False
-    old_logprobs: str = "stored"     # stored (gen's log-probs are pi_old) | recompute (a no-grad pass before the update)
+    old_logprobs: str = "stored"     # pi_old: stored (gen's log-probs) | recompute (no-grad pass before the update)
     length_buckets: bool = False     # sort each minibatch's sequences by length before cutting micro-batches
     fused_adamw: bool = True         # torch's fused AdamW kernel when every trained weight is on CUDA
     seed: int = 0
