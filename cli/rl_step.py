@@ -77,6 +77,14 @@ Several GPUs (same options):
               help="Total reward of a failed sample under --failed-rewards penalty (per level).")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute activations in the backward pass (less memory).")
+@click.option("--old-logprobs", type=click.Choice(["stored", "recompute"]), default="stored", show_default=True,
+              help="pi_old of the ratio: the log-probs gen stored, or recompute them with a no-grad pass of the "
+                   "policy before the update (verl's default; one more forward). docs/rl.md: the mismatch metrics.")
+@click.option("--length-buckets", is_flag=True,
+              help="Cut micro-batches from each minibatch in length order (less padding; the same gradient up to "
+                   "float summation order).")
+@click.option("--fused-adamw/--no-fused-adamw", default=True, show_default=True,
+              help="torch's fused AdamW kernel when every trained weight is on CUDA (no effect on CPU).")
 @click.option("--lora-rank", type=int, default=0, show_default=True,
               help="Train a LoRA adapter of this rank (peft), merged on save; 0 trains all weights.")
 @click.option("--run-metrics", default=None, show_default="metrics.parquet beside --out",
@@ -95,11 +103,13 @@ def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, de
 
     See docs/rl.md for the loss, the options and measured runs.
     """
+    started = time.time()
+    # torch, transformers, accelerate: most of a step's start-up (startup_s in the metrics)
     from rl3d.stages.contract import Progress
     from rl3d.stages.rl.config import RLConfig
     from rl3d.stages.rl_step import run_rl_step
 
-    started = time.time()
+    startup_s = time.time() - started
     opts = pop_common_options(kw, out=out)
     ds, min_std = parse_dynamic_sampling(dynamic_sampling)
     cfg = RLConfig(dynamic_sampling=ds, min_std=min_std, seed=opts.seed, **kw)
@@ -107,7 +117,7 @@ def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, de
     summary = run_rl_step(policy_dir, samples, rewards, out, cfg, ref_dir=ref_dir, run_metrics=run_metrics,
                           device=device, dtype=dtype, overwrite=opts.overwrite, lora_rank=lora_rank,
                           allow_off_policy=allow_off_policy, tensorboard=tensorboard,
-                          progress=Progress(opts.quiet))
+                          progress=Progress(opts.quiet), startup_s=startup_s)
     report(summary, opts, stage="rl-step", started=started,
            line_keys=("step", "loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single",
                       "kept_samples", "dropped_groups", "grad_norm"))

@@ -1,13 +1,15 @@
 """`rl3d rl-step`: one Hi-GRPO (or GRPO) policy update from a samples table and a rewards table.
 
-Read top to bottom: load -> advantages -> models -> reference log-probs -> optimizer steps ->
-metrics -> checkpoint. The library it calls is stages/rl/: advantages.py, loss.py (the loss,
-docs/rl.md), update.py (the minibatch / micro-batch loop), processes.py (multi-process bookkeeping).
+Read top to bottom: load -> advantages -> models -> reference log-probs -> (recomputed old
+log-probs) -> optimizer steps -> metrics -> checkpoint. The library it calls is stages/rl/:
+advantages.py, loss.py (the loss, docs/rl.md), update.py (the scoring passes and the minibatch /
+micro-batch loop), processes.py (multi-process bookkeeping).
 """
 from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
@@ -31,7 +34,9 @@ from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs, learned_nothing
-from rl3d.stages.rl.update import UpdateStats, attention_without_cudnn, reference_logprobs, run_updates
+from rl3d.stages.rl.loss import mismatch_metrics
+from rl3d.stages.rl.update import (UpdateStats, attention_without_cudnn, recompute_old_logprobs, reference_logprobs,
+                                   run_updates)
 from rl3d.stages.scoring.run_metrics import write_tensorboard
 
 __all__ = ["RLConfig", "run_rl_step", "append_run_metrics", "DONE_FILE"]
@@ -42,7 +47,9 @@ DONE_FILE = "rl_step.json"
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
                 lora_rank: int = 0, progress=None, allow_off_policy: bool = False,
-                tensorboard: str | None = None) -> dict:
+                tensorboard: str | None = None, startup_s: float = 0.0) -> dict:
+    """One step (docs/rl.md). `startup_s`: the caller's seconds before this call (the CLI's imports),
+    recorded with the phase timers."""
     progress = progress or Progress()
     out = Path(out)
     if (out / DONE_FILE).exists() and not overwrite:
@@ -54,7 +61,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         raise InputError(f"{out}: exists and is not a complete rl-step checkpoint; use --overwrite")
     check_step_inputs(policy_dir, samples_path, rewards_path, cfg)  # input guard: one line naming file and row
     t0 = time.time()
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"startup_s": startup_s}
     torch.manual_seed(cfg.seed)
 
     # 1. data: samples joined with rewards -> advantages -> the samples that train
@@ -70,6 +77,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
                  f"{adv_stats['dropped_failed'] + adv_stats['dropped_no_spread']} dropped); loading the policy")
 
     # 2. models: the policy being trained, and the frozen reference for the KL term
+    t_models = time.time()
     device_type = resolve_device_dtype(device)[0].type
     use_bf16 = device_type == "cuda" and (dtype in (None, "bfloat16"))
     acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=device_type == "cpu")
@@ -81,19 +89,22 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     freeze_vision(model)  # text-only policy: a VLM's vision tower and projector stay fixed
     if lora_rank:
         model = _with_lora(model, lora_rank)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # the newer name where transformers has it (the old one warns)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     model.config.use_cache = False
     special = policy.special
     initial = ref_dir or meta.get("initial_policy") or str(Path(policy_dir).resolve())
     ref_model = None
     if cfg.beta > 0 and kept:
-        ref_model = load_policy(initial, device=str(policy.device), dtype="float32").model.eval()
+        # the frozen reference needs no fp32 master weights: bf16 where the step computes in bf16
+        ref_model = load_policy(initial, device=str(policy.device),
+                                dtype="bfloat16" if use_bf16 else "float32").model.eval()
         if acc.num_processes > 1:
             processes.broadcast_from_main(ref_model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    fused = use_fused_adamw(model, cfg, acc)
+    opt = make_optimizer(model, cfg, fused)
     # log-probs must use the temperature the samples were drawn with (gen records it per row)
     sampled_at = float(samples[0].get("temperature") or 1.0) if samples else 1.0
     temperature = cfg.temperature or sampled_at
@@ -102,7 +113,9 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     parent_opt = Path(policy_dir) / "optimizer.pt"
     if parent_opt.exists() and not lora_rank:
         processes.load_optimizer_state(scorer, opt, torch.load(parent_opt, map_location="cpu", weights_only=True))
+        set_fused(opt, fused)  # the parent's state carries its own run's kernel choice
     ref_scorer = CompletionLogprobs(ref_model, special, temperature) if ref_model is not None else None
+    timings["model_load_s"] = time.time() - t_models
 
     # 3. reference log-probs once (no grad), then epochs x minibatches of optimizer steps
     for r in kept:
@@ -112,13 +125,21 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
         t1 = time.time()
         if ref_scorer is not None:
             progress.log(f"rl-step: reference log-probs of {len(kept)} samples")
-            reference_logprobs(kept, ref_scorer, special, acc, cfg.micro_batch)
+            reference_logprobs(kept, ref_scorer, special, acc, cfg.micro_batch, cfg.length_buckets)
         timings["ref_s"] = time.time() - t1
+        t_old = time.time()
+        mismatch = None
+        if cfg.old_logprobs == "recompute" and kept:
+            progress.log(f"rl-step: recomputing the old log-probs of {len(kept)} samples")
+            mismatch = recompute_old_logprobs(kept, scorer, special, acc, cfg)
+        timings["old_s"] = time.time() - t_old
         t2 = time.time()
         minibatches = -(-len(kept) // (cfg.minibatch or max(len(kept), 1))) * cfg.epochs if kept else 0
         progress.log(f"rl-step: {minibatches} optimizer update(s) ({cfg.epochs} epoch(s)), reference took "
                      f"{timings['ref_s']:.0f}s")
         stats = run_updates(kept, scorer, opt, acc, special, cfg, ref_scorer is not None, updates_before)
+        if mismatch is not None:
+            stats.mismatch = mismatch
         timings["update_s"] = time.time() - t2
         progress.log(f"rl-step: {stats.n_updates} update(s) in "
                      f"{timings['update_s']:.0f}s; writing the checkpoint")
@@ -146,18 +167,56 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             model_to_save = model_to_save.merge_and_unload()
         try:
             _save_checkpoint(out, model_to_save, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
-                             samples_path, rewards_path, run_metrics, overwrite)
+                             samples_path, rewards_path, run_metrics, overwrite, started=t3)
         except BaseException:  # a failed save leaves no half checkpoint behind (a kill leaves it for the rerun)
             shutil.rmtree(out.with_name(f".{out.name}.rl-tmp"), ignore_errors=True)
             raise
         if tensorboard:
             write_tensorboard(tensorboard, metrics["step"], metrics)
     acc.wait_for_everyone()
-    metrics["save_s"] = round(time.time() - t3, 3)
+    if not acc.is_main_process:
+        metrics["save_s"] = round(time.time() - t3, 3)
     return {"stage": "rl-step", "out": str(out), "skipped": False, "step": metrics["step"],
             "seconds": round(time.time() - t0, 2), **{k: metrics[k] for k in
             ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
-             "dropped_groups", "grad_norm", "learned_nothing") if k in metrics}}
+             "dropped_groups", "grad_norm", "learned_nothing", "mismatch_abs_mean", "mismatch_abs_max",
+             "mismatch_clip_frac", *TIMERS) if k in metrics}}
+
+
+# per-phase seconds in the metrics and the summary (docs/rl.md)
+TIMERS = ("startup_s", "load_s", "model_load_s", "ref_s", "old_s", "update_s", "save_s", "wall_s")
+
+
+def use_fused_adamw(model, cfg: RLConfig, acc) -> bool:
+    """torch's fused AdamW (one kernel launch for all weights instead of several per tensor) when
+    asked and every trained weight is a CUDA tensor. Not under FSDP, whose wrapper replaces the
+    parameters after the optimizer is made."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (cfg.fused_adamw and bool(params) and all(p.is_cuda for p in params)
+            and acc.distributed_type != DistributedType.FSDP)
+
+
+def make_optimizer(model, cfg: RLConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW over the trained weights (fused: see use_fused_adamw)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                             **({"fused": True} if fused else {}))
+
+
+def set_fused(opt, fused: bool) -> None:
+    """This run's AdamW kernel after loading a parent's state: load_state_dict takes every setting
+    of the saved groups, so a parent written on another device (or before the fused kernel) would
+    pick the kernel. The step counters go where the kernel keeps them (fused: on the weight's
+    device; plain: on the CPU). Groups that already agree are left as they are (same bytes)."""
+    inner = getattr(opt, "optimizer", opt)
+    for group in inner.param_groups:
+        if bool(group.get("fused")) == fused:
+            continue
+        group["fused"] = True if fused else None
+        for p in group["params"]:
+            state = inner.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(dtype=torch.float32, device=p.device if fused else "cpu")
 
 
 def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress) -> None:
@@ -263,6 +322,7 @@ def _metrics(samples, adv_rows, adv_stats, kept, stats: UpdateStats, timings, me
         m[k] = float(np.mean(m[k]))
     m["diversity_identical_frac"] = _identical_fraction(samples)
     m["tokens"] = n_tokens
+    m.update(stats.mismatch or mismatch_metrics({}))  # zeros and mismatch_tokens 0 when nothing trained
     total_s = sum(timings.values())
     m["tokens_per_s"] = n_tokens / max(timings.get("update_s", 0.0), 1e-9)
     m.update({k: round(v, 3) for k, v in timings.items()})
@@ -293,9 +353,11 @@ def _collapse_warnings(m: dict, run_metrics: str | None) -> list[str]:
 
 
 def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, initial, adv_rows, metrics,
-                     samples_path, rewards_path, run_metrics, overwrite):
+                     samples_path, rewards_path, run_metrics, overwrite, started: float):
     """Everything lands in a temp dir renamed at the end: a killed rl-step leaves no checkpoint,
-    and rerunning it reproduces the same parameters."""
+    and rerunning it reproduces the same parameters. The optimizer state (twice the weights' size)
+    is written by a background thread while the weights are, and joined before the metrics, so
+    save_s (seconds since `started`: gathering and writing the state) is in them."""
     tmp = out.with_name(f".{out.name}.rl-tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -304,11 +366,22 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
     extra["rl_step"] = metrics["step"]
     extra["optimizer_updates"] = metrics["optimizer_updates"]
     extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)
-    save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
+    tmp.mkdir(parents=True)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        # none for LoRA: the adapter is merged on save
+        opt_written = writer.submit(torch.save, opt_state, tmp / "optimizer.pt") if opt_state is not None else None
+        # save_policy writes into a temp dir of its own and renames it onto `weights_dir`
+        weights_dir = tmp / ".weights"
+        save_policy(weights_dir, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
                     base=meta.get("base"), codec_ref=None, extra=extra, state_dict=weights)
-    if opt_state is not None:  # none for LoRA: the adapter is merged on save
-        torch.save(opt_state, tmp / "optimizer.pt")
+        if opt_written is not None:
+            opt_written.result()  # re-raises a failed write
+    for f in weights_dir.iterdir():
+        f.rename(tmp / f.name)
+    weights_dir.rmdir()
     torch.save(rng_state(), tmp / "rng_state.pt")
+    metrics["save_s"] = round(time.time() - started, 3)
+    metrics["wall_s"] = round(metrics.get("wall_s", 0.0) + metrics["save_s"], 3)
     adv = pa.table({"sample_id": [a.sample_id for a in adv_rows], "prompt_id": [a.prompt_id for a in adv_rows],
                     "sample_index": pa.array([a.sample_index for a in adv_rows], pa.int32()),
                     "level": [a.level for a in adv_rows], "reward": [a.reward for a in adv_rows],

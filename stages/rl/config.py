@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 from rl3d.formats.errors import InputError
 
+OLD_LOGPROBS = ("stored", "recompute")
+
 
 @dataclass
 class RLConfig:
@@ -31,6 +33,9 @@ class RLConfig:
     failed_rewards: str = "drop-group"  # drop-group | error | penalty
     failed_penalty: float = 0.0      # the total a policy failure (empty mesh) gets under "penalty"
     gradient_checkpointing: bool = False
+    old_logprobs: str = "stored"     # pi_old: stored (gen's log-probs) | recompute (no-grad pass before the update)
+    length_buckets: bool = False     # sort each minibatch's sequences by length before cutting micro-batches
+    fused_adamw: bool = True         # torch's fused AdamW kernel when every trained weight is on CUDA
     seed: int = 0
     temperature: float | None = None  # None: the temperature the samples were drawn with
 
@@ -43,6 +48,8 @@ class RLConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise InputError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise InputError(f"--old-logprobs {self.old_logprobs!r}: expected one of {', '.join(OLD_LOGPROBS)}")
         if self.lr < 0:
             raise InputError(f"--lr {self.lr}: must be >= 0")
         return self

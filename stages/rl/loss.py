@@ -47,6 +47,26 @@ def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
     return loss, parts
 
 
+def logprob_mismatch(train_logp: torch.Tensor, gen_logp: torch.Tensor, mask: torch.Tensor, clip_low: float,
+                     clip_high: float) -> dict[str, float]:
+    """Sums behind the training/inference mismatch metrics over the `mask`ed tokens: |logp_train -
+    logp_gen| summed and its max, the tokens whose first-update ratio exp(logp_train - logp_gen)
+    leaves [1 - clip_low, 1 + clip_high], and the token count. Sums, so micro-batches and
+    processes add up (mismatch_metrics turns them into means)."""
+    diff = (train_logp.detach().float() - gen_logp.float()).masked_fill(~mask, 0.0)
+    ratio = torch.exp(diff.clamp(max=20.0))
+    out = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) & mask
+    return {"abs_sum": float(diff.abs().sum()), "abs_max": float(diff.abs().max()) if diff.numel() else 0.0,
+            "out_of_clip": float(out.sum()), "tokens": float(mask.sum())}
+
+
+def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The step's mismatch metrics (docs/rl.md) from logprob_mismatch's sums."""
+    n = max(sums.get("tokens", 0.0), 1.0)
+    return {"mismatch_abs_mean": sums.get("abs_sum", 0.0) / n, "mismatch_abs_max": sums.get("abs_max", 0.0),
+            "mismatch_clip_frac": sums.get("out_of_clip", 0.0) / n, "mismatch_tokens": sums.get("tokens", 0.0)}
+
+
 def token_weights(loss_mask: torch.Tensor, level_ids: torch.Tensor, agg: str) -> torch.Tensor:
     """Aggregation weights so that sum(weights * objective) is the mean the loss asks for, per level.
 

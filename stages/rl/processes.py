@@ -33,6 +33,17 @@ def sum_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, total.tolist()))
 
 
+def mismatch_over_processes(acc, sums: dict[str, float]) -> dict[str, float]:
+    """logprob_mismatch sums of each process's rows combined: summed, except the max."""
+    if acc.num_processes == 1:
+        return sums
+    keys = ("abs_sum", "out_of_clip", "tokens")
+    total = sum_over_processes(acc, {k: sums.get(k, 0.0) for k in keys})
+    top = torch.tensor([sums.get("abs_max", 0.0)], dtype=torch.float64, device=acc.device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return {**total, "abs_max": float(top[0])}
+
+
 def broadcast_from_main(module: torch.nn.Module) -> None:
     """Process 0's weights and buffers into every process's copy of a module that no wrapper
     syncs (the frozen reference). Under an FSDP launch with cpu-RAM-efficient loading,

@@ -12,7 +12,7 @@ import torch
 from rl3d.stages.policy.sequence import KIND_MESH, KIND_PAD, KIND_REASONING, LEVELS, collate, completion_kinds
 from rl3d.stages.rl import processes
 from rl3d.stages.rl.config import RLConfig
-from rl3d.stages.rl.loss import policy_loss, token_weights, warmup_lr
+from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics, policy_loss, token_weights, warmup_lr
 
 DIAGNOSTICS = ("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean")
 
@@ -27,6 +27,7 @@ class UpdateStats:
     n_updates: int = 0
     n_tokens: int = 0
     skipped_updates: int = 0
+    mismatch: dict[str, float] = field(default_factory=dict)  # mismatch_metrics of the first minibatch (stored)
 
 
 @contextlib.contextmanager
@@ -54,14 +55,42 @@ def logprobs(net, rows: list[dict], special, acc) -> tuple[torch.Tensor, torch.T
     return lp, b["kinds"]
 
 
-def reference_logprobs(rows: list[dict], ref_scorer, special, acc, micro_batch: int) -> None:
+def reference_logprobs(rows: list[dict], ref_scorer, special, acc, micro_batch: int,
+                       length_buckets: bool = False) -> None:
     """Each row's completion log-probs under the frozen reference, into row["ref_logp"]."""
+    score_rows(rows, ref_scorer, special, acc, micro_batch, "ref_logp", length_buckets)
+
+
+def recompute_old_logprobs(rows: list[dict], scorer, special, acc, cfg: RLConfig) -> dict[str, float]:
+    """--old-logprobs recompute: each row's completion log-probs under the current policy, before
+    any update (no grad; verl's default), into row["old_logp"], the pi_old of the ratio. Returns
+    the training/inference mismatch of every row against the log-probs gen stored."""
+    score_rows(rows, scorer, special, acc, cfg.micro_batch, "old_logp", cfg.length_buckets)
+    sums: dict[str, float] = {}
+    for r in rows:
+        mask = loss_mask(r)
+        stored = torch.as_tensor(r["logprobs"], dtype=torch.float32)[:len(mask)]
+        _add_mismatch(sums, logprob_mismatch(r["old_logp"][:len(mask)], stored, mask, cfg.clip_low, cfg.clip_high))
+    return mismatch_metrics(sums)
+
+
+def score_rows(rows: list[dict], net, special, acc, micro_batch: int, key: str, length_buckets: bool = False) -> None:
+    """No-grad completion log-probs of every row under `net`, micro_batch rows per forward (in
+    length order with `length_buckets`: less padding), into row[key] as float32 [completion length].
+    The head and log-softmax run in chunks of positions (completion_logprobs): no [B, T, V] logits."""
+    order = by_length(rows, range(len(rows))) if length_buckets else list(range(len(rows)))
     with torch.no_grad():
-        for i in range(0, len(rows), micro_batch):
-            chunk = rows[i:i + micro_batch]
-            lp, kinds = logprobs(ref_scorer, chunk, special, acc)
-            for r, row_lp, n in zip(chunk, lp.cpu(), (kinds != KIND_PAD).sum(1).tolist()):
-                r["ref_logp"] = row_lp[:n]
+        for i in range(0, len(order), micro_batch):
+            chunk = [rows[j] for j in order[i:i + micro_batch]]
+            lp, kinds = logprobs(net, chunk, special, acc)
+            for r, row_lp, n in zip(chunk, lp.float().cpu(), (kinds != KIND_PAD).sum(1).tolist()):
+                r[key] = row_lp[:n]
+
+
+def by_length(rows: list[dict], idx) -> list[int]:
+    """`idx` sorted by sequence length (then prompt length): micro-batches cut from it hold rows of
+    similar width, so collate pads little. Stable, so equal lengths keep their order."""
+    return sorted(idx, key=lambda i: (len(rows[i]["input_ids"]), int(rows[i]["prompt_len"])))
 
 
 def run_updates(rows: list[dict], scorer, opt, acc, special, cfg: RLConfig, with_reference: bool,
@@ -69,6 +98,7 @@ def run_updates(rows: list[dict], scorer, opt, acc, special, cfg: RLConfig, with
     """cfg.epochs passes over `rows` in minibatches of cfg.minibatch (shuffled by cfg.seed when
     there is more than one minibatch or epoch), one optimizer update per minibatch."""
     stats = UpdateStats()
+    first = cfg.old_logprobs == "stored"  # measure the mismatch on the first minibatch, before its update
     gen = torch.Generator().manual_seed(cfg.seed)
     mb_size = cfg.minibatch or len(rows)
     for _ in range(cfg.epochs if rows else 0):
@@ -76,7 +106,11 @@ def run_updates(rows: list[dict], scorer, opt, acc, special, cfg: RLConfig, with
         for s in range(0, len(order), mb_size):
             mb = [rows[i] for i in order[s:s + mb_size]]
             weights, n_tokens = minibatch_weights(mb, cfg.loss_agg)
-            mb_sums, mb_level_loss = accumulate_gradients(mb, weights, scorer, acc, special, cfg, with_reference)
+            mismatch: dict[str, float] | None = {} if first else None
+            mb_sums, mb_level_loss = accumulate_gradients(mb, weights, scorer, acc, special, cfg, with_reference,
+                                                          mismatch)
+            if first:
+                stats.mismatch, first = mismatch_metrics(processes.mismatch_over_processes(acc, mismatch)), False
             norm = float(acc.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm))
             if not math.isfinite(norm):  # never apply a non-finite update; count it instead
                 stats.skipped_updates += 1
@@ -110,20 +144,31 @@ def minibatch_weights(mb: list[dict], loss_agg: str) -> tuple[torch.Tensor, int]
 
 
 def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc, special, cfg: RLConfig,
-                         with_reference: bool) -> tuple[dict[str, float], dict[str, float]]:
+                         with_reference: bool, mismatch: dict[str, float] | None = None
+                         ) -> tuple[dict[str, float], dict[str, float]]:
     """Backward over this process's micro-batches of a minibatch; returns the minibatch's
-    diagnostics and per-level loss, summed over processes."""
+    diagnostics and per-level loss, summed over processes. `mismatch` (a dict): this process's
+    logprob_mismatch sums of its rows are added to it (the forward precedes the update).
+    With cfg.length_buckets the rows are cut into micro-batches in length order; the weights are
+    the whole minibatch's either way, so the gradient is the same sum in another order."""
     mine = processes.my_rows(len(mb), acc)
+    if cfg.length_buckets:
+        mine = by_length(mb, mine)
     mb_sums = dict.fromkeys(DIAGNOSTICS, 0.0)
     mb_level_loss = {lv: 0.0 for lv in LEVELS}
     for m in range(processes.micro_batch_count(len(mb), cfg.micro_batch, acc)):
         idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
         dummy = not mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch]  # pairs another process's backward
         rows = [mb[i] for i in idx]
-        lp, _ = logprobs(scorer, rows, special, acc)
+        lp, kinds = logprobs(scorer, rows, special, acc)
         T = lp.shape[1]
         w = _fit(weights_all[idx], T).to(lp.device) * (0.0 if dummy else float(acc.num_processes))
-        old = _stack([torch.as_tensor(r["logprobs"], dtype=torch.float32) for r in rows], T).to(lp.device)
+        stored = _stack([torch.as_tensor(r["logprobs"], dtype=torch.float32) for r in rows], T).to(lp.device)
+        old = (_stack([r["old_logp"] for r in rows], T).to(lp.device) if cfg.old_logprobs == "recompute"
+               else stored)
+        if mismatch is not None and not dummy:
+            chosen = (kinds == KIND_REASONING) | (kinds == KIND_MESH)
+            _add_mismatch(mismatch, logprob_mismatch(lp, stored, chosen, cfg.clip_low, cfg.clip_high))
         ref = _stack([r["ref_logp"] for r in rows], T).to(lp.device) if with_reference else old
         adv = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=lp.device)
         loss, parts = policy_loss(lp, old, ref, adv, w, cfg)
@@ -137,6 +182,11 @@ def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc,
             for r, rl in zip(rows, parts["row_loss"].tolist()):
                 mb_level_loss[r["level"]] += rl / acc.num_processes
     return processes.sum_over_processes(acc, mb_sums), processes.sum_over_processes(acc, mb_level_loss)
+
+
+def _add_mismatch(total: dict[str, float], part: dict[str, float]) -> None:
+    for k, v in part.items():
+        total[k] = max(total.get(k, 0.0), v) if k == "abs_max" else total.get(k, 0.0) + v
 
 
 def loss_mask(row: dict) -> torch.Tensor:

@@ -1,0 +1,244 @@
+"""rl-step's pi_old choice (--old-logprobs), the training/inference mismatch metrics, length-bucketed
+micro-batches, chunked log-probs and the step's timers, on a tiny random policy."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rl_step import _batch, _metrics, _step  # noqa: E402
+
+from rl3d.cli.main import main  # noqa: E402
+from rl3d.formats import shards, tables  # noqa: E402
+from rl3d.formats.errors import InputError  # noqa: E402
+from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
+from rl3d.stages.policy.sampler import completion_logprobs, token_logprobs  # noqa: E402
+from rl3d.stages.policy.sequence import collate  # noqa: E402
+from rl3d.stages.rl.config import RLConfig  # noqa: E402
+from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics  # noqa: E402
+from rl3d.stages.rl.update import by_length  # noqa: E402
+from rl3d.stages.rl_step import TIMERS, make_optimizer, set_fused, use_fused_adamw  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _batch(tmp_path_factory.mktemp("rlfast"))
+
+
+def _weights(out):
+    return load_file(out / "model.safetensors")
+
+
+def _plain_logprobs(model, b, special):
+    """The unchunked reference: full [B, L, V] logits, then the sampler's masked log-softmax."""
+    from rl3d.stages.policy.sampler import position_ids_from_mask
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   position_ids=position_ids_from_mask(b["attention_mask"]), use_cache=False).logits
+    P = int(b["prompt_lens"].max())
+    T = b["kinds"].shape[1]
+    return token_logprobs(logits[:, P - 1:P - 1 + T], b["kinds"], b["input_ids"][:, P:P + T], special, 1.0)
+
+
+def test_chunked_logprobs_equal_plain_log_softmax_with_and_without_grad(run):
+    root, policy, rows = run
+    pol = load_policy(policy, device="cpu", dtype="float32")
+    rows = [{**r, "reasoning_truncated": r["reasoning_truncated"]} for r in rows[:6]]
+    b = collate(rows, pol.special)
+    plain = _plain_logprobs(pol.model, b, pol.special)
+    with torch.no_grad():  # the reference / recompute path
+        chunked, _ = completion_logprobs(pol.model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+                                         b["kinds"], pol.special, chunk_size=5)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain.detach(), atol=1e-5, rtol=0)
+    # the update path (head and log-softmax per chunk under checkpointing): same values and gradients
+    grad_chunked, _ = completion_logprobs(pol.model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+                                          b["kinds"], pol.special, chunk_size=7)
+    torch.testing.assert_close(grad_chunked.detach(), plain.detach(), atol=1e-5, rtol=0)
+    params = [p for p in pol.model.parameters() if p.requires_grad]
+    g_plain = torch.autograd.grad(plain.sum(), params)
+    g_chunked = torch.autograd.grad(grad_chunked.sum(), params)
+    for a, c in zip(g_plain, g_chunked):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+
+
+def test_recompute_on_fp32_cpu_has_no_mismatch_and_gives_the_stored_update(run, tmp_path):
+    root, policy, _ = run
+    s_stored = _step(root, policy, tmp_path / "stored", beta=0.01, minibatch=6)
+    s_recomp = _step(root, policy, tmp_path / "recompute", beta=0.01, minibatch=6, old_logprobs="recompute")
+    for s, out in ((s_stored, "stored"), (s_recomp, "recompute")):
+        m = _metrics(tmp_path / out)
+        assert m["mismatch_abs_mean"] < 1e-5 and m["mismatch_abs_max"] < 1e-4, out
+        assert m["mismatch_clip_frac"] == 0.0 and m["mismatch_tokens"] > 0
+        assert s["mismatch_abs_max"] == m["mismatch_abs_max"]
+    # stored measures the first minibatch (6 rows), recompute every kept row
+    assert _metrics(tmp_path / "recompute")["mismatch_tokens"] > _metrics(tmp_path / "stored")["mismatch_tokens"]
+    a, b = _weights(tmp_path / "stored"), _weights(tmp_path / "recompute")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    assert _metrics(tmp_path / "recompute")["loss"] == pytest.approx(_metrics(tmp_path / "stored")["loss"], abs=1e-5)
+    meta = json.loads((tmp_path / "recompute" / "rl3d_policy.json").read_text())
+    assert meta["rl_config"]["old_logprobs"] == "recompute"
+    assert tables.table_config(tmp_path / "recompute" / "metrics")["rl"]["old_logprobs"] == "recompute"
+
+
+def _perturbed_samples(root, rows, dst, delta):
+    """The samples table with one choice token's stored log-prob moved by `delta` (same provenance)."""
+    rows = [dict(r) for r in rows]
+    r = rows[0]
+    j = r["mesh_start"] + 2 - r["prompt_len"]  # a mesh token: carries a choice
+    r["logprobs"] = list(r["logprobs"])
+    r["logprobs"][j] += delta
+    src = tables.provenance(root / "gen")
+    t = tables.read_table(root / "gen", "samples")
+    new = pa.Table.from_pylist(rows, schema=t.schema)
+    shards.write_part(tables.with_metadata(new, "samples", tables.table_config(root / "gen"), src.policy), dst,
+                      shards.Shard(0, 1))
+    return dst
+
+
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_a_perturbed_stored_logprob_shows_in_the_mismatch(run, tmp_path, mode):
+    root, policy, rows = run
+    samples = _perturbed_samples(root, rows, tmp_path / "gen", 1.0)
+    cfg = RLConfig(lr=1e-3, micro_batch=4, beta=0.0, old_logprobs=mode)
+    from rl3d.stages.rl_step import run_rl_step
+    s = run_rl_step(policy, samples, root / "rewards", tmp_path / "out", cfg, run_metrics=str(tmp_path / "m.parquet"))
+    m = _metrics(tmp_path / "out")
+    assert m["mismatch_abs_max"] == pytest.approx(1.0, abs=1e-4)
+    assert m["mismatch_clip_frac"] == pytest.approx(1.0 / m["mismatch_tokens"])  # exp(-1) < 1 - 0.2
+    assert m["mismatch_abs_mean"] == pytest.approx(1.0 / m["mismatch_tokens"], abs=1e-5)
+    assert s["mismatch_clip_frac"] == m["mismatch_clip_frac"]
+    if mode == "recompute":  # pi_old is the recomputed one: the first update's ratio is exactly 1
+        assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_low_frac"] == 0.0
+    else:  # the perturbed token's ratio is exp(-1): clipped when its advantage is negative
+        assert m["ratio_mean"] < 1.0
+
+
+def test_mismatch_sums_and_metrics():
+    train = torch.tensor([[0.0, -1.0, -2.0, 0.0]])
+    gen = torch.tensor([[0.1, -1.0, -2.5, 5.0]])
+    mask = torch.tensor([[True, True, True, False]])  # the last position carries no choice
+    sums = logprob_mismatch(train, gen, mask, 0.2, 0.28)
+    assert sums["tokens"] == 3 and sums["abs_sum"] == pytest.approx(0.6)
+    assert sums["abs_max"] == pytest.approx(0.5) and sums["out_of_clip"] == 1  # exp(0.5) > 1.28; exp(-0.1) inside
+    m = mismatch_metrics(sums)
+    assert m["mismatch_abs_mean"] == pytest.approx(0.2) and m["mismatch_clip_frac"] == pytest.approx(1 / 3)
+    assert mismatch_metrics({})["mismatch_abs_mean"] == 0.0
+
+
+def test_old_logprobs_flag_is_validated(run, tmp_path):
+    with pytest.raises(InputError, match=r"--old-logprobs 'bogus': expected one of stored, recompute"):
+        RLConfig(old_logprobs="bogus").check()
+    root, policy, _ = run
+    r = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"), "--rewards",
+                                  str(root / "rewards"), "--out", str(tmp_path / "o"), "--old-logprobs", "bogus"])
+    assert r.exit_code == 2 and "--old-logprobs" in r.output and not (tmp_path / "o").exists()
+
+
+def test_length_buckets_give_the_same_update_with_less_padding(run, tmp_path):
+    root, policy, rows = run
+    _step(root, policy, tmp_path / "plain", beta=0.01, minibatch=6, micro_batch=2)
+    _step(root, policy, tmp_path / "buckets", beta=0.01, minibatch=6, micro_batch=2, length_buckets=True)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "buckets")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)  # float summation order only
+    ma, mb = _metrics(tmp_path / "plain"), _metrics(tmp_path / "buckets")
+    for k in ("loss", "kl", "pg_loss", "grad_norm", "tokens"):
+        assert mb[k] == pytest.approx(ma[k], abs=1e-6), k
+    # the order: by sequence length, stable among equals
+    order = by_length(rows, range(len(rows)))
+    lens = [len(rows[i]["input_ids"]) for i in order]
+    assert lens == sorted(lens)
+    width = sum(max(len(rows[i]["input_ids"]) for i in order[s:s + 2]) for s in range(0, len(order), 2))
+    unsorted = sum(max(len(rows[i]["input_ids"]) for i in range(s, min(s + 2, len(rows))))
+                   for s in range(0, len(rows), 2))
+    assert width <= unsorted
+
+
+def test_timers_are_in_the_metrics_and_the_summary(run, tmp_path):
+    root, policy, _ = run
+    s = _step(root, policy, tmp_path / "t", beta=0.01, old_logprobs="recompute")
+    m = _metrics(tmp_path / "t")
+    for k in TIMERS:
+        assert k in m and m[k] >= 0.0 and s[k] == m[k], k
+    assert m["save_s"] > 0.0 and m["wall_s"] >= m["update_s"] + m["save_s"]
+    assert json.loads((tmp_path / "t" / "rl_step.json").read_text())["metrics"]["save_s"] == m["save_s"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")) == []
+
+
+def test_adamw_is_fused_only_with_every_weight_on_cuda_and_keeps_its_kernel_over_a_parent_state():
+    model = torch.nn.Linear(3, 2)
+
+    class OneProcess:
+        distributed_type = "NO"
+
+    assert use_fused_adamw(model, RLConfig(), OneProcess()) is False  # CPU weights: the plain kernel
+    assert use_fused_adamw(model, RLConfig(fused_adamw=False), OneProcess()) is False
+    opt = make_optimizer(model, RLConfig(), False)
+    assert not opt.defaults.get("fused")
+    # a parent written by a fused run (its step counters on the weights' device) loads into a plain run
+    parent = make_optimizer(torch.nn.Linear(3, 2), RLConfig(), True)  # torch also has a fused CPU kernel
+    parent.param_groups[0]["params"][0].grad = torch.ones(2, 3)
+    parent.param_groups[0]["params"][1].grad = torch.ones(2)
+    parent.step()
+    opt.load_state_dict(parent.state_dict())
+    assert opt.param_groups[0]["fused"] is True  # what load_state_dict does on its own
+    set_fused(opt, False)
+    assert opt.param_groups[0]["fused"] is None
+    assert all(opt.state[p]["step"].device.type == "cpu" for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert float(opt.state[model.weight]["step"]) == 2.0
+    before = opt.state_dict()
+    set_fused(opt, False)  # already plain: untouched
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
+
+
+def test_gradient_checkpointing_gives_the_same_update(run, tmp_path):
+    root, policy, _ = run
+    _step(root, policy, tmp_path / "plain", beta=0.01)
+    _step(root, policy, tmp_path / "ckpt", beta=0.01, gradient_checkpointing=True)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_two_process_ddp_with_length_buckets_matches_one_process_and_its_mismatch(run, tmp_path, mode):
+    """DDP on CPU (gloo): with length-ordered micro-batches and either pi_old, 2 processes give one
+    process's update and mismatch metrics (stored: each process measures its rows of the first
+    minibatch and the sums / max are combined; recompute: every process scores every row)."""
+    import os
+    import subprocess
+
+    root, policy, _ = run
+    args = ["--policy", str(policy), "--samples", str(root / "gen"), "--rewards", str(root / "rewards"),
+            "--lr", "1e-3", "--micro-batch", "2", "--minibatch", "5", "--device", "cpu", "--quiet",
+            "--old-logprobs", mode, "--length-buckets"]
+    r = CliRunner().invoke(main, ["rl-step", *args, "--out", str(tmp_path / "one"),
+                                  "--run-metrics", str(tmp_path / "m1.parquet")])
+    assert r.exit_code == 0, r.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rl3d.cli.main", "rl-step", *args, "--out", str(tmp_path / "two"),
+           "--run-metrics", str(tmp_path / "m2.parquet")]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert m1["updates"] == m2["updates"] == 3
+    for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    assert m2["mismatch_tokens"] == m1["mismatch_tokens"] > 0
+    assert m2["mismatch_abs_max"] < 1e-5 and m2["mismatch_abs_mean"] < 1e-6 and m2["mismatch_clip_frac"] == 0.0
+    w0, w1, w2 = (load_file(p / "model.safetensors") for p in (Path(policy), tmp_path / "one", tmp_path / "two"))
+    moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
+    apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
+    assert moved > 0 and apart < 1e-2 * moved
