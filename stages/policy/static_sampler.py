@@ -21,7 +21,7 @@ import inspect
 import torch
 from transformers import StaticCache
 
-from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, _BLOCK, _uses_plain_head, cache_kwarg, finish_rows, inverse_cdf,
+from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, _BLOCK, cache_kwarg, finish_rows, inverse_cdf,
                                         masked_logits, position_ids_from_mask, sample_sequences, uniform_draws)
 from rl3d.stages.policy.sequence import KIND_FORCE_START, KIND_MESH, KIND_PAD, KIND_REASONING
 from rl3d.stages.policy.tokenizer import SpecialIds
@@ -80,7 +80,6 @@ class _DecodeLoop:
         self.model, self.special, self.sampling, self.seq_len, self.P = model, special, sampling, seq_len, P
         self.ck = cache_kwarg(model)
         self.cache = StaticCache(config=model.config, max_cache_len=P + steps)
-        self.plain_head = _uses_plain_head(model)
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.att, self.seeds = att, seeds
         out = model(input_ids=ids, attention_mask=att[:, :P], position_ids=pos, use_cache=True,
@@ -124,14 +123,9 @@ class _DecodeLoop:
         self.t.add_(1)
 
     def next_logits(self, tok: torch.Tensor) -> torch.Tensor:
-        """Logits after one new token per row. With a plain output head, the decoder and head are called
-        apart so the head reads a contiguous [B, hidden] matrix: the model's own sliced last position made
-        cuBLAS pick a slow kernel for the large-vocabulary head (3x its memory time at 7B)."""
-        kw = dict(attention_mask=self.att, position_ids=self.pos, use_cache=True, **{self.ck: self.cache})
-        if self.plain_head:
-            hidden = self.model.get_decoder()(input_ids=tok, **kw).last_hidden_state
-            return self.model.get_output_embeddings()(hidden[:, -1].contiguous())
-        return self.model(input_ids=tok, **kw, **self.keep_last).logits[:, -1]
+        """Logits after one new token per row."""
+        return self.model(input_ids=tok, attention_mask=self.att, position_ids=self.pos, use_cache=True,
+                          **{self.ck: self.cache}, **self.keep_last).logits[:, -1]
 
     def running(self) -> bool:
         return bool((self.state != DONE).any())
