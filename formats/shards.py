@@ -147,14 +147,26 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{_writer()}")
 
 
+def naming(error: OSError, path: Path) -> OSError:
+    """The OSError of a failed write, with the file it was writing: the CLI prints "PATH: No space
+    left on device" and exits 2 (pyarrow's and a file object's write errors carry no file name)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return OSError(error.errno, os.strerror(error.errno), str(path))
+
+
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: the old file stays as it was, the temp goes
+        tmp.unlink(missing_ok=True)
+        raise naming(e, final) from None
     os.replace(tmp, final)
 
 
@@ -181,8 +193,11 @@ class atomic_path:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(self.tmp, self.final)
-        elif self.tmp.exists():
+            return False
+        if self.tmp.exists():
             self.tmp.unlink()
+        if isinstance(exc, OSError) and naming(exc, self.final) is not exc:
+            raise naming(exc, self.final) from None
         return False
 
 
@@ -190,9 +205,13 @@ def write_part(table: pa.Table, out: Path, shard: Shard) -> Path:
     final = part_path(out, shard)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: no part (the shard stays unfinished, a rerun redoes it)
+        tmp.unlink(missing_ok=True)
+        raise naming(e, final) from None
     os.replace(tmp, final)
     return final
 
