@@ -276,6 +276,7 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
         if int(m.get("num_shards", shard.count)) != shard.count:
             raise InputError(f"{out}: was written with {m['num_shards']} shards, not {shard.count}; "
                              f"use --overwrite or the same --shard count")
+    sweep_stale_temps(out, shard)  # also when the shard is complete: a kill after its marker leaves temps
     if not overwrite and marker_path(out, shard).exists():
         # a kill between `finish`'s marker and its manifest refresh leaves a stale manifest: refresh it
         if m is not None and sorted(m.get("completed_shards", [])) != sorted(completed_shards(out, shard.count)):
@@ -284,7 +285,6 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
     # leftovers of this shard's killed writer only: other shards may be writing beside it right now
     for tmp in out.glob(f".{part_path(out, shard).name}.tmp-*"):
         tmp.unlink(missing_ok=True)
-    sweep_stale_temps(out, shard)
     if not overwrite:
         atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
     return True

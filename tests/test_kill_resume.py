@@ -104,6 +104,12 @@ def test_single_shard_rerun_sweeps_the_manifest_temp(tmp_path):
     stale.write_bytes(b"{")
     assert shards.begin(out, "synth", {"n": 1}, shard, overwrite=False)
     assert not stale.exists()
+    # killed after its marker, inside the manifest refresh: the rerun skips the shard and still sweeps
+    shards.write_part(pa.table({"sample_id": ["a"]}), out, shard)
+    shards.atomic_write_json(shards.marker_path(out, shard), {"shard": 0})
+    stale.write_bytes(b"{")
+    assert not shards.begin(out, "synth", {"n": 1}, shard, overwrite=False)
+    assert not stale.exists() and json.loads((out / shards.MANIFEST).read_text())["complete"] is True
 
 
 def test_temp_names_carry_the_shard_being_written(tmp_path):
