@@ -18,6 +18,7 @@ the shard should have swept its own (formats/shards.py, sweep_stale_temps).
 
     python benchmarks/kill_resume.py                        # every stage, 20 trials each
     python benchmarks/kill_resume.py --trials 3 --stages synth,render --work /tmp/kr --verbose
+    python benchmarks/kill_resume.py --stages sft --trials 4 --windows 'out/.final.tmp-*/*'   # one window
 
 One line per stage, then a verdict; a JSON with every trial lands in WORK/results-STAGES.json.
 Write windows are tried in the order each stage lists them (the riskiest first).
@@ -38,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -567,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir, removed unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--verbose", action="store_true", help="one line per trial, and what differed")
+    ap.add_argument("--windows", default=None, help="comma-separated write-window patterns (relative to a trial "
+                    "dir) replacing the stages' own, e.g. 'out/.final.tmp-*/*' for sft's export")
+    ap.add_argument("--single-reference", action="store_true", help="one uninterrupted reference run, not two "
+                    "(for stages known deterministic: nothing is excluded from the comparison)")
     a = ap.parse_args(argv)
     names = [s.strip() for s in a.stages.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
@@ -585,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in names:
-        r = run_stage(name, a.trials, work, a.seed, on_trial=show)
+        stage = STAGES[name]
+        if a.windows:
+            stage = replace(stage, windows=tuple(w.strip() for w in a.windows.split(",") if w.strip()))
+        r = run_stage(stage, a.trials, work, a.seed, on_trial=show, calibrate=not a.single_reference)
         results.append(r)
         print(stage_line(r), flush=True)
         if r.nondeterministic["files"] or r.nondeterministic["columns"]:
