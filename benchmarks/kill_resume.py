@@ -10,11 +10,15 @@ a renamed checkpoint) found by polling the output directory.
 
 Checked after each rerun: the same rows (by key; data columns equal, timing columns and volatile
 metadata ignored), no duplicate keys, every Parquet part readable and every GLB / PNG loadable,
-no leftover temp file that a reader would pick up, `_manifest.json` complete with every marker,
-and every other file (weights, optimizer state, media) equal to the reference's bytes.
+no torn visible output (an unreadable file, or a leftover temp under a name a reader lists),
+`_manifest.json` complete with every marker, and every other file (weights, optimizer state,
+media) equal to the reference's bytes. Leftover temps under hidden names (`.tmp-*`, `.NAME.tmp-*`),
+which rl3d's readers skip, are counted apart as stale hidden temps: not a failure, but a rerun of
+the shard should have swept its own (formats/shards.py, sweep_stale_temps).
 
     python benchmarks/kill_resume.py                        # every stage, 20 trials each
     python benchmarks/kill_resume.py --trials 3 --stages synth,render --work /tmp/kr --verbose
+    python benchmarks/kill_resume.py --stages sft --trials 4 --windows 'out/.final.tmp-*/*'   # one window
 
 One line per stage, then a verdict; a JSON with every trial lands in WORK/results-STAGES.json.
 Write windows are tried in the order each stage lists them (the riskiest first).
@@ -35,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +55,6 @@ KEYS = (("sample_id", "view"), ("sample_id",), ("step", "name"), ("policy", "met
         ("policy", "name", "category"), ("prompt_id",))
 # names that mark a file or directory as a writer's temporary (formats/shards.py, policy, sft)
 TEMP_PATTERNS = ("*.tmp-*", ".tmp-*", "*.rl-tmp", "*.tmp")
-# suffixes that a reader globbing a directory picks up even from a dot-file (pathlib's glob does)
-READER_SUFFIXES = (".glb", ".png", ".parquet", ".json", ".jsonl", ".safetensors")
 POLL_S = 0.001
 
 
@@ -63,8 +65,8 @@ class Snapshot:
     """Everything comparable about one output tree."""
     rows: dict[str, list[tuple]] = field(default_factory=dict)      # table -> [(key, data)]
     blobs: dict[str, str] = field(default_factory=dict)             # relative path -> content hash
-    torn: list[str] = field(default_factory=list)                   # unreadable / reader-visible leftovers
-    stale: list[str] = field(default_factory=list)                  # leftover temps no reader sees
+    torn: list[str] = field(default_factory=list)                   # torn visible output: unreadable, or a visible leftover
+    stale: list[str] = field(default_factory=list)                  # stale hidden temps (dot-files no reader lists)
     manifests: list[str] = field(default_factory=list)              # manifest inconsistencies
 
 
@@ -115,9 +117,12 @@ def snapshot(root: Path) -> Snapshot:
 
 
 def _leftover(snap: Snapshot, path: Path, rel: Path) -> None:
-    visible = rel.suffix in READER_SUFFIXES or (path.is_dir() and (path / "trainer_state.pt").exists())
+    """A temp a kill left. Under a visible name (sft's `step-N.tmp/`) a reader listing the folder
+    takes it for output: torn. Under a hidden name it is a stale temp: rl3d's readers skip dot-files
+    (parts are `part-*`, media and table folders are listed without them)."""
+    hidden = path.name.startswith(".")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-    (snap.torn if visible else snap.stale).append(f"{rel.as_posix()} ({size} bytes{', reader-visible' if visible else ''})")
+    (snap.stale if hidden else snap.torn).append(f"{rel.as_posix()} ({size} bytes{'' if hidden else ', visible'})")
 
 
 def _check_manifest(snap: Snapshot, d: Path, rel: Path) -> None:
@@ -241,8 +246,8 @@ class Diff:
     lost: int = 0          # reference keys missing after the rerun
     doubled: int = 0       # extra copies of a key
     changed: int = 0       # same key, different data, or a file missing or with other bytes
-    torn: int = 0
-    stale: int = 0
+    torn: int = 0          # torn visible output: a real failure
+    stale: int = 0         # stale hidden temps left after the rerun: not a failure
     manifests: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -273,7 +278,7 @@ def _strip(data: tuple, drop: list[str]) -> tuple:
 def compare(ref: Snapshot, got: Snapshot, nondet: dict) -> Diff:
     d = Diff(torn=len(got.torn), stale=len(got.stale), manifests=len(got.manifests))
     d.notes += [f"torn: {x}" for x in got.torn] + [f"manifest: {x}" for x in got.manifests]
-    d.notes += [f"stale temp: {x}" for x in got.stale]
+    d.notes += [f"stale hidden temp: {x}" for x in got.stale]
     for name in sorted(set(ref.rows) | set(got.rows)):
         drop = nondet["columns"].get(name, [])
         want = {k: _strip(v, drop) for k, v in ref.rows.get(name, [])}
@@ -539,8 +544,8 @@ def run_stage(stage: Stage | str, trials: int, work: Path, seed: int = 0, inputs
 def stage_line(r: StageResult) -> str:
     c = r.counts()
     return (f"{r.stage:8s} trials {c['trials']:3d}  kills landed {c['landed']:3d}  resumed identical "
-            f"{c['identical']:3d}  rows lost {c['lost']:3d}  rows doubled {c['doubled']:3d}  torn files "
-            f"{c['torn']:3d}  bad manifests {c['manifests']:3d}  changed {c['changed']:3d}  stale temps "
+            f"{c['identical']:3d}  rows lost {c['lost']:3d}  rows doubled {c['doubled']:3d}  torn visible "
+            f"{c['torn']:3d}  bad manifests {c['manifests']:3d}  changed {c['changed']:3d}  stale hidden temps "
             f"{c['stale']:3d}  rerun failed {c['rerun_failed']:2d}  (ref {r.ref_seconds:.1f}s)")
 
 
@@ -551,7 +556,8 @@ def verdict(results: list[StageResult]) -> tuple[bool, str]:
     ok = tot["identical"] == tot["trials"]
     return ok, (f"verdict: {'PASS' if ok else 'FAIL'}: {tot['identical']}/{tot['trials']} resumed identical over "
                 f"{len(results)} stage(s), {tot['landed']} kills landed, {tot['lost']} rows lost, "
-                f"{tot['doubled']} doubled, {tot['torn']} torn files, {tot['manifests']} bad manifests")
+                f"{tot['doubled']} doubled, {tot['torn']} torn visible files, {tot['manifests']} bad manifests, "
+                f"{tot['stale']} stale hidden temps (not a failure)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir, removed unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--verbose", action="store_true", help="one line per trial, and what differed")
+    ap.add_argument("--windows", default=None, help="comma-separated write-window patterns (relative to a trial "
+                    "dir) replacing the stages' own, e.g. 'out/.final.tmp-*/*' for sft's export")
+    ap.add_argument("--single-reference", action="store_true", help="one uninterrupted reference run, not two "
+                    "(for stages known deterministic: nothing is excluded from the comparison)")
     a = ap.parse_args(argv)
     names = [s.strip() for s in a.stages.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
@@ -580,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in names:
-        r = run_stage(name, a.trials, work, a.seed, on_trial=show)
+        stage = STAGES[name]
+        if a.windows:
+            stage = replace(stage, windows=tuple(w.strip() for w in a.windows.split(",") if w.strip()))
+        r = run_stage(stage, a.trials, work, a.seed, on_trial=show, calibrate=not a.single_reference)
         results.append(r)
         print(stage_line(r), flush=True)
         if r.nondeterministic["files"] or r.nondeterministic["columns"]:

@@ -10,13 +10,21 @@ Layout of a stage output directory:
 
 A killed stage leaves either nothing or a whole part: files are written under a temporary
 name, fsynced and renamed. Readers refuse a directory whose shards are not all complete.
+
+Temporary names are hidden (a leading dot) and carry the writer: `.tmp-TAG-PID-NAME` for media,
+`.NAME.tmp-TAG-PID` for parts, markers and the manifest, where TAG is the shard being written
+(`00003-of-00008`, set by `writing_shard` for the stage's process and any worker it spawns) and PID
+the writing process. A rerun of a shard removes what a killed run of that same shard left
+(`sweep_stale_temps`): never another shard's temps, nor those of a process still alive here.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +38,8 @@ MANIFEST = "_manifest.json"
 MARKERS = "_shards"
 MESHES = "_meshes"  # GLBs of gen and synth
 IMAGES = "_images"  # PNGs of render
+# the shard a process writes for; an environment variable so spawned workers (render's pool) inherit it
+WRITER_ENV = "RL3D_WRITING_SHARD"
 
 
 @dataclass(frozen=True)
@@ -113,18 +123,50 @@ def marker_path(out: Path, shard: Shard) -> Path:
     return Path(out) / MARKERS / f"{shard.tag}.json"
 
 
+def _writer() -> str:
+    """TAG-PID of the temp names this process writes (just PID outside a stage's shard)."""
+    tag = os.environ.get(WRITER_ENV)
+    return f"{tag}-{os.getpid()}" if tag else str(os.getpid())
+
+
+@contextmanager
+def writing_shard(shard: Shard):
+    """Temp files written inside (by this process or workers it starts) name `shard`."""
+    before = os.environ.get(WRITER_ENV)
+    os.environ[WRITER_ENV] = shard.tag
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(WRITER_ENV, None)
+        else:
+            os.environ[WRITER_ENV] = before
+
+
 def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return final.with_name(f".{final.name}.tmp-{_writer()}")
+
+
+def naming(error: OSError, path: Path) -> OSError:
+    """The OSError of a failed write, with the file it was writing: the CLI prints "PATH: No space
+    left on device" and exits 2 (pyarrow's and a file object's write errors carry no file name)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return OSError(error.errno, os.strerror(error.errno), str(path))
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: the old file stays as it was, the temp goes
+        tmp.unlink(missing_ok=True)
+        raise naming(e, final) from None
     os.replace(tmp, final)
 
 
@@ -140,7 +182,7 @@ class atomic_path:
 
     def __init__(self, final: str | os.PathLike):
         self.final = Path(final)
-        self.tmp = self.final.with_name(f".tmp-{os.getpid()}-{self.final.name}")
+        self.tmp = self.final.with_name(f".tmp-{_writer()}-{self.final.name}")
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +193,11 @@ class atomic_path:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(self.tmp, self.final)
-        elif self.tmp.exists():
+            return False
+        if self.tmp.exists():
             self.tmp.unlink()
+        if isinstance(exc, OSError) and naming(exc, self.final) is not exc:
+            raise naming(exc, self.final) from None
         return False
 
 
@@ -160,9 +205,13 @@ def write_part(table: pa.Table, out: Path, shard: Shard) -> Path:
     final = part_path(out, shard)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(final)
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: no part (the shard stays unfinished, a rerun redoes it)
+        tmp.unlink(missing_ok=True)
+        raise naming(e, final) from None
     os.replace(tmp, final)
     return final
 
@@ -227,6 +276,7 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
         if int(m.get("num_shards", shard.count)) != shard.count:
             raise InputError(f"{out}: was written with {m['num_shards']} shards, not {shard.count}; "
                              f"use --overwrite or the same --shard count")
+    sweep_stale_temps(out, shard)  # also when the shard is complete: a kill after its marker leaves temps
     if not overwrite and marker_path(out, shard).exists():
         # a kill between `finish`'s marker and its manifest refresh leaves a stale manifest: refresh it
         if m is not None and sorted(m.get("completed_shards", [])) != sorted(completed_shards(out, shard.count)):
@@ -238,6 +288,44 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
     if not overwrite:
         atomic_write_json(out / MANIFEST, _manifest(out, stage, config, h, shard.count))
     return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(out: Path, shard: Shard) -> list[Path]:
+    """Remove the temp files a killed run of `shard` left in `out`; return them.
+
+    A temp is removed only when its name carries this shard's tag (no other shard's process writes
+    such names, and one shard runs once at a time: two runs of it would race on its part too) and
+    its pid is no live process on this host (a second run of the shard started here by mistake
+    keeps its files). Covered: media under the underscore folders (`_meshes/`, `_images/ID/`, ...),
+    this shard's marker temp and, with one shard only, the manifest's temp (with several, any
+    shard's process writes the manifest, possibly on another node)."""
+    out = Path(out)
+    media = re.compile(rf"^\.tmp-{re.escape(shard.tag)}-(\d+)-")
+    json_tmp = re.compile(rf"\.tmp-{re.escape(shard.tag)}-(\d+)$")
+    found = []
+    for top in (p for p in out.iterdir() if p.is_dir() and p.name.startswith("_") and p.name != MARKERS):
+        found += [(f, media.match(f.name)) for f in top.rglob(".tmp-*")]
+    names = [marker_path(out, shard).name] + ([MANIFEST] if shard.count == 1 else [])
+    for name in names:
+        folder = out / MARKERS if name != MANIFEST else out
+        found += [(f, json_tmp.search(f.name)) for f in folder.glob(f".{name}.tmp-*")]
+    removed = []
+    for f, m in found:
+        if m and not pid_alive(int(m.group(1))) and f.is_file():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
 
 
 def replace(out: Path, stage: str, config: dict, shard: Shard) -> None:

@@ -192,7 +192,8 @@ def list_parts(path: str | os.PathLike) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         check_complete(p)
-        files = sorted(p.glob("part-*.parquet")) or sorted(p.glob("*.parquet"))
+        # pathlib's glob returns dot-files: a hidden `.tmp-*.parquet` is a write a kill interrupted
+        files = sorted(p.glob("part-*.parquet")) or sorted(f for f in p.glob("*.parquet") if not f.name.startswith("."))
         if not files:
             raise InputError(f"{p}: no Parquet files in directory")
         return files

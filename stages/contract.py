@@ -93,6 +93,15 @@ def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,
               policy: str | None = None, made_from: dict[str, str | None] | None = None) -> dict:
     """Run one shard of a stage under the contract; return a summary dict. `made_from` names the
     input tables ({role: table id}) the output is made for; later stages check it before a join."""
+    # every temp file this shard's process (and its workers) writes names the shard, so a rerun of the
+    # shard can sweep what a killed run of it left (shards.sweep_stale_temps), and nothing else
+    with shards_io.writing_shard(opts.shard):
+        return _run_shard(stage, kind, opts, config, produce, policy, made_from)
+
+
+def _run_shard(stage: str, kind: str, opts: StageOptions, config: dict,
+               produce: Callable[[Shard, Progress], tuple[pa.Table, dict]],
+               policy: str | None, made_from: dict[str, str | None] | None) -> dict:
     progress = Progress(opts.quiet)
     out = Path(opts.out)
     t0 = time.time()

@@ -181,12 +181,22 @@ def compute_metrics(policy: str, samples: list[Sample], categories: list[str], g
         else:
             for s in ok:
                 if s.prompt_id in reference_grids:
-                    per[s.sample_id]["reference_iou"] = voxel_iou(s.grid, reference_grids[s.prompt_id])
+                    per[s.sample_id]["reference_iou"] = voxel_iou(*same_resolution(s.grid, reference_grids[s.prompt_id]))
             for c, ss in scopes:
                 m, sd, n = mean_std([per[s.sample_id].get("reference_iou") for s in ss])
                 rows.append(metric_row(policy, c, "reference_iou", m, n, sd,
                                        message="" if n else "no decoded samples"))
     return rows, list(per.values())
+
+
+def same_resolution(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two grids of the unit cube (both in rl3d's frame) at the finer one's resolution, the coarser
+    one's voxels repeated: a 64^3 VQ-VAE sample against a benchmark's 32^3 ground truth."""
+    hi = max(a.shape[0], b.shape[0])
+    if hi % a.shape[0] or hi % b.shape[0]:
+        raise ValueError(f"grids of {a.shape[0]}^3 and {b.shape[0]}^3 voxels have no common resolution")
+    return tuple(g if g.shape[0] == hi else g.repeat(hi // g.shape[0], 0).repeat(hi // g.shape[0], 1)
+                 .repeat(hi // g.shape[0], 2) for g in (a, b))
 
 
 def _clip_rows(policy, scopes, models: Models, per, progress) -> list[dict]:

@@ -42,7 +42,7 @@ from rl3d.formats import tables
 from rl3d.formats.codec import majority_colour
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
-from rl3d.formats.shards import atomic_path, atomic_write_json
+from rl3d.formats.shards import atomic_path, atomic_write_json, pid_alive
 from rl3d.stages.contract import Progress
 from rl3d.formats.codecs import load_codec
 from rl3d.stages.policy.checkpoint import (POLICY_META, carried_meta, freeze_vision, load_trainer_state,
@@ -50,7 +50,7 @@ from rl3d.stages.policy.checkpoint import (POLICY_META, carried_meta, freeze_vis
                                            rng_state, save_policy)
 from rl3d.stages.policy.sequence import DEFAULT_FORMAT, MODE_LEVELS, PromptFormat, build_prompt, mesh_block
 from rl3d.stages.policy.tokenizer import (SpecialIds, add_mesh_tokens, build_tokenizer, load_tokenizer,
-                                          mesh_token_offset, special_ids)
+                                          mesh_token_offset, special_ids, strip_loader_keys)
 
 MODES = tuple(MODE_LEVELS)  # hi-grpo, flat, both
 EVAL_SPLITS = ("eval", "val", "valid", "validation")
@@ -442,15 +442,17 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, codec, optimizer, scheduler, keep: int,
-                    base: str | None, meta: dict) -> Path:
+                    base: str | None, meta: dict, last_eval: dict | None = None) -> Path:
     """OUT/checkpoints/step-NNNNNN: a policy dir (written by save_policy, so load_policy and gen
-    read it too) plus trainer_state.pt, the optimizer, scheduler, RNG and data cursor to resume."""
+    read it too) plus trainer_state.pt, the optimizer, scheduler, RNG, data cursor and the last eval
+    numbers (a resumed run exports them in final/ as an uninterrupted one does)."""
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    strip_loader_keys(tokenizer)
     save_policy(tmp, model, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_state()}
+             "rng": rng_state(), "last_eval": {k: float(v) for k, v in (last_eval or {}).items()}}
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # atomic: a checkpoint dir with trainer_state.pt is complete
@@ -471,7 +473,19 @@ def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save
     codec, rl3d_policy.json) written by save_policy, the format load_policy reads."""
     m = copy.deepcopy(model).to(getattr(torch, save_dtype))  # loaders cast to their compute dtype
     meta = {**policy_meta(mode, tokenizer, codec, save_dtype), **extra}
+    remove_stale_exports(out)
+    strip_loader_keys(tokenizer)
     return save_policy(out / "final", m, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
+
+
+def remove_stale_exports(out: Path) -> list[Path]:
+    """Remove `.final.tmp-PID/` dirs that a killed export left (save_policy's temp dir): one sft
+    process writes final/, so a temp of a process no longer alive on this host is stale."""
+    stale = [d for d in out.glob(".final.tmp-*")
+             if d.name.rpartition("-")[2].isdigit() and not pid_alive(int(d.name.rpartition("-")[2]))]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -565,9 +579,9 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     save_every = opts.save_every or max(1, total // 5)
     optimizer = build_optimizer(model, opts)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(opts.warmup * total)), total)
-    start = 0
+    start, last_eval = 0, {}
     if resume is not None:
-        start = restore_trainer_state(resume, optimizer, scheduler)
+        start, last_eval = restore_trainer_state(resume, optimizer, scheduler)
         progress.log(f"sft: resuming from {resume} (step {start})")
     model, optimizer = acc.prepare(model, optimizer)  # the scheduler is stepped by hand, once per step
     if main:
@@ -585,7 +599,6 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
     # the training loop
     model.train()
     window = np.zeros(5)  # loss sums since the last log line (see completion_loss)
-    last_eval: dict = {}
     t_log, tokens_log = time.time(), 0
     for step in progress.track(range(start, total), total=total - start, desc="sft"):
         batches = step_batches(train, step, per_step, opts, acc, pad_id)
@@ -619,7 +632,7 @@ def run_sft(opts: SFTOptions, progress: Progress | None = None) -> dict:
             if main:
                 save_checkpoint(out, done, acc.unwrap_model(model), tokenizer, codec, optimizer, scheduler,
                                 opts.keep_checkpoints, base,
-                                {**prompt_meta, **policy_meta(opts.mode, tokenizer, codec, "float32")})
+                                {**prompt_meta, **policy_meta(opts.mode, tokenizer, codec, "float32")}, last_eval)
                 metrics.write_parquet(key)
             acc.wait_for_everyone()
 
@@ -712,13 +725,14 @@ def build_optimizer(model, opts: SFTOptions) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
 
 
-def restore_trainer_state(checkpoint: Path, optimizer, scheduler) -> int:
-    """Optimizer, scheduler and RNG state of a checkpoint; returns its step (the data cursor)."""
+def restore_trainer_state(checkpoint: Path, optimizer, scheduler) -> tuple[int, dict]:
+    """Optimizer, scheduler and RNG state of a checkpoint; returns its step (the data cursor) and
+    the last eval numbers before it ({} from checkpoints written before they were kept)."""
     state = load_trainer_state(checkpoint / STATE_FILE)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("last_eval") or {})
 
 
 def step_batches(train: Packed, step: int, per_step: int, opts: SFTOptions, acc, pad_id: int) -> list[dict]:

@@ -178,3 +178,66 @@ def test_resume_never_picks_a_checkpoint_a_kill_left_half_written(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         (tmp_path / "checkpoints" / name / STATE_FILE).write_bytes(b"")
     assert latest_checkpoint(tmp_path).name == "step-000001"
+
+
+def _dead_pid() -> int:
+    from rl3d.formats.shards import pid_alive
+
+    return next(p for p in range(4_194_000, 4_000_000, -1) if not pid_alive(p))
+
+
+def _files(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_export_killed_after_the_last_checkpoint_keeps_the_eval_numbers(run, data, tmp_path):
+    """Killed while writing final/ (the last checkpoint already saved): the rerun runs no step and
+    exports the same final/ as the uninterrupted run, eval numbers included, and removes the temp
+    dir the killed export left."""
+    import shutil
+
+    out, _ = run
+    other = tmp_path / "run"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "final")
+    stale = other / f".final.tmp-{_dead_pid()}"
+    (stale / "codec").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    summary = _sft(data, other, "--steps", "6", "--save-every", "3")
+    assert summary["resumed_from"] == 6
+    meta = json.loads((other / "final" / "rl3d_policy.json").read_text())
+    assert set(meta["eval"]) == {"eval_loss", "eval_mesh_loss", "eval_mesh_acc"}
+    assert summary["eval_loss"] == meta["eval"]["eval_loss"]
+    assert _files(other / "final") == _files(out / "final")
+    assert not stale.exists()
+
+
+def test_resumed_run_saves_the_same_tokenizer_files(run, data, tmp_path):
+    """A tokenizer loaded back from a checkpoint saves no loader keywords (is_local,
+    local_files_only): the resumed run's checkpoints and final/ equal the uninterrupted run's."""
+    import shutil
+
+    out, _ = run
+    other = tmp_path / "run"
+    shutil.copytree(out, other)
+    shutil.rmtree(other / "checkpoints" / "step-000006")
+    shutil.rmtree(other / "final")
+    assert _sft(data, other, "--steps", "6", "--save-every", "3")["resumed_from"] == 3
+    for d in ("final", "checkpoints/step-000006"):
+        cfg = json.loads((other / d / "tokenizer_config.json").read_text())
+        assert not {"is_local", "local_files_only"} & set(cfg), d
+        got, want = _files(other / d), _files(out / d)
+        assert got.keys() == want.keys()
+        assert [k for k in want if k != "trainer_state.pt" and got[k] != want[k]] == [], d
+
+
+def test_strip_loader_keys_keeps_what_the_tokenizer_is(tmp_path):
+    from rl3d.stages.policy import default_policy_dir
+    from rl3d.stages.policy.tokenizer import load_tokenizer, strip_loader_keys
+
+    tok = load_tokenizer(default_policy_dir())
+    assert strip_loader_keys(tok) == ["is_local", "local_files_only"]
+    tok.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    shipped = json.loads((default_policy_dir() / "tokenizer_config.json").read_text())
+    assert saved == shipped

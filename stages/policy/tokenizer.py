@@ -115,6 +115,21 @@ def load_tokenizer(path: str | os.PathLike):
         raise InputError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
+# keyword arguments of from_pretrained that say how a tokenizer was loaded, not what it is: transformers
+# keeps them in init_kwargs and save_pretrained writes them to tokenizer_config.json, so a tokenizer
+# loaded back (sft's resume) would save other bytes than the one it was saved from
+LOADER_ONLY_KEYS = ("is_local", "local_files_only", "trust_remote_code", "cache_dir", "force_download",
+                    "revision", "token", "proxies", "subfolder", "_from_auto", "_commit_hash")
+
+
+def strip_loader_keys(tokenizer) -> list[str]:
+    """Drop the loader-only keys from what `tokenizer.save_pretrained` writes; returns those dropped."""
+    kwargs = getattr(tokenizer, "init_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return []
+    return [k for k in LOADER_ONLY_KEYS if kwargs.pop(k, None) is not None]
+
+
 # ---- special ids ---------------------------------------------------------------------------------
 
 @dataclass
