@@ -50,7 +50,7 @@ from rl3d.stages.policy.checkpoint import (POLICY_META, carried_meta, freeze_vis
                                            rng_state, save_policy)
 from rl3d.stages.policy.sequence import DEFAULT_FORMAT, MODE_LEVELS, PromptFormat, build_prompt, mesh_block
 from rl3d.stages.policy.tokenizer import (SpecialIds, add_mesh_tokens, build_tokenizer, load_tokenizer,
-                                          mesh_token_offset, special_ids, strip_loader_keys)
+                                          mesh_token_offset, special_ids)
 
 MODES = tuple(MODE_LEVELS)  # hi-grpo, flat, both
 EVAL_SPLITS = ("eval", "val", "valid", "validation")
@@ -449,7 +449,6 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, codec, optimizer, sc
     final = out / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    strip_loader_keys(tokenizer)
     save_policy(tmp, model, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
     state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "last_eval": {k: float(v) for k, v in (last_eval or {}).items()}}
@@ -474,7 +473,6 @@ def export_policy(out: Path, model, tokenizer, codec, step: int, mode: str, save
     m = copy.deepcopy(model).to(getattr(torch, save_dtype))  # loaders cast to their compute dtype
     meta = {**policy_meta(mode, tokenizer, codec, save_dtype), **extra}
     remove_stale_exports(out)
-    strip_loader_keys(tokenizer)
     return save_policy(out / "final", m, tokenizer, codec, step=step, base=base, codec_ref=None, extra=meta)
 
 

@@ -27,7 +27,7 @@ from rl3d.formats.errors import InputError, first_line
 from rl3d.formats.model_dirs import remote_code_allowed
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sequence import REQUEST, PromptFormat
-from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids
+from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids, strip_loader_keys
 
 POLICY_META = "rl3d_policy.json"
 _FULL_HASH_LIMIT = 1 << 30  # weights up to 1 GiB are hashed whole; larger ones by header + samples
@@ -187,6 +187,7 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
     if state_dict is not None:
         state_dict = _without_tied_copies(model, state_dict)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    strip_loader_keys(tokenizer)  # a loaded-and-resaved tokenizer writes the bytes it was saved with
     tokenizer.save_pretrained(str(tmp))
     if codec_ref is None and is_external(codec):
         codec_ref = str(Path(codec.source).resolve())
