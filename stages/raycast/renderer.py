@@ -10,7 +10,6 @@ torch is imported only where the torch backend is chosen, on purpose: importing 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,10 +186,3 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     hits = cast_camera_rays(prepared.verts, prepared.faces, az, el, int(resolution) * k, float(fov), backend, device)
     return shade_hits(prepared, hits, k)
 
-
-def cpu_workers() -> int:
-    """Cores this process may use (its affinity where the OS says, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
