@@ -8,6 +8,11 @@ T_views (raw per-view scores, for audit), T_status, T_message and T_details (JSO
 term is never replaced by a number: a failed required term makes `total` null and `status`
 "<term status>:<term name>"; failed optional terms leave the total of the others with status
 "partial". The Hi-GRPO back-flow R_high + lambda * R_low is not applied here (rl-step does it).
+
+A sample with a textured mesh (gen --texture-hook: `textured_path`) is scored on that mesh: mesh
+terms read it, view terms need renders of it (render records `mesh_source`; renders of the other
+mesh are "stale_renders"), and the table's `mesh_source` column (only for such samples tables)
+says which mesh each row was scored on: "textured" or "mesh".
 """
 from __future__ import annotations
 
@@ -62,7 +67,8 @@ def group_renders(path, wanted: set[str]) -> dict[str, list[dict]]:
     """sample_id -> its render rows sorted by view."""
     t = tables.read_table(path, "renders", columns=None)
     tables.require_unique(t, ("sample_id", "view"), str(path))
-    cols = {c: t.column(c).to_pylist() for c in ("sample_id", "view", "image_path", "status", "message")}
+    names = ("sample_id", "view", "image_path", "status", "message", "mesh_source")
+    cols = {c: t.column(c).to_pylist() for c in names if c in t.column_names}
     out: dict[str, list[dict]] = defaultdict(list)
     for i, sid in enumerate(cols["sample_id"]):
         if sid in wanted:
@@ -72,14 +78,28 @@ def group_renders(path, wanted: set[str]) -> dict[str, list[dict]]:
     return out
 
 
-def render_state(rows: list[dict]) -> tuple[str, str, list[str]]:
-    """(status, message, image paths) of one sample's renders."""
+def render_state(rows: list[dict], mesh_source: str | None = None) -> tuple[str, str, list[str]]:
+    """(status, message, image paths) of one sample's renders; `mesh_source`: the mesh the sample
+    is scored on ("textured" or "mesh"; None: no textured meshes in the samples table), which
+    renders that record theirs must show."""
     if not rows:
         return "missing_renders", "no render rows for this sample", []
     bad = [r for r in rows if r["status"] != "ok" or not r["image_path"]]
     if bad:
         return "render_error", f"view {bad[0]['view']}: {bad[0]['status']}: {bad[0]['message'] or ''}".strip(), []
+    shown = rows[0].get("mesh_source") or "mesh"
+    if mesh_source is not None and shown != mesh_source:
+        return "stale_renders", f"the renders show the sample's {shown} mesh, it is scored on its {mesh_source} " \
+                                "mesh: render the samples again", []
     return "ok", "", [r["image_path"] for r in rows]
+
+
+def mesh_sources(rows: dict[str, list]) -> list[str] | None:
+    """Per row the mesh it is scored on: "textured" where gen's texture hook made one, else
+    "mesh"; None when the table has no textured_path column (no column is written then)."""
+    if "textured_path" not in rows:
+        return None
+    return ["textured" if p else "mesh" for p in rows["textured_path"]]
 
 
 def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[list, list[str]]:
@@ -183,10 +203,12 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     n = len(rows["sample_id"])
     levels = rows["level"]
     grids, decode_err = decode_grids(rows, kind, config.codec or codec or "")
-    rstate = [render_state(renders.get(sid, [])) if renders is not None else ("missing_renders", "no --renders given", [])
-              for sid in rows["sample_id"]]
+    sources = mesh_sources(rows)
+    rstate = [render_state(renders.get(sid, []), sources and sources[i]) if renders is not None
+              else ("missing_renders", "no --renders given", []) for i, sid in enumerate(rows["sample_id"])]
+    meshes = [(rows.get("textured_path") or [None] * n)[i] or rows["mesh_path"][i] or None for i in range(n)]
     items = [RewardItem(sample_id=rows["sample_id"][i], prompt=rows["prompt"][i], level=levels[i],
-                        image_paths=rstate[i][2], mesh_path=rows["mesh_path"][i] or None, grid=grids[i],
+                        image_paths=rstate[i][2], mesh_path=meshes[i], grid=grids[i],
                         spec=_parse_spec(rows.get("spec", [None] * n)[i]),
                         category=rows.get("category", [None] * n)[i],
                         reasoning=rows.get("reasoning", rows.get("plan", [""] * n))[i] or "")
@@ -231,6 +253,8 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
         cols["status"].append(st)
         cols["message"].append(msg)
     arrays = {k: pa.array(v, tables.SCHEMAS["rewards"][1][k]) for k, v in cols.items()}
+    if sources is not None:  # only for samples tables that can hold textured meshes: default outputs unchanged
+        arrays["mesh_source"] = pa.array(sources, pa.string())
     for name in names:
         c = [cells[i].get(name) for i in range(n)]
         arrays[name] = pa.array([x and x["value"] for x in c], pa.float64())
@@ -263,7 +287,7 @@ def load_rows(table: pa.Table, kind: str, shard: Shard) -> dict[str, list]:
     """Columns as lists for the rows this shard owns; objects get level 'single', sample_index 0."""
     keep = [i for i, p in enumerate(table.column("prompt_id").to_pylist()) if shard.owns(p)]
     t = table.take(pa.array(keep, pa.int64()))
-    want = ["sample_id", "prompt_id", "prompt", "mesh_tokens", "mesh_path", "status", "message",
+    want = ["sample_id", "prompt_id", "prompt", "mesh_tokens", "mesh_path", "textured_path", "status", "message",
             "sample_index", "level", "voxels", "spec", "category", "reasoning", "plan"]
     rows = {c: t.column(c).to_pylist() for c in want if c in t.column_names}
     if kind == "objects":

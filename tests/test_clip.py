@@ -97,3 +97,21 @@ def test_hps_without_open_clip_names_the_extra(tmp_path, monkeypatch):
         HPSBackend(checkpoint=str(ckpt))
     with pytest.raises(InputError, match="checkpoint is empty"):
         HPSBackend()
+
+
+def test_background_image_preparation_keeps_the_embeddings(tiny, monkeypatch):
+    """Images decoded and preprocessed in background threads (any task size, batches split across
+    tasks) give the same embeddings as encoding each image alone on the spot."""
+    from rl3d.stages.scoring import clip
+
+    model_dir, imgs = tiny
+    paths = imgs * 5 + ["/no/such/view.png"]
+    want = []
+    for p in dict.fromkeys(paths):
+        scorer = clip.ClipScorer(model_dir, "cpu")
+        want.append(scorer.image_embeddings([p], 1)[0])
+    monkeypatch.setattr(clip, "PREP_IMAGES", 3)
+    got = clip.ClipScorer(model_dir, "cpu").image_embeddings(list(dict.fromkeys(paths)), 2)
+    assert np.allclose(got[:-1], np.stack(want[:-1]), atol=1e-6) and np.isnan(got[-1]).all()
+    batches = list(clip.prepared_batches(list(range(11)), lambda xs: [x * 10 for x in xs], 4))
+    assert batches == [[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100]]
