@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import os
+import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,9 @@ from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
 
 OK_STATES = ("ok", "not_applicable")
+HOST_BACKENDS = ("geometry", "spec")  # pure functions of the grid and prompt: safe and worth spreading over processes
+MAX_WORKERS = 16
+MIN_ITEMS_FOR_PROCESSES = 256         # fewer (term, sample) pairs: starting processes costs more than it saves
 _BACKEND_CACHE: dict[str, object] = {}  # one instance per (backend, options) per process
 
 
@@ -179,6 +186,20 @@ def score_term(term: TermConfig, backend, items: list[RewardItem], batch: int) -
     return out
 
 
+def cpu_count() -> int:
+    """Cores this process may use (its CPU affinity where the OS tells, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _score_in_worker(term: TermConfig, items: list[RewardItem], batch: int) -> tuple[list[TermResult], float]:
+    """score_term in a worker process (its backend built once per process), with its seconds."""
+    t0 = time.perf_counter()
+    return score_term(term, get_backend(term), items, batch), time.perf_counter() - t0
+
+
 def combine(terms: list[TermConfig], cells: dict[str, dict]) -> tuple[float | None, str, str]:
     """A row's (total, status, message) from its terms' cells."""
     failed = [t for t in terms if cells[t.name]["status"] not in OK_STATES]
@@ -220,7 +241,14 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     names = config.term_names()
     cells: list[dict[str, dict]] = [{} for _ in range(n)]
     jobs = [(lvl, t) for lvl in config.levels for t in config.terms(lvl)]
-    for lvl, term in progress.track(jobs, total=len(jobs), desc="reward terms"):
+    # model-free terms on the host (geometry, spec) go to worker processes, when there are enough
+    # samples, while this process scores the model terms (CLIP on the GPU): the same values
+    host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
+    pool = ProcessPoolExecutor(min(MAX_WORKERS, cpu_count() - 1), mp_context=mp.get_context("spawn")) \
+        if host_items >= MIN_ITEMS_FOR_PROCESSES and cpu_count() > 2 else None
+    scored: list = []            # (level, term, row indices to score), in config order
+    pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes
+    for lvl, term in jobs:
         idx = [i for i in range(n) if levels[i] == lvl]
         if not idx:
             continue
@@ -234,11 +262,25 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
                 cells[i][term.name] = _cell(None, None, rstate[i][0], rstate[i][1])
             else:
                 run.append(i)
-        with timed(stats, f"seconds_{lvl}_{term.name}"):
-            results = score_term(term, backend, [items[i] for i in run], batch) if run else []
-        for i, res in zip(run, results):
-            raw, pv, st, msg = aggregate(res, term.aggregate)
-            cells[i][term.name] = _cell(raw, pv, st, msg, term.factor, res.details)
+        scored.append((lvl, term, run))
+        if pool is not None and term.backend in HOST_BACKENDS and run:  # scored in worker processes meanwhile
+            pending[len(scored) - 1] = [pool.submit(_score_in_worker, term, [items[i] for i in run[s:s + batch]], batch)
+                                        for s in range(0, len(run), batch)]
+    try:
+        for k, (lvl, term, run) in progress.track(list(enumerate(scored)), total=len(scored), desc="reward terms"):
+            if k in pending:
+                parts = [f.result() for f in pending[k]]
+                results = [r for part, _ in parts for r in part]
+                stats[f"seconds_{lvl}_{term.name}"] = round(sum(sec for _, sec in parts), 3)  # worker seconds
+            else:
+                with timed(stats, f"seconds_{lvl}_{term.name}"):
+                    results = score_term(term, get_backend(term), [items[i] for i in run], batch) if run else []
+            for i, res in zip(run, results):
+                raw, pv, st, msg = aggregate(res, term.aggregate)
+                cells[i][term.name] = _cell(raw, pv, st, msg, term.factor, res.details)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     cols: dict[str, list] = {"sample_id": rows["sample_id"], "prompt_id": rows["prompt_id"],
                              "sample_index": rows["sample_index"], "level": levels,
