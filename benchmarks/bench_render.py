@@ -1,33 +1,44 @@
-"""Render throughput: views/s of a ~50k-triangle flat-coloured mesh, per ray-casting backend.
+"""Render throughput (views/s) on our meshes: each variant against a baseline measured in the same run.
 
-Compares, in the same run:
-- open3d (when installed): rl3d's batched renderer (all views of a mesh in one cast_rays call,
-  look-up-table shading) against rendering one view at a time with the same code (one BVH
-  build and one cast_rays call per view), the baseline;
-- torch (always): the same batched render_views with the PyTorch ray caster on --device
-  (default cuda when available, else cpu), printed beside open3d with the device name;
-- anti-aliasing: the batched render with --supersample K (K x K rays per pixel, the render
-  command's default 2) against one ray per pixel, as a cost ratio (open3d; torch on CUDA only,
-  the torch engine on CPU being for tests).
-The test mesh is built with trimesh alone (open3d is absent on the GPU machine). Goal on the
-2-core dev box (open3d): >= 20 views/s at 512^2.
+Meshes: `--meshes` synth objects of the shape world as the block codec's voxel meshes (what gen
+writes: a few thousand flat-coloured triangles each). Variants, all `--views` views of every
+mesh at `--resolution` with `--supersample` K x K rays per pixel (the render command's default 2):
+- baseline: the torch ray caster one mesh at a time (cone-culled tiles, numpy shading: the
+  renderer before batching) on --device;
+- torch batched: torch_renderer.render_batch, many meshes per batch on --device, shading and
+  anti-aliasing on the device (the same image bits as the baseline, checked here);
+- open3d per mesh (when installed): Embree on the CPU, one mesh at a time;
+- with --stage: the whole `rl3d render` command with the torch backend on a directory of GLBs
+  (reading meshes, worker processes, PNG writing; no contact sheets), views/s end to end.
+Goal on one H100/H200: >= 500 views/s at 512 px for the torch batched renderer.
 
-    python benchmarks/bench_render.py [--views 6] [--repeats 3] [--resolution 512]
-        [--device cuda] [--torch-resolution 256] [--supersample 2]   # CPU torch is slow: default 128^2 there
+    python benchmarks/bench_render.py                          # GPU: 64 meshes, 6 views, 512 px
+    python benchmarks/bench_render.py --meshes 4 --resolution 48 --device cpu   # a small CPU check
+    python benchmarks/bench_render.py --stage                   # also the render command end to end
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 
+def voxel_meshes(n: int, seed: int = 3) -> list:
+    """Our meshes: the shape world's objects as block-codec voxel meshes (formats/voxels.py)."""
+    from rl3d.formats.voxels import grid_to_mesh
+    from rl3d.stages.shapes.world import generate_objects
+
+    return [grid_to_mesh(o.grid) for o in generate_objects(n, seed=seed)]
+
+
 def test_mesh(count: int = 112):
     """A lumpy sphere (a displaced UV sphere, ~50k triangles) flat-coloured in 6 palette bands by
-    height, built with trimesh only."""
+    height, built with trimesh only (a dense slanted mesh, beside the voxel meshes)."""
     import trimesh
 
     from rl3d.formats.voxels import PALETTE_RGB
@@ -42,96 +53,98 @@ def test_mesh(count: int = 112):
     return trimesh.Trimesh(vertices=v, faces=sphere.faces, face_colors=rgba, process=False)
 
 
-def timed(fn, repeats: int) -> float:
+def best_of(fn, repeats: int, sync) -> float:
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:
-    """Best times of fa and fb run alternately, so a load change on a shared machine hits both."""
-    best_a = best_b = float("inf")
-    for _ in range(repeats):
-        best_a = min(best_a, timed(fa, 1))
-        best_b = min(best_b, timed(fb, 1))
-    return best_a, best_b
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--views", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--device", default=None, help="torch backend device [cuda when available, else cpu]")
-    ap.add_argument("--torch-resolution", type=int, default=None,
-                    help="resolution for the torch backend [--resolution on cuda, 128 on cpu]")
-    ap.add_argument("--supersample", type=int, default=2,
-                    help="also time K x K rays per pixel against one ray per pixel (1: skip) [2]")
-    a = ap.parse_args()
-
     import torch
 
-    from rl3d.stages.raycast.cameras import view_angles
-    from rl3d.stages.raycast.engines import open3d_available
-    from rl3d.stages.raycast.renderer import render_views
     from rl3d.stages.policy.device import pick_device
 
-    mesh = test_mesh()
-    az, el = view_angles(a.views)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"mesh {len(mesh.faces)} triangles; {a.views} views; best of {a.repeats}")
-    if open3d_available():
-        render_views(mesh, az[:1], el[:1], 64, backend="open3d")  # warm up imports / thread pools
-        batched = timed(lambda: render_views(mesh, az, el, a.resolution, with_normals=False, backend="open3d"), a.repeats)
-        one_by_one = timed(lambda: [render_views(mesh, az[i:i + 1], el[i:i + 1], a.resolution, with_normals=False,
-                                                 backend="open3d") for i in range(len(az))], a.repeats)
-        out = render_views(mesh, az, el, a.resolution, backend="open3d")
-        print(f"foreground fraction {out['mask'].mean():.3f}")
-        print(f"open3d one view at a time ({a.resolution}^2): {a.views / one_by_one:7.1f} views/s "
-              f"({1000 * one_by_one / a.views:.1f} ms/view)")
-        print(f"open3d batched (rl3d)     ({a.resolution}^2): {a.views / batched:7.1f} views/s "
-              f"({1000 * batched / a.views:.1f} ms/view)   speed-up {one_by_one / batched:.2f}x")
-        if a.supersample > 1:
-            one, aa = timed_pair(lambda: render_views(mesh, az, el, a.resolution, with_normals=False, backend="open3d"),
-                                 lambda: render_views(mesh, az, el, a.resolution, with_normals=False, backend="open3d",
-                                                      supersample=a.supersample), a.repeats)
-            print(f"open3d batched supersample {a.supersample} ({a.resolution}^2): {a.views / aa:7.1f} views/s "
-                  f"({1000 * aa / a.views:.1f} ms/view)   cost {aa / one:.2f}x supersample 1 "
-                  f"({1000 * one / a.views:.1f} ms/view, timed alternately)")
-    else:
-        batched = None
-        print("open3d: not installed here")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--meshes", type=int, default=None, help="[64 on cuda, 4 on cpu]")
+    ap.add_argument("--views", type=int, default=6)
+    ap.add_argument("--resolution", type=int, default=None, help="[512 on cuda, 48 on cpu]")
+    ap.add_argument("--supersample", type=int, default=2)
+    ap.add_argument("--device", default=None, help="torch device [cuda when available, else cpu]")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sphere", action="store_true", help="render the ~50k-triangle lumpy sphere instead")
+    ap.add_argument("--stage", action="store_true", help="also time the render command end to end")
+    a = ap.parse_args()
+
+    from rl3d.stages.raycast import torch_renderer
+    from rl3d.stages.raycast.cameras import view_angles
+    from rl3d.stages.raycast.engines import open3d_available
+    from rl3d.stages.raycast.renderer import angle_tuples, cast_camera_rays, prepare_mesh, render_views, shade_hits
 
     device = pick_device(a.device)
-    res = a.torch_resolution or (a.resolution if device.startswith("cuda") else 128)
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
-        f"cpu, {torch.get_num_threads()} threads"
+    cuda = device.startswith("cuda")
+    n = a.meshes or (64 if cuda else 4)
+    res = a.resolution or (512 if cuda else 48)
+    k = a.supersample
+    meshes = [test_mesh()] * n if a.sphere else voxel_meshes(n)
+    az, el = angle_tuples(*view_angles(a.views))
+    card = torch.cuda.get_device_name(torch.device(device)) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    views = n * len(az)
+    faces = np.mean([len(m.faces) for m in meshes])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; device {device} ({card})")
+    print(f"{n} meshes ({faces:.0f} triangles on average) x {len(az)} views at {res} px, supersample {k}; "
+          f"best of {a.repeats}")
 
-    def run_torch():
-        render_views(mesh, az, el, res, with_normals=False, backend="torch", device=device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prepared = [prepare_mesh(m, az, el, 40.0, "white", with_normals=False) for m in meshes]
+    prep_s = time.perf_counter() - t0
 
-    run_torch()  # warm up: CUDA context, kernels, cached ray tiles
-    secs = timed(run_torch, a.repeats)
-    print(f"torch batched on {device} ({name}) ({res}^2): {a.views / secs:7.1f} views/s "
-          f"({1000 * secs / a.views:.1f} ms/view)")
-    if a.supersample > 1 and device.startswith("cuda"):
-        def run_torch_aa():
-            render_views(mesh, az, el, res, with_normals=False, backend="torch", device=device, supersample=a.supersample)
-            torch.cuda.synchronize()
+    def baseline():
+        return [shade_hits(p, cast_camera_rays(p.verts, p.faces, az, el, res * k, 40.0, "torch", device), k)
+                for p in prepared]
 
-        run_torch_aa()  # warm up: the supersampled ray tiles
-        one, aa = timed_pair(run_torch, run_torch_aa, a.repeats)
-        print(f"torch batched supersample {a.supersample} ({res}^2): {a.views / aa:7.1f} views/s "
-              f"({1000 * aa / a.views:.1f} ms/view)   cost {aa / one:.2f}x supersample 1")
-    if batched is not None:
-        # per-pixel cost ratio, so different resolutions still compare
-        ratio = (batched / a.resolution ** 2) / (secs / res ** 2)
-        print(f"torch vs open3d batched (per pixel): {ratio:.3f}x")
+    def batched():
+        return torch_renderer.render_batch(prepared, az, el, res, 40.0, device, k)
+
+    want, got = baseline(), batched()  # warm-up (CUDA context, kernels, cached rays) and the bit check
+    same = all(np.array_equal(w[c], g[c]) for w, g in zip(want, got) for c in ("rgb", "depth", "mask"))
+    rows = [("torch per mesh (baseline)", best_of(baseline, a.repeats, sync))]
+    rows.append(("torch batched", best_of(batched, a.repeats, sync)))
+    if open3d_available():
+        rows.append(("open3d per mesh (cpu)", best_of(
+            lambda: [render_views(m, az, el, res, with_normals=False, backend="open3d", supersample=k)
+                     for m in meshes], 1, lambda: None)))
+    if a.stage:
+        rows.append(("rl3d render, torch (end to end)", stage_seconds(meshes, a.views, res, k, device)))
+    base = rows[0][1]
+    print(f"\n{'variant':34s} {'seconds':>8s} {'views/s':>9s} {'ms/view':>8s} {'vs baseline':>12s}")
+    for name, secs in rows:
+        print(f"{name:34s} {secs:8.3f} {views / secs:9.1f} {1000 * secs / views:8.2f} {base / secs:11.2f}x")
+    print(f"\nbatched images identical to the baseline: {same}; mesh preparation (CPU, numpy; in the render "
+          f"command's worker processes): {1000 * prep_s / n:.1f} ms/mesh")
+    print("goal: >= 500 views/s at 512 px on one H100/H200 (torch batched)")
+
+
+def stage_seconds(meshes, views: int, res: int, k: int, device: str) -> float:
+    """Wall seconds of `rl3d render` (torch backend, no contact sheets) on the meshes as GLBs."""
+    from rl3d.formats.glb import write_glb
+    from rl3d.stages.contract import StageOptions
+    from rl3d.stages.render import run_render
+
+    with tempfile.TemporaryDirectory() as tmp:
+        glbs = Path(tmp) / "glbs"
+        glbs.mkdir()
+        for i, m in enumerate(meshes):
+            write_glb(m, glbs / f"m{i:05d}.glb")
+        t0 = time.perf_counter()
+        run_render(glbs, StageOptions(out=Path(tmp) / "out", quiet=True), views=views, resolution=res,
+                   sheet=False, backend="torch", device=device, supersample=k)
+        return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

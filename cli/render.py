@@ -34,12 +34,13 @@ EXAMPLES = """Examples:
 @click.option("--depth", is_flag=True, help="Also save z-depth as 16-bit PNG (millimetres, 0 = background).")
 @click.option("--normals", is_flag=True, help="Also save camera-space normal maps as PNG.")
 @click.option("--no-sheet", is_flag=True, help="Skip the per-mesh contact sheet (sheet.png).")
-@click.option("--workers", default=None, type=int, show_default="min(2, CPU cores)",
-              help="open3d backend: processes rendering meshes in parallel. The torch backend renders in "
-                   "this process.")
+@click.option("--workers", default=None, type=int, show_default="open3d: min(2, CPU cores); torch: cores - 1, max 16",
+              help="open3d backend: processes rendering meshes in parallel. torch backend: processes reading "
+                   "meshes and writing PNGs while this process renders batches of meshes on --device.")
 @click.option("--backend", type=click.Choice(["auto", "open3d", "torch"]), default="auto", show_default=True,
-              help="Ray caster. open3d: Embree on the CPU; torch: PyTorch on --device (GPU throughput, no open3d "
-                   "needed); auto: open3d when installed, else torch. See docs/render.md.")
+              help="Ray caster. open3d: Embree on the CPU; torch: PyTorch on --device, many meshes at once (GPU "
+                   "throughput, no open3d needed); auto: torch where CUDA is available, else open3d when "
+                   "installed, else torch. See docs/render.md.")
 @click.option("--supersample", default=2, show_default=True, type=click.IntRange(1, 8),
               help="Anti-aliasing: K x K rays per pixel, averaged (box filter); costs ~K^2 the ray casting. "
                    "1: one ray through each pixel centre (aliased edges).")

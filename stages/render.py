@@ -6,6 +6,9 @@ optional depth-XX.png (uint16 z-depth in millimetres, 0 = background) and normal
 (camera-space normals, x right, y up, z towards the camera, as (n + 1) / 2 * 255; background
 0), and sheet.png, a captioned contact sheet of the views for people; then the renders table
 (one row per sample and view) through the stage contract.
+
+A samples row with a textured mesh (gen --texture-hook: `textured_path`) is rendered from that
+mesh; the renders table then says which mesh each row shows (`mesh_source`: textured or mesh).
 """
 from __future__ import annotations
 
@@ -28,10 +31,14 @@ from rl3d.formats.tables import absolute_media, list_parts, provenance
 from rl3d.stages.contract import run_stage
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
-from rl3d.stages.raycast.renderer import check_supersample, render_views, resolve_engine
+from rl3d.stages.raycast.renderer import (angle_tuples, check_supersample, prepare_mesh, render_views,
+                                          resolve_engine)
 from rl3d.stages.raycast.shading import parse_color
 
 COPY_COLUMNS = ("prompt_id", "level", "sample_index", "prompt")
+WRITER_THREADS = 4        # PNG writers beside the caster when no worker processes are used
+MAX_WORKERS = 16          # torch backend: processes reading meshes and writing PNGs
+MIN_JOBS_FOR_PROCESSES = 32  # fewer meshes: starting processes costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -62,35 +69,86 @@ def render_one(job: dict, out: str, opts: RenderOptions) -> list[dict]:
     return write_job(job, rows, res, out, opts)
 
 
-def render_job(job: dict, opts: RenderOptions) -> tuple[list[dict], dict | None]:
-    """The rows of one mesh job and its rendered arrays (None when the job failed: the rows
-    then carry the status and message)."""
+def job_mesh(job: dict) -> tuple[str, str]:
+    """(path, source) of the mesh a job renders: its textured GLB when it has one (gen
+    --texture-hook), else its mesh."""
+    if job.get("textured_path"):
+        return job["textured_path"], "textured"
+    return job.get("mesh_path") or "", "mesh"
+
+
+def job_rows(job: dict, opts: RenderOptions) -> list[dict]:
+    """The renders rows of one mesh job, one per view, status ok and no files yet."""
     az, el = view_angles(opts.views, opts.preset, opts.elevation)
     base = {k: job[k] for k in COPY_COLUMNS if k in job}
+    if "textured_path" in job:  # only for tables that can hold textured meshes: default outputs unchanged
+        base["mesh_source"] = job_mesh(job)[1]
     rows = [{"sample_id": job["sample_id"], "view": i, "azimuth": float(az[i]), "elevation": float(el[i]),
              "image_path": "", "status": "ok", "message": "", **base} for i in range(len(az))]
     for r in rows:
         r.update({"depth_path": "", "normal_path": ""} if opts.depth or opts.normals else {})
         if opts.sheet:
             r["sheet_path"] = ""
+    return rows
 
-    def fail(status, message):
-        for r in rows:
-            r.update(status=status, message=message)
-        return rows, None
 
+def fail_rows(rows: list[dict], status: str, message: str) -> list[dict]:
+    for r in rows:
+        r.update(status=status, message=message)
+    return rows
+
+
+def error_message(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+def read_job(job: dict, rows: list[dict]):
+    """The job's mesh (trimesh), or None with the rows failed (upstream status, no mesh, a GLB
+    that does not read)."""
     if job.get("status", "ok") != "ok":
-        return fail(job["status"], f"upstream {job['status']}: {job.get('message') or ''}".strip())
-    if not job.get("mesh_path"):
-        return fail("render_error", "no mesh_path")
+        fail_rows(rows, job["status"], f"upstream {job['status']}: {job.get('message') or ''}".strip())
+        return None
+    path, _ = job_mesh(job)
+    if not path:
+        fail_rows(rows, "render_error", "no mesh_path")
+        return None
     try:
-        mesh = read_glb(job["mesh_path"])
+        return read_glb(path)
+    except Exception as e:  # corrupt GLB, empty mesh
+        fail_rows(rows, "render_error", error_message(e))
+        return None
+
+
+def render_job(job: dict, opts: RenderOptions) -> tuple[list[dict], dict | None]:
+    """The rows of one mesh job and its rendered arrays (None when the job failed: the rows
+    then carry the status and message)."""
+    rows = job_rows(job, opts)
+    mesh = read_job(job, rows)
+    if mesh is None:
+        return rows, None
+    az, el = view_angles(opts.views, opts.preset, opts.elevation)
+    try:
         res = render_views(mesh, az, el, opts.resolution, opts.fov, opts.background, framing=opts.framing,
                            with_normals=opts.normals, backend=opts.backend, device=opts.device,
                            supersample=opts.supersample)
-    except Exception as e:  # corrupt GLB, empty mesh, degenerate geometry
-        return fail("render_error", f"{type(e).__name__}: {e}"[:500])
+    except Exception as e:  # empty mesh, degenerate geometry
+        return fail_rows(rows, "render_error", error_message(e)), None
     return rows, res
+
+
+def prepare_job(job: dict, opts: RenderOptions):
+    """The rows of one mesh job and its mesh prepared for the torch renderer (None when the job
+    failed: the rows then carry the status and message). Runs in worker processes."""
+    rows = job_rows(job, opts)
+    mesh = read_job(job, rows)
+    if mesh is None:
+        return rows, None
+    az, el = view_angles(opts.views, opts.preset, opts.elevation)
+    try:
+        return rows, prepare_mesh(mesh, az, el, opts.fov, opts.background, framing=opts.framing,
+                                  with_normals=opts.normals)
+    except Exception as e:  # empty mesh, degenerate geometry
+        return fail_rows(rows, "render_error", error_message(e)), None
 
 
 def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: RenderOptions) -> list[dict]:
@@ -135,7 +193,8 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
         for need in ("sample_id", "mesh_path"):
             if need not in names:
                 raise InputError(f"{f}: missing column {need!r} (render needs sample_id and mesh_path)")
-        cols = ["sample_id", "mesh_path"] + [c for c in ("status", "message", *COPY_COLUMNS) if c in names]
+        cols = ["sample_id", "mesh_path"] + [c for c in ("textured_path", "status", "message", *COPY_COLUMNS)
+                                             if c in names]
         try:
             t = absolute_media(pq.read_table(f, columns=cols), f.parent)
         except Exception as e:  # a footer that reads but truncated or corrupt pages
@@ -160,26 +219,89 @@ def _render_batch(args) -> list[dict]:
     return [r for job in jobs for r in render_one(job, out, opts)]
 
 
-def _render_in_process(jobs: list[dict], out: str, opts: RenderOptions, progress, writers: int = 4) -> list[dict]:
-    """Render jobs one after another here (torch backend) while threads encode and write the
-    PNGs of earlier meshes (Pillow releases the GIL while encoding). Rows keep input order."""
-    rows: list[dict] = []
-    pending: deque = deque()
-    with ThreadPoolExecutor(writers) as pool:
-        for job in progress.track(jobs, total=len(jobs), desc="render"):
-            job_rows, res = render_job(job, opts)
-            pending.append(pool.submit(write_job, job, job_rows, res, out, opts))
-            while len(pending) > 2 * writers:  # bounds the rendered arrays held in memory
-                rows += pending.popleft().result()
-        while pending:
-            rows += pending.popleft().result()
-    return rows
+def cpu_workers() -> int:
+    """Cores this process may use (its CPU affinity where the OS tells, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions) -> list:
+    """Views of prepared meshes from the torch renderer, in batches; a batch that fails is
+    rendered again mesh by mesh, so that one bad mesh fails alone (its entry is the exception)."""
+    from rl3d.stages.raycast import torch_renderer  # torch: imported only for this backend (see renderer.py)
+
+    def batch(part):
+        return torch_renderer.render_batch(part, az, el, opts.resolution, opts.fov, opts.device, opts.supersample,
+                                           with_depth=opts.depth, with_normals=opts.normals)
+    try:
+        return batch(prepared)
+    except Exception as e:
+        if len(prepared) == 1:
+            return [e]
+    out: list = []
+    for p in prepared:
+        try:
+            out += batch([p])
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, workers: int) -> list[dict]:
+    """torch backend: `workers` processes read and prepare meshes (framing, colour tables) and
+    encode and write the PNGs (threads instead when workers <= 1), while this process renders
+    batches of many meshes at once on the device. Rows keep input order."""
+    from rl3d.stages.raycast.torch_renderer import meshes_per_batch
+
+    az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
+    per_batch = min(len(jobs), meshes_per_batch(len(az), opts.resolution * opts.supersample, opts.device))
+    keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else \
+        ThreadPoolExecutor(WRITER_THREADS)
+    todo = iter(jobs)
+    reads: deque = deque()      # (job, future of prepare_job), in input order
+    writes: deque = deque()     # futures of write_job not yet known to be done
+    results: list = []          # per job, in input order: its rows or the future of its write
+
+    def refill():  # a few batches read ahead of the caster
+        while len(reads) < 3 * per_batch and (job := next(todo, None)) is not None:
+            reads.append((job, pool.submit(prepare_job, job, opts)))
+
+    def read_batches():
+        refill()
+        while reads:
+            part = []
+            while reads and len(part) < per_batch:
+                job, fut = reads.popleft()
+                part.append((job, *fut.result()))
+                refill()
+            yield part
+
+    with pool:
+        for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
+            ready = [(job, rows, p) for job, rows, p in part if p is not None]
+            views = iter(_render_prepared([p for *_, p in ready], az, el, opts) if ready else [])
+            for job, rows, p in part:
+                res = next(views) if p is not None else None
+                if isinstance(res, Exception):
+                    rows, res = fail_rows(rows, "render_error", error_message(res)), None
+                if res is None:
+                    results.append(rows)
+                    continue
+                writes.append(pool.submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
+                results.append(writes[-1])
+            while len(writes) > 2 * per_batch + max(workers, WRITER_THREADS):  # bounds the images held
+                writes.popleft().result()
+        return [r for x in results for r in (x.result() if hasattr(x, "result") else x)]
 
 
 def renders_table(rows: list[dict], opts: RenderOptions, copied: list[str]) -> pa.Table:
     cols = {"sample_id": pa.string(), "view": pa.int32(), "azimuth": pa.float32(), "elevation": pa.float32(),
             "image_path": pa.string(), "status": pa.string(), "message": pa.string()}
-    types = {"prompt_id": pa.string(), "level": pa.string(), "sample_index": pa.int32(), "prompt": pa.string()}
+    types = {"prompt_id": pa.string(), "level": pa.string(), "sample_index": pa.int32(), "prompt": pa.string(),
+             "mesh_source": pa.string()}
     cols.update({c: types[c] for c in copied})
     if opts.depth or opts.normals:
         cols.update(depth_path=pa.string(), normal_path=pa.string())
@@ -195,9 +317,10 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
                supersample: int = 2) -> dict:
     """Render every mesh of `samples` (table or GLB dir) owned by opts.shard into opts.out.
 
-    open3d backend: `workers` processes render meshes in parallel. torch backend: meshes are
-    rendered one after another in this process (torch parallelises each cast itself, and one
-    CUDA context beats one per worker) while a few threads write the PNGs."""
+    open3d backend: `workers` processes render meshes in parallel (default min(2, cores)).
+    torch backend: this process renders batches of many meshes at once on the device (one CUDA
+    context) while `workers` processes (default cores - 1, at most 16; threads for fewer than
+    MIN_JOBS_FOR_PROCESSES meshes) read the meshes and write the PNGs."""
     if resolution < 8 or resolution > 4096:
         raise InputError(f"--resolution {resolution}: expected 8..4096")
     if not 1.0 <= fov <= 150.0:
@@ -210,19 +333,23 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
     ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
                           bool(depth), bool(normals), bool(sheet), str(framing), backend, device, int(supersample))
     jobs = read_jobs(samples)
-    workers = workers or min(2, os.cpu_count() or 1)
+    if workers is None:
+        workers = min(MAX_WORKERS, max(1, cpu_workers() - 1)) if backend == "torch" else min(2, os.cpu_count() or 1)
     # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
     # renders as before supersampling existed: left out, its config hash is the old one.
     config = {"samples": str(Path(samples).resolve()),
               **{k: v for k, v in asdict(ropts).items() if k != "device" and not (k == "supersample" and v == 1)}}
     copied = [c for c in COPY_COLUMNS if any(c in j for j in jobs)]  # same schema in every shard
+    if any("textured_path" in j for j in jobs):
+        copied.append("mesh_source")
 
     def produce(shard, progress):
         mine = [j for j in jobs if shard.owns(j.get("prompt_id") or j["sample_id"])]
         t0 = time.time()
         rows: list[dict] = []
         if backend == "torch":
-            rows = _render_in_process(mine, str(opts.out), ropts, progress)
+            rows = _render_batched(mine, str(opts.out), ropts, progress,
+                                   workers if len(mine) >= MIN_JOBS_FOR_PROCESSES else 1) if mine else []
         elif workers <= 1 or len(mine) <= 1:
             for job in progress.track(mine, total=len(mine), desc="render"):
                 rows += render_one(job, str(opts.out), ropts)

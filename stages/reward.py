@@ -8,12 +8,21 @@ T_views (raw per-view scores, for audit), T_status, T_message and T_details (JSO
 term is never replaced by a number: a failed required term makes `total` null and `status`
 "<term status>:<term name>"; failed optional terms leave the total of the others with status
 "partial". The Hi-GRPO back-flow R_high + lambda * R_low is not applied here (rl-step does it).
+
+A sample with a textured mesh (gen --texture-hook: `textured_path`) is scored on that mesh: mesh
+terms read it, view terms need renders of it (render records `mesh_source`; renders of the other
+mesh are "stale_renders"), and the table's `mesh_source` column (only for such samples tables)
+says which mesh each row was scored on: "textured" or "mesh".
 """
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+import os
+import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +39,9 @@ from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
 
 OK_STATES = ("ok", "not_applicable")
+HOST_BACKENDS = ("geometry", "spec")  # pure functions of the grid and prompt: safe and worth spreading over processes
+MAX_WORKERS = 16
+MIN_ITEMS_FOR_PROCESSES = 256         # fewer (term, sample) pairs: starting processes costs more than it saves
 _BACKEND_CACHE: dict[str, object] = {}  # one instance per (backend, options) per process
 
 
@@ -62,7 +74,8 @@ def group_renders(path, wanted: set[str]) -> dict[str, list[dict]]:
     """sample_id -> its render rows sorted by view."""
     t = tables.read_table(path, "renders", columns=None)
     tables.require_unique(t, ("sample_id", "view"), str(path))
-    cols = {c: t.column(c).to_pylist() for c in ("sample_id", "view", "image_path", "status", "message")}
+    names = ("sample_id", "view", "image_path", "status", "message", "mesh_source")
+    cols = {c: t.column(c).to_pylist() for c in names if c in t.column_names}
     out: dict[str, list[dict]] = defaultdict(list)
     for i, sid in enumerate(cols["sample_id"]):
         if sid in wanted:
@@ -72,14 +85,28 @@ def group_renders(path, wanted: set[str]) -> dict[str, list[dict]]:
     return out
 
 
-def render_state(rows: list[dict]) -> tuple[str, str, list[str]]:
-    """(status, message, image paths) of one sample's renders."""
+def render_state(rows: list[dict], mesh_source: str | None = None) -> tuple[str, str, list[str]]:
+    """(status, message, image paths) of one sample's renders; `mesh_source`: the mesh the sample
+    is scored on ("textured" or "mesh"; None: no textured meshes in the samples table), which
+    renders that record theirs must show."""
     if not rows:
         return "missing_renders", "no render rows for this sample", []
     bad = [r for r in rows if r["status"] != "ok" or not r["image_path"]]
     if bad:
         return "render_error", f"view {bad[0]['view']}: {bad[0]['status']}: {bad[0]['message'] or ''}".strip(), []
+    shown = rows[0].get("mesh_source") or "mesh"
+    if mesh_source is not None and shown != mesh_source:
+        return "stale_renders", f"the renders show the sample's {shown} mesh, it is scored on its {mesh_source} " \
+                                "mesh: render the samples again", []
     return "ok", "", [r["image_path"] for r in rows]
+
+
+def mesh_sources(rows: dict[str, list]) -> list[str] | None:
+    """Per row the mesh it is scored on: "textured" where gen's texture hook made one, else
+    "mesh"; None when the table has no textured_path column (no column is written then)."""
+    if "textured_path" not in rows:
+        return None
+    return ["textured" if p else "mesh" for p in rows["textured_path"]]
 
 
 def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[list, list[str]]:
@@ -159,6 +186,20 @@ def score_term(term: TermConfig, backend, items: list[RewardItem], batch: int) -
     return out
 
 
+def cpu_count() -> int:
+    """Cores this process may use (its CPU affinity where the OS tells, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _score_in_worker(term: TermConfig, items: list[RewardItem], batch: int) -> tuple[list[TermResult], float]:
+    """score_term in a worker process (its backend built once per process), with its seconds."""
+    t0 = time.perf_counter()
+    return score_term(term, get_backend(term), items, batch), time.perf_counter() - t0
+
+
 def combine(terms: list[TermConfig], cells: dict[str, dict]) -> tuple[float | None, str, str]:
     """A row's (total, status, message) from its terms' cells."""
     failed = [t for t in terms if cells[t.name]["status"] not in OK_STATES]
@@ -183,10 +224,12 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     n = len(rows["sample_id"])
     levels = rows["level"]
     grids, decode_err = decode_grids(rows, kind, config.codec or codec or "")
-    rstate = [render_state(renders.get(sid, [])) if renders is not None else ("missing_renders", "no --renders given", [])
-              for sid in rows["sample_id"]]
+    sources = mesh_sources(rows)
+    rstate = [render_state(renders.get(sid, []), sources and sources[i]) if renders is not None
+              else ("missing_renders", "no --renders given", []) for i, sid in enumerate(rows["sample_id"])]
+    meshes = [(rows.get("textured_path") or [None] * n)[i] or rows["mesh_path"][i] or None for i in range(n)]
     items = [RewardItem(sample_id=rows["sample_id"][i], prompt=rows["prompt"][i], level=levels[i],
-                        image_paths=rstate[i][2], mesh_path=rows["mesh_path"][i] or None, grid=grids[i],
+                        image_paths=rstate[i][2], mesh_path=meshes[i], grid=grids[i],
                         spec=_parse_spec(rows.get("spec", [None] * n)[i]),
                         category=rows.get("category", [None] * n)[i],
                         reasoning=rows.get("reasoning", rows.get("plan", [""] * n))[i] or "")
@@ -198,7 +241,14 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     names = config.term_names()
     cells: list[dict[str, dict]] = [{} for _ in range(n)]
     jobs = [(lvl, t) for lvl in config.levels for t in config.terms(lvl)]
-    for lvl, term in progress.track(jobs, total=len(jobs), desc="reward terms"):
+    # model-free terms on the host (geometry, spec) go to worker processes, when there are enough
+    # samples, while this process scores the model terms (CLIP on the GPU): the same values
+    host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
+    pool = ProcessPoolExecutor(min(MAX_WORKERS, cpu_count() - 1), mp_context=mp.get_context("spawn")) \
+        if host_items >= MIN_ITEMS_FOR_PROCESSES and cpu_count() > 2 else None
+    scored: list = []            # (level, term, row indices to score), in config order
+    pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes
+    for lvl, term in jobs:
         idx = [i for i in range(n) if levels[i] == lvl]
         if not idx:
             continue
@@ -212,11 +262,25 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
                 cells[i][term.name] = _cell(None, None, rstate[i][0], rstate[i][1])
             else:
                 run.append(i)
-        with timed(stats, f"seconds_{lvl}_{term.name}"):
-            results = score_term(term, backend, [items[i] for i in run], batch) if run else []
-        for i, res in zip(run, results):
-            raw, pv, st, msg = aggregate(res, term.aggregate)
-            cells[i][term.name] = _cell(raw, pv, st, msg, term.factor, res.details)
+        scored.append((lvl, term, run))
+        if pool is not None and term.backend in HOST_BACKENDS and run:  # scored in worker processes meanwhile
+            pending[len(scored) - 1] = [pool.submit(_score_in_worker, term, [items[i] for i in run[s:s + batch]], batch)
+                                        for s in range(0, len(run), batch)]
+    try:
+        for k, (lvl, term, run) in progress.track(list(enumerate(scored)), total=len(scored), desc="reward terms"):
+            if k in pending:
+                parts = [f.result() for f in pending[k]]
+                results = [r for part, _ in parts for r in part]
+                stats[f"seconds_{lvl}_{term.name}"] = round(sum(sec for _, sec in parts), 3)  # worker seconds
+            else:
+                with timed(stats, f"seconds_{lvl}_{term.name}"):
+                    results = score_term(term, get_backend(term), [items[i] for i in run], batch) if run else []
+            for i, res in zip(run, results):
+                raw, pv, st, msg = aggregate(res, term.aggregate)
+                cells[i][term.name] = _cell(raw, pv, st, msg, term.factor, res.details)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     cols: dict[str, list] = {"sample_id": rows["sample_id"], "prompt_id": rows["prompt_id"],
                              "sample_index": rows["sample_index"], "level": levels,
@@ -231,6 +295,8 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
         cols["status"].append(st)
         cols["message"].append(msg)
     arrays = {k: pa.array(v, tables.SCHEMAS["rewards"][1][k]) for k, v in cols.items()}
+    if sources is not None:  # only for samples tables that can hold textured meshes: default outputs unchanged
+        arrays["mesh_source"] = pa.array(sources, pa.string())
     for name in names:
         c = [cells[i].get(name) for i in range(n)]
         arrays[name] = pa.array([x and x["value"] for x in c], pa.float64())
@@ -263,7 +329,7 @@ def load_rows(table: pa.Table, kind: str, shard: Shard) -> dict[str, list]:
     """Columns as lists for the rows this shard owns; objects get level 'single', sample_index 0."""
     keep = [i for i, p in enumerate(table.column("prompt_id").to_pylist()) if shard.owns(p)]
     t = table.take(pa.array(keep, pa.int64()))
-    want = ["sample_id", "prompt_id", "prompt", "mesh_tokens", "mesh_path", "status", "message",
+    want = ["sample_id", "prompt_id", "prompt", "mesh_tokens", "mesh_path", "textured_path", "status", "message",
             "sample_index", "level", "voxels", "spec", "category", "reasoning", "plan"]
     rows = {c: t.column(c).to_pylist() for c in want if c in t.column_names}
     if kind == "objects":

@@ -97,3 +97,50 @@ def test_hps_without_open_clip_names_the_extra(tmp_path, monkeypatch):
         HPSBackend(checkpoint=str(ckpt))
     with pytest.raises(InputError, match="checkpoint is empty"):
         HPSBackend()
+
+
+def test_background_image_preparation_keeps_the_embeddings(tiny, monkeypatch):
+    """Images decoded and preprocessed in background threads (any task size, batches split across
+    tasks) give the same embeddings as encoding each image alone on the spot."""
+    from rl3d.stages.scoring import clip
+
+    model_dir, imgs = tiny
+    paths = imgs * 5 + ["/no/such/view.png"]
+    want = []
+    for p in dict.fromkeys(paths):
+        scorer = clip.ClipScorer(model_dir, "cpu")
+        want.append(scorer.image_embeddings([p], 1)[0])
+    monkeypatch.setattr(clip, "PREP_IMAGES", 3)
+    got = clip.ClipScorer(model_dir, "cpu").image_embeddings(list(dict.fromkeys(paths)), 2)
+    assert np.allclose(got[:-1], np.stack(want[:-1]), atol=1e-6) and np.isnan(got[-1]).all()
+    batches = list(clip.prepared_batches(list(range(11)), lambda xs: [x * 10 for x in xs], 4))
+    assert batches == [[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100]]
+
+
+def test_hps_features_match_per_view_text_encoding(tiny):
+    """HPS encodes each distinct prompt once and prepares images in background threads: the cosines
+    equal the per-view computation (a stub open_clip model: no extra needed)."""
+    from rl3d.stages.rewards.hps import HPSBackend
+    from rl3d.stages.scoring.clip import load_rgb
+
+    torch.manual_seed(0)
+    img_w, txt_w = torch.randn(3 * 8 * 8, 5), torch.randn(50, 5)
+
+    class Stub:
+        def encode_image(self, px):
+            return px.flatten(1) @ img_w
+
+        def encode_text(self, ids):
+            return txt_w[ids].sum(1)
+
+    hps = object.__new__(HPSBackend)
+    hps.model, hps.device, hps.batch_size = Stub(), "cpu", 3
+    hps.preprocess = lambda im: torch.from_numpy(np.asarray(im.resize((8, 8)), np.float32) / 255).permute(2, 0, 1)
+    hps.tokenizer = lambda texts: torch.tensor([[len(t) % 50, len(t.split()) % 50] for t in texts])
+    _, imgs = tiny
+    paths = imgs + imgs[:3]
+    prompts = [PROMPTS[i % 2] for i in range(len(paths))]
+    norm = torch.nn.functional.normalize
+    want = [float((norm(Stub().encode_image(hps.preprocess(load_rgb(p))[None]), dim=-1)
+                   * norm(Stub().encode_text(hps.tokenizer([t])), dim=-1)).sum()) for p, t in zip(paths, prompts)]
+    assert np.allclose(hps._features(paths, prompts), want, atol=1e-6)

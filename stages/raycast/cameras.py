@@ -85,11 +85,18 @@ def camera_rays(eye, right, up, fwd, resolution: int, fov: float) -> np.ndarray:
     return rays
 
 
+@functools.lru_cache(maxsize=8)
+def cached_frames(az: tuple, el: tuple, fov: float):
+    """Camera frames (eye, right, up, forward) of the unit-cube framing, shared by every mesh of a
+    render run (no rays: processes that only prepare meshes need not build them)."""
+    return camera_frames(az, el, fit_distance(fov, az, el))
+
+
 @functools.lru_cache(maxsize=4)
 def cached_cameras(az: tuple, el: tuple, resolution: int, fov: float):
     """Camera frames of the unit-cube framing and their rays (read-only numpy); every mesh of a
     render run shares the same cameras."""
-    frames = camera_frames(az, el, fit_distance(fov, az, el))
+    frames = cached_frames(az, el, fov)
     rays = camera_rays(*frames, resolution, fov)
     rays.setflags(write=False)
     return frames, rays

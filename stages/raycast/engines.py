@@ -11,6 +11,7 @@ z-depth). The two engines agree on all but edge pixels.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -31,11 +32,25 @@ def open3d_available() -> bool:
     return importlib.util.find_spec("open3d") is not None
 
 
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device. torch is imported only where an NVIDIA driver is
+    present: importing it costs ~1.5 s of CPU, which CPU-only machines need not pay here."""
+    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_backend(backend: str = "auto") -> str:
-    """"open3d" or "torch" for a requested backend; "auto" picks open3d when it is installed."""
+    """"open3d" or "torch" for a requested backend. "auto": torch where CUDA is available (many
+    meshes at once on the GPU outrun Embree on the host's cores), else open3d when it is
+    installed, else torch."""
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        if cuda_available():
+            return "torch"
         return "open3d" if open3d_available() else "torch"
     if backend == "open3d" and not open3d_available():
         raise InputError("--backend open3d: open3d is not installed here (use --backend torch)")

@@ -1,19 +1,26 @@
 """render_views: every view of one mesh with one batched ray cast (cameras -> engine -> shading).
 
-torch_engine is imported only where the torch backend is chosen, on purpose: importing torch
-costs ~1.5 s of CPU per process, which every spawned open3d worker would otherwise pay.
+A mesh is first prepared on the CPU (prepare_mesh: framing, faces, per-view colour and normal
+tables; numpy, small, picklable), then cast and shaded by a backend: open3d (Embree, CPU) here in
+numpy, or torch (torch_renderer: many meshes at once on a torch device, the same numbers).
+
+torch is imported only where the torch backend is chosen, on purpose: importing torch costs
+~1.5 s of CPU per process, which every spawned open3d worker would otherwise pay.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import face_rgb
 from rl3d.stages.raycast import open3d_engine, shading
-from rl3d.stages.raycast.cameras import DEFAULT_FOV, cached_cameras, check_framing, object_scale
+from rl3d.stages.raycast.cameras import DEFAULT_FOV, cached_cameras, cached_frames, check_framing, object_scale
 from rl3d.stages.raycast.engines import INVALID_ID, Hits, resolve_backend
+
+MAX_SUPERSAMPLE = 8
 
 
 def mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -25,11 +32,51 @@ def mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return v, f.astype(np.uint32), face_rgb(mesh)
 
 
+@dataclass(frozen=True)
+class PreparedMesh:
+    """One mesh ready to cast and shade in the views it was prepared for (numpy; made on the CPU,
+    picklable, so reader processes can make them while a device casts)."""
+    verts: np.ndarray            # float32[N, 3], moved and scaled by the framing
+    faces: np.ndarray            # uint32[F, 3]
+    table: np.ndarray            # shaded face colours RGBA uint8[V, F + 1, 4]; the last entry is the background
+    normals: np.ndarray | None   # camera-space face normals float32[V, F, 3] (with_normals only)
+    scale: float                 # framed units per mesh unit (depth is divided back); 1.0 for framing "cube"
+
+
+def prepare_mesh(mesh, azimuths, elevations, fov: float = DEFAULT_FOV, background="white", *,
+                 framing: str = "object", with_normals: bool = True) -> PreparedMesh:
+    """A trimesh mesh -> PreparedMesh: framing (framing "object" moves and scales the mesh so that
+    every mesh shares the same cameras), face normals in each camera, shaded colour tables."""
+    check_framing(framing)
+    verts, faces, colours = mesh_arrays(mesh)
+    az, el = angle_tuples(azimuths, elevations)
+    _, right, up, fwd = cached_frames(az, el, float(fov))
+    scale = 1.0
+    if framing == "object":  # the same rays for every mesh: move and scale the mesh instead
+        centre, scale = object_scale(verts, fov, az, el)
+        verts = ((verts - centre) * scale).astype(np.float32)
+    cam = shading.camera_normals(verts, faces, right, up, fwd)
+    table = shading.colour_table(colours, shading.face_shades(cam), background)
+    return PreparedMesh(verts, faces, table, cam if with_normals else None, float(scale))
+
+
+def angle_tuples(azimuths, elevations) -> tuple[tuple, tuple]:
+    """View angles as tuples of floats (the cameras' cache keys)."""
+    return (tuple(float(a) for a in np.atleast_1d(azimuths)), tuple(float(e) for e in np.atleast_1d(elevations)))
+
+
 def _torch_engine():
     """The torch engine module, imported on first use (see the module docstring)."""
     from rl3d.stages.raycast import torch_engine
 
     return torch_engine
+
+
+def _torch_renderer():
+    """The torch renderer module, imported on first use (see the module docstring)."""
+    from rl3d.stages.raycast import torch_renderer
+
+    return torch_renderer
 
 
 def resolve_engine(backend: str = "auto", device: str | None = None) -> tuple[str, str | None]:
@@ -38,9 +85,6 @@ def resolve_engine(backend: str = "auto", device: str | None = None) -> tuple[st
     if backend == "open3d":
         return backend, None
     return backend, _torch_engine().pick_device(device)
-
-
-MAX_SUPERSAMPLE = 8
 
 
 @functools.lru_cache(maxsize=4)
@@ -54,7 +98,8 @@ def _prepared_rays(az: tuple, el: tuple, resolution: int, fov: float, backend: s
 
 def cast_camera_rays(verts, faces, az: tuple, el: tuple, resolution: int, fov: float, backend: str,
                      device: str | None = None) -> Hits:
-    """The hits of the shared cameras' rays (framing "cube") with the chosen backend."""
+    """The hits of the shared cameras' rays (framing "cube") with one engine's generic caster:
+    open3d, or torch's cone-culled one (the torch renderer casts many meshes at once instead)."""
     backend, device = resolve_engine(backend, device)
     rays = _prepared_rays(az, el, resolution, fov, backend, device)
     if backend == "open3d":
@@ -97,6 +142,22 @@ def downsample(views: dict, k: int) -> dict:
     return {"rgb": rgb, "depth": depth, "normal": normal, "mask": mask}
 
 
+def shade_hits(prepared: PreparedMesh, hits: Hits, k: int = 1) -> dict:
+    """A prepared mesh's hits -> views (numpy): depth back in mesh units, colours and normals
+    gathered by the hit triangle id, then resolved to the final size when supersampled (k > 1)."""
+    depth, pid = hits
+    mask = pid != INVALID_ID
+    depth = np.array(depth, np.float32)
+    depth[~mask] = 0
+    if prepared.scale != 1.0:
+        depth /= np.float32(prepared.scale)  # back to mesh units
+    idx = shading.table_index(pid, mask, len(prepared.faces))
+    rgb = shading.pixel_colours(prepared.table, idx)
+    normal = shading.pixel_normals(prepared.normals, idx) if prepared.normals is not None else None
+    views = {"rgb": rgb, "depth": depth, "normal": normal, "mask": mask}
+    return downsample(views, k) if k > 1 else views
+
+
 def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float = DEFAULT_FOV,
                  background="white", *, framing: str = "object", with_normals: bool = True,
                  backend: str = "auto", device: str | None = None, supersample: int = 1) -> dict:
@@ -107,7 +168,8 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     "cube": cameras look at the origin from the distance at which the unit cube fits, so
     sizes compare across meshes. +Y is up in both.
     backend "open3d" (Embree, CPU), "torch" (on `device`, default cuda when available) or
-    "auto" (open3d when installed, else torch); only the ray hits differ, shading is shared.
+    "auto" (torch on CUDA, else open3d when installed, else torch); only the ray hits differ,
+    shading is shared. Many meshes at once on a device: torch_renderer.render_batch.
     supersample k > 1 anti-aliases: k x k rays per pixel (the image rendered k times larger),
     resolved by `downsample`; 1 (the default here) casts one ray through each pixel's centre.
     Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
@@ -116,25 +178,11 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     """
     check_framing(framing)
     k = check_supersample(supersample)
-    size = int(resolution) * k  # rays per image side
     backend, device = resolve_engine(backend, device)
-    verts, faces, colours = mesh_arrays(mesh)
-    az = tuple(float(a) for a in np.atleast_1d(azimuths))
-    el = tuple(float(e) for e in np.atleast_1d(elevations))
-    (eye, right, up, fwd), _ = cached_cameras(az, el, size, float(fov))
-    scale = 1.0
-    if framing == "object":  # the same rays for every mesh: move and scale the mesh instead
-        centre, scale = object_scale(verts, fov, az, el)
-        verts = ((verts - centre) * scale).astype(np.float32)
-    depth, pid = cast_camera_rays(verts, faces, az, el, size, float(fov), backend, device)
-    mask = pid != INVALID_ID
-    depth[~mask] = 0
-    if scale != 1.0:
-        depth /= np.float32(scale)  # back to mesh units
+    az, el = angle_tuples(azimuths, elevations)
+    prepared = prepare_mesh(mesh, az, el, fov, background, framing=framing, with_normals=with_normals)
+    if backend == "torch":
+        return _torch_renderer().render_batch([prepared], az, el, int(resolution), float(fov), device, k)[0]
+    hits = cast_camera_rays(prepared.verts, prepared.faces, az, el, int(resolution) * k, float(fov), backend, device)
+    return shade_hits(prepared, hits, k)
 
-    cam = shading.camera_normals(verts, faces, right, up, fwd)
-    idx = shading.table_index(pid, mask, len(faces))
-    rgb = shading.pixel_colours(shading.colour_table(colours, shading.face_shades(cam), background), idx)
-    normal = shading.pixel_normals(cam, idx) if with_normals else None
-    views = {"rgb": rgb, "depth": depth, "normal": normal, "mask": mask}
-    return downsample(views, k) if k > 1 else views

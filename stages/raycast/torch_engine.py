@@ -1,10 +1,17 @@
-"""Ray engine in PyTorch: brute-force Moller-Trumbore on any device (CUDA for throughput; CPU
-works, slowly), for machines without open3d and for GPU throughput.
+"""Ray engine in PyTorch: Moller-Trumbore on any device (CUDA for throughput; CPU works, slowly),
+for machines without open3d and for GPU throughput. Two casters share one ray/triangle test:
 
-Rays are grouped into 8x8 image tiles and triangles into spatially sorted chunks, and a
-cone-vs-sphere test skips (tile, chunk) pairs that cannot meet. The nearest hit per ray is one
-int64 key (t bits, triangle id) reduced with a min, so ties go to the lowest triangle id and the
-result is deterministic on every device.
+- cast_meshes (the renderer's): pinhole cameras shared by many meshes. Every triangle of every
+  mesh is projected into every view, and only the rays through pixels near its projected box are
+  tested against it, all meshes and views of a batch in one flat list of (ray, triangle) pairs:
+  no per-mesh Python loop and two host synchronisations per batch.
+- cast_rays (any rays, e.g. per-ray origins): rays grouped into 8x8 image tiles and triangles
+  into spatially sorted chunks; a cone-vs-sphere test skips (tile, chunk) pairs that cannot meet.
+
+The nearest hit per ray is one int64 key (t bits, triangle id) reduced with a min, so ties go to
+the lowest triangle id and the result is deterministic on every device. Both casters test a ray
+against a superset of the triangles it can hit, with the same float32 arithmetic, so they return
+the same bits.
 """
 from __future__ import annotations
 
@@ -23,6 +30,12 @@ TRI_CHUNK = 16      # triangles per spatially sorted chunk (one bounding sphere 
 CUDA_ELEMENTS = 1 << 26  # ray x triangle tests per batch: ~10 float32 temporaries -> ~2.7 GB on GPU
 CPU_ELEMENTS = 1 << 21
 _KEY_MISS = (1 << 63) - 1  # int64 max: no hit
+# cast_meshes: a ray is tested against a triangle when its pixel centre lies within PIXEL_MARGIN
+# pixels of the triangle's projected box. float32 Moller-Trumbore errs by ~1e-3 pixel at 1024^2,
+# so half a pixel is a wide safety margin that costs ~4% more tests on 25-pixel voxel faces.
+PIXEL_MARGIN = 0.5
+CUDA_PAIRS = 1 << 24    # (ray, triangle) pairs tested per step: ~25 live [pairs] temporaries -> ~2.5 GB
+CPU_PAIRS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -176,3 +189,146 @@ def cast_rays(verts: np.ndarray, faces: np.ndarray, rays, device: str | None = N
     t_hit = torch.where(miss, torch.inf, (keys >> 32).to(torch.int32).view(torch.float32))
     pid = torch.where(miss, int(INVALID_ID), keys & 0xFFFFFFFF)
     return Hits(t_hit.cpu().numpy(), pid.cpu().numpy().astype(np.uint32))
+
+
+# ---- many meshes, shared pinhole cameras ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class PinholeCameras:
+    """Shared cameras on a device: frames (float64 for projecting, float32 eye for the test) and
+    every pixel's ray direction, component-major float32[3, V * S * S] (the numpy rays' bits)."""
+    eye: object           # float32[V, 3]
+    frames64: object      # float64[V, 4, 3]: eye, right, up, forward
+    dirs: object          # float32[3, V * S * S]
+    size: int             # S: rays per image side
+    half: float           # tan(fov / 2)
+
+
+def prepare_cameras(frames, rays: np.ndarray, fov: float, device: str) -> PinholeCameras:
+    """Cameras (eye, right, up, forward float32[V, 3] each) and their rays float32[V, S, S, 6] on
+    `device` (built once per camera set)."""
+    v, s = rays.shape[0], rays.shape[1]
+    dirs = torch.from_numpy(np.ascontiguousarray(np.asarray(rays)[..., 3:].reshape(v * s * s, 3).T)).to(device)
+    f64 = torch.from_numpy(np.stack([np.asarray(a, np.float64) for a in frames], 1)).to(device)
+    eye = torch.from_numpy(np.asarray(frames[0], np.float32)).to(device)
+    return PinholeCameras(eye, f64, dirs, int(s), float(np.tan(np.radians(fov) / 2)))
+
+
+def _mesh_batch(meshes, device):
+    """Meshes [(verts float32[N, 3], faces [F, 3])] as one triangle list on `device`: corners
+    float32[F, 3, 3], the mesh each triangle belongs to and its id inside that mesh, int64[F]."""
+    verts = np.concatenate([np.asarray(v, np.float32) for v, _ in meshes])
+    base = np.cumsum([0] + [len(v) for v, _ in meshes[:-1]])
+    faces = np.concatenate([np.asarray(f, np.int64) + b for (_, f), b in zip(meshes, base)])
+    counts = [len(f) for _, f in meshes]
+    mesh_of = np.repeat(np.arange(len(meshes)), counts)
+    local = np.concatenate([np.arange(c) for c in counts])
+    tri = torch.from_numpy(verts).to(device)[torch.from_numpy(faces).to(device)]
+    return tri, torch.from_numpy(mesh_of).to(device), torch.from_numpy(local).to(device)
+
+
+def _pixel_boxes(tri, cams: PinholeCameras):
+    """For every (view, triangle): the box of pixels whose rays may hit it, (row0, col0, rows,
+    cols) int64[V, F] each (0 rows and cols: no ray can). A triangle reaching behind a camera's
+    plane gets the whole image; one wholly behind it gets nothing."""
+    s = cams.size
+    eye, right, up, fwd = (cams.frames64[:, k] for k in range(4))
+    rel = tri.double()[None] - eye[:, None, None]                                  # [V, F, 3, 3]
+    z = (rel * fwd[:, None, None]).sum(-1)
+    x = (rel * right[:, None, None]).sum(-1)
+    y = (rel * up[:, None, None]).sum(-1)
+    eps = 1e-6 * (1.0 + eye.norm(dim=-1))[:, None]
+    front = z.amin(-1) > eps
+    # a triangle with a non-finite corner never passes the test (its factors are inf or nan)
+    behind = (z.amax(-1) < -eps) | ~torch.isfinite(tri).all(-1).all(-1)[None]
+    zs = torch.where(z > 0, z, 1.0)
+    # pixel column j's centre ray passes through x / z = ((j + 0.5) / S * 2 - 1) * tan(fov / 2);
+    # rows go down the image: y / z = -(...)
+    col = (x / zs / cams.half + 1) * (s / 2) - 0.5
+    row = (-y / zs / cams.half + 1) * (s / 2) - 0.5
+    c0 = torch.ceil(col.amin(-1) - PIXEL_MARGIN).clamp(0, s)
+    c1 = torch.floor(col.amax(-1) + PIXEL_MARGIN).clamp(-1, s - 1)
+    r0 = torch.ceil(row.amin(-1) - PIXEL_MARGIN).clamp(0, s)
+    r1 = torch.floor(row.amax(-1) + PIXEL_MARGIN).clamp(-1, s - 1)
+    c0, r0 = torch.where(front, c0, 0).long(), torch.where(front, r0, 0).long()
+    cols = torch.where(front, c1 - c0 + 1, s).clamp(min=0).long()
+    rows = torch.where(front, r1 - r0 + 1, s).clamp(min=0).long()
+    cols, rows = torch.where(behind, 0, cols), torch.where(behind, 0, rows)
+    return r0, c0, rows, cols
+
+
+def _test_factors(tri, eye):
+    """Moller-Trumbore's per (view, triangle) factors, the ones _nearest_keys computes per (tile,
+    triangle) for rays of one origin, by the same float32 operations: float32[10, V, F] rows
+    n (3), a (3), q (3), t det."""
+    v0 = tri[:, 0]
+    e1, e2 = tri[:, 1] - v0, tri[:, 2] - v0
+    e1x, e1y, e1z = (e1[None, :, k] for k in range(3))                # [1, F]
+    e2x, e2y, e2z = (e2[None, :, k] for k in range(3))
+    sx, sy, sz = (eye[:, None, k] - v0[None, :, k] for k in range(3))  # [V, F]
+    nx, ny, nz = e2y * e1z - e2z * e1y, e2z * e1x - e2x * e1z, e2x * e1y - e2y * e1x
+    ax, ay, az = e2y * sz - e2z * sy, e2z * sx - e2x * sz, e2x * sy - e2y * sx
+    qx, qy, qz = sy * e1z - sz * e1y, sz * e1x - sx * e1z, sx * e1y - sy * e1x
+    tq = e2x * qx + e2y * qy + e2z * qz
+    shape = sx.shape
+    return torch.stack([a.expand(shape) for a in (nx, ny, nz, ax, ay, az, qx, qy, qz, tq)])
+
+
+def _pair_keys(d, f, ids):
+    """_nearest_keys' test for one ray and one triangle per pair: d float32[3, P] directions,
+    f float32[10, P] factors (_test_factors), ids int64[P] -> key int64[P] (_KEY_MISS: no hit)."""
+    dx, dy, dz = d[0], d[1], d[2]
+    nx, ny, nz, ax, ay, az, qx, qy, qz, tq = (f[k] for k in range(10))
+    det = dx * nx + dy * ny + dz * nz
+    inv = 1.0 / det
+    u = (dx * ax + dy * ay + dz * az) * inv
+    v = (dx * qx + dy * qy + dz * qz) * inv
+    t = tq * inv
+    hit = (u >= 0) & (v >= 0) & (u + v <= 1) & (t > 0) & (det.abs() > 1e-12)
+    key = (t.view(torch.int32).long() << 32) | ids
+    return torch.where(hit, key, _KEY_MISS)
+
+
+def cast_meshes(meshes, cams: PinholeCameras, max_pairs: int | None = None):
+    """Nearest-hit keys int64[B, V, S, S] (t bits << 32 | triangle id inside its mesh; _KEY_MISS
+    where no triangle is hit) of every camera ray against each of `meshes` [(verts float32[N, 3],
+    faces [F, 3])], all at once: the pixels of each (view, triangle)'s box are tested in steps of
+    at most `max_pairs` (ray, triangle) pairs. Two host synchronisations (the pair count), none
+    per step. keys_to_hits turns keys into t and triangle ids."""
+    dev = cams.dirs.device
+    nv, s = cams.eye.shape[0], cams.size
+    keys = torch.full((len(meshes) * nv * s * s,), _KEY_MISS, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        tri, mesh_of, local = _mesh_batch(meshes, dev)
+        r0, c0, rows, cols = (a.reshape(-1) for a in _pixel_boxes(tri, cams))   # [V * F], view-major
+        count = rows * cols
+        live = torch.nonzero(count).squeeze(1)                                    # host sync
+        if len(live) == 0:
+            return keys.view(len(meshes), nv, s, s)
+        nf = len(tri)
+        view, face = live // nf, live % nf
+        factors = _test_factors(tri, cams.eye).reshape(10, -1)[:, live]
+        count = count[live]
+        ends = torch.cumsum(count, 0)
+        total = int(ends[-1])                                                     # host sync
+        # per live item: its first pair, box and where its pixels sit among the rays and keys
+        ints = torch.stack([ends - count, cols[live], r0[live], c0[live], view * s * s,
+                            (mesh_of[face] * nv + view) * s * s, local[face]])
+        step = max_pairs or (CUDA_PAIRS if dev.type == "cuda" else CPU_PAIRS)
+        for p0 in range(0, total, step):
+            p = torch.arange(p0, min(total, p0 + step), device=dev)
+            item = torch.searchsorted(ends, p, right=True)
+            first, width, row0, col0, ray0, key0, ids = ints[:, item]
+            off = p - first
+            r = torch.div(off, width, rounding_mode="floor")
+            pixel = (row0 + r) * s + col0 + (off - r * width)
+            best = _pair_keys(cams.dirs[:, ray0 + pixel], factors[:, item], ids)
+            keys.scatter_reduce_(0, key0 + pixel, best, "amin")
+    return keys.view(len(meshes), nv, s, s)
+
+
+def keys_to_hits(keys):
+    """Nearest-hit keys -> (t float32, inf on a miss; triangle id int64, INVALID_ID on a miss), torch."""
+    miss = keys == _KEY_MISS
+    t_hit = torch.where(miss, torch.inf, (keys >> 32).to(torch.int32).view(torch.float32))
+    return t_hit, torch.where(miss, int(INVALID_ID), keys & 0xFFFFFFFF)

@@ -103,13 +103,15 @@ def watertight(occ: np.ndarray) -> tuple[float, dict]:
     watertight. Voxels meeting only along an edge make 4-face (non-manifold) edges."""
 
     v, f, _ = grid_to_faces(occ.astype(np.uint8))
-    # weld vertices: they sit on the integer lattice, so an exact integer key merges them
+    # weld vertices: they sit on the integer lattice, so an exact integer key merges them; keys
+    # and edges packed into one int64 each (1-D unique: the same groups as row-wise unique, faster)
     r = occ.shape[0]
-    key = np.round((v.astype(np.float64) + 0.5) * r).astype(np.int64)
-    _, vid = np.unique(key, axis=0, return_inverse=True)
+    lattice = np.round((v.astype(np.float64) + 0.5) * r).astype(np.int64)
+    key = (lattice[:, 0] * (r + 1) + lattice[:, 1]) * (r + 1) + lattice[:, 2]
+    _, vid = np.unique(key, return_inverse=True)
     tri = vid.reshape(-1)[f]
     edges = np.sort(np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]), axis=1)
-    _, counts = np.unique(edges, axis=0, return_counts=True)
+    _, counts = np.unique(edges[:, 0] * (int(vid.max()) + 1) + edges[:, 1], return_counts=True)
     manifold = float((counts == 2).mean())
     return manifold, {"edges": int(len(counts)), "non_manifold_edges": int((counts != 2).sum())}
 

@@ -13,7 +13,7 @@ import numpy as np
 from rl3d.formats.errors import InputError, first_line
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.policy.device import pick_device
-from rl3d.stages.scoring.clip import load_rgb
+from rl3d.stages.scoring.clip import load_rgb, prepared_batches
 
 _MODELS: dict[tuple, tuple] = {}
 
@@ -76,18 +76,32 @@ class HPSBackend(RewardBackend):
         self.batch_size = int(batch_size)
         self.model, self.preprocess, self.tokenizer = load_hps(checkpoint, arch, self.device)
 
+    def _pixels(self, paths: list[str]) -> list:
+        """Preprocessed pixels per path (runs in background threads, see prepared_batches)."""
+        return [self.preprocess(load_rgb(p)) for p in paths]
+
     def _features(self, paths: list[str], prompts: list[str]) -> np.ndarray:
+        """cos(text, image) per (path, prompt). Each distinct prompt is encoded once (not once per
+        view), and images are decoded and preprocessed in background threads while the model
+        encodes earlier batches."""
         import torch
 
-        cos = []
+        if not paths:
+            return np.zeros(0)
+        texts = list(dict.fromkeys(prompts))
         with torch.inference_mode():
-            for s in range(0, len(paths), self.batch_size):
-                px = torch.stack([self.preprocess(load_rgb(p)) for p in paths[s:s + self.batch_size]]).to(self.device)
-                tx = self.tokenizer(prompts[s:s + self.batch_size]).to(self.device)
-                im = torch.nn.functional.normalize(self.model.encode_image(px).float(), dim=-1)
-                te = torch.nn.functional.normalize(self.model.encode_text(tx).float(), dim=-1)
-                cos.append((im * te).sum(-1).cpu().numpy())
-        return np.concatenate(cos) if cos else np.zeros(0)
+            te = torch.cat([torch.nn.functional.normalize(self.model.encode_text(
+                self.tokenizer(texts[s:s + self.batch_size]).to(self.device)).float(), dim=-1)
+                for s in range(0, len(texts), self.batch_size)])
+            row = {t: i for i, t in enumerate(texts)}
+            which = torch.tensor([row[p] for p in prompts], device=te.device)
+            cos, done = [], 0
+            for pixels in prepared_batches(paths, self._pixels, self.batch_size):
+                im = torch.nn.functional.normalize(self.model.encode_image(torch.stack(pixels).to(self.device)).float(),
+                                                   dim=-1)
+                cos.append((im * te[which[done:done + len(pixels)]]).sum(-1).cpu().numpy())
+                done += len(pixels)
+        return np.concatenate(cos)
 
     def score(self, items: list[RewardItem]) -> list[TermResult]:
         results: list[TermResult | None] = [None] * len(items)

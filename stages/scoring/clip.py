@@ -14,8 +14,10 @@ Per-view scores from cos = cos(text, image):
 """
 from __future__ import annotations
 
+import functools
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 
@@ -36,6 +38,34 @@ except ImportError:  # transformers 4.x: the PIL-based processor is the plain on
 
 METRICS = ("clip_score", "pickscore", "cosine")
 _SCORERS: dict[tuple[str, str], "ClipScorer"] = {}
+PREP_IMAGES = 8      # images decoded and preprocessed per background task
+PREP_THREADS = 8     # background threads (PIL decodes and resizes, numpy normalises, mostly without the GIL)
+
+
+@functools.lru_cache(maxsize=1)
+def prep_pool() -> ThreadPoolExecutor:
+    """Threads that decode and preprocess images while the model encodes earlier batches (one per process)."""
+    return ThreadPoolExecutor(max(1, min(PREP_THREADS, os.cpu_count() or 1)), thread_name_prefix="rl3d-images")
+
+
+def prepared_batches(paths: list, prepare, batch_size: int):
+    """Lists of up to `batch_size` prepared paths, in order: `prepare(paths)` (one entry per path)
+    runs in background threads, PREP_IMAGES paths a task and a few batches ahead of the consumer,
+    so decoding and resizing overlap the model's forward passes."""
+    pool = prep_pool()
+    tasks = [paths[a:a + PREP_IMAGES] for a in range(0, len(paths), PREP_IMAGES)]
+    ahead = max(2, 4 * batch_size // PREP_IMAGES)
+    futures = deque(pool.submit(prepare, t) for t in tasks[:ahead])
+    queued = len(futures)
+    ready: list = []
+    while futures:
+        ready.extend(futures.popleft().result())
+        if queued < len(tasks):
+            futures.append(pool.submit(prepare, tasks[queued]))
+            queued += 1
+        while len(ready) >= batch_size or (ready and not futures):
+            yield ready[:batch_size]
+            ready = ready[batch_size:]
 
 
 def default_scorer_dir() -> Path:
@@ -127,11 +157,12 @@ class ClipScorer:
         return [float(per_view[owner == i].mean()) if len(v) else float("nan") for i, v in enumerate(views)]
 
     def _cached(self, cache: OrderedDict, keys: list[str], encode, batch_size: int) -> np.ndarray:
+        """Embeddings of `keys`, encoding those not cached: `encode(keys, batch_size)` yields
+        (keys, embeddings) per batch."""
         todo = list(dict.fromkeys(k for k in keys if k not in cache))
         failed: dict[str, np.ndarray] = {}
-        for s in range(0, len(todo), batch_size):
-            chunk = todo[s:s + batch_size]
-            fresh = dict(zip(chunk, encode(chunk)))
+        for chunk, emb in encode(todo, batch_size):
+            fresh = dict(zip(chunk, emb))
             cache.update({k: e for k, e in fresh.items() if not np.isnan(e).any()})
             failed.update({k: e for k, e in fresh.items() if np.isnan(e).any()})
         out = np.stack([cache.get(k, failed.get(k)) for k in keys]) if keys else np.zeros((0, 1), np.float32)
@@ -151,21 +182,39 @@ class ClipScorer:
         with torch.inference_mode():
             return pooled(self.model.get_image_features(pixel_values=px.to(self.device))).float()
 
-    def _encode_texts(self, texts: list[str]) -> np.ndarray:
-        return torch.nn.functional.normalize(self._text_features(texts), dim=-1).cpu().numpy()
+    def _encode_texts(self, texts: list[str], batch_size: int):
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s:s + batch_size]
+            yield chunk, torch.nn.functional.normalize(self._text_features(chunk), dim=-1).cpu().numpy()
 
-    def _encode_images(self, paths: list[str]) -> np.ndarray:
-        images, ok = [], []
+    def _pixels(self, paths: list[str]) -> list:
+        """Per path its preprocessed pixels float32[3, S, S], or None when it does not read
+        (runs in background threads: the processor works image by image, so any grouping of the
+        images gives the same pixels)."""
+        images = []
         for p in paths:
             try:
                 images.append(load_rgb(p))
-                ok.append(True)
             except (OSError, ValueError):
-                ok.append(False)
-        out = np.full((len(paths), self.model.config.projection_dim), np.nan, np.float32)
-        if images:
-            out[np.asarray(ok)] = torch.nn.functional.normalize(self._image_features(images), dim=-1).cpu().numpy()
-        return out
+                images.append(None)
+        ok = [im for im in images if im is not None]
+        px = iter(self.image_processor(images=ok, return_tensors="np")["pixel_values"] if ok else [])
+        return [None if im is None else next(px) for im in images]
+
+    def _encode_images(self, paths: list[str], batch_size: int):
+        """(paths, normalised embeddings) per batch; an unreadable image gets a NaN row. Images are
+        decoded and preprocessed in background threads while the model encodes earlier batches."""
+        done = 0
+        for pixels in prepared_batches(paths, self._pixels, batch_size):
+            out = np.full((len(pixels), self.model.config.projection_dim), np.nan, np.float32)
+            ok = [i for i, p in enumerate(pixels) if p is not None]
+            if ok:
+                px = torch.from_numpy(np.stack([pixels[i] for i in ok]))
+                with torch.inference_mode():
+                    feats = pooled(self.model.get_image_features(pixel_values=px.to(self.device))).float()
+                out[ok] = torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+            yield paths[done:done + len(pixels)], out
+            done += len(pixels)
 
 
 def load_rgb_or_fail(path) -> Image.Image:
