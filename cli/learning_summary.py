@@ -121,3 +121,25 @@ def samples_command(run, step_a, step_b, out):
     from rl3d.stages.learning_summary import samples
 
     click.echo(samples(run, step_a, step_b, out))
+
+
+@command.command("ablations", short_help="Tables, curves and renders of one ablation experiment.")
+@click.argument("exp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="EXP_DIR")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for EXPERIMENT.md, EXPERIMENT_curves.png, EXPERIMENT_renders.png, EXPERIMENT.json.")
+@handle_errors
+def ablations_command(exp_dir, out):
+    """Summarise one experiment of examples/ablations/ (an EXP_DIR with experiment.json, arms/ and
+    baseline/): per arm and benchmark, each metric's mean over seeds with a 95% t-interval, the
+    paired per-prompt change from the starting policy, the headline metric per category, wall time
+    and machine, the commands; training curves and a render grid of the start and each arm.
+    Refuses runs of another experiment, starting policy or held-out prompt set (exit 2).
+
+    \b
+    Examples:
+      rl3d learning-summary ablations runs/ablations/paradigm --out docs/results
+    """
+    from rl3d.stages.learning_summary import ablations
+
+    for line in ablations(exp_dir, out):
+        click.echo(line)

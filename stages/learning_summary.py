@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
+from rl3d.stages.scoring.ablations import summarize
 from rl3d.stages.scoring.learning import (before_after_sheet, eval_rows, heldout_table, paired_prompt_change,
                                           plot_runs, reward_variance_shares)
 
@@ -50,3 +51,8 @@ def samples(run: Path, step_a: int, step_b: int, out: Path) -> Path:
     """The before/after sheet of renders (the most improved, unchanged and worsened prompts)."""
     before_after_sheet(Path(run), step_a, step_b, Path(out))
     return Path(out)
+
+
+def ablations(exp_dir: Path, out: Path) -> list[str]:
+    """An experiment of examples/ablations/ -> its Markdown section, images and numbers in OUT."""
+    return [str(p) for p in summarize(Path(exp_dir), Path(out)).values() if p]
