@@ -143,3 +143,42 @@ def ablations_command(exp_dir, out):
 
     for line in ablations(exp_dir, out):
         click.echo(line)
+
+
+@command.command("spread", short_help="Within-group reward spread: where GRPO's signal is.")
+@click.argument("reward_dirs", nargs=-1, required=True, metavar="REWARDS_DIR...",
+                type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def spread_command(reward_dirs):
+    """How much the G samples of a (prompt, level) group disagree, over the given rewards tables:
+    the within-group std of the total and of each term, the share of groups whose samples differ in
+    "all spec checks passed", and per spec attribute kind the share of checks that differ within a
+    group or that every sample fails (a consistent mistake gives GRPO nothing to learn from).
+
+    \b
+    Examples:
+      rl3d learning-summary spread runs/learn/step-000001/rewards runs/learn/step-000002/rewards
+    """
+    from rl3d.stages.learning_summary import spread
+
+    for line in spread(list(reward_dirs)):
+        click.echo(line)
+
+
+@command.command("nucleus", short_help="Share of sampled tokens that top-p sampling could not vary.")
+@click.argument("gen_dirs", nargs=-1, required=True, metavar="GEN_DIR...",
+                type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def nucleus_command(gen_dirs):
+    """Per level and span (reasoning, mesh): the share of sampled tokens whose probability was at
+    least the samples' top_p (there top-p keeps a single token, so all G samples agree), and the
+    mean negative log-prob (the entropy estimate rl-step reports).
+
+    \b
+    Examples:
+      rl3d learning-summary nucleus runs/learn/step-000001/gen
+    """
+    from rl3d.stages.learning_summary import nucleus
+
+    for line in nucleus(list(gen_dirs)):
+        click.echo(line)

@@ -238,3 +238,30 @@ def test_refuses_a_baseline_of_other_weights_and_other_prompt_sets(tmp_path):
                {"p0": [True], "p1": [True], "p2": [True]}, prompt_set="prompts-other.jsonl")
     with pytest.raises(InputError, match="different prompt sets"):
         load_experiment(exp2)
+
+
+def test_group_spread_finds_where_the_signal_is():
+    from rl3d.stages.scoring.ablations import group_spread
+
+    def row(pid, i, total, spec_raw, color_ok):
+        checks = [{"attribute": "color.body", "passed": color_ok}, {"attribute": "params.count", "passed": True}]
+        return {"prompt_id": pid, "sample_index": i, "level": "fine", "total": total, "spec": spec_raw,
+                "spec_raw": spec_raw, "clip_score": 0.5, "spec_details": json.dumps({"checks": checks})}
+    rows = [row("a", 0, 2.0, 1.0, True), row("a", 1, 1.5, 0.5, False),   # mixed: the signal
+            row("b", 0, 1.5, 0.5, False), row("b", 1, 1.5, 0.5, False)]  # the same mistake twice: none
+    s = group_spread(rows)["fine"]
+    assert s["groups"] == 2 and s["std_total"] == pytest.approx(0.125) and s["std_clip_score"] == 0.0
+    assert s["std_spec"] == pytest.approx(0.125) and s["all_right_rate"] == 0.25
+    assert s["groups_all_right_mixed"] == 0.5 and s["groups_all_right_none"] == 0.5
+    assert s["checks_color_mixed"] == 0.5 and s["checks_color_all_fail"] == 0.5 and s["checks_params_mixed"] == 0.0
+
+
+def test_nucleus_frozen_counts_tokens_top_p_could_not_vary():
+    from rl3d.stages.scoring.ablations import nucleus_frozen
+
+    # prompt of 2 tokens, 2 reasoning tokens, <mesh-start> + 3 mesh tokens; top_p 0.9
+    row = {"level": "fine", "prompt_len": 2, "reasoning_start": 2, "reasoning_end": 4, "mesh_start": 4,
+           "mesh_end": 8, "top_p": 0.9, "logprobs": [np.log(0.5), np.log(0.95), 0.0, np.log(0.99), np.log(0.2), 0.0]}
+    out = nucleus_frozen([row])
+    assert out[("fine", "reasoning")]["frozen"] == 0.5 and out[("fine", "reasoning")]["tokens"] == 2
+    assert out[("fine", "mesh")]["tokens"] == 4 and out[("fine", "mesh")]["frozen"] == 0.75

@@ -361,3 +361,88 @@ def summarize(exp_dir: Path, out: Path) -> dict:
     (out / f"{name}.json").write_text(json.dumps({"experiment": exp.meta, "results": numbers,
                                                   "wall": wall_times(exp)}, indent=2))
     return {"markdown": md, "curves": curves, "renders": grid, "numbers": out / f"{name}.json"}
+
+
+# ---------------------------------------------------------------- where the learning signal is
+
+def group_spread(rows: list[dict]) -> dict[str, dict]:
+    """Per level, how much a (prompt, level) group of samples disagrees, which is all GRPO learns from:
+    the mean within-group std of the total and of each term (in reward units), the share of groups
+    whose samples differ in "all spec checks passed" (some right, some not: the only groups that
+    teach getting everything right) and the shares where every sample is right or every one wrong,
+    and per spec attribute kind (color, params, ...) the share of (group, check) pairs that differ
+    between samples, and that every sample fails (a consistent mistake: no signal to fix it)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("total") is not None:
+            groups.setdefault((r["level"], r["prompt_id"]), []).append(r)
+    terms = sorted({k for r in rows for k, v in r.items() if isinstance(v, float) and k != "total"
+                    and not k.endswith("_raw")})
+    out: dict[str, dict] = {}
+    for level in sorted({lv for lv, _ in groups}):
+        gs = [g for (lv, _), g in groups.items() if lv == level and len(g) > 1]
+        stats: dict = {"groups": len(gs), "samples_per_group": float(np.mean([len(g) for g in gs])) if gs else 0.0,
+                       "std_total": _mean_std(gs, "total")}
+        for t in terms:
+            s = _mean_std(gs, t)
+            if s is not None:
+                stats[f"std_{t}"] = s
+        specs = [[r.get("spec_raw") for r in g] for g in gs if all(r.get("spec_raw") is not None for r in g)]
+        if specs:
+            right = [[v >= 1.0 - 1e-9 for v in g] for g in specs]
+            stats["all_right_rate"] = float(np.mean([x for g in right for x in g]))
+            stats["groups_all_right_mixed"] = float(np.mean([0 < sum(g) < len(g) for g in right]))
+            stats["groups_all_right_every"] = float(np.mean([all(g) for g in right]))
+            stats["groups_all_right_none"] = float(np.mean([not any(g) for g in right]))
+        for kind, (mixed, failed, n) in _check_agreement(gs).items():
+            stats[f"checks_{kind}_mixed"] = mixed / n
+            stats[f"checks_{kind}_all_fail"] = failed / n
+        out[level] = stats
+    return out
+
+
+def _mean_std(groups: list[list[dict]], key: str) -> float | None:
+    stds = [float(np.std([r[key] for r in g])) for g in groups if all(isinstance(r.get(key), float) for r in g)]
+    return float(np.mean(stds)) if stds else None
+
+
+def _check_agreement(groups: list[list[dict]]) -> dict[str, tuple[int, int, int]]:
+    """attribute kind -> (checks mixed within a group, checks every sample failed, checks), over groups."""
+    out: dict[str, list[int]] = {}
+    for g in groups:
+        per_check: dict[str, list[bool]] = {}
+        for r in g:
+            details = json.loads(r.get("spec_details") or "{}")
+            for c in details.get("checks", []):
+                per_check.setdefault(c["attribute"], []).append(bool(c["passed"]))
+        for attr, passed in per_check.items():
+            if len(passed) != len(g):
+                continue  # a sample without this check (undecodable): not comparable
+            acc = out.setdefault(attr.split(".")[0], [0, 0, 0])
+            acc[0] += 0 < sum(passed) < len(passed)
+            acc[1] += not any(passed)
+            acc[2] += 1
+    return {k: (m, f, n) for k, (m, f, n) in sorted(out.items()) if n}
+
+
+def nucleus_frozen(samples: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (level, span): the share of sampled tokens whose probability under the sampling
+    distribution was at least the nucleus mass top_p. At such a position top-p sampling keeps one
+    token, so every sample of a group takes the same one: no exploration there, and no reward spread
+    to learn from. Span = reasoning or mesh; forced tokens (log-prob 0) count as frozen."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in samples:
+        lp = np.asarray(r["logprobs"], float)
+        start = r["prompt_len"]
+        spans = {"reasoning": (r["reasoning_start"], r["reasoning_end"]), "mesh": (r["mesh_start"], r["mesh_end"])}
+        for span, (a, b) in spans.items():
+            x = lp[max(a - start, 0):max(b - start, 0)]
+            if len(x):
+                top_p = r.get("top_p") or 1.0
+                acc.setdefault((r["level"], span), []).extend([
+                    float(np.sum(x >= np.log(top_p) - 1e-12)), float(len(x)), float(np.sum(-x))])
+    out = {}
+    for key, v in sorted(acc.items()):
+        frozen, n, nll = (sum(v[i::3]) for i in range(3))
+        out[key] = {"tokens": int(n), "frozen": frozen / n, "entropy_estimate": nll / n}
+    return out
