@@ -112,6 +112,12 @@ def test_experiment_runs_resumes_and_refuses_other_settings(tmp_path):
     assert calls(tmp_path) == first  # everything finished: nothing reruns
     r = subprocess.run(["bash", script], env={**env, "LR": "3e-4"}, capture_output=True, text=True)
     assert r.returncode == 2 and "holds runs of other settings" in r.stderr
+    # a packed folder (no checkpoints) goes on elsewhere without retraining its scored runs
+    subprocess.run(["bash", str(ROOT / "examples/ablations/pack.sh"), str(tmp_path / "exp"), str(tmp_path / "pk")],
+                   check=True, capture_output=True)
+    assert not list((tmp_path / "pk/exp").glob("arms/*/seed-*/step-*/policy"))
+    subprocess.run(["bash", script], env={**env, "EXP_DIR": str(tmp_path / "pk/exp")}, check=True, capture_output=True)
+    assert calls(tmp_path) == first
 
 
 def test_experiment_stops_at_its_time_budget(tmp_path):
@@ -265,3 +271,14 @@ def test_nucleus_frozen_counts_tokens_top_p_could_not_vary():
     out = nucleus_frozen([row])
     assert out[("fine", "reasoning")]["frozen"] == 0.5 and out[("fine", "reasoning")]["tokens"] == 2
     assert out[("fine", "mesh")]["tokens"] == 4 and out[("fine", "mesh")]["frozen"] == 0.75
+
+
+def test_ablation_reward_files_load_and_silence_one_level():
+    from rl3d.stages.rewards.config import load_config
+
+    files = sorted((ROOT / "examples/ablations/rewards").glob("*.toml"))
+    assert {f.stem for f in files} >= {"clip", "spec", "geometry", "clip-spec", "level1-only", "level2-only"}
+    configs = {f.stem: load_config(f) for f in files}
+    assert [t.weight for t in configs["level1-only"].levels["fine"]] == [0.0]
+    assert [t.weight for t in configs["level2-only"].levels["coarse"]] == [0.0]
+    assert {t.backend for lv in configs["spec"].levels.values() for t in lv} == {"spec"}

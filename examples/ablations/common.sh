@@ -162,7 +162,8 @@ out, experiment, arm, seed, baseline, mode, *knobs = sys.argv[1:]
 json.dump({"experiment": experiment, "arm": arm, "seed": int(seed), "baseline": baseline, "mode": mode,
            "knobs": dict(k.split("=", 1) for k in knobs)}, open(out, "w"), indent=2)
 EOF
-      if ! complete_run "$run" "$steps"; then
+      # trained, or scored already (a packed run keeps its scores, not its checkpoints: pack.sh)
+      if ! complete_run "$run" "$steps" && ! all_scored "$run" "$eval_at"; then
         local left rc=0 t0=$SECONDS; left=$(budget_left)
         log "train $name seed $s"
         env POLICY0="$start" "${knobs[@]}" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
@@ -178,6 +179,12 @@ EOF
   done
 }
 complete_run() { [ -f "$1/step-$(printf %06d "$2")/policy/rl_step.json" ]; }
+all_scored() {  # all_scored RUN "STEPS": every benchmark's report of every step to score exists
+  local n bench
+  for n in $2; do for bench in $BENCHES; do
+    [ -f "$1/eval/step-$(printf %06d "$n")/$bench/report.md" ] || return 1
+  done; done
+}
 
 start_experiment() {
   log "EXP_DIR=$EXP_DIR seeds: $SEEDS; $STEPS steps of $PROMPTS prompts x G=$GROUP"

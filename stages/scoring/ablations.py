@@ -97,13 +97,14 @@ def load_experiment(exp_dir: Path) -> Experiment:
 
 
 def _check_start(run: Path, start_weights: str) -> None:
-    """The run's first step sampled from the experiment's starting weights (gen's table provenance)."""
-    gen = run / "step-000001" / "gen"
-    if not gen.exists():
+    """The run's first step sampled from the experiment's starting weights: the policy its rewards
+    (or, unpacked, its samples) table records."""
+    tables_ = [run / "step-000001" / name for name in ("rewards", "gen") if (run / "step-000001" / name).exists()]
+    if not tables_:
         return  # not started yet: nothing of it is summarised
-    policy = tables.provenance(gen).policy or ""
+    policy = tables.provenance(tables_[0]).policy or ""
     if weights_of(policy) != start_weights:
-        raise InputError(f"{gen}: sampled from {policy or 'an unrecorded policy'}, not the experiment's starting "
+        raise InputError(f"{tables_[0]}: made from {policy or 'an unrecorded policy'}, not the experiment's starting "
                          f"weights {start_weights}; runs from different starting policies are not compared")
 
 
