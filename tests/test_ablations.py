@@ -134,9 +134,11 @@ def test_experiment_stops_at_its_time_budget(tmp_path):
 PROMPTS = [("p0", "spatial", "a red cube"), ("p1", "spatial", "a pink tree"), ("p2", "organic", "a blue cat")]
 
 
-def write_eval(d: Path, policy_id: str, correct: dict[str, list[bool]], prompt_set: str = "prompts-abc.jsonl"):
-    """One fabricated `rl3d eval` output: per_sample rows (spec_all_correct per sample), metrics, renders."""
-    (d / "policy").mkdir(parents=True)
+def write_eval(d: Path, policy_id: str, correct: dict[str, list[bool]], prompt_set: str = "prompts-abc.jsonl",
+               name: str = "policy"):
+    """One fabricated `rl3d eval` output: per_sample rows (spec_all_correct per sample), metrics, renders;
+    eval names the policy's folder after the policy dir (step-N/policy -> policy)."""
+    (d / name).mkdir(parents=True)
     (d / "report.md").write_text("report")
     (d / prompt_set).write_text("\n".join(json.dumps({"prompt_id": p, "category": c, "prompt": t})
                                           for p, c, t in PROMPTS))
@@ -146,13 +148,13 @@ def write_eval(d: Path, policy_id: str, correct: dict[str, list[bool]], prompt_s
             sid = f"{pid}-{i}-fine"
             rows.append({"sample_id": sid, "prompt_id": pid, "category": cat, "status": "ok",
                          "spec_all_correct": ok, "spec_accuracy": 1.0 if ok else 0.5, "clip_score": 50.0 + ok})
-            img = d / "policy" / "renders" / "_images" / f"{sid}.png"
+            img = d / name / "renders" / "_images" / f"{sid}.png"
             img.parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8), "red" if ok else "gray").save(img)
             renders.append({"sample_id": sid, "view": 0, "azimuth": 0.0, "elevation": 0.0,
                             "image_path": f"_images/{sid}.png", "status": "ok", "message": ""})
-    pq.write_table(pa.Table.from_pylist(rows), d / "policy" / "per_sample.parquet")
-    pq.write_table(pa.Table.from_pylist(renders), d / "policy" / "renders" / "part-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), d / name / "per_sample.parquet")
+    pq.write_table(pa.Table.from_pylist(renders), d / name / "renders" / "part-00000-of-00001.parquet")
     (d / "metrics").mkdir()
     pq.write_table(pa.table({"name": ["all/spec_all_correct"], "value": [0.5], "policy_id": [policy_id]}),
                    d / "metrics" / "part-00000-of-00001.parquet")
@@ -180,7 +182,7 @@ def fabricated(tmp_path, start="aaa", baseline="aaa") -> Path:
                      "BENCH_LIMIT": "", "EVAL_SAMPLES": 2, "EVAL_SEED": 101}}))
     (exp / "baseline" / "hi-grpo").mkdir(parents=True)
     write_eval(exp / "baseline" / "hi-grpo" / "eval" / "step-000000" / "synth-reasoning", f"/p@{baseline}#step4000",
-               {"p0": [True, False], "p1": [False, False], "p2": [True, True]})
+               {"p0": [True, False], "p1": [False, False], "p2": [True, True]}, name="assets-policy")
     # seed s gets one more prompt right than the start; base: p1 fixed in seeds 1-2, p0 fully right in 3
     outcomes = {1: {"p0": [True, False], "p1": [True, True], "p2": [True, True]},
                 2: {"p0": [True, False], "p1": [True, False], "p2": [True, True]},

@@ -192,5 +192,5 @@ start_experiment() {
 }
 finish_experiment() {
   [ "$DRY_RUN" = 1 ] && return
-  log "done; summary: python3 examples/ablations/summarize.py $EXP_DIR"
+  log "done; summary: rl3d learning-summary ablations $EXP_DIR --out DIR"
 }

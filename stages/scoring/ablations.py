@@ -45,7 +45,8 @@ class Evaluation:
     seed: int | None            # None for a baseline
     step: int
     bench: str
-    out: Path
+    out: Path                   # the eval's --out
+    policy_dir: Path            # its one policy's folder (per_sample.parquet, renders/)
     prompt_set: str             # the eval's prompts-<hash>.jsonl name
     policy_id: str
     rows: list[dict] = field(default_factory=list)
@@ -111,14 +112,15 @@ def _check_start(run: Path, start_weights: str) -> None:
 def _evaluations(run: Path, arm: str, seed: int | None) -> list[Evaluation]:
     out = []
     for bench_dir in sorted(run.glob("eval/step-*/*")):
-        per_sample = bench_dir / "policy" / "per_sample.parquet"
-        if not (bench_dir / "report.md").exists() or not per_sample.exists():
+        # eval names a policy's folder after the policy dir's base name (step-N/policy -> policy)
+        per_sample = sorted(bench_dir.glob("*/per_sample.parquet"))
+        if not (bench_dir / "report.md").exists() or not per_sample:
             continue  # unfinished: left out until its rerun completes it
         prompt_sets = sorted(p.name for p in bench_dir.glob("prompts-*.jsonl"))
         metrics = tables.read_table(bench_dir / "metrics", "metrics").to_pylist()
         out.append(Evaluation(arm, seed, int(bench_dir.parent.name.split("-")[1]), bench_dir.name, bench_dir,
-                              prompt_sets[0] if prompt_sets else "", metrics[0]["policy_id"] if metrics else "",
-                              pq.read_table(per_sample).to_pylist()))
+                              per_sample[0].parent, prompt_sets[0] if prompt_sets else "",
+                              metrics[0]["policy_id"] if metrics else "", pq.read_table(per_sample[0]).to_pylist()))
     return out
 
 
@@ -152,8 +154,13 @@ def paired_change(base: Evaluation, arm_evals: list[Evaluation], metric: str) ->
     return paired_prompt_change(as_rows([base]), as_rows(arm_evals), "final")
 
 
+def arm_evals(exp: Experiment, arm: str, bench: str | None = None) -> list[Evaluation]:
+    """The evaluations of an arm's runs (not of a starting policy that shares the arm's name)."""
+    return [e for e in exp.evals if e.arm == arm and e.seed is not None and bench in (None, e.bench)]
+
+
 def last_step(exp: Experiment, arm: str) -> int:
-    steps = [e.step for e in exp.evals if e.arm == arm and e.seed is not None]
+    steps = [e.step for e in arm_evals(exp, arm)]
     return max(steps) if steps else 0
 
 
@@ -168,8 +175,8 @@ def arm_rows(exp: Experiment, bench: str) -> list[dict]:
                      **{m: {"mean": eval_mean(e, m), "half": None} for m in metrics}})
     for arm in exp.arms:
         base = baselines.get(exp.arm_meta[arm].get("baseline", ""))
-        for step in sorted({e.step for e in exp.evals if e.arm == arm and e.bench == bench}):
-            evs = [e for e in exp.evals if e.arm == arm and e.bench == bench and e.step == step]
+        for step in sorted({e.step for e in arm_evals(exp, arm, bench)}):
+            evs = [e for e in arm_evals(exp, arm, bench) if e.step == step]
             row = {"arm": arm, "step": step, "seeds": len(evs), "baseline": base.arm if base else ""}
             for m in metrics:
                 row[m] = seed_interval([eval_mean(e, m) for e in evs])
@@ -183,8 +190,7 @@ def category_rows(exp: Experiment, bench: str, metric: str) -> tuple[list[str], 
     cats = sorted({r["category"] for e in exp.evals if e.bench == bench for r in e.rows})
     rows = []
     groups = [(f"start ({e.arm})", [e]) for e in exp.evals if e.seed is None and e.bench == bench]
-    groups += [(arm, [e for e in exp.evals if e.arm == arm and e.seed is not None and e.bench == bench
-                      and e.step == last_step(exp, arm)]) for arm in exp.arms]
+    groups += [(arm, [e for e in arm_evals(exp, arm, bench) if e.step == last_step(exp, arm)]) for arm in exp.arms]
     for label, evs in groups:
         if evs:
             rows.append({"arm": label, **{c: seed_interval([eval_mean(e, metric, c) for e in evs]) for c in cats}})
@@ -241,8 +247,7 @@ def render_sheet(exp: Experiment, out: Path, bench: str = "synth-reasoning", n_p
     each arm's last step (first seed), sample 0, up to 2 views."""
     columns = [(f"start ({e.arm})", e) for e in exp.evals if e.seed is None and e.bench == bench]
     for arm, seeds in exp.arms.items():
-        evs = [e for e in exp.evals if e.arm == arm and e.bench == bench and e.seed == min(seeds)
-               and e.step == last_step(exp, arm)]
+        evs = [e for e in arm_evals(exp, arm, bench) if e.seed == min(seeds) and e.step == last_step(exp, arm)]
         columns += [(f"{arm} (step {evs[0].step})", evs[0])] if evs else []
     if not columns:
         return None
@@ -261,7 +266,7 @@ def _views(ev: Evaluation, prompt_id: str) -> list[str]:
     ids = sorted(r["sample_id"] for r in ev.rows if r["prompt_id"] == prompt_id)
     if not ids:
         return []
-    renders = tables.read_table(ev.out / "policy" / "renders", "renders").to_pylist()
+    renders = tables.read_table(ev.policy_dir / "renders", "renders").to_pylist()
     return [str(r["image_path"]) for r in sorted(renders, key=lambda r: r["view"])
             if r["sample_id"] == ids[0] and r["status"] == "ok"]
 
