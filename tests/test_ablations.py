@@ -175,7 +175,7 @@ def write_run(run: Path, arm: str, seed: int, start: str, correct, experiment="a
 
 def fabricated(tmp_path, start="aaa", baseline="aaa") -> Path:
     exp = tmp_path / "exp"
-    exp.mkdir()
+    exp.mkdir(parents=True)
     (exp / "experiment.json").write_text(json.dumps({
         "experiment": "algorithm", "start_weights": "aaa", "command_env": {"SEEDS": "1 2 3"},
         "settings": {"STEPS": 2, "PROMPTS": 4, "GROUP": 4, "LR": 1e-4, "MINIBATCH": 16, "BETA": 0.01,
