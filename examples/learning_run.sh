@@ -42,6 +42,7 @@ CLIP_LOW=${CLIP_LOW:-0.2}
 CLIP_HIGH=${CLIP_HIGH:-0.28}  # = CLIP_LOW: no decoupled (clip-higher) clip
 DYNAMIC=${DYNAMIC:-off}       # dynamic sampling: off | zero-std | min-std:X
 TEMPERATURE=${TEMPERATURE:-}  # gen sampling temperature (default: the policy's)
+TOP_P=${TOP_P:-}              # gen nucleus mass (default: the policy's, 0.95)
 PROMPT_SEED=${PROMPT_SEED:-1000}  # step i trains on synth train prompts of seed PROMPT_SEED + i
 GEN_SEED=${GEN_SEED:-0}       # step i samples with seed GEN_SEED + i (the training seed of an arm)
 HELDOUT=${HELDOUT:-1}         # 0: no held-out scoring here (the ablations score with rl3d eval)
@@ -67,7 +68,8 @@ policy0=${POLICY0:-$(python3 -c "from rl3d.stages.policy import default_policy_d
 if [ "$MODE" = flat ]; then algo=grpo; else algo=hi-grpo; fi
 if [ "$MODE" = flat ]; then heldout_rewards=flat; else heldout_rewards=default; fi
 REWARDS=${REWARDS:-$heldout_rewards}  # held-out scoring keeps the preset whatever the training reward
-temperature=(); [ -n "$TEMPERATURE" ] && temperature=(--temperature "$TEMPERATURE")
+sampling=(); [ -n "$TEMPERATURE" ] && sampling=(--temperature "$TEMPERATURE")
+[ -n "$TOP_P" ] && sampling+=(--top-p "$TOP_P")
 mkdir -p "$RUN"
 $RL3D synth --n "$EVAL_N" --seed 999 --split eval --no-meshes --out "$RUN/heldout" --quiet
 
@@ -97,7 +99,7 @@ for i in $(seq 1 "$STEPS"); do
     log "$step gen"
     $RL3D synth --n "$PROMPTS" --seed $((PROMPT_SEED + i)) --split train --no-meshes --out "$d/prompts" --quiet
     sharded $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed $((GEN_SEED + i)) --batch-size "$BATCH" \
-      --mode "$MODE" ${temperature[@]+"${temperature[@]}"} --quiet
+      --mode "$MODE" ${sampling[@]+"${sampling[@]}"} --quiet
     log "$step render"
     sharded $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
     log "$step reward"

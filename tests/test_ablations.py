@@ -56,12 +56,12 @@ def test_scripts_parse(script):
 def test_learning_run_passes_the_arm_knobs(tmp_path):
     env = stub_env(tmp_path, RUN=str(tmp_path / "run"), STEPS="1", HELDOUT="0", POLICY0="start", MODE="flat", LAMBDA="0",
                    LOSS_AGG="sequence", RATIO="sequence", CLIP_HIGH="0.2", DYNAMIC="zero-std", BETA="0",
-                   REWARDS="r.toml", GEN_SEED="20000", PROMPT_SEED="500", TEMPERATURE="1.2")
+                   REWARDS="r.toml", GEN_SEED="20000", PROMPT_SEED="500", TEMPERATURE="1.2", TOP_P="1.0")
     subprocess.run(["bash", str(ROOT / "examples/learning_run.sh")], env=env, check=True, capture_output=True)
     c = calls(tmp_path)
     gen = [x for x in c if x.startswith("gen")]
     assert len(gen) == 1  # no held-out scoring with HELDOUT=0
-    assert "--mode flat" in gen[0] and "--seed 20001" in gen[0] and "--temperature 1.2" in gen[0]
+    assert "--mode flat" in gen[0] and "--seed 20001" in gen[0] and "--temperature 1.2 --top-p 1.0" in gen[0]
     assert any(x.startswith("synth") and "--seed 501" in x and "--split train" in x for x in c)
     assert "--config r.toml" in next(x for x in c if x.startswith("reward"))
     rl = next(x for x in c if x.startswith("rl-step"))
