@@ -121,3 +121,64 @@ def samples_command(run, step_a, step_b, out):
     from rl3d.stages.learning_summary import samples
 
     click.echo(samples(run, step_a, step_b, out))
+
+
+@command.command("ablations", short_help="Tables, curves and renders of one ablation experiment.")
+@click.argument("exp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="EXP_DIR")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <experiment>.md, <experiment>_curves.png, <experiment>_renders.png and <experiment>.json.")
+@handle_errors
+def ablations_command(exp_dir, out):
+    """Summarise one experiment of examples/ablations/ (an EXP_DIR with experiment.json, arms/ and
+    baseline/): per arm and benchmark, each metric's mean over seeds with a 95% t-interval, the
+    paired per-prompt change from the starting policy, the headline metric per category, wall time
+    and machine, the commands; training curves and a render grid of the start and each arm.
+    Refuses runs of another experiment, starting policy or held-out prompt set (exit 2).
+
+    \b
+    Examples:
+      rl3d learning-summary ablations runs/ablations/paradigm --out docs/results
+    """
+    from rl3d.stages.learning_summary import ablations
+
+    for line in ablations(exp_dir, out):
+        click.echo(line)
+
+
+@command.command("spread", short_help="Within-group reward spread: where GRPO's signal is.")
+@click.argument("reward_dirs", nargs=-1, required=True, metavar="REWARDS_DIR...",
+                type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def spread_command(reward_dirs):
+    """How much the G samples of a (prompt, level) group disagree, over the given rewards tables:
+    the within-group std of the total and of each term, the share of groups whose samples differ in
+    "all spec checks passed", and per spec attribute kind the share of checks that differ within a
+    group or that every sample fails (a consistent mistake gives GRPO nothing to learn from).
+
+    \b
+    Examples:
+      rl3d learning-summary spread runs/learn/step-000001/rewards runs/learn/step-000002/rewards
+    """
+    from rl3d.stages.learning_summary import spread
+
+    for line in spread(list(reward_dirs)):
+        click.echo(line)
+
+
+@command.command("nucleus", short_help="Share of sampled tokens that top-p sampling could not vary.")
+@click.argument("gen_dirs", nargs=-1, required=True, metavar="GEN_DIR...",
+                type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def nucleus_command(gen_dirs):
+    """Per level and span (reasoning, mesh): the share of sampled tokens whose probability was at
+    least the samples' top_p (there top-p keeps a single token, so all G samples agree), and the
+    mean negative log-prob (the entropy estimate rl-step reports).
+
+    \b
+    Examples:
+      rl3d learning-summary nucleus runs/learn/step-000001/gen
+    """
+    from rl3d.stages.learning_summary import nucleus
+
+    for line in nucleus(list(gen_dirs)):
+        click.echo(line)

@@ -31,6 +31,21 @@ SHARDS=${SHARDS:-1}           # parallel processes per gen/render/reward (a smal
 EVAL_ASYNC=${EVAL_ASYNC:-0}   # 1: score a checkpoint in the background while training goes on
 BASELINE=${BASELINE:-1}       # 0: skip scoring the initial policy (already scored with these settings)
 STOP_AFTER=${STOP_AFTER:-0}   # seconds; >0: stop cleanly (exit 3) before starting work past this
+# Knobs of the ablations (examples/ablations/); the defaults are the recipe above.
+POLICY0=${POLICY0:-}          # starting policy (default: the embedded default)
+MODE=${MODE:-hi-grpo}         # hi-grpo (coarse + fine, rl-step --algo hi-grpo) or flat (one level, --algo grpo)
+REWARDS=${REWARDS:-}          # reward preset or TOML file (default: default for hi-grpo, flat for flat)
+LAMBDA=${LAMBDA:-1.0}         # back-flow of R_low into R_high
+LOSS_AGG=${LOSS_AGG:-token}   # token | sequence | dr-grpo
+RATIO=${RATIO:-token}         # token | sequence (GSPO)
+CLIP_LOW=${CLIP_LOW:-0.2}
+CLIP_HIGH=${CLIP_HIGH:-0.28}  # = CLIP_LOW: no decoupled (clip-higher) clip
+DYNAMIC=${DYNAMIC:-off}       # dynamic sampling: off | zero-std | min-std:X
+TEMPERATURE=${TEMPERATURE:-}  # gen sampling temperature (default: the policy's)
+TOP_P=${TOP_P:-}              # gen nucleus mass (default: the policy's, 0.95)
+PROMPT_SEED=${PROMPT_SEED:-1000}  # step i trains on synth train prompts of seed PROMPT_SEED + i
+GEN_SEED=${GEN_SEED:-0}       # step i samples with seed GEN_SEED + i (the training seed of an arm)
+HELDOUT=${HELDOUT:-1}         # 0: no held-out scoring here (the ablations score with rl3d eval)
 log() { echo "[learn] $(date +%T) $*"; }
 # A stop between stages leaves nothing half-written, so a time-limited job (Slurm, a preemptible GPU node)
 # can end early and the rerun continues; a finished stage is skipped and costs only start-up.
@@ -49,7 +64,12 @@ sharded() {
 }
 complete() { [ "$(ls "$1"/_shards/*-of-"$(printf %05d "$SHARDS")".json 2>/dev/null | wc -l)" -eq "$SHARDS" ]; }
 
-policy0=$(python3 -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
+policy0=${POLICY0:-$(python3 -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")}
+if [ "$MODE" = flat ]; then algo=grpo; else algo=hi-grpo; fi
+if [ "$MODE" = flat ]; then heldout_rewards=flat; else heldout_rewards=default; fi
+REWARDS=${REWARDS:-$heldout_rewards}  # held-out scoring keeps the preset whatever the training reward
+sampling=(); [ -n "$TEMPERATURE" ] && sampling=(--temperature "$TEMPERATURE")
+[ -n "$TOP_P" ] && sampling+=(--top-p "$TOP_P")
 mkdir -p "$RUN"
 $RL3D synth --n "$EVAL_N" --seed 999 --split eval --no-meshes --out "$RUN/heldout" --quiet
 
@@ -59,14 +79,15 @@ score() {  # score POLICY NAME: held-out gen -> render -> reward, one directory 
     complete "$d/rewards" && continue
     check_time
     log "eval $2 seed $s"
-    sharded $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G "$EVAL_G" --seed "$s" --batch-size "$BATCH" --quiet
+    sharded $RL3D gen --prompts "$RUN/heldout" --policy "$1" --out "$d/gen" -G "$EVAL_G" --seed "$s" --batch-size "$BATCH" --mode "$MODE" --quiet
     sharded $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
-    sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+    sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config "$heldout_rewards" --out "$d/rewards" --quiet
   done
 }
 
 scoring=()
 score_checkpoint() {  # score_checkpoint POLICY NAME, beside training when EVAL_ASYNC=1
+  if [ "$HELDOUT" = 0 ]; then return; fi
   if [ "$EVAL_ASYNC" = 1 ]; then score "$@" & scoring+=($!); else score "$@"; fi
 }
 if [ "$BASELINE" = 1 ]; then score_checkpoint "$policy0" step-000000; fi
@@ -76,16 +97,19 @@ for i in $(seq 1 "$STEPS"); do
   if [ ! -f "$d/policy/rl_step.json" ]; then  # written last by rl-step: the step is done
     check_time
     log "$step gen"
-    $RL3D synth --n "$PROMPTS" --seed $((1000 + i)) --split train --no-meshes --out "$d/prompts" --quiet
-    sharded $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed "$i" --batch-size "$BATCH" --quiet
+    $RL3D synth --n "$PROMPTS" --seed $((PROMPT_SEED + i)) --split train --no-meshes --out "$d/prompts" --quiet
+    sharded $RL3D gen --prompts "$d/prompts" --policy "$policy" --out "$d/gen" -G "$GROUP" --seed $((GEN_SEED + i)) --batch-size "$BATCH" \
+      --mode "$MODE" ${sampling[@]+"${sampling[@]}"} --quiet
     log "$step render"
     sharded $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES" --no-sheet --quiet
     log "$step reward"
-    sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards" --quiet
+    sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config "$REWARDS" --out "$d/rewards" --quiet
     log "$step rl-step"
     $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
       --lr "$LR" --warmup-updates "$WARMUP" --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --micro-batch "$MICRO" --beta "$BETA" \
-      --failed-rewards "$FAILED" --failed-penalty "$FAILED_PENALTY" --run-metrics "$RUN/metrics.parquet" --quiet
+      --failed-rewards "$FAILED" --failed-penalty "$FAILED_PENALTY" --run-metrics "$RUN/metrics.parquet" \
+      --algo "$algo" --lambda "$LAMBDA" --loss-agg "$LOSS_AGG" --ratio "$RATIO" --clip-low "$CLIP_LOW" \
+      --clip-high "$CLIP_HIGH" --dynamic-sampling "$DYNAMIC" --quiet
   fi
   policy="$d/policy"
   if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then

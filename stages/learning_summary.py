@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
+from rl3d.stages.scoring.ablations import group_spread, nucleus_frozen, summarize
 from rl3d.stages.scoring.learning import (before_after_sheet, eval_rows, heldout_table, paired_prompt_change,
                                           plot_runs, reward_variance_shares)
 
@@ -50,3 +51,23 @@ def samples(run: Path, step_a: int, step_b: int, out: Path) -> Path:
     """The before/after sheet of renders (the most improved, unchanged and worsened prompts)."""
     before_after_sheet(Path(run), step_a, step_b, Path(out))
     return Path(out)
+
+
+def ablations(exp_dir: Path, out: Path) -> list[str]:
+    """An experiment of examples/ablations/ -> its Markdown section, images and numbers in OUT."""
+    return [str(p) for p in summarize(Path(exp_dir), Path(out)).values() if p]
+
+
+def spread(reward_dirs: list[str]) -> list[str]:
+    """Within-group spread per level over the given rewards tables; the same prompt in two tables
+    (two batches) is two groups."""
+    rows = [{**r, "prompt_id": f"{i}:{r['prompt_id']}"}
+            for i, d in enumerate(reward_dirs) for r in tables.read_table(Path(d), "rewards").to_pylist()]
+    return [f"{level:8s} {k:32s} {v:.4f}" for level, stats in group_spread(rows).items() for k, v in stats.items()]
+
+
+def nucleus(gen_dirs: list[str]) -> list[str]:
+    """The share of sampled tokens top-p could not vary, per level and span, over the samples tables."""
+    rows = [r for d in gen_dirs for r in tables.read_table(Path(d), "samples").to_pylist()]
+    return [f"{level:8s} {span:10s} tokens {v['tokens']:>8d}  frozen by top-p {v['frozen']:.3f}  "
+            f"mean -log p {v['entropy_estimate']:.4f}" for (level, span), v in nucleus_frozen(rows).items()]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Algorithm: the base Hi-GRPO recipe (token aggregation, token ratio, beta 0.01, no dynamic
+# sampling, decoupled clip 0.2/0.28, top-p 0.95) against one change at a time.
+#   STOP_AFTER=400 timeout 585 bash examples/ablations/algorithm.sh    (one slice; rerun to continue)
+EXPERIMENT=algorithm
+. "$(dirname "$0")/common.sh"
+start_experiment
+baseline hi-grpo "$(shipped_policy)" hi-grpo
+arm base
+arm sequence-agg LOSS_AGG=sequence
+arm gspo-ratio RATIO=sequence         # GSPO's sequence ratio with the base clip range (GSPO itself clips at ~3e-4)
+arm beta0 BETA=0
+arm dynamic-sampling DYNAMIC=zero-std
+arm symmetric-clip CLIP_HIGH=0.2      # no clip-higher: 0.2 / 0.2
+arm top-p-1 TOP_P=1.0                 # training groups sampled without the nucleus cut (held-out keeps 0.95)
+finish_experiment

@@ -1,0 +1,196 @@
+# Shared by the experiment scripts of examples/ablations/ (sourced, not run). An experiment is a
+# set of arms; an arm is examples/learning_run.sh with some knobs set, run once per seed from the
+# same starting policy on the same training prompts (a seed changes only the sampling), then scored
+# with `rl3d eval` on the held-out benchmarks. Layout under EXP_DIR (default runs/ablations/NAME):
+#   experiment.json                          what the runs must share (the summariser checks it)
+#   arms/ARM/seed-S/                         a learning_run.sh run (step-*/, metrics.parquet, arm.json)
+#   arms/ARM/seed-S/eval/step-N/BENCH/       rl3d eval of that run's step-N checkpoint
+#   baseline/NAME/eval/step-000000/BENCH/    rl3d eval of the starting policy (one per mode)
+# Resumable: rerun to continue; finished steps and evaluations are skipped. STOP_AFTER=SECONDS
+# ends the call cleanly (exit 3) before starting work past the budget, so an experiment goes
+# through in slices of under 10 minutes. DRY_RUN=1 prints the arms' settings and eval commands.
+set -euo pipefail
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+ABLATIONS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LEARNING_RUN="$ABLATIONS/../learning_run.sh"
+command -v rl3d >/dev/null || { rl3d() { python3 -m rl3d.cli.main "$@"; }; export -f rl3d; }
+RL3D=rl3d
+
+EXP_DIR=${EXP_DIR:-runs/ablations/$EXPERIMENT}
+SEEDS=${SEEDS:-"1 2 3"}           # training seeds per arm (sampling seeds GEN_SEED = 10000 * S)
+ARMS=${ARMS:-}                    # only these arms (names as in the experiment script); empty = all
+# training size: one H100 runs a step of these in about 2 minutes (docs/rl.md); a CPU wants
+# STEPS=2 PROMPTS=4 GROUP=4 MINIBATCH=16 MICRO=8 SHARDS=1 VIEWS=2 RES=64 BATCH=64
+export STEPS=${STEPS:-10} PROMPTS=${PROMPTS:-64} GROUP=${GROUP:-8} LR=${LR:-1e-4} MINIBATCH=${MINIBATCH:-64}
+export MICRO=${MICRO:-32} SHARDS=${SHARDS:-4} WARMUP=${WARMUP:-16} KL_MAX=${KL_MAX:-10} BETA=${BETA:-0.01}
+export VIEWS=${VIEWS:-4} RES=${RES:-128} BATCH=${BATCH:-512} FAILED=${FAILED:-penalty}
+# held-out scoring: rl3d eval on each benchmark at the arm's last step
+BENCHES=${BENCHES:-"synth-reasoning text-reasoning"}
+BENCH_LIMIT=${BENCH_LIMIT:-}      # prompts per category (empty: the whole benchmark)
+EVAL_SAMPLES=${EVAL_SAMPLES:-4}   # samples per prompt
+EVAL_VIEWS=${EVAL_VIEWS:-4}
+EVAL_RES=${EVAL_RES:-128}
+EVAL_SUPERSAMPLE=${EVAL_SUPERSAMPLE:-1}
+EVAL_SEED=${EVAL_SEED:-101}       # one sampling seed for every policy: the comparison is paired by prompt
+STOP_AFTER=${STOP_AFTER:-0}       # seconds for this call; 0 = no limit
+DRY_RUN=${DRY_RUN:-0}
+log() { echo "[ablations:$EXPERIMENT] $(date +%T) $*"; }
+declare -A BASELINE_OF=()           # "MODE|POLICY" -> the baseline that scores it at step 0
+
+budget_left() {  # seconds of STOP_AFTER left (a large number without a budget); exit 3 when spent
+  if [ "$STOP_AFTER" -le 0 ]; then echo 1000000; return; fi
+  local left=$((STOP_AFTER - SECONDS))
+  if [ "$left" -le 0 ]; then log "time budget of ${STOP_AFTER}s used; rerun to continue" >&2; exit 3; fi
+  echo "$left"
+}
+
+# the embedded default (importlib only: importing the policy library would load transformers)
+SHIPPED=$(python3 -c "from importlib.resources import files; print(files('rl3d.assets') / 'policy')")
+shipped_policy() { echo "$SHIPPED"; }
+
+# The shipped weights with sampling.max_reasoning_tokens = 0 in rl3d_policy.json: gen (training)
+# and rl3d eval (held-out) then sample no reasoning text, only the forced <mesh-start> and mesh.
+mesh_only_policy() {
+  local d="$EXP_DIR/policies/mesh-only"
+  if [ ! -f "$d/rl3d_policy.json" ] && [ "$DRY_RUN" != 1 ]; then
+    mkdir -p "$EXP_DIR/policies"; rm -rf "$d.tmp"; cp -r "$(shipped_policy)" "$d.tmp"
+    python3 - "$d.tmp/rl3d_policy.json" <<'EOF'
+import json, sys
+meta = json.load(open(sys.argv[1]))
+sampling = meta.get("sampling") or {}
+meta["sampling"] = {**(sampling if isinstance(sampling, dict) else {}), "max_reasoning_tokens": 0}
+json.dump(meta, open(sys.argv[1], "w"), indent=2)
+EOF
+    mv "$d.tmp" "$d"
+  fi
+  echo "$d"
+}
+
+# experiment.json: what every run of EXP_DIR shares. A rerun with other sizes or another starting
+# policy would mix experiments in one folder: refused (exit 2), use another EXP_DIR.
+write_experiment() {
+  local f="$EXP_DIR/experiment.json"
+  [ "$DRY_RUN" = 1 ] && f=/dev/null
+  [ "$DRY_RUN" = 1 ] || mkdir -p "$EXP_DIR"
+  python3 - "$f" "$EXPERIMENT" "$(shipped_policy)" <<EOF
+import json, sys
+from pathlib import Path
+from rl3d.stages.policy.checkpoint import weights_hash
+out, experiment, start = sys.argv[1:]
+# settings that change results; a folder holds runs of one set of them only
+settings = {"STEPS": $STEPS, "PROMPTS": $PROMPTS, "GROUP": $GROUP, "LR": $LR, "MINIBATCH": $MINIBATCH,
+            "WARMUP": $WARMUP, "KL_MAX": $KL_MAX, "BETA": $BETA, "VIEWS": $VIEWS, "RES": $RES, "FAILED": "$FAILED",
+            "BENCHES": "$BENCHES", "BENCH_LIMIT": "$BENCH_LIMIT", "EVAL_SAMPLES": $EVAL_SAMPLES,
+            "EVAL_VIEWS": $EVAL_VIEWS, "EVAL_RES": $EVAL_RES, "EVAL_SUPERSAMPLE": $EVAL_SUPERSAMPLE, "EVAL_SEED": $EVAL_SEED}
+new = {"experiment": experiment, "start_weights": weights_hash(Path(start)), "settings": settings,
+       "command_env": {"SEEDS": "$SEEDS", "MICRO": $MICRO, "SHARDS": $SHARDS, "BATCH": $BATCH}}
+if out == "/dev/null":
+    print(json.dumps(new, indent=2)); sys.exit(0)
+if Path(out).exists():
+    old = json.loads(Path(out).read_text())
+    keys = ("experiment", "start_weights", "settings")
+    if any(old.get(k) != new[k] for k in keys):
+        diff = [f"{k}: {old.get(k)} -> {new[k]}" for k in keys if old.get(k) != new[k]]
+        print(f"{out}: this folder holds runs of other settings ({'; '.join(diff)}); use another EXP_DIR", file=sys.stderr)
+        sys.exit(2)
+    new["command_env"]["SEEDS"] = " ".join(dict.fromkeys(old["command_env"]["SEEDS"].split() + "$SEEDS".split()))
+Path(out).write_text(json.dumps(new, indent=2) + "\n")
+EOF
+}
+
+device_name() {  # the card (or CPU) a call ran on, for the results' wall-time table
+  nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep . || echo "CPU ($(nproc --all) cores)"
+}
+
+# eval_policy POLICY OUT MODE: each benchmark scored once (a finished report is skipped)
+eval_policy() {
+  local policy=$1 out=$2 mode=$3 bench metrics limit=()
+  [ -n "$BENCH_LIMIT" ] && limit=(--limit "$BENCH_LIMIT")
+  for bench in $BENCHES; do
+    # KD/FD are distribution distances, not paired per prompt: left to a full rl3d eval
+    case $bench in synth-reasoning) metrics=decode,clip,spec,geometry,diversity,reference_iou ;;
+                   *) metrics=decode,clip,geometry,diversity ;; esac
+    local cmd=($RL3D eval --bench "$bench" --policy "$policy" --out "$out/$bench" --mode "$mode"
+               --metrics "$metrics" --samples-per-prompt "$EVAL_SAMPLES" --views "$EVAL_VIEWS"
+               --resolution "$EVAL_RES" --supersample "$EVAL_SUPERSAMPLE" --seed "$EVAL_SEED" ${limit[@]+"${limit[@]}"} --quiet)
+    if [ "$DRY_RUN" = 1 ]; then echo "  ${cmd[*]}"; continue; fi
+    [ -f "$out/$bench/report.md" ] && continue
+    budget_left >/dev/null
+    log "eval $bench: $policy"
+    mkdir -p "$out"
+    local t0=$SECONDS
+    "${cmd[@]}" > "$out/$bench.log" 2>&1 || { tail -3 "$out/$bench.log" >&2; exit 1; }
+    printf 'eval-%s\t%s\t%s\n' "$bench" $((SECONDS - t0)) "$(device_name)" >> "$out/wall.tsv"
+  done
+}
+
+# baseline NAME POLICY MODE: the starting policy scored as step 0 (once per experiment and mode)
+baseline() {
+  local d="$EXP_DIR/baseline/$1"
+  BASELINE_OF["$3|$2"]=$1
+  [ "$DRY_RUN" = 1 ] || mkdir -p "$d"
+  [ "$DRY_RUN" = 1 ] || printf '{"arm": "%s", "baseline": true, "start_policy": "%s", "mode": "%s"}\n' "$1" "$2" "$3" > "$d/arm.json"
+  eval_policy "$2" "$d/eval/step-000000" "$3"
+}
+
+# arm NAME [KNOB=VALUE ...]: learning_run.sh with those knobs (MODE, REWARDS, LAMBDA, LOSS_AGG,
+# RATIO, CLIP_LOW, CLIP_HIGH, DYNAMIC, BETA, TEMPERATURE, POLICY0, PROMPTS, STEPS; EVAL_AT = the
+# steps to score, default the last) for every seed, each run then scored at EVAL_AT.
+arm() {
+  local name=$1; shift
+  local knobs=("$@") s run eval_at mode steps start
+  if [ -n "${ARMS:-}" ] && [[ " $ARMS " != *" $name "* ]]; then return; fi
+  mode=$(for k in "${knobs[@]}"; do case $k in MODE=*) echo "${k#MODE=}" ;; esac; done)
+  mode=${mode:-hi-grpo}
+  start=$(for k in "${knobs[@]}"; do case $k in POLICY0=*) echo "${k#POLICY0=}" ;; esac; done)
+  start=${start:-$(shipped_policy)}
+  eval_at=$(for k in "${knobs[@]}"; do case $k in EVAL_AT=*) echo "${k#EVAL_AT=}" ;; esac; done)
+  steps=$(for k in "${knobs[@]}"; do case $k in STEPS=*) echo "${k#STEPS=}" ;; esac; done)
+  steps=${steps:-$STEPS}
+  eval_at=${eval_at:-$steps}
+  for s in $SEEDS; do
+    run="$EXP_DIR/arms/$name/seed-$s"
+    if [ "$DRY_RUN" = 1 ]; then
+      echo "arm $name seed $s: RUN=$run GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STEPS=$STEPS PROMPTS=$PROMPTS" \
+        "GROUP=$GROUP LR=$LR MINIBATCH=$MINIBATCH MICRO=$MICRO SHARDS=$SHARDS WARMUP=$WARMUP KL_MAX=$KL_MAX BETA=$BETA" \
+        "VIEWS=$VIEWS RES=$RES BATCH=$BATCH FAILED=$FAILED ${knobs[*]} bash examples/learning_run.sh"
+    else
+      mkdir -p "$run"
+      python3 - "$run/arm.json" "$EXPERIMENT" "$name" "$s" "${BASELINE_OF["$mode|$start"]:-}" "$mode" "${knobs[@]}" <<'EOF'
+import json, sys
+out, experiment, arm, seed, baseline, mode, *knobs = sys.argv[1:]
+json.dump({"experiment": experiment, "arm": arm, "seed": int(seed), "baseline": baseline, "mode": mode,
+           "knobs": dict(k.split("=", 1) for k in knobs)}, open(out, "w"), indent=2)
+EOF
+      # trained, or scored already (a packed run keeps its scores, not its checkpoints: pack.sh)
+      if ! complete_run "$run" "$steps" && ! all_scored "$run" "$eval_at"; then
+        local left rc=0 t0=$SECONDS; left=$(budget_left)
+        log "train $name seed $s"
+        env POLICY0="$start" "${knobs[@]}" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
+          RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 || rc=$?
+        printf 'train\t%s\t%s\n' $((SECONDS - t0)) "$(device_name)" >> "$run/wall.tsv"
+        [ "$rc" = 3 ] && { log "time budget used in $name seed $s; rerun to continue"; exit 3; }
+        [ "$rc" = 0 ] || { tail -5 "$run/train.log" >&2; exit "$rc"; }
+      fi
+    fi
+    for n in $eval_at; do
+      eval_policy "$run/step-$(printf %06d "$n")/policy" "$run/eval/step-$(printf %06d "$n")" "$mode"
+    done
+  done
+}
+complete_run() { [ -f "$1/step-$(printf %06d "$2")/policy/rl_step.json" ]; }
+all_scored() {  # all_scored RUN "STEPS": every benchmark's report of every step to score exists
+  local n bench
+  for n in $2; do for bench in $BENCHES; do
+    [ -f "$1/eval/step-$(printf %06d "$n")/$bench/report.md" ] || return 1
+  done; done
+}
+
+start_experiment() {
+  log "EXP_DIR=$EXP_DIR seeds: $SEEDS; $STEPS steps of $PROMPTS prompts x G=$GROUP"
+  write_experiment
+}
+finish_experiment() {
+  [ "$DRY_RUN" = 1 ] && return
+  log "done; summary: rl3d learning-summary ablations $EXP_DIR --out DIR"
+}

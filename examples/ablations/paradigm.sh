@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Paradigm: flat GRPO on mesh tokens only vs flat with reasoning text vs Hi-GRPO; and which level
+# is rewarded: level 1 only, level 2 only, both without back-flow (lambda 0) and with (lambda 1,
+# the recipe of docs/rl.md). Every arm starts from the embedded default on the same prompts.
+#   STOP_AFTER=400 timeout 585 bash examples/ablations/paradigm.sh     (one slice; rerun to continue)
+#   DRY_RUN=1 bash examples/ablations/paradigm.sh                     (the arms, without running)
+# Sizes: see common.sh (STEPS, PROMPTS, GROUP, SEEDS, BENCH_LIMIT, ...).
+EXPERIMENT=paradigm
+. "$(dirname "$0")/common.sh"
+start_experiment
+mesh_only=$(mesh_only_policy)
+baseline hi-grpo "$(shipped_policy)" hi-grpo
+baseline flat "$(shipped_policy)" flat
+baseline flat-mesh-only "$mesh_only" flat
+arm hi-grpo                                  # both levels, back-flow lambda 1: the base arm
+arm flat-reasoning MODE=flat
+arm flat-mesh-only MODE=flat POLICY0="$mesh_only"
+arm hi-grpo-lambda0 LAMBDA=0
+arm level1-only REWARDS="$ABLATIONS/rewards/level1-only.toml" LAMBDA=0
+arm level2-only REWARDS="$ABLATIONS/rewards/level2-only.toml" LAMBDA=0
+finish_experiment

@@ -1,0 +1,454 @@
+"""The ablations library: one experiment folder of examples/ablations/ -> tables, curves, a render grid.
+
+An experiment folder (examples/ablations/common.sh writes it) holds experiment.json (the experiment,
+the starting weights' hash and the settings every run shares), arms/ARM/seed-S/ (a learning run with
+arm.json, metrics.parquet, wall.tsv and eval/step-N/BENCH/, an `rl3d eval` output) and
+baseline/NAME/eval/step-000000/BENCH/ (the starting policy scored once per generation mode).
+
+Numbers per arm: a metric's mean over seeds with a 95% t-interval over seeds (each seed's value is
+the mean over its held-out samples), and the paired change from the arm's baseline per held-out
+prompt (learning.paired_prompt_change: seeds pooled per prompt, bootstrap over prompts). Runs that do
+not share the experiment, the starting weights or the held-out prompt set are refused (InputError)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rl3d.formats import tables
+from rl3d.formats.errors import InputError
+from rl3d.stages.scoring.charts import line_sheet, render_grid
+from rl3d.stages.scoring.learning import paired_prompt_change
+from rl3d.stages.scoring.run_metrics import read_run_metrics
+
+# per-sample columns of `rl3d eval` (per_sample.parquet) reported per benchmark; the first is the headline
+BENCH_METRICS = {
+    "synth-reasoning": ["spec_all_correct", "spec_accuracy", "clip_score", "reference_iou", "single_component_rate"],
+    "text-reasoning": ["clip_score", "single_component_rate", "watertight_rate"],
+}
+DEFAULT_METRICS = ["clip_score", "single_component_rate"]
+LABELS = {"spec_all_correct": "all attributes right", "spec_accuracy": "spec accuracy", "clip_score": "CLIP score",
+          "reference_iou": "IoU vs truth", "single_component_rate": "single component",
+          "watertight_rate": "watertight"}
+# two-sided 95% Student t quantiles by degrees of freedom (seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass
+class Evaluation:
+    """One `rl3d eval` output: one policy on one benchmark."""
+    arm: str
+    seed: int | None            # None for a baseline
+    step: int
+    bench: str
+    out: Path                   # the eval's --out
+    policy_dir: Path            # its one policy's folder (per_sample.parquet, renders/)
+    prompt_set: str             # the eval's prompts-<hash>.jsonl name
+    policy_id: str
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Experiment:
+    path: Path
+    meta: dict
+    arms: dict[str, dict[int, Path]]            # arm -> seed -> run dir
+    arm_meta: dict[str, dict]                   # arm -> its arm.json (of the first seed)
+    evals: list[Evaluation]
+
+
+def weights_of(policy_id: str) -> str:
+    """The weights hash of a policy id "<dir>@<hash>#step<N>"."""
+    return policy_id.split("@")[-1].split("#")[0] if "@" in policy_id else ""
+
+
+def load_experiment(exp_dir: Path) -> Experiment:
+    exp_dir = Path(exp_dir)
+    meta_file = exp_dir / "experiment.json"
+    if not meta_file.exists():
+        raise InputError(f"{exp_dir}: no experiment.json (not a folder of examples/ablations/)")
+    meta = json.loads(meta_file.read_text())
+    arms: dict[str, dict[int, Path]] = {}
+    arm_meta: dict[str, dict] = {}
+    for arm_file in sorted(exp_dir.glob("arms/*/seed-*/arm.json")):
+        a = json.loads(arm_file.read_text())
+        if a.get("experiment") != meta["experiment"]:
+            raise InputError(f"{arm_file}: a run of experiment {a.get('experiment')!r}, not {meta['experiment']!r}; "
+                             f"runs of different experiments are not summarised together")
+        run = arm_file.parent
+        _check_start(run, meta["start_weights"])
+        arms.setdefault(a["arm"], {})[int(a["seed"])] = run
+        arm_meta.setdefault(a["arm"], a)
+    evals = [e for d in sorted(exp_dir.glob("baseline/*")) for e in _evaluations(d, d.name, None)]
+    for b in evals:
+        if weights_of(b.policy_id) != meta["start_weights"]:
+            raise InputError(f"{b.out}: baseline policy {b.policy_id} is not the experiment's starting policy "
+                             f"(weights {meta['start_weights']})")
+    evals += [e for arm, seeds in arms.items() for seed, run in seeds.items() for e in _evaluations(run, arm, seed)]
+    for bench in {e.bench for e in evals}:
+        sets = {e.prompt_set for e in evals if e.bench == bench}
+        if len(sets) > 1:
+            raise InputError(f"{exp_dir}: {bench} was scored on different prompt sets ({', '.join(sorted(sets))}); "
+                             f"runs scored differently are not compared")
+    return Experiment(exp_dir, meta, arms, arm_meta, evals)
+
+
+def _check_start(run: Path, start_weights: str) -> None:
+    """The run's first step sampled from the experiment's starting weights: the policy its rewards
+    (or, unpacked, its samples) table records."""
+    tables_ = [run / "step-000001" / name for name in ("rewards", "gen") if (run / "step-000001" / name).exists()]
+    if not tables_:
+        return  # not started yet: nothing of it is summarised
+    policy = tables.provenance(tables_[0]).policy or ""
+    if weights_of(policy) != start_weights:
+        raise InputError(f"{tables_[0]}: made from {policy or 'an unrecorded policy'}, not the experiment's starting "
+                         f"weights {start_weights}; runs from different starting policies are not compared")
+
+
+def _evaluations(run: Path, arm: str, seed: int | None) -> list[Evaluation]:
+    out = []
+    for bench_dir in sorted(run.glob("eval/step-*/*")):
+        # eval names a policy's folder after the policy dir's base name (step-N/policy -> policy)
+        per_sample = sorted(bench_dir.glob("*/per_sample.parquet"))
+        if not (bench_dir / "report.md").exists() or not per_sample:
+            continue  # unfinished: left out until its rerun completes it
+        prompt_sets = sorted(p.name for p in bench_dir.glob("prompts-*.jsonl"))
+        metrics = tables.read_table(bench_dir / "metrics", "metrics").to_pylist()
+        out.append(Evaluation(arm, seed, int(bench_dir.parent.name.split("-")[1]), bench_dir.name, bench_dir,
+                              per_sample[0].parent, prompt_sets[0] if prompt_sets else "",
+                              metrics[0]["policy_id"] if metrics else "", pq.read_table(per_sample[0]).to_pylist()))
+    return out
+
+
+# ---------------------------------------------------------------- numbers
+
+def sample_value(row: dict, metric: str) -> float | None:
+    v = row.get(metric)
+    return None if v is None else float(v)
+
+
+def eval_mean(ev: Evaluation, metric: str, category: str | None = None) -> float | None:
+    vals = [sample_value(r, metric) for r in ev.rows if category in (None, r.get("category"))]
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def seed_interval(values: list[float]) -> dict:
+    """Mean over seeds and the half-width of its 95% t-interval (None with one seed)."""
+    v = np.array([x for x in values if x is not None], float)
+    if len(v) == 0:
+        return {"mean": None, "half": None, "seeds": 0}
+    half = float(T95.get(len(v) - 1, 1.96) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+    return {"mean": float(v.mean()), "half": half, "seeds": int(len(v))}
+
+
+def paired_change(base: Evaluation, arm_evals: list[Evaluation], metric: str) -> dict:
+    """Change of a metric from the baseline to the arm, paired by held-out prompt (all seeds pooled)."""
+    def as_rows(evs):
+        return [{"prompt_id": r["prompt_id"], "level": "final", "total": sample_value(r, metric)}
+                for e in evs for r in e.rows if sample_value(r, metric) is not None]
+    return paired_prompt_change(as_rows([base]), as_rows(arm_evals), "final")
+
+
+def arm_evals(exp: Experiment, arm: str, bench: str | None = None) -> list[Evaluation]:
+    """The evaluations of an arm's runs (not of a starting policy that shares the arm's name)."""
+    return [e for e in exp.evals if e.arm == arm and e.seed is not None and bench in (None, e.bench)]
+
+
+def last_step(exp: Experiment, arm: str) -> int:
+    steps = [e.step for e in arm_evals(exp, arm)]
+    return max(steps) if steps else 0
+
+
+def arm_rows(exp: Experiment, bench: str) -> list[dict]:
+    """One row per (arm, evaluated step): the baseline, per metric the mean over seeds with its
+    interval, and the paired change of every metric against the arm's baseline."""
+    baselines = {e.arm: e for e in exp.evals if e.seed is None and e.bench == bench}
+    metrics = BENCH_METRICS.get(bench, DEFAULT_METRICS)
+    rows = []
+    for name, e in sorted(baselines.items()):
+        rows.append({"arm": f"start ({name})", "step": 0, "seeds": 1, "baseline": name,
+                     **{m: {"mean": eval_mean(e, m), "half": None} for m in metrics}})
+    for arm in exp.arms:
+        base = baselines.get(exp.arm_meta[arm].get("baseline", ""))
+        for step in sorted({e.step for e in arm_evals(exp, arm, bench)}):
+            evs = [e for e in arm_evals(exp, arm, bench) if e.step == step]
+            row = {"arm": arm, "step": step, "seeds": len(evs), "baseline": base.arm if base else ""}
+            for m in metrics:
+                row[m] = seed_interval([eval_mean(e, m) for e in evs])
+                row[m]["paired"] = paired_change(base, evs, m) if base else {"prompts": 0}
+            rows.append(row)
+    return rows
+
+
+def category_rows(exp: Experiment, bench: str, metric: str) -> tuple[list[str], list[dict]]:
+    """Per arm (last evaluated step) and baseline: the metric per category, mean over seeds."""
+    cats = sorted({r["category"] for e in exp.evals if e.bench == bench for r in e.rows})
+    rows = []
+    groups = [(f"start ({e.arm})", [e]) for e in exp.evals if e.seed is None and e.bench == bench]
+    groups += [(arm, [e for e in arm_evals(exp, arm, bench) if e.step == last_step(exp, arm)]) for arm in exp.arms]
+    for label, evs in groups:
+        if evs:
+            rows.append({"arm": label, **{c: seed_interval([eval_mean(e, metric, c) for e in evs]) for c in cats}})
+    return cats, rows
+
+
+def wall_times(exp: Experiment) -> list[dict]:
+    """Seconds of training and of held-out scoring per arm (all seeds and slices), and the cards."""
+    out = []
+    for arm, seeds in exp.arms.items():
+        train = score = 0.0
+        cards = set()
+        for run in seeds.values():
+            for f in [run / "wall.tsv", *run.glob("eval/step-*/wall.tsv")]:
+                for line in f.read_text().splitlines() if f.exists() else []:
+                    kind, sec, card = line.split("\t")
+                    train, score = (train + float(sec), score) if kind == "train" else (train, score + float(sec))
+                    cards.add(card)
+        out.append({"arm": arm, "seeds": len(seeds), "train_s": train, "eval_s": score, "cards": sorted(cards)})
+    return out
+
+
+# ---------------------------------------------------------------- images
+
+def plot_curves(exp: Experiment, out: Path) -> Path:
+    """Training curves per arm, mean over seeds: batch reward of the final level, KL, entropy."""
+    panels = {"reward": {}, "kl": {}, "entropy": {}}
+    for arm, seeds in exp.arms.items():
+        per_seed = [read_run_metrics(run / "metrics.parquet") for run in seeds.values()
+                    if (run / "metrics.parquet").exists()]
+        if not per_seed:
+            continue
+        level = "single" if "reward_mean_single" in per_seed[0] else "fine"
+        for panel, name in (("reward", f"reward_mean_{level}"), ("kl", "kl"), ("entropy", "entropy")):
+            curve = _mean_curve([m[name] for m in per_seed if name in m])
+            if curve:
+                panels[panel][arm] = curve
+    titles = {"reward": "training batch reward, final level (mean over seeds)",
+              "kl": "KL to the starting policy (k3, mean over seeds)", "entropy": "entropy, nats/token"}
+    return line_sheet([(titles[k], v) for k, v in panels.items()], out)
+
+
+def _mean_curve(curves: list[tuple[list[float], list[float]]]):
+    by_step: dict[float, list[float]] = {}
+    for steps, values in curves:
+        for s, v in zip(steps, values):
+            by_step.setdefault(s, []).append(v)
+    steps = sorted(by_step)
+    return (steps, [float(np.mean(by_step[s])) for s in steps]) if steps else None
+
+
+def render_sheet(exp: Experiment, out: Path, bench: str = "synth-reasoning", n_prompts: int = 6) -> Path | None:
+    """Before/after: rows = held-out prompts (one per category), columns = each starting policy and
+    each arm's last step (first seed), sample 0, up to 2 views."""
+    columns = [(f"start ({e.arm})", e) for e in exp.evals if e.seed is None and e.bench == bench]
+    for arm, seeds in exp.arms.items():
+        evs = [e for e in arm_evals(exp, arm, bench) if e.seed == min(seeds) and e.step == last_step(exp, arm)]
+        columns += [(f"{arm} (step {evs[0].step})", evs[0])] if evs else []
+    if not columns:
+        return None
+    first = columns[0][1]
+    by_cat: dict[str, dict] = {}
+    for r in first.rows:
+        by_cat.setdefault(r["category"], r)
+    grid = []
+    for r in list(by_cat.values())[:n_prompts]:
+        views = {label: _views(ev, r["prompt_id"]) for label, ev in columns}
+        grid.append({"category": r["category"], "prompt": _prompt(first, r["prompt_id"]), "policies": views})
+    return render_grid(grid, [label for label, _ in columns], out, views=2)
+
+
+def _views(ev: Evaluation, prompt_id: str) -> list[str]:
+    ids = sorted(r["sample_id"] for r in ev.rows if r["prompt_id"] == prompt_id)
+    if not ids:
+        return []
+    renders = tables.read_table(ev.policy_dir / "renders", "renders").to_pylist()
+    return [str(r["image_path"]) for r in sorted(renders, key=lambda r: r["view"])
+            if r["sample_id"] == ids[0] and r["status"] == "ok"]
+
+
+def _prompt(ev: Evaluation, prompt_id: str) -> str:
+    for f in ev.out.glob("prompts-*.jsonl"):
+        for line in f.read_text().splitlines():
+            p = json.loads(line)
+            if p.get("prompt_id") == prompt_id:
+                return p.get("prompt", prompt_id)
+    return prompt_id
+
+
+# ---------------------------------------------------------------- markdown
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def cell(v: dict, digits: int = 3) -> str:
+    if v.get("mean") is None:
+        return "-"
+    return fmt(v["mean"], digits) + (f" ± {v['half']:.{digits}f}" if v.get("half") is not None else "")
+
+
+def paired_cell(p: dict, digits: int = 3) -> str:
+    if not p.get("prompts"):
+        return "-"
+    return (f"{p['change']:+.{digits}f} [{p['ci_low']:+.{digits}f}, {p['ci_high']:+.{digits}f}] "
+            f"({p['improved']}/{p['prompts']} up)")
+
+
+def experiment_commands(exp: Experiment) -> list[str]:
+    """The command that reruns the experiment (sizes as run), and what each arm sets."""
+    env = {**exp.meta["settings"], **exp.meta.get("command_env", {})}
+    env["EXP_DIR"] = str(exp.path)
+    words = " ".join(f"{k}={v}" if " " not in str(v) and str(v) else f'{k}="{v}"' for k, v in env.items())
+    lines = [f"{words} bash examples/ablations/{exp.meta['experiment']}.sh"]
+    for arm, a in exp.arm_meta.items():
+        knobs = " ".join(f"{k}={v}" for k, v in a.get("knobs", {}).items()) or "(the base recipe)"
+        lines.append(f"arm {arm}: {knobs}")
+    return lines
+
+
+def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[str]:
+    name = exp.meta["experiment"]
+    s = exp.meta["settings"]
+    lines = [f"## Experiment: {name}", "",
+             f"{len(exp.arms)} arms, seeds per arm: " + ", ".join(f"{a} {len(v)}" for a, v in exp.arms.items()) +
+             f". Training: {s['STEPS']} steps of {s['PROMPTS']} synth train prompts x G={s['GROUP']}, lr {s['LR']}, "
+             f"{s['MINIBATCH']} sequences per update, beta {s['BETA']} (unless the arm says otherwise), "
+             f"starting weights `{exp.meta['start_weights']}`. Held-out: `rl3d eval` at seed {s['EVAL_SEED']}, "
+             f"{s['EVAL_SAMPLES']} samples per prompt, " +
+             (f"first {s['BENCH_LIMIT']} prompt(s) per category" if s.get("BENCH_LIMIT") else "the whole benchmark") +
+             ". `±`: 95% t-interval over seeds; `paired`: change from the arm's starting policy per held-out "
+             "prompt (seeds pooled), 95% bootstrap interval over prompts, prompts improved.", ""]
+    for bench in sorted({e.bench for e in exp.evals}):
+        metrics = BENCH_METRICS.get(bench, DEFAULT_METRICS)
+        rows = arm_rows(exp, bench)
+        lines += [f"### {bench}", "", "| arm | step | seeds | " + " | ".join(LABELS.get(m, m) for m in metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]
+        lines += [f"| {r['arm']} | {r['step']} | {r['seeds']} | " + " | ".join(cell(r[m]) for m in metrics) + " |"
+                  for r in rows]
+        lines += ["", f"Paired change from the starting policy ({bench}):", "",
+                  "| arm | step | vs | " + " | ".join(LABELS.get(m, m) for m in metrics[:3]) + " |",
+                  "|---|---|---|" + "---|" * len(metrics[:3])]
+        lines += [f"| {r['arm']} | {r['step']} | {r['baseline']} | " +
+                  " | ".join(paired_cell(r[m]["paired"]) for m in metrics[:3]) + " |"
+                  for r in rows if r["seeds"] and "paired" in r[metrics[0]]]
+        cats, crows = category_rows(exp, bench, metrics[0])
+        lines += ["", f"{LABELS.get(metrics[0], metrics[0])} per category ({bench}, last step, mean over seeds):", "",
+                  "| arm | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        lines += [f"| {r['arm']} | " + " | ".join(cell(r[c], 2) for c in cats) + " |" for r in crows]
+        lines.append("")
+    lines += ["### Wall time", "", "| arm | seeds | training (s) | held-out scoring (s) | machine |", "|---|---|---|---|---|"]
+    lines += [f"| {w['arm']} | {w['seeds']} | {w['train_s']:.0f} | {w['eval_s']:.0f} | {', '.join(w['cards'])} |"
+              for w in wall_times(exp)]
+    lines += ["", "### Commands", "", "```", *experiment_commands(exp), "```", ""]
+    if curves:
+        lines += [f"![{name}: training curves]({curves.name})", ""]
+    if grid:
+        lines += [f"![{name}: held-out renders, start and after training]({grid.name})", ""]
+    return lines
+
+
+def summarize(exp_dir: Path, out: Path) -> dict:
+    """Write OUT/<experiment>.md, <experiment>_curves.png, <experiment>_renders.png and
+    <experiment>.json (the numbers); return the paths."""
+    exp = load_experiment(exp_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = exp.meta["experiment"]
+    curves = plot_curves(exp, out / f"{name}_curves.png") if exp.arms else None
+    grid = render_sheet(exp, out / f"{name}_renders.png")
+    md = out / f"{name}.md"
+    md.write_text("\n".join(markdown(exp, curves, grid)))
+    numbers = {bench: arm_rows(exp, bench) for bench in sorted({e.bench for e in exp.evals})}
+    (out / f"{name}.json").write_text(json.dumps({"experiment": exp.meta, "results": numbers,
+                                                  "wall": wall_times(exp)}, indent=2))
+    return {"markdown": md, "curves": curves, "renders": grid, "numbers": out / f"{name}.json"}
+
+
+# ---------------------------------------------------------------- where the learning signal is
+
+def group_spread(rows: list[dict]) -> dict[str, dict]:
+    """Per level, how much a (prompt, level) group of samples disagrees, which is all GRPO learns from:
+    the mean within-group std of the total and of each term (in reward units), the share of groups
+    whose samples differ in "all spec checks passed" (some right, some not: the only groups that
+    teach getting everything right) and the shares where every sample is right or every one wrong,
+    and per spec attribute kind (color, params, ...) the share of (group, check) pairs that differ
+    between samples, and that every sample fails (a consistent mistake: no signal to fix it)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("total") is not None:
+            groups.setdefault((r["level"], r["prompt_id"]), []).append(r)
+    terms = sorted({k for r in rows for k, v in r.items() if isinstance(v, float) and k != "total"
+                    and not k.endswith("_raw")})
+    out: dict[str, dict] = {}
+    for level in sorted({lv for lv, _ in groups}):
+        gs = [g for (lv, _), g in groups.items() if lv == level and len(g) > 1]
+        stats: dict = {"groups": len(gs), "samples_per_group": float(np.mean([len(g) for g in gs])) if gs else 0.0,
+                       "std_total": _mean_std(gs, "total")}
+        for t in terms:
+            s = _mean_std(gs, t)
+            if s is not None:
+                stats[f"std_{t}"] = s
+        specs = [[r.get("spec_raw") for r in g] for g in gs if all(r.get("spec_raw") is not None for r in g)]
+        if specs:
+            right = [[v >= 1.0 - 1e-9 for v in g] for g in specs]
+            stats["all_right_rate"] = float(np.mean([x for g in right for x in g]))
+            stats["groups_all_right_mixed"] = float(np.mean([0 < sum(g) < len(g) for g in right]))
+            stats["groups_all_right_every"] = float(np.mean([all(g) for g in right]))
+            stats["groups_all_right_none"] = float(np.mean([not any(g) for g in right]))
+        for kind, (mixed, failed, n) in _check_agreement(gs).items():
+            stats[f"checks_{kind}_mixed"] = mixed / n
+            stats[f"checks_{kind}_all_fail"] = failed / n
+        out[level] = stats
+    return out
+
+
+def _mean_std(groups: list[list[dict]], key: str) -> float | None:
+    stds = [float(np.std([r[key] for r in g])) for g in groups if all(isinstance(r.get(key), float) for r in g)]
+    return float(np.mean(stds)) if stds else None
+
+
+def _check_agreement(groups: list[list[dict]]) -> dict[str, tuple[int, int, int]]:
+    """attribute kind -> (checks mixed within a group, checks every sample failed, checks), over groups."""
+    out: dict[str, list[int]] = {}
+    for g in groups:
+        per_check: dict[str, list[bool]] = {}
+        for r in g:
+            details = json.loads(r.get("spec_details") or "{}")
+            for c in details.get("checks", []):
+                per_check.setdefault(c["attribute"], []).append(bool(c["passed"]))
+        for attr, passed in per_check.items():
+            if len(passed) != len(g):
+                continue  # a sample without this check (undecodable): not comparable
+            acc = out.setdefault(attr.split(".")[0], [0, 0, 0])
+            acc[0] += 0 < sum(passed) < len(passed)
+            acc[1] += not any(passed)
+            acc[2] += 1
+    return {k: (m, f, n) for k, (m, f, n) in sorted(out.items()) if n}
+
+
+def nucleus_frozen(samples: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (level, span): the share of sampled tokens whose probability under the sampling
+    distribution was at least the nucleus mass top_p. At such a position top-p sampling keeps one
+    token, so every sample of a group takes the same one: no exploration there, and no reward spread
+    to learn from. Span = reasoning or mesh; forced tokens (log-prob 0) count as frozen."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in samples:
+        lp = np.asarray(r["logprobs"], float)
+        start = r["prompt_len"]
+        spans = {"reasoning": (r["reasoning_start"], r["reasoning_end"]), "mesh": (r["mesh_start"], r["mesh_end"])}
+        for span, (a, b) in spans.items():
+            x = lp[max(a - start, 0):max(b - start, 0)]
+            if len(x):
+                top_p = r.get("top_p") or 1.0
+                acc.setdefault((r["level"], span), []).extend([
+                    float(np.sum(x >= np.log(top_p) - 1e-12)), float(len(x)), float(np.sum(-x))])
+    out = {}
+    for key, v in sorted(acc.items()):
+        frozen, n, nll = (sum(v[i::3]) for i in range(3))
+        out[key] = {"tokens": int(n), "frozen": frozen / n, "entropy_estimate": nll / n}
+    return out

@@ -1,0 +1,286 @@
+"""examples/ablations/: the experiment scripts' plans (a stub rl3d), and the summariser on a
+fabricated experiment folder, including its refusal to mix runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rl3d.cli.main import main as cli
+from rl3d.formats import tables
+from rl3d.formats.errors import InputError
+from rl3d.stages.scoring.ablations import load_experiment, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["common.sh", "paradigm.sh", "algorithm.sh", "rewards.sh", "scaling.sh"]
+
+STUB = r"""#!/usr/bin/env bash
+# stands in for rl3d: logs the call and writes what a finished stage leaves behind
+echo "$*" >> "$LOG"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+case $1 in
+  gen|render|reward) mkdir -p "$out/_shards"; touch "$out/_shards/00000-of-00001.json";;
+  rl-step) mkdir -p "$out"; touch "$out/rl_step.json";;
+  eval) mkdir -p "$out"; touch "$out/report.md";;
+esac
+"""
+
+
+def stub_env(tmp_path, **extra):
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir(exist_ok=True)
+    (stub_dir / "rl3d").write_text(STUB)
+    (stub_dir / "rl3d").chmod(0o755)
+    return {**os.environ, "LOG": str(tmp_path / "calls.log"), "RL3D": "rl3d",
+            "PATH": f"{stub_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+
+
+def calls(tmp_path):
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / "examples/ablations" / script)], check=True)
+
+
+def test_learning_run_passes_the_arm_knobs(tmp_path):
+    env = stub_env(tmp_path, RUN=str(tmp_path / "run"), STEPS="1", HELDOUT="0", POLICY0="start", MODE="flat", LAMBDA="0",
+                   LOSS_AGG="sequence", RATIO="sequence", CLIP_HIGH="0.2", DYNAMIC="zero-std", BETA="0",
+                   REWARDS="r.toml", GEN_SEED="20000", PROMPT_SEED="500", TEMPERATURE="1.2", TOP_P="1.0")
+    subprocess.run(["bash", str(ROOT / "examples/learning_run.sh")], env=env, check=True, capture_output=True)
+    c = calls(tmp_path)
+    gen = [x for x in c if x.startswith("gen")]
+    assert len(gen) == 1  # no held-out scoring with HELDOUT=0
+    assert "--mode flat" in gen[0] and "--seed 20001" in gen[0] and "--temperature 1.2 --top-p 1.0" in gen[0]
+    assert any(x.startswith("synth") and "--seed 501" in x and "--split train" in x for x in c)
+    assert "--config r.toml" in next(x for x in c if x.startswith("reward"))
+    rl = next(x for x in c if x.startswith("rl-step"))
+    for flag in ("--algo grpo", "--lambda 0", "--loss-agg sequence", "--ratio sequence", "--clip-high 0.2",
+                 "--dynamic-sampling zero-std", "--beta 0"):
+        assert flag in rl
+
+
+def test_learning_run_defaults_are_the_recipe(tmp_path):
+    env = stub_env(tmp_path, RUN=str(tmp_path / "run"), STEPS="1", EVAL_SEEDS="101", POLICY0="start")
+    subprocess.run(["bash", str(ROOT / "examples/learning_run.sh")], env=env, check=True, capture_output=True)
+    c = calls(tmp_path)
+    step_gen = next(x for x in c if x.startswith("gen") and "step-000001" in x)
+    assert "--policy start " in step_gen and "--seed 1 " in step_gen and "--mode hi-grpo" in step_gen
+    assert "--config default" in next(x for x in c if x.startswith("reward") and "step-000001" in x)
+    rl = next(x for x in c if x.startswith("rl-step"))
+    assert "--algo hi-grpo --lambda 1.0 --loss-agg token --ratio token --clip-low 0.2 --clip-high 0.28" in rl
+
+
+def test_dry_run_lists_every_arm_and_its_eval(tmp_path):
+    env = stub_env(tmp_path, DRY_RUN="1", EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2 3")
+    out = subprocess.run(["bash", str(ROOT / "examples/ablations/paradigm.sh")], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    arms = [line.split()[1] for line in out.splitlines() if line.startswith("arm ")]
+    assert sorted(set(arms)) == ["flat-mesh-only", "flat-reasoning", "hi-grpo", "hi-grpo-lambda0",
+                                 "level1-only", "level2-only"]
+    assert all(arms.count(a) == 3 for a in set(arms))
+    flat = next(line for line in out.splitlines() if line.startswith("arm flat-reasoning seed 1"))
+    assert "MODE=flat" in flat and "GEN_SEED=10000" in flat
+    evals = [line.strip() for line in out.splitlines() if line.strip().startswith("rl3d eval")]
+    assert any("--bench text-reasoning" in e for e in evals)
+    assert all("--mode flat" in e for e in evals if "/flat" in e.split("--out ")[1])
+    assert not (tmp_path / "exp").exists()  # a dry run writes nothing
+
+
+def test_experiment_runs_resumes_and_refuses_other_settings(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2", STEPS="1", ARMS="base beta0",
+                   BENCHES="synth-reasoning")
+    script = str(ROOT / "examples/ablations/algorithm.sh")
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+    first = calls(tmp_path)
+    assert sum(x.startswith("rl-step") for x in first) == 4  # 2 arms x 2 seeds x 1 step
+    assert sum(x.startswith("eval") for x in first) == 5    # the start + 4 runs
+    arm = json.loads((tmp_path / "exp/arms/beta0/seed-2/arm.json").read_text())
+    assert arm["knobs"] == {"BETA": "0"} and arm["baseline"] == "hi-grpo" and arm["seed"] == 2
+    assert "--beta 0 " in next(x for x in first if x.startswith("rl-step") and "beta0/seed-1" in x)
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+    assert calls(tmp_path) == first  # everything finished: nothing reruns
+    r = subprocess.run(["bash", script], env={**env, "LR": "3e-4"}, capture_output=True, text=True)
+    assert r.returncode == 2 and "holds runs of other settings" in r.stderr
+    # a packed folder (no checkpoints) goes on elsewhere without retraining its scored runs
+    subprocess.run(["bash", str(ROOT / "examples/ablations/pack.sh"), str(tmp_path / "exp"), str(tmp_path / "pk")],
+                   check=True, capture_output=True)
+    assert not list((tmp_path / "pk/exp").glob("arms/*/seed-*/step-*/policy"))
+    subprocess.run(["bash", script], env={**env, "EXP_DIR": str(tmp_path / "pk/exp")}, check=True, capture_output=True)
+    assert calls(tmp_path) == first
+
+
+def test_experiment_stops_at_its_time_budget(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1", STEPS="1", ARMS="base",
+                   BENCHES="synth-reasoning", STOP_AFTER="1")
+    r = subprocess.run(["bash", "-c", f"sleep 1.1; SECONDS=2 bash {ROOT}/examples/ablations/algorithm.sh"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 3 and "rerun to continue" in r.stderr
+    assert not any(x.startswith("rl-step") for x in calls(tmp_path))
+
+
+# ---------------------------------------------------------------- the summariser
+
+PROMPTS = [("p0", "spatial", "a red cube"), ("p1", "spatial", "a pink tree"), ("p2", "organic", "a blue cat")]
+
+
+def write_eval(d: Path, policy_id: str, correct: dict[str, list[bool]], prompt_set: str = "prompts-abc.jsonl",
+               name: str = "policy"):
+    """One fabricated `rl3d eval` output: per_sample rows (spec_all_correct per sample), metrics, renders;
+    eval names the policy's folder after the policy dir (step-N/policy -> policy)."""
+    (d / name).mkdir(parents=True)
+    (d / "report.md").write_text("report")
+    (d / prompt_set).write_text("\n".join(json.dumps({"prompt_id": p, "category": c, "prompt": t})
+                                          for p, c, t in PROMPTS))
+    rows, renders = [], []
+    for pid, cat, _ in PROMPTS:
+        for i, ok in enumerate(correct[pid]):
+            sid = f"{pid}-{i}-fine"
+            rows.append({"sample_id": sid, "prompt_id": pid, "category": cat, "status": "ok",
+                         "spec_all_correct": ok, "spec_accuracy": 1.0 if ok else 0.5, "clip_score": 50.0 + ok})
+            img = d / name / "renders" / "_images" / f"{sid}.png"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), "red" if ok else "gray").save(img)
+            renders.append({"sample_id": sid, "view": 0, "azimuth": 0.0, "elevation": 0.0,
+                            "image_path": f"_images/{sid}.png", "status": "ok", "message": ""})
+    pq.write_table(pa.Table.from_pylist(rows), d / name / "per_sample.parquet")
+    pq.write_table(pa.Table.from_pylist(renders), d / name / "renders" / "part-00000-of-00001.parquet")
+    (d / "metrics").mkdir()
+    pq.write_table(pa.table({"name": ["all/spec_all_correct"], "value": [0.5], "policy_id": [policy_id]}),
+                   d / "metrics" / "part-00000-of-00001.parquet")
+
+
+def write_run(run: Path, arm: str, seed: int, start: str, correct, experiment="algorithm", knobs=None):
+    run.mkdir(parents=True)
+    (run / "arm.json").write_text(json.dumps({"experiment": experiment, "arm": arm, "seed": seed,
+                                              "baseline": "hi-grpo", "mode": "hi-grpo", "knobs": knobs or {}}))
+    gen = tables.with_metadata(pa.table({"sample_id": ["x"]}), "samples", policy=f"/p@{start}#step0")
+    (run / "step-000001" / "gen").mkdir(parents=True)
+    pq.write_table(gen, run / "step-000001" / "gen" / "part-00000-of-00001.parquet")
+    pq.write_table(pa.table({"step": [1.0, 1.0, 1.0, 2.0, 2.0, 2.0], "name": ["reward_mean_fine", "kl", "entropy"] * 2,
+                             "value": [2.7, 1e-4, 0.02, 2.8 + seed / 100, 2e-3, 0.03]}), run / "metrics.parquet")
+    (run / "wall.tsv").write_text("train\t100\tNVIDIA H100 80GB HBM3\n")
+    write_eval(run / "eval" / "step-000002" / "synth-reasoning", f"{run}/step-000002/policy@w{seed}#step2", correct)
+
+
+def fabricated(tmp_path, start="aaa", baseline="aaa") -> Path:
+    exp = tmp_path / "exp"
+    exp.mkdir(parents=True)
+    (exp / "experiment.json").write_text(json.dumps({
+        "experiment": "algorithm", "start_weights": "aaa", "command_env": {"SEEDS": "1 2 3"},
+        "settings": {"STEPS": 2, "PROMPTS": 4, "GROUP": 4, "LR": 1e-4, "MINIBATCH": 16, "BETA": 0.01,
+                     "BENCH_LIMIT": "", "EVAL_SAMPLES": 2, "EVAL_SEED": 101}}))
+    (exp / "baseline" / "hi-grpo").mkdir(parents=True)
+    write_eval(exp / "baseline" / "hi-grpo" / "eval" / "step-000000" / "synth-reasoning", f"/p@{baseline}#step4000",
+               {"p0": [True, False], "p1": [False, False], "p2": [True, True]}, name="assets-policy")
+    # seed s gets one more prompt right than the start; base: p1 fixed in seeds 1-2, p0 fully right in 3
+    outcomes = {1: {"p0": [True, False], "p1": [True, True], "p2": [True, True]},
+                2: {"p0": [True, False], "p1": [True, False], "p2": [True, True]},
+                3: {"p0": [True, True], "p1": [False, False], "p2": [True, True]}}
+    for s, c in outcomes.items():
+        write_run(exp / "arms" / "base" / f"seed-{s}", "base", s, start, c)
+    return exp
+
+
+def test_summary_numbers_tables_and_images(tmp_path):
+    exp = fabricated(tmp_path)
+    paths = summarize(exp, tmp_path / "out")
+    numbers = json.loads(paths["numbers"].read_text())["results"]["synth-reasoning"]
+    start, base = numbers[0], numbers[1]
+    assert start["arm"] == "start (hi-grpo)" and start["spec_all_correct"]["mean"] == pytest.approx(0.5)
+    per_seed = [5 / 6, 4 / 6, 4 / 6]
+    assert base["arm"] == "base" and base["seeds"] == 3 and base["step"] == 2
+    assert base["spec_all_correct"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert base["spec_all_correct"]["half"] == pytest.approx(4.303 * np.std(per_seed, ddof=1) / np.sqrt(3))
+    paired = base["spec_all_correct"]["paired"]
+    # per prompt, seeds pooled: p0 4/6 - 1/2, p1 3/6 - 0, p2 1 - 1
+    assert paired["prompts"] == 3 and paired["change"] == pytest.approx((1 / 6 + 1 / 2 + 0) / 3)
+    assert paired["improved"] == 2
+    md = paths["markdown"].read_text()
+    assert "| base | 2 | 3 | 0.722 ± " in md
+    assert "| start (hi-grpo) | 1.00 | 0.25 |" in md  # per category: organic, spatial
+    assert "NVIDIA H100 80GB HBM3" in md and "bash examples/ablations/algorithm.sh" in md
+    assert Image.open(paths["curves"]).size[0] > 100 and Image.open(paths["renders"]).size[0] > 100
+
+
+def test_summary_by_command(tmp_path):
+    exp = fabricated(tmp_path)
+    r = CliRunner().invoke(cli, ["learning-summary", "ablations", str(exp), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "algorithm.md").exists() and "algorithm_renders.png" in r.output
+
+
+def test_refuses_a_run_of_another_experiment(tmp_path):
+    exp = fabricated(tmp_path)
+    write_run(exp / "arms" / "stray" / "seed-1", "stray", 1, "aaa", {"p0": [True], "p1": [True], "p2": [True]},
+              experiment="rewards")
+    with pytest.raises(InputError, match="experiment 'rewards', not 'algorithm'"):
+        load_experiment(exp)
+
+
+def test_refuses_a_run_from_another_starting_policy(tmp_path):
+    exp = fabricated(tmp_path)
+    write_run(exp / "arms" / "beta0" / "seed-1", "beta0", 1, "bbb", {"p0": [True], "p1": [True], "p2": [True]})
+    with pytest.raises(InputError, match="not the experiment's starting weights aaa"):
+        load_experiment(exp)
+    r = CliRunner().invoke(cli, ["learning-summary", "ablations", str(exp), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "starting" in r.output
+
+
+def test_refuses_a_baseline_of_other_weights_and_other_prompt_sets(tmp_path):
+    exp = fabricated(tmp_path, baseline="ccc")
+    with pytest.raises(InputError, match="baseline policy"):
+        load_experiment(exp)
+    exp2 = fabricated(tmp_path / "two")
+    write_eval(exp2 / "arms" / "base" / "seed-1" / "eval" / "step-000004" / "synth-reasoning", "/q@w#step4",
+               {"p0": [True], "p1": [True], "p2": [True]}, prompt_set="prompts-other.jsonl")
+    with pytest.raises(InputError, match="different prompt sets"):
+        load_experiment(exp2)
+
+
+def test_group_spread_finds_where_the_signal_is():
+    from rl3d.stages.scoring.ablations import group_spread
+
+    def row(pid, i, total, spec_raw, color_ok):
+        checks = [{"attribute": "color.body", "passed": color_ok}, {"attribute": "params.count", "passed": True}]
+        return {"prompt_id": pid, "sample_index": i, "level": "fine", "total": total, "spec": spec_raw,
+                "spec_raw": spec_raw, "clip_score": 0.5, "spec_details": json.dumps({"checks": checks})}
+    rows = [row("a", 0, 2.0, 1.0, True), row("a", 1, 1.5, 0.5, False),   # mixed: the signal
+            row("b", 0, 1.5, 0.5, False), row("b", 1, 1.5, 0.5, False)]  # the same mistake twice: none
+    s = group_spread(rows)["fine"]
+    assert s["groups"] == 2 and s["std_total"] == pytest.approx(0.125) and s["std_clip_score"] == 0.0
+    assert s["std_spec"] == pytest.approx(0.125) and s["all_right_rate"] == 0.25
+    assert s["groups_all_right_mixed"] == 0.5 and s["groups_all_right_none"] == 0.5
+    assert s["checks_color_mixed"] == 0.5 and s["checks_color_all_fail"] == 0.5 and s["checks_params_mixed"] == 0.0
+
+
+def test_nucleus_frozen_counts_tokens_top_p_could_not_vary():
+    from rl3d.stages.scoring.ablations import nucleus_frozen
+
+    # prompt of 2 tokens, 2 reasoning tokens, <mesh-start> + 3 mesh tokens; top_p 0.9
+    row = {"level": "fine", "prompt_len": 2, "reasoning_start": 2, "reasoning_end": 4, "mesh_start": 4,
+           "mesh_end": 8, "top_p": 0.9, "logprobs": [np.log(0.5), np.log(0.95), 0.0, np.log(0.99), np.log(0.2), 0.0]}
+    out = nucleus_frozen([row])
+    assert out[("fine", "reasoning")]["frozen"] == 0.5 and out[("fine", "reasoning")]["tokens"] == 2
+    assert out[("fine", "mesh")]["tokens"] == 4 and out[("fine", "mesh")]["frozen"] == 0.75
+
+
+def test_ablation_reward_files_load_and_silence_one_level():
+    from rl3d.stages.rewards.config import load_config
+
+    files = sorted((ROOT / "examples/ablations/rewards").glob("*.toml"))
+    assert {f.stem for f in files} >= {"clip", "spec", "geometry", "clip-spec", "level1-only", "level2-only"}
+    configs = {f.stem: load_config(f) for f in files}
+    assert [t.weight for t in configs["level1-only"].levels["fine"]] == [0.0]
+    assert [t.weight for t in configs["level2-only"].levels["coarse"]] == [0.0]
+    assert {t.backend for lv in configs["spec"].levels.values() for t in lv} == {"spec"}
