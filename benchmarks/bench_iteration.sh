@@ -7,11 +7,11 @@
 #   bash benchmarks/bench_iteration.sh                      # the full iteration (GPU)
 # Other knobs: RUN (work dir, default a temp dir, removed after), BACKEND (render backend, auto),
 # SUPERSAMPLE (2, the render default), CONFIG (reward preset, default), MINIBATCH (rl-step, 0),
-# BATCH (gen --batch-size, 64), RL3D (the command, default rl3d), PY (python, python3), EXTRA_GEN / EXTRA_RENDER /
+# BATCH (gen --batch-size, default: gen's own), RL3D (the command, default rl3d), PY (python, python3), EXTRA_GEN / EXTRA_RENDER /
 # EXTRA_REWARD / EXTRA_RL (more options for one stage), KEEP=1 keeps RUN.
 set -euo pipefail
 PROMPTS=${PROMPTS:-64}; G=${G:-8}; VIEWS=${VIEWS:-6}; RES=${RES:-512}; SUPERSAMPLE=${SUPERSAMPLE:-2}
-BACKEND=${BACKEND:-auto}; CONFIG=${CONFIG:-default}; MINIBATCH=${MINIBATCH:-0}; BATCH=${BATCH:-64}
+BACKEND=${BACKEND:-auto}; CONFIG=${CONFIG:-default}; MINIBATCH=${MINIBATCH:-0}; BATCH=${BATCH:-}
 RL3D=${RL3D:-rl3d}; PY=${PY:-python3}
 command -v "$RL3D" >/dev/null || RL3D="$PY -m rl3d.cli.main"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -26,7 +26,7 @@ stage() {  # stage NAME COMMAND...: run it, keep its wall seconds
 }
 $RL3D synth --n "$PROMPTS" --seed 1001 --split train --no-meshes --out "$RUN/prompts" --quiet
 policy=$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
-stage gen $RL3D gen --prompts "$RUN/prompts" --out "$RUN/gen" -G "$G" --seed 1 --batch-size "$BATCH" --quiet ${EXTRA_GEN:-}
+stage gen $RL3D gen --prompts "$RUN/prompts" --out "$RUN/gen" -G "$G" --seed 1 ${BATCH:+--batch-size $BATCH} --quiet ${EXTRA_GEN:-}
 stage render $RL3D render --samples "$RUN/gen" --out "$RUN/renders" --views "$VIEWS" --resolution "$RES" \
   --supersample "$SUPERSAMPLE" --backend "$BACKEND" --no-sheet --quiet ${EXTRA_RENDER:-}
 stage reward $RL3D reward --samples "$RUN/gen" --renders "$RUN/renders" --config "$CONFIG" --out "$RUN/rewards" \

@@ -42,7 +42,7 @@ EXAMPLES = """Examples:
                    "--top-k 8192 (--sampling shapellm).")
 @click.option("--max-reasoning-tokens", default=None, show_default="128", type=int,
               help="Reasoning budget per level, in tokens; at the budget <mesh-start> is forced.")
-@click.option("--batch-size", default=64, show_default=True, type=int,
+@click.option("--batch-size", default=None, type=int, show_default="256 on CUDA, 64 on CPU",
               help="Sequences sampled together (does not change the samples).")
 @click.option("--sampler", type=click.Choice(["auto", "plain", "static"]), default="auto", show_default=True,
               help="Sampling engine (same samples up to float noise): static = fixed-shape steps replayed as a "

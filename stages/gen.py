@@ -141,10 +141,17 @@ def samples_table(rows: list[dict], with_category: bool = False, with_spec: bool
     return pa.table(data, schema=schema)
 
 
+def default_batch_size(device) -> int:
+    """Sequences sampled together when --batch-size is not given: a GPU step costs nearly the same
+    for 64 rows as for 256 (docs/performance.md), a CPU step grows with the rows."""
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
 # ---- the stage -----------------------------------------------------------------------------------
 
 def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path | None = None,
-            mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(), batch_size: int = 64,
+            mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(),
+            batch_size: int | None = None,
             device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
             sampling_overrides: dict | None = None, texture_hook: str | None = None,
             texture_timeout: float = 600.0, sampler: str = "auto") -> dict:
@@ -153,7 +160,7 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
     explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling)."""
     if mode not in MODES:
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    if group_size < 1 or batch_size < 1:
+    if group_size < 1 or (batch_size is not None and batch_size < 1):
         raise InputError("--group-size and --batch-size must be >= 1")
     if sampler not in SAMPLERS:
         raise InputError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -195,9 +202,10 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
             return samples_table([], has_cat, has_spec), stats
         t0 = time.time()
         policy = load_policy(path, device, dtype)
+        stats["batch_size"] = batch = batch_size or default_batch_size(policy.device)
         progress.log(f"gen: {len(rows)} prompts x {group_size} x {len(levels)} level(s) with {policy.policy_id}")
         stats["sampler"] = choose_sampler(sampler, policy.device)[0]
-        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch_size, opts.out, progress, sampler)
+        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch, opts.out, progress, sampler)
         stats["seconds_generate"] = round(time.time() - t0, 3)
         if hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
             out = texture_meshes(out, hook, opts.out, texture_timeout)
