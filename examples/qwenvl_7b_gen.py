@@ -26,7 +26,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLFo
 
 from rl3d.formats.codec import MESH_END, MESH_START, mesh_token_text
 from rl3d.formats.vqvae64 import VQVAE3D, VQVAE64Codec, VQVAE64Config, make_block_replica
-from rl3d.stages.policy.sampler import resolve_sampling, row_seed, sample_sequences
+from rl3d.stages.policy.sampler import resolve_sampling, row_seed
+from rl3d.stages.policy.static_sampler import choose_sampler
 from rl3d.stages.policy.sequence import MODE_LEVELS, PromptFormat, build_prompt, encode_text
 from rl3d.stages.policy.tokenizer import describe_mesh_ids, special_ids
 
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--max-reasoning-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=128, help="sequences sampled together")
     ap.add_argument("--codec-batch", type=int, default=8, help="shapes per VQ-VAE decode pass")
+    ap.add_argument("--sampler", default="auto", choices=["auto", "plain", "static"],
+                    help="rl3d gen --sampler: static = fixed-shape steps as a CUDA graph (auto on CUDA)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON figures here too")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -100,6 +103,7 @@ def main() -> None:
     special = special_ids(tok, codec, int(model.get_output_embeddings().weight.shape[0]), source="7B-shape tokenizer")
     fmt = PromptFormat(chat_tokenizer=tok)
     sampling = resolve_sampling("shapellm", max_reasoning_tokens=args.max_reasoning_tokens)
+    engine, sample_fn = choose_sampler(args.sampler, dev)
     build_s = time.time() - t0
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -118,7 +122,7 @@ def main() -> None:
             prompt_ids = [encode_text(tok, t) for t in texts]
             seeds = [row_seed(0, pid, k, level) for pid, _, k in chunk]
             t1 = time.time()
-            done = sample_sequences(model, special, prompt_ids, seeds, codec.seq_len, sampling)
+            done = sample_fn(model, special, prompt_ids, seeds, codec.seq_len, sampling)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             lv["sample_s"] += time.time() - t1
@@ -147,7 +151,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(dtype),
         "params": n_params, "vocab_rows": special.vocab_size, **describe_mesh_ids(special),
         "sequences": len(jobs) * len(MODE_LEVELS[args.mode]), "mesh_tokens_per_sequence": codec.seq_len,
-        "max_reasoning_tokens": args.max_reasoning_tokens, "batch_size": args.batch_size,
+        "max_reasoning_tokens": args.max_reasoning_tokens, "batch_size": args.batch_size, "sampler": engine,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k},
         "build_s": round(build_s, 2), "sample_s": round(sample_s, 2), "decode_s": round(decode_s, 2),
         "tokens": tokens, "tokens_per_s": round(tokens / max(sample_s, 1e-9), 1),

@@ -468,8 +468,10 @@ def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path:
     final = MODES[mode][-1]
     pdir = Path(opts.out) / name
     progress.log(f"eval {name}: gen ({mode}, final level {final!r}) into {pdir / 'gen'}")
+    # sampling=None: as the policy's rl3d_policy.json says (e.g. a mesh-only policy's reasoning budget 0),
+    # else gen's defaults
     gsum = run_gen(prompts_path, _stage_opts(opts, pdir / "gen"), policy_dir=policy_dir, mode=mode,
-                   group_size=opts.samples_per_prompt, device=opts.device)
+                   group_size=opts.samples_per_prompt, device=opts.device, sampling=None)
     samples = tables.read_table(pdir / "gen", "samples")
     rows = [r for r in samples.to_pylist() if r["level"] == final]
     final_path = pdir / "final_samples.parquet"
