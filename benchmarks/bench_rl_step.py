@@ -42,10 +42,12 @@ from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl_step import run_rl_step
 
 # (hidden, layers, heads, kv heads, intermediate); 0.5b and 1.5b are Qwen2.5-0.5B / 1.5B's decoders
-SHAPES = {"tiny": (64, 2, 4, 2, 176), "0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960)}
+SHAPES = {"tiny": (64, 2, 4, 2, 176), "0.5b": (896, 24, 14, 2, 4864), "1.5b": (1536, 28, 12, 2, 8960),
+          "7b": (3584, 28, 28, 4, 18944)}
 DEFAULTS = {"tiny": {"prompts": 1, "mesh_tokens": 128, "micro_batch": 4, "minibatch": 8},
             "0.5b": {"prompts": 64, "mesh_tokens": 1024, "micro_batch": 32, "minibatch": 256},
-            "1.5b": {"prompts": 64, "mesh_tokens": 1024, "micro_batch": 32, "minibatch": 256}}
+            "1.5b": {"prompts": 64, "mesh_tokens": 1024, "micro_batch": 32, "minibatch": 256},
+            "7b": {"prompts": 4, "mesh_tokens": 1024, "micro_batch": 8, "minibatch": 64}}
 # variant name -> the RLConfig settings it changes from the baseline
 VARIANTS = {
     "baseline": {},
@@ -71,10 +73,16 @@ def random_policy(out: Path, shape: str, vocab: int | None, device: str) -> tupl
         raise SystemExit(f"--vocab {V}: the tokenizer alone has {len(tok)} tokens")
     cfg = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, intermediate_size=inter, vocab_size=V, max_position_embeddings=4096,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                      tie_word_embeddings=shape != "7b", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    with torch.device(device):  # initialising 1.5B weights on the CPU alone takes a while
-        model = Qwen2ForCausalLM(cfg)
+    old = torch.get_default_dtype()
+    if shape == "7b":  # saved in bf16 (15 GB, as a real 7B checkpoint), not fp32
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):  # initialising 1.5B weights on the CPU alone takes a while
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
     n_params = sum(p.numel() for p in model.parameters())  # unique: a tied head once
     save_policy(out, model, tok, codec, step=0, base="random-init")
     del model
@@ -139,7 +147,8 @@ def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -
     try:
         s = run_rl_step(policy_dir, root / "gen", root / "rewards", out, cfg,
                         run_metrics=str(root / "metrics.parquet"), device=args.device, dtype=args.dtype,
-                        overwrite=True, allow_off_policy=True, progress=Progress(quiet=True))
+                        overwrite=True, allow_off_policy=True, progress=Progress(quiet=True),
+                        lora_rank=args.lora_rank)
     except torch.OutOfMemoryError:  # a row of the table, not the end of the run (e.g. 1.5b without ckpt)
         s = {"oom": True}
     s["command_s"] = time.time() - t0
@@ -162,6 +171,7 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--minibatch", type=int, default=None)
     ap.add_argument("--beta", type=float, default=0.01, help="0 skips the reference forward.")
+    ap.add_argument("--lora-rank", type=int, default=0, help="rl-step --lora-rank (0 = full fine-tune)")
     ap.add_argument("--device", default=None, help="cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="rl-step's --dtype (default: bf16 autocast on CUDA, fp32 on CPU)")
