@@ -22,7 +22,7 @@ import torch
 
 from rl3d.stages import gen
 from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_policy, save_policy
-from rl3d.stages.policy.sampler import Sampling, sample_sequences
+from rl3d.stages.policy.sampler import Sampling, left_padded, sample_sequences
 from rl3d.stages.policy.sequence import (INSTRUCTIONS, KIND_FORCE_END, KIND_FORCE_EOS, KIND_FORCE_START, KIND_MESH,
                                          KIND_REASONING, REQUEST, build_prompt, encode_text)
 from rl3d.stages.policy.tokenizer import SpecialIds
@@ -81,16 +81,11 @@ class ConstraintProcessor:
 def hf_generate(policy: Policy, prompt_ids: list[list[int]], sampling: Sampling) -> torch.Tensor:
     from transformers import LogitsProcessorList
 
-    sp, dev = policy.special, policy.device
-    P = max(map(len, prompt_ids))
-    ids = torch.full((len(prompt_ids), P), sp.pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, P - len(p):] = torch.tensor(p)
-        att[i, P - len(p):] = 1
-    proc = ConstraintProcessor(sp, P, sampling.max_reasoning_tokens, policy.codec.seq_len)
+    sp = policy.special
+    ids, att = left_padded(prompt_ids, sp.pad, device=policy.device)
+    proc = ConstraintProcessor(sp, ids.shape[1], sampling.max_reasoning_tokens, policy.codec.seq_len)
     return policy.model.generate(
-        input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=True, temperature=sampling.temperature,
+        input_ids=ids, attention_mask=att, do_sample=True, temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k or None, logits_processor=LogitsProcessorList([proc]),
         max_new_tokens=sampling.max_reasoning_tokens + policy.codec.seq_len + 3, eos_token_id=sp.eos,
         pad_token_id=sp.pad)

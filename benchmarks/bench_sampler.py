@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_sequences
-from rl3d.stages.policy.sequence import KIND_FORCE_END, KIND_FORCE_EOS, KIND_FORCE_START, KIND_MESH, KIND_PAD
-from rl3d.stages.policy.sequence import KIND_REASONING
+from bench_gen import ConstraintProcessor  # the same masks for transformers generate (benchmarks/ is on the path)
+from rl3d.stages.policy.sampler import (Sampling, completion_logprobs, left_padded, position_ids_from_mask,
+                                        sample_sequences)
+from rl3d.stages.policy.sequence import collate, sequence_spans
 from rl3d.stages.policy.static_sampler import _DecodeLoop, sample_sequences_static
 from rl3d.stages.policy.tokenizer import SpecialIds
 
@@ -87,36 +88,12 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-class Constraint:
-    """A transformers LogitsProcessor applying rl3d's kind masks, the row state re-derived from the ids
-    generated so far (what a user of plain generate would write)."""
-
-    def __init__(self, sp: SpecialIds, width: int, R: int, M: int):
-        self.sp, self.P, self.R, self.M = sp, width, R, M
-
-    def __call__(self, input_ids, scores):
-        sp, g = self.sp, input_ids[:, self.P:]
-        started = (g == sp.mesh_start).any(1)
-        n_mesh = (g >= sp.mesh_end + 1).sum(1)
-        ended = (g == sp.mesh_end).any(1)
-        force = torch.full_like(started, g.shape[1] >= self.R)
-        kinds = torch.where(~started, torch.where(force, KIND_FORCE_START, KIND_REASONING),
-                            torch.where(n_mesh < self.M, KIND_MESH, torch.where(ended, KIND_FORCE_EOS, KIND_FORCE_END)))
-        return scores + sp.kind_bias(scores.device, scores.dtype)[kinds]
-
-
 def hf_generate(model, sp, prompt_ids, sampling, seq_len, new_tokens):
     from transformers import LogitsProcessorList
 
-    dev = next(model.parameters()).device
-    P = max(map(len, prompt_ids))
-    ids = torch.full((len(prompt_ids), P), sp.pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, P - len(p):] = torch.tensor(p)
-        att[i, P - len(p):] = 1
-    proc = Constraint(sp, P, sampling.max_reasoning_tokens, seq_len)
-    return model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), do_sample=True,
+    ids, att = left_padded(prompt_ids, sp.pad, device=next(model.parameters()).device)
+    proc = ConstraintProcessor(sp, ids.shape[1], sampling.max_reasoning_tokens, seq_len)
+    return model.generate(input_ids=ids, attention_mask=att, do_sample=True,
                           temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None,
                           logits_processor=LogitsProcessorList([proc]), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, eos_token_id=sp.eos, pad_token_id=sp.pad)
@@ -133,22 +110,11 @@ def logprob_agreement(model, sp, prompt_ids, static_rows, plain_rows, sampling):
             d_plain = max(d_plain, float(abs(a["logprobs"][:n] - b["logprobs"][:n]).max()))
     dev = next(model.parameters()).device
     B = len(prompt_ids)
-    rows = [p + r["tokens"] for p, r in zip(prompt_ids, static_rows)]
-    L = max(map(len, rows))
-    ids = torch.full((B, L), sp.pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    T = max(len(r["tokens"]) for r in static_rows)
-    kinds = torch.full((B, T), KIND_PAD, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompt_ids, static_rows)):
-        ids[i, :len(p) + len(r["tokens"])] = torch.tensor(p + r["tokens"])
-        att[i, :len(p) + len(r["tokens"])] = 1
-        nr = r["n_reasoning"]
-        k = [KIND_REASONING] * nr + [KIND_FORCE_START if r["truncated"] else KIND_REASONING]
-        k += [KIND_MESH] * (len(r["tokens"]) - nr - 3) + [KIND_FORCE_END, KIND_FORCE_EOS]
-        kinds[i, :len(k)] = torch.tensor(k)
+    M = len(static_rows[0]["tokens"]) - static_rows[0]["n_reasoning"] - 3
+    rows = [{"input_ids": p + r["tokens"], **sequence_spans(len(p), r["n_reasoning"], M),
+             "reasoning_truncated": r["truncated"]} for p, r in zip(prompt_ids, static_rows)]
     with torch.no_grad():
-        lp, mask = completion_logprobs(model, ids.to(dev), att.to(dev), torch.tensor([len(p) for p in prompt_ids]),
-                                       kinds.to(dev), sp, sampling.temperature)
+        lp, mask = completion_logprobs(model, **collate(rows, sp, dev), special=sp, temperature=sampling.temperature)
     gen = torch.zeros_like(lp)
     for i, r in enumerate(static_rows):
         gen[i, :len(r["logprobs"])] = torch.as_tensor(r["logprobs"], device=dev)
@@ -162,17 +128,12 @@ def step_profile(model, sp, prompt_ids, seq_len, sampling, device, out_dir):
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device(device)
-    B, P = len(prompt_ids), max(map(len, prompt_ids))
     steps = sampling.max_reasoning_tokens + 1 + seq_len
-    ids = torch.full((B, P), sp.pad, dtype=torch.long)
-    att = torch.zeros((B, P + steps), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, P - len(p):] = torch.tensor(p)
-        att[i, P - len(p):P] = 1
-    from rl3d.stages.policy.sampler import position_ids_from_mask
+    ids, att = left_padded(prompt_ids, sp.pad, steps, dev)
+    B, P = ids.shape
     with torch.no_grad():
-        loop = _DecodeLoop(model, sp, ids.to(dev), att.to(dev), position_ids_from_mask(att[:, :P]).to(dev),
-                           torch.arange(B, device=dev), seq_len, sampling, steps)
+        loop = _DecodeLoop(model, sp, ids, att, position_ids_from_mask(att[:, :P]), torch.arange(B, device=dev),
+                           seq_len, sampling, steps)
         for _ in range(3):
             loop.step()
         sync(device)

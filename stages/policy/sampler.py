@@ -139,11 +139,8 @@ def sample_tokens(masked: torch.Tensor, seeds: torch.Tensor, step: int, top_k: i
     The acceptance rate is >= top_p, so few attempts are needed; rows still rejected after
     `max_attempts` take their most likely token (part of every nucleus)."""
     B, V = masked.shape
-    top = masked.max(-1, keepdim=True).values
-    pad = -V % _BLOCK
-    # unnormalised probabilities, padded to whole blocks; forbidden tokens are exactly 0
-    w = torch.exp(torch.nn.functional.pad(masked, (0, pad), value=-float("inf")) - top)
-    total = w.sum(-1)
+    top, w, total = block_weights(masked)
+    pad = w.shape[1] - V
     cut_k, cut_p = 0 < top_k < V, top_p < 1.0
     tok = torch.zeros(B, dtype=torch.long, device=masked.device)
     rows = torch.arange(B, device=masked.device)  # rows still drawing (all, then the rejected ones)
@@ -164,8 +161,20 @@ def sample_tokens(masked: torch.Tensor, seeds: torch.Tensor, step: int, top_k: i
             break
     if rows.numel():
         tok[rows] = w[rows].argmax(-1)
-    logprob = masked.gather(1, tok[:, None])[:, 0] - top[:, 0] - total.log()
-    return tok, logprob
+    return tok, drawn_logprob(masked, tok, top, total)
+
+
+def block_weights(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row max [B, 1], unnormalised probabilities exp(masked - max) padded with zeros to whole
+    blocks [B, V'], their row sums [B]) for masked logits [B, V]; forbidden tokens weigh exactly 0."""
+    top = masked.max(-1, keepdim=True).values
+    w = torch.exp(torch.nn.functional.pad(masked, (0, -masked.shape[1] % _BLOCK), value=-float("inf")) - top)
+    return top, w, w.sum(-1)
+
+
+def drawn_logprob(masked: torch.Tensor, tok: torch.Tensor, top: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each row's drawn token under the full masked distribution."""
+    return masked.gather(1, tok[:, None])[:, 0] - top[:, 0] - total.log()
 
 
 # ---- the batched constrained sampler -----------------------------------------------------------
@@ -189,12 +198,7 @@ def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], se
     P = max(len(p) for p in prompt_ids)
     R = sampling.max_reasoning_tokens
     steps = R + 1 + seq_len  # sampled tokens at most; <mesh-end> and eos are appended (forced)
-    ids = torch.full((B, P), special.pad, dtype=torch.long)
-    att = torch.zeros((B, P + steps), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):  # left padding
-        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        att[i, P - len(p):P] = 1
-    ids, att = ids.to(dev), att.to(dev)
+    ids, att = left_padded(prompt_ids, special.pad, steps, dev)
     pos = position_ids_from_mask(att[:, :P])
     seeds_t = torch.as_tensor(seeds, dtype=torch.long, device=dev)
     ck = cache_kwarg(model)
@@ -261,6 +265,18 @@ def finish_rows(special: SpecialIds, tokens: torch.Tensor, logps: torch.Tensor, 
             "truncated": bool(n_reason[i] >= max_reasoning),
         })
     return rows
+
+
+def left_padded(prompt_ids: list[list[int]], pad: int, extra: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, P], attention mask [B, P + extra]) of left-padded prompts, P the longest; the mask's
+    `extra` columns (room for the tokens still to come) start at 0."""
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    att = torch.zeros((B, P + extra), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        att[i, P - len(p):P] = 1
+    return ids.to(device), att.to(device)
 
 
 # ---- the one masking of the logits ---------------------------------------------------------------

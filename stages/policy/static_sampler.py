@@ -21,8 +21,9 @@ import inspect
 import torch
 from transformers import StaticCache
 
-from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, _BLOCK, cache_kwarg, finish_rows, inverse_cdf,
-                                        masked_logits, position_ids_from_mask, sample_sequences, uniform_draws)
+from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, block_weights, cache_kwarg, drawn_logprob,
+                                        finish_rows, inverse_cdf, left_padded, masked_logits,
+                                        position_ids_from_mask, sample_sequences, uniform_draws)
 from rl3d.stages.policy.sequence import KIND_FORCE_START, KIND_MESH, KIND_PAD, KIND_REASONING
 from rl3d.stages.policy.tokenizer import SpecialIds
 
@@ -55,9 +56,7 @@ def sample_tokens_fixed(masked: torch.Tensor, seeds: torch.Tensor, step: torch.T
     attempt is drawn at once ([B, attempts]) and each row takes its first accepted draw (its most
     likely token when none is). `step` is a 0-d device tensor; `attempts` int64[A] on the device."""
     B, V = masked.shape
-    top = masked.max(-1, keepdim=True).values
-    w = torch.exp(torch.nn.functional.pad(masked, (0, -V % _BLOCK), value=-float("inf")) - top)
-    total = w.sum(-1)
+    top, w, total = block_weights(masked)
     thr = keep_threshold(w, total, top_k, top_p, V)
     if attempts is None or not (0 < top_k < V or top_p < 1.0):
         attempts = torch.zeros(1, dtype=torch.long, device=masked.device)
@@ -66,8 +65,7 @@ def sample_tokens_fixed(masked: torch.Tensor, seeds: torch.Tensor, step: torch.T
     ok = w.gather(1, draws) >= thr[:, None]
     first = ok.to(torch.int8).argmax(1, keepdim=True)  # the first accepted attempt (argmax: first maximum)
     tok = torch.where(ok.any(1), draws.gather(1, first)[:, 0], w.argmax(-1))
-    logprob = masked.gather(1, tok[:, None])[:, 0] - top[:, 0] - total.log()
-    return tok, logprob
+    return tok, drawn_logprob(masked, tok, top, total)
 
 
 class _DecodeLoop:
@@ -152,16 +150,9 @@ def sample_sequences_static(model, special: SpecialIds, prompt_ids: list[list[in
     cuda_graph=True) the step is captured as a CUDA graph and replayed."""
     dev = next(model.parameters()).device
     use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
-    B = len(prompt_ids)
-    P = max(len(p) for p in prompt_ids)
     steps = sampling.max_reasoning_tokens + 1 + seq_len
-    ids = torch.full((B, P), special.pad, dtype=torch.long)
-    att = torch.zeros((B, P + steps), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):  # left padding
-        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        att[i, P - len(p):P] = 1
-    ids, att = ids.to(dev), att.to(dev)
-    loop = _DecodeLoop(model, special, ids, att, position_ids_from_mask(att[:, :P]),
+    ids, att = left_padded(prompt_ids, special.pad, steps, dev)
+    loop = _DecodeLoop(model, special, ids, att, position_ids_from_mask(att[:, :ids.shape[1]]),
                        torch.as_tensor(seeds, dtype=torch.long, device=dev), seq_len, sampling, steps)
     # torch.compile of the step was tried and measured slower (docs/performance.md): its copies of the
     # mutated KV-cache buffers cost more than the fused kernels save
