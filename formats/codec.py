@@ -94,6 +94,15 @@ def nearest_pattern(codes: np.ndarray, patterns: np.ndarray) -> tuple[np.ndarray
     return idx, dist
 
 
+def decode_one(codec, tokens) -> np.ndarray:
+    """One shape's 1-D token sequence -> its grid, through the codec's batched decode (every codec's
+    `decode`)."""
+    t = np.asarray(tokens)
+    if t.ndim != 1:
+        raise CodecError(f"expected a 1-D sequence of {codec.seq_len} mesh tokens, got shape {t.shape}")
+    return codec.decode_batch(t[None])[0]
+
+
 def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int) -> np.ndarray:
     """[B, seq_len] token ids in [0, vocab_size) as int64; CodecError otherwise (every codec decodes through it)."""
     t = np.asarray(tokens)
@@ -208,10 +217,7 @@ class VoxelCodec:
         return blocks_to_grids(blocks.astype(np.uint8))
 
     def decode(self, tokens) -> np.ndarray:
-        t = np.asarray(tokens)
-        if t.ndim != 1:
-            raise CodecError(f"expected a 1-D sequence of {self.seq_len} mesh tokens, got shape {t.shape}")
-        return self.decode_batch(t[None])[0]
+        return decode_one(self, tokens)
 
     def __repr__(self) -> str:
         return f"VoxelCodec(n_patterns={self.n_patterns}, vocab_size={self.vocab_size}, hash={self.content_hash()})"

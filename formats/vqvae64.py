@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl3d.formats.codec import MESH_END, MESH_START, CodecError, check_tokens, mesh_token_text  # noqa: F401 (re-exported)
+from rl3d.formats.codec import MESH_END, MESH_START, CodecError, check_tokens, decode_one, mesh_token_text  # noqa: F401 (re-exported)
 from rl3d.formats.errors import InputError
 from rl3d.formats.occupancy import RESOLUTION, gltf_to_vq_frame, vq_to_gltf_frame
 from rl3d.formats.shards import atomic_path, atomic_write_json
@@ -448,10 +448,7 @@ class VQVAE64Codec:
         return (self.decode_logits_batch(tokens) > 0).astype(np.uint8)
 
     def decode(self, tokens) -> np.ndarray:
-        t = np.asarray(tokens)
-        if t.ndim != 1:
-            raise CodecError(f"expected a 1-D sequence of {self.seq_len} mesh tokens, got shape {t.shape}")
-        return self.decode_batch(t[None])[0]
+        return decode_one(self, tokens)
 
     def __repr__(self) -> str:
         return f"VQVAE64Codec({_describe(self.config)}, source={self.source!r})"
