@@ -93,6 +93,8 @@ def draw_lines(ax: Axes, title: str, curves: dict[str, tuple[list[float], list[f
                 color=PALETTE[i % len(PALETTE)], label=name)
     if xs and all(float(x).is_integer() for x in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if max(xs) - min(xs) < 1:  # one step only: widen, or the axis shows fractions of a step
+            ax.set_xlim(min(xs) - 1, max(xs) + 1)
     ax.set_title(title, loc="left", fontsize=11)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
