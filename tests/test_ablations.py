@@ -19,11 +19,12 @@ from rl3d.formats.errors import InputError
 from rl3d.stages.scoring.ablations import load_experiment, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["common.sh", "paradigm.sh", "algorithm.sh", "rewards.sh", "scaling.sh"]
+SCRIPTS = ["common.sh", "paradigm.sh", "algorithm.sh", "rewards.sh", "scaling.sh", "attributes.sh"]
 
 STUB = r"""#!/usr/bin/env bash
 # stands in for rl3d: logs the call and writes what a finished stage leaves behind
 echo "$*" >> "$LOG"
+echo "${CUDA_VISIBLE_DEVICES:-none} $*" >> "$LOG.gpu"
 out=""; prev=""
 for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
 case $1 in
@@ -126,6 +127,35 @@ def test_experiment_stops_at_its_time_budget(tmp_path):
     r = subprocess.run(["bash", "-c", f"sleep 1.1; SECONDS=2 bash {ROOT}/examples/ablations/algorithm.sh"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 3 and "rerun to continue" in r.stderr
+    assert not any(x.startswith("rl-step") for x in calls(tmp_path))
+
+
+def test_parallel_jobs_run_every_seed_once_spread_over_the_gpus(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2 3", STEPS="2", ARMS="base top-p-1",
+                   BENCHES="synth-reasoning", JOBS="3", GPUS="4 7", SHARDS="1")
+    script = str(ROOT / "examples/ablations/attributes.sh")
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first = calls(tmp_path)
+    assert sum(x.startswith("rl-step") for x in first) == 12  # 2 arms x 3 seeds x 2 steps
+    assert sum(x.startswith("eval") for x in first) == 7     # the start + 6 runs
+    for arm in ("base", "top-p-1"):
+        for seed in (1, 2, 3):
+            assert (tmp_path / f"exp/arms/{arm}/seed-{seed}/eval/step-000002/synth-reasoning/report.md").exists()
+    gpu_of = [line.split()[0] for line in (tmp_path / "calls.log.gpu").read_text().splitlines()]
+    assert set(gpu_of) == {"4", "7"}  # slots 0 and 2 on the first card, slot 1 on the second
+    top_p_gens = [x for x in first if x.startswith("gen") and "top-p-1/" in x]
+    assert len(top_p_gens) == 6 and all("--top-p 1.0" in x for x in top_p_gens)
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+    assert calls(tmp_path) == first  # everything finished: nothing reruns
+
+
+def test_parallel_jobs_stop_at_the_time_budget(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2", STEPS="1", ARMS="base",
+                   BENCHES="synth-reasoning", STOP_AFTER="1", JOBS="2", GPUS="")
+    r = subprocess.run(["bash", "-c", f"sleep 1.1; SECONDS=2 bash {ROOT}/examples/ablations/attributes.sh"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 3 and "rerun to continue" in r.stderr + r.stdout
     assert not any(x.startswith("rl-step") for x in calls(tmp_path))
 
 
@@ -284,3 +314,6 @@ def test_ablation_reward_files_load_and_silence_one_level():
     assert [t.weight for t in configs["level1-only"].levels["fine"]] == [0.0]
     assert [t.weight for t in configs["level2-only"].levels["coarse"]] == [0.0]
     assert {t.backend for lv in configs["spec"].levels.values() for t in lv} == {"spec"}
+    bonus = {t.name: t for t in configs["all-right-bonus"].levels["fine"]}
+    assert bonus["spec_all"].options == {"score": "all"} and bonus["spec_all"].weight == 1.0
+    assert set(bonus) - {"spec_all"} == {t.name for t in load_config("default").levels["fine"]}

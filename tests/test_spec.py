@@ -111,3 +111,21 @@ def test_backend_statuses():
     assert res[1].status == "ok" and res[1].value == 1.0
     assert res[2].status == "decode_error" and res[2].value is None
     assert res[3].status == "not_applicable" and res[3].value is None
+
+
+def test_backend_all_or_nothing_score():
+    import pytest
+
+    o = _first("chair")
+    g = o.grid.copy()
+    seat = color_id(o.spec["colors"]["seat"])
+    g[g == seat] = next(c for c in range(1, 17) if c not in np.unique(g))  # one check fails
+    items = [RewardItem("right", o.caption, "single", [], grid=o.grid, spec=o.spec),
+             RewardItem("one-wrong", o.caption, "single", [], grid=g, spec=o.spec)]
+    fraction = SpecBackend().score(items)
+    everything = SpecBackend(score="all").score(items)
+    assert fraction[0].value == everything[0].value == 1.0
+    assert 0.5 < fraction[1].value < 1.0 and everything[1].value == 0.0
+    assert everything[1].details["checks"] == fraction[1].details["checks"]
+    with pytest.raises(ValueError, match="score must be one of fraction, all"):
+        SpecBackend(score="most")

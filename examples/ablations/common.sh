@@ -9,6 +9,8 @@
 # Resumable: rerun to continue; finished steps and evaluations are skipped. STOP_AFTER=SECONDS
 # ends the call cleanly (exit 3) before starting work past the budget, so an experiment goes
 # through in slices of under 10 minutes. DRY_RUN=1 prints the arms' settings and eval commands.
+# JOBS=N runs N seeds/baseline evaluations at once, spread over the GPUs (GPUS, default all): the
+# default policy is small, so one run leaves a card mostly idle and several share it.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 ABLATIONS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,6 +36,8 @@ EVAL_SUPERSAMPLE=${EVAL_SUPERSAMPLE:-1}
 EVAL_SEED=${EVAL_SEED:-101}       # one sampling seed for every policy: the comparison is paired by prompt
 STOP_AFTER=${STOP_AFTER:-0}       # seconds for this call; 0 = no limit
 DRY_RUN=${DRY_RUN:-0}
+JOBS=${JOBS:-1}                   # runs at once (a seed of an arm, or a baseline's evaluation)
+GPUS=${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ' || true)}
 log() { echo "[ablations:$EXPERIMENT] $(date +%T) $*"; }
 declare -A BASELINE_OF=()           # "MODE|POLICY" -> the baseline that scores it at step 0
 
@@ -130,7 +134,7 @@ baseline() {
   BASELINE_OF["$3|$2"]=$1
   [ "$DRY_RUN" = 1 ] || mkdir -p "$d"
   [ "$DRY_RUN" = 1 ] || printf '{"arm": "%s", "baseline": true, "start_policy": "%s", "mode": "%s"}\n' "$1" "$2" "$3" > "$d/arm.json"
-  eval_policy "$2" "$d/eval/step-000000" "$3"
+  run_job eval_policy "$2" "$d/eval/step-000000" "$3"
 }
 
 # arm NAME [KNOB=VALUE ...]: learning_run.sh with those knobs (MODE, REWARDS, LAMBDA, LOSS_AGG,
@@ -138,7 +142,7 @@ baseline() {
 # steps to score, default the last) for every seed, each run then scored at EVAL_AT.
 arm() {
   local name=$1; shift
-  local knobs=("$@") s run eval_at mode steps start
+  local knobs=("$@") s n run eval_at mode steps start
   if [ -n "${ARMS:-}" ] && [[ " $ARMS " != *" $name "* ]]; then return; fi
   mode=$(for k in "${knobs[@]}"; do case $k in MODE=*) echo "${k#MODE=}" ;; esac; done)
   mode=${mode:-hi-grpo}
@@ -154,6 +158,7 @@ arm() {
       echo "arm $name seed $s: RUN=$run GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STEPS=$STEPS PROMPTS=$PROMPTS" \
         "GROUP=$GROUP LR=$LR MINIBATCH=$MINIBATCH MICRO=$MICRO SHARDS=$SHARDS WARMUP=$WARMUP KL_MAX=$KL_MAX BETA=$BETA" \
         "VIEWS=$VIEWS RES=$RES BATCH=$BATCH FAILED=$FAILED ${knobs[*]} bash examples/learning_run.sh"
+      for n in $eval_at; do eval_policy "$run/step-$(printf %06d "$n")/policy" "$run/eval/step-$(printf %06d "$n")" "$mode"; done
     else
       mkdir -p "$run"
       python3 - "$run/arm.json" "$EXPERIMENT" "$name" "$s" "${BASELINE_OF["$mode|$start"]:-}" "$mode" "${knobs[@]}" <<'EOF'
@@ -162,22 +167,66 @@ out, experiment, arm, seed, baseline, mode, *knobs = sys.argv[1:]
 json.dump({"experiment": experiment, "arm": arm, "seed": int(seed), "baseline": baseline, "mode": mode,
            "knobs": dict(k.split("=", 1) for k in knobs)}, open(out, "w"), indent=2)
 EOF
-      # trained, or scored already (a packed run keeps its scores, not its checkpoints: pack.sh)
-      if ! complete_run "$run" "$steps" && ! all_scored "$run" "$eval_at"; then
-        local left rc=0 t0=$SECONDS; left=$(budget_left)
-        log "train $name seed $s"
-        env POLICY0="$start" "${knobs[@]}" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
-          RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 || rc=$?
-        printf 'train\t%s\t%s\n' $((SECONDS - t0)) "$(device_name)" >> "$run/wall.tsv"
-        [ "$rc" = 3 ] && { log "time budget used in $name seed $s; rerun to continue"; exit 3; }
-        [ "$rc" = 0 ] || { tail -5 "$run/train.log" >&2; exit "$rc"; }
-      fi
+      run_job train_and_score "$run" "$name" "$s" "$steps" "$eval_at" "$mode" "$start" "${knobs[@]}"
     fi
-    for n in $eval_at; do
-      eval_policy "$run/step-$(printf %06d "$n")/policy" "$run/eval/step-$(printf %06d "$n")" "$mode"
-    done
   done
 }
+
+# train_and_score RUN ARM SEED STEPS EVAL_AT MODE START [KNOB=VALUE ...]: one seed of an arm
+train_and_score() {
+  local run=$1 name=$2 s=$3 steps=$4 eval_at=$5 mode=$6 start=$7 n; shift 7
+  # trained, or scored already (a packed run keeps its scores, not its checkpoints: pack.sh)
+  if ! complete_run "$run" "$steps" && ! all_scored "$run" "$eval_at"; then
+    local left rc=0 t0=$SECONDS; left=$(budget_left)
+    log "train $name seed $s${CUDA_VISIBLE_DEVICES:+ (GPU $CUDA_VISIBLE_DEVICES)}"
+    env POLICY0="$start" "$@" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
+      RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 || rc=$?
+    printf 'train\t%s\t%s\n' $((SECONDS - t0)) "$(device_name)" >> "$run/wall.tsv"
+    [ "$rc" = 3 ] && { log "time budget used in $name seed $s; rerun to continue"; exit 3; }
+    [ "$rc" = 0 ] || { tail -5 "$run/train.log" >&2; exit "$rc"; }
+  fi
+  for n in $eval_at; do
+    eval_policy "$run/step-$(printf %06d "$n")/policy" "$run/eval/step-$(printf %06d "$n")" "$mode"
+  done
+}
+
+# run_job CMD...: CMD here with JOBS=1; else in the background in a free slot of JOBS, slot k on
+# GPU k mod (number of GPUS), waiting for a slot first. An exit of 3 (budget used) or a failure
+# is kept for finish_experiment, which waits for every job.
+declare -A JOB_SLOT=()              # pid -> slot
+FREE_SLOTS=()
+JOB_RC=0
+run_job() {
+  if [ "$JOBS" -le 1 ] || [ "$DRY_RUN" = 1 ]; then "$@"; return; fi
+  [ ${#FREE_SLOTS[@]} -gt 0 ] || [ ${#JOB_SLOT[@]} -gt 0 ] || FREE_SLOTS=($(seq 0 $((JOBS - 1))))
+  while [ ${#FREE_SLOTS[@]} -eq 0 ]; do reap_job; done
+  local slot=${FREE_SLOTS[0]} gpus=($GPUS)
+  FREE_SLOTS=("${FREE_SLOTS[@]:1}")
+  (
+    [ ${#gpus[@]} -gt 0 ] && export CUDA_VISIBLE_DEVICES=${gpus[$((slot % ${#gpus[@]}))]}
+    pin_to_cores "$slot"
+    "$@"
+  ) &
+  JOB_SLOT[$!]=$slot
+}
+# pin_to_cores SLOT: this job (and what it starts) on its share of the cores we may use, so the
+# stages' worker pools, which size themselves by CPU affinity, do not oversubscribe the machine
+pin_to_cores() {
+  command -v taskset >/dev/null || return 0
+  local cores=($(python3 -c "import os; print(*sorted(os.sched_getaffinity(0)))"))
+  local per=$((${#cores[@]} / JOBS))
+  [ "$per" -ge 1 ] || return 0
+  local mine=("${cores[@]:$(($1 * per)):$per}")
+  taskset -cp "$(IFS=,; echo "${mine[*]}")" "$BASHPID" >/dev/null
+}
+reap_job() {  # wait for one job to end, free its slot, keep the worst exit (a failure over 3)
+  local pid rc=0
+  wait -n -p pid || rc=$?
+  [ -n "${pid:-}" ] || return 0
+  FREE_SLOTS+=("${JOB_SLOT[$pid]}"); unset "JOB_SLOT[$pid]"
+  if [ "$rc" != 0 ] && { [ "$JOB_RC" = 0 ] || [ "$JOB_RC" = 3 ]; }; then JOB_RC=$rc; fi
+}
+
 complete_run() { [ -f "$1/step-$(printf %06d "$2")/policy/rl_step.json" ]; }
 all_scored() {  # all_scored RUN "STEPS": every benchmark's report of every step to score exists
   local n bench
@@ -192,5 +241,8 @@ start_experiment() {
 }
 finish_experiment() {
   [ "$DRY_RUN" = 1 ] && return
+  while [ ${#JOB_SLOT[@]} -gt 0 ]; do reap_job; done
+  [ "$JOB_RC" = 3 ] && { log "time budget used; rerun to continue"; exit 3; }
+  [ "$JOB_RC" = 0 ] || exit "$JOB_RC"
   log "done; summary: rl3d learning-summary ablations $EXP_DIR --out DIR"
 }

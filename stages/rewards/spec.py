@@ -271,14 +271,22 @@ def parse_prompt(text: str) -> dict | None:
     return {"family": name, "category": fam.category, "params": params, "colors": colors, "style": style}
 
 
+SPEC_SCORES = ("fraction", "all")
+
+
 class SpecBackend(RewardBackend):
-    """Reward term "spec": fraction of the spec's attribute checks the decoded grid passes."""
+    """Reward term "spec": fraction of the spec's attribute checks the decoded grid passes, or with
+    option score = "all", 1 when every check passes and 0 otherwise (a bonus that pays only for
+    getting everything right, which the fraction dilutes: one failed check of 8 costs 0.125)."""
 
     name = "spec"
     needs_views = False
 
-    def __init__(self, parse: bool = True):
+    def __init__(self, parse: bool = True, score: str = "fraction"):
+        if score not in SPEC_SCORES:
+            raise ValueError(f"spec option score must be one of {', '.join(SPEC_SCORES)}, not {score!r}")
         self.parse = bool(parse)  # fall back to parse_prompt when the item carries no spec
+        self.all_or_nothing = score == "all"
 
     def score(self, items: list[RewardItem]) -> list[TermResult]:
         out = []
@@ -295,5 +303,6 @@ class SpecBackend(RewardBackend):
                                       f"grid; this shape is {'x'.join(map(str, np.asarray(it.grid).shape))} occupancy"))
                 continue
             res = check_spec(spec, np.asarray(it.grid))
-            out.append(TermResult(value=res.score, details={"checks": res.checks, "family": spec["family"]}))
+            value = float(all(c["passed"] for c in res.checks)) if self.all_or_nothing else res.score
+            out.append(TermResult(value=value, details={"checks": res.checks, "family": spec["family"]}))
         return out
