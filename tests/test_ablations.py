@@ -317,3 +317,22 @@ def test_ablation_reward_files_load_and_silence_one_level():
     bonus = {t.name: t for t in configs["all-right-bonus"].levels["fine"]}
     assert bonus["spec_all"].options == {"score": "all"} and bonus["spec_all"].weight == 1.0
     assert set(bonus) - {"spec_all"} == {t.name for t in load_config("default").levels["fine"]}
+
+
+def test_pack_keeps_scores_of_a_policy_folder_of_any_name(tmp_path):
+    exp = tmp_path / "exp"
+    (exp / "experiment.json").parent.mkdir(parents=True)
+    (exp / "experiment.json").write_text("{}")
+    for policy in ("policy", "mesh-only"):  # eval names its folder after the policy's directory
+        ev = exp / f"baseline/{policy}/eval/step-000000/synth-reasoning/{policy}"
+        (ev / "renders/_images/s-0-fine").mkdir(parents=True)
+        for name in ("per_sample.parquet", "renders/part-00000.parquet", "model.safetensors",
+                     *(f"renders/_images/s-0-fine/view-0{v}.png" for v in range(4))):
+            (ev / name).write_text("x")
+    subprocess.run(["bash", str(ROOT / "examples/ablations/pack.sh"), str(exp), str(tmp_path / "pk")],
+                   check=True, capture_output=True)
+    for policy in ("policy", "mesh-only"):
+        ev = tmp_path / f"pk/exp/baseline/{policy}/eval/step-000000/synth-reasoning/{policy}"
+        assert (ev / "per_sample.parquet").exists() and (ev / "renders/part-00000.parquet").exists()
+        assert len(list((ev / "renders/_images/s-0-fine").glob("view-*.png"))) == 4
+        assert not (ev / "model.safetensors").exists()

@@ -2,7 +2,7 @@
 # What the summary and a resumed experiment need from an experiment folder, without checkpoints,
 # meshes or training renders: the settings and arm files, run metrics, wall times, logs, training
 # rewards, and each evaluation's report, metrics, per-sample scores, prompts and the first sample's
-# renders (for the render grid). A rerun of the experiment script on a packed folder skips every
+# renders (every view of sample 0, for the render grid). A rerun of the experiment script on a packed folder skips every
 # scored run, so a long experiment can go on in a later session on another machine.
 #   bash examples/ablations/pack.sh runs/ablations/paradigm OUT     -> OUT/paradigm/
 set -euo pipefail
@@ -13,6 +13,6 @@ cd "$src"
 find . -type f \( -name experiment.json -o -name arm.json -o -name wall.tsv -o -name '*.log' \
   -o -name metrics.parquet -o -path './arms/*/step-*/rewards/part-*.parquet' \
   -o -path '*/eval/*/report.md' -o -path '*/eval/*/prompts-*.jsonl' -o -path '*/eval/*/metrics/part-*.parquet' \
-  -o -path '*/eval/*/policy/per_sample.parquet' -o -path '*/eval/*/policy/renders/part-*.parquet' \
-  -o -path '*/eval/*/policy/renders/_images/*-0-*/view-0[01].png' \) -print0 | xargs -0 -r cp --parents -t "$dst"
+  -o -path '*/eval/*/*/per_sample.parquet' -o -path '*/eval/*/*/renders/part-*.parquet' \
+  -o -path '*/eval/*/*/renders/_images/*-0-*/view-*.png' \) -print0 | xargs -0 -r cp --parents -t "$dst"
 du -sh "$dst" | cut -f1

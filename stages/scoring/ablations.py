@@ -267,8 +267,10 @@ def _views(ev: Evaluation, prompt_id: str) -> list[str]:
     if not ids:
         return []
     renders = tables.read_table(ev.policy_dir / "renders", "renders").to_pylist()
+    # a packed experiment (examples/ablations/pack.sh) keeps sample 0's images only, and before
+    # it kept all views only its first two: show the views that are there
     return [str(r["image_path"]) for r in sorted(renders, key=lambda r: r["view"])
-            if r["sample_id"] == ids[0] and r["status"] == "ok"]
+            if r["sample_id"] == ids[0] and r["status"] == "ok" and Path(r["image_path"]).exists()]
 
 
 def _prompt(ev: Evaluation, prompt_id: str) -> str:
