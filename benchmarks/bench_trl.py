@@ -83,7 +83,10 @@ def run_rl3d(root: Path, policy: Path, args) -> dict:
     rl3d("synth", "--n", str(args.prompts), "--seed", "1001", "--split", "train", "--no-meshes",
          "--out", str(root / "prompts"))
     gen_s, gen = rl3d("gen", "--prompts", str(root / "prompts"), "--policy", str(policy), "--mode", "flat",
-                      "-G", str(args.group), "--seed", "1", "--device", args.device, "--out", str(root / "gen"))
+                      "-G", str(args.group), "--seed", "1", "--device", args.device, "--out", str(root / "gen"),
+                      # no GLBs: TRL writes none, and a random-init model's meshes are noise grids whose
+                      # meshing (~190 ms and 4 MB a sample) would dominate the gen command
+                      "--no-meshes")
     reward_s, _ = rl3d("reward", "--samples", str(root / "gen"), "--config",
                        str(write_reward_config(root / "reward.toml")), "--out", str(root / "rewards"))
     step_s, step = rl3d("rl-step", "--algo", "grpo", "--policy", str(policy), "--samples", str(root / "gen"),

@@ -57,10 +57,13 @@ EXAMPLES = """Examples:
                    "(docs/doctor.md). Results in _textured/; failures are row texture statuses.")
 @click.option("--texture-timeout", default=600.0, show_default=True, type=float,
               help="Seconds a texture hook may take per mesh.")
+@click.option("--meshes/--no-meshes", default=True, show_default=True,
+              help="Write OUT/_meshes/<sample_id>.glb per decodable sample. --no-meshes: the samples table only "
+                   "(reward terms on the voxel grid decode the tokens; render and CLIP-family terms need the GLBs).")
 @stage_options
 @handle_errors
 def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
-            batch_size, sampler, device, dtype, texture_hook, texture_timeout, **kw):
+            batch_size, sampler, device, dtype, texture_hook, texture_timeout, meshes, **kw):
     """Sample G rollouts per prompt: reasoning text, then exactly the codec's mesh tokens (512 with
     the shipped codec), per level.
 
@@ -77,5 +80,5 @@ def command(prompts, policy_dir, mode, group_size, sampling_preset, temperature,
     summary = run_gen(prompts, opts, policy_dir=policy_dir, mode=mode, group_size=group_size, sampling=None,
                       batch_size=batch_size, device=device, dtype=dtype, sampling_preset=sampling_preset,
                       sampling_overrides=overrides, texture_hook=texture_hook, texture_timeout=texture_timeout,
-                      sampler=sampler)
+                      sampler=sampler, meshes=meshes)
     report(summary, opts, stage="gen", started=started)

@@ -6,7 +6,9 @@ composition or sharding) is stages/policy/sampler.py; the sequence layout is sta
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,21 +56,58 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     jobs = [(r, k) for r in prompt_rows for k in range(group_size)]
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
-    for level in MODES[mode]:
-        texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
-                 for r, k in jobs]
-        batches = range(0, len(jobs), batch_size)
-        for s in progress.track(batches, total=len(batches), desc=f"gen {level}"):
-            chunk = jobs[s:s + batch_size]
-            level_rows = _sample_chunk(policy, chunk, texts[s:s + batch_size], level, seed, sampling, out_dir,
-                                       sample_fn)
-            for (r, k), row in zip(chunk, level_rows):
-                plans[(r["prompt_id"], k)] = row["reasoning"]
-            rows += level_rows
+    with MeshWriter(out_dir, coloured=policy.codec.resolution == 32) as write_mesh:
+        for level in MODES[mode]:
+            texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
+                     for r, k in jobs]
+            batches = range(0, len(jobs), batch_size)
+            for s in progress.track(batches, total=len(batches), desc=f"gen {level}"):
+                chunk = jobs[s:s + batch_size]
+                level_rows = _sample_chunk(policy, chunk, texts[s:s + batch_size], level, seed, sampling,
+                                           write_mesh, sample_fn)
+                for (r, k), row in zip(chunk, level_rows):
+                    plans[(r["prompt_id"], k)] = row["reasoning"]
+                rows += level_rows
     return rows
 
 
-def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling, out_dir,
+class MeshWriter:
+    """Writes each decodable sample's GLB on worker threads while the next batch samples: meshing
+    takes ~20 ms a sample on one core (1024 samples: ~20 s, most of a GPU gen's wall time when done
+    in line), and the mesh building and export run in numpy and zlib, which release the GIL.
+    Called with (grid, sample_id), it returns the mesh_path at once (None without an out_dir); on
+    leaving the block every write has finished, and the first failed one raises."""
+
+    def __init__(self, out_dir: str | Path | None, coloured: bool = True, workers: int | None = None):
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.coloured = coloured
+        self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) if self.out is not None else None
+        self.pending: list = []
+
+    def __call__(self, grid: np.ndarray, sample_id: str) -> str | None:
+        if self.pool is None:
+            return None
+        rel = f"{shards_io.MESHES}/{sample_id}.glb"
+        path = shards_io.inside(self.out, rel)  # checked here: an id that escapes the folder fails at once
+        self.pending.append(self.pool.submit(_write_mesh_file, grid, path, self.coloured))
+        return rel
+
+    def __enter__(self) -> "MeshWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is None:
+            return
+        if exc_type is not None:
+            for f in self.pending:
+                f.cancel()
+        self.pool.shutdown(wait=True)
+        if exc_type is None:
+            for f in self.pending:
+                f.result()  # the first failed write raises here
+
+
+def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling, write_mesh,
                   sample_fn=sample_sequences) -> list[dict]:
     tok, special, codec = policy.tokenizer, policy.special, policy.codec
     prompt_ids = [encode_text(tok, t) for t in texts]
@@ -88,8 +127,8 @@ def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling,
         status, message, mesh_path = "ok", "", None
         if not grids[i].any():
             status, message = "decode_error", "empty grid: every mesh token is the empty block"
-        elif out_dir is not None:
-            mesh_path = _write_mesh(grids[i], Path(out_dir), sid, coloured=codec.resolution == 32)
+        else:
+            mesh_path = write_mesh(grids[i], sid)
         row = {
             "sample_id": sid, "prompt_id": r["prompt_id"], "sample_index": k, "level": level,
             "prompt": r["prompt"], "input_ids": sequences[i], **spans[i],
@@ -105,12 +144,10 @@ def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling,
     return out
 
 
-def _write_mesh(grid: np.ndarray, out: Path, sample_id: str, coloured: bool = True) -> str:
+def _write_mesh_file(grid: np.ndarray, path: Path, coloured: bool = True) -> None:
     """The block codec's palette grids keep their colours; the VQ-VAE's occupancy (no colour) is
     a neutral grey mesh (formats/occupancy.py)."""
-    rel = f"{shards_io.MESHES}/{sample_id}.glb"
-    write_glb(grid_to_mesh(grid) if coloured else occupancy_to_mesh(grid), shards_io.inside(out, rel))
-    return rel
+    write_glb(grid_to_mesh(grid) if coloured else occupancy_to_mesh(grid), path)
 
 
 # ---- the samples table -----------------------------------------------------------------------------
@@ -154,10 +191,11 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
             batch_size: int | None = None,
             device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
             sampling_overrides: dict | None = None, texture_hook: str | None = None,
-            texture_timeout: float = 600.0, sampler: str = "auto") -> dict:
+            texture_timeout: float = 600.0, sampler: str = "auto", meshes: bool = True) -> dict:
     """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id). `sampling`
     None: resolved from `sampling_preset` (None = the policy's own, else the defaults) and the
-    explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling)."""
+    explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling). `meshes`
+    False: the samples table only, no GLBs (rewards on the grid decode the tokens; render needs them)."""
     if mode not in MODES:
         raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if group_size < 1 or (batch_size is not None and batch_size < 1):
@@ -165,6 +203,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
     if sampler not in SAMPLERS:
         raise InputError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     hook = parse_hook(texture_hook) if texture_hook else None  # a bad spec fails before any work
+    if hook is not None and not meshes:
+        raise InputError("--texture-hook paints the GLBs that --no-meshes leaves out: use one of them")
     prompts = read_prompts(prompts_path)
     path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
     meta = read_policy_meta(path)
@@ -185,6 +225,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         config["codec"] = str(codec_file.resolve())
     if sampler != "auto":  # only when chosen: default outputs unchanged (stats name the engine auto picked)
         config["sampler"] = sampler
+    if not meshes:  # only when off: default outputs unchanged
+        config["meshes"] = False
     if texture_hook:  # only with a hook: default outputs unchanged
         config["texture_hook"], config["texture_timeout"] = texture_hook, float(texture_timeout)
     for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
@@ -205,7 +247,8 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
         stats["batch_size"] = batch = batch_size or default_batch_size(policy.device)
         progress.log(f"gen: {len(rows)} prompts x {group_size} x {len(levels)} level(s) with {policy.policy_id}")
         stats["sampler"] = choose_sampler(sampler, policy.device)[0]
-        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch, opts.out, progress, sampler)
+        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch, opts.out if meshes else None,
+                       progress, sampler)
         stats["seconds_generate"] = round(time.time() - t0, 3)
         if hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
             out = texture_meshes(out, hook, opts.out, texture_timeout)

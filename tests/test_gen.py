@@ -175,6 +175,44 @@ def test_killed_gen_resumes_without_duplicates(tiny, prompts_file, tmp_path):
     assert json.loads(r.stdout)["skipped"] is True
 
 
+def test_no_meshes_writes_the_same_rows_without_glbs(tiny, prompts_file, tmp_path):
+    args = ["gen", "--prompts", str(prompts_file), "--policy", str(tiny), "--mode", "flat", "-G", "2",
+            "--max-reasoning-tokens", "2", "--seed", "5", "--quiet"]
+    assert CliRunner().invoke(main, args + ["--out", str(tmp_path / "with")]).exit_code == 0
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "without"), "--no-meshes"])
+    assert r.exit_code == 0, r.output
+    with_meshes, _ = _read(tmp_path / "with")
+    without, _ = _read(tmp_path / "without")
+    assert with_meshes.keys() == without.keys()
+    for k, row in without.items():
+        assert row["input_ids"] == with_meshes[k]["input_ids"] and row["status"] == with_meshes[k]["status"]
+        assert row["mesh_path"] is None
+    assert any(x["mesh_path"] for x in with_meshes.values()) and not (tmp_path / "without/_meshes").exists()
+    assert tables.table_config(tmp_path / "without")["meshes"] is False
+    assert "meshes" not in tables.table_config(tmp_path / "with")  # the default's config is unchanged
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "x"), "--no-meshes", "--texture-hook", "cmd:true"])
+    assert r.exit_code == 2 and "--no-meshes" in r.output
+
+
+def test_mesh_writer_finishes_every_write_and_raises_a_failed_one(tmp_path, monkeypatch):
+    grid = np.zeros((32, 32, 32), np.uint8)
+    grid[:4, :4, :4] = 3
+    (tmp_path / "_meshes").mkdir()
+    with gen.MeshWriter(tmp_path, workers=2) as write:
+        paths = [write(grid, f"s{i}") for i in range(6)]
+    assert paths == [f"_meshes/s{i}.glb" for i in range(6)]
+    assert all((tmp_path / p).stat().st_size > 0 for p in paths)
+    with gen.MeshWriter(None) as write:
+        assert write(grid, "s0") is None
+
+    def broken(mesh, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gen, "write_glb", broken)
+    with pytest.raises(OSError, match="No space left"):
+        with gen.MeshWriter(tmp_path, workers=2) as write:
+            write(grid, "t0")
+
+
 def test_empty_grid_is_kept_as_decode_error(loaded, tmp_path, monkeypatch):
     monkeypatch.setattr(loaded.codec, "decode_batch", lambda t: np.zeros((len(t), 32, 32, 32), np.uint8))
     rows = gen.generate(loaded, PROMPTS[:1], "flat", group_size=1, seed=0, sampling=Sampling(max_reasoning_tokens=1),
