@@ -236,11 +236,20 @@ def test_summary_numbers_tables_and_images(tmp_path):
     # per prompt, seeds pooled: p0 4/6 - 1/2, p1 3/6 - 0, p2 1 - 1
     assert paired["prompts"] == 3 and paired["change"] == pytest.approx((1 / 6 + 1 / 2 + 0) / 3)
     assert paired["improved"] == 2
+    assert base["mesh_decoded"]["mean"] == pytest.approx(1.0)  # every fabricated sample decoded
     md = paths["markdown"].read_text()
     assert "| base | 2 | 3 | 0.722 ± " in md
     assert "| start (hi-grpo) | 1.00 | 0.25 |" in md  # per category: organic, spatial
     assert "NVIDIA H100 80GB HBM3" in md and "bash examples/ablations/algorithm.sh" in md
     assert Image.open(paths["curves"]).size[0] > 100 and Image.open(paths["renders"]).size[0] > 100
+
+
+def test_decode_failures_are_a_metric_of_their_own():
+    from rl3d.stages.scoring.ablations import sample_value
+
+    assert sample_value({"status": "ok", "clip_score": 50.0}, "mesh_decoded") == 1.0
+    failed = {"status": "decode_error", "clip_score": None}  # other metrics leave a failed sample out
+    assert sample_value(failed, "mesh_decoded") == 0.0 and sample_value(failed, "clip_score") is None
 
 
 def test_summary_by_command(tmp_path):

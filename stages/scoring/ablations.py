@@ -26,14 +26,17 @@ from rl3d.stages.scoring.learning import paired_prompt_change
 from rl3d.stages.scoring.run_metrics import read_run_metrics
 
 # per-sample columns of `rl3d eval` (per_sample.parquet) reported per benchmark; the first is the headline
+# "mesh_decoded" (the sample's status is ok) comes last: the other metrics average over decoded
+# samples only, so an arm that fails to decode half its meshes would otherwise look only mildly worse
 BENCH_METRICS = {
-    "synth-reasoning": ["spec_all_correct", "spec_accuracy", "clip_score", "reference_iou", "single_component_rate"],
-    "text-reasoning": ["clip_score", "single_component_rate", "watertight_rate"],
+    "synth-reasoning": ["spec_all_correct", "spec_accuracy", "clip_score", "reference_iou", "single_component_rate",
+                        "mesh_decoded"],
+    "text-reasoning": ["clip_score", "single_component_rate", "watertight_rate", "mesh_decoded"],
 }
-DEFAULT_METRICS = ["clip_score", "single_component_rate"]
+DEFAULT_METRICS = ["clip_score", "single_component_rate", "mesh_decoded"]
 LABELS = {"spec_all_correct": "all attributes right", "spec_accuracy": "spec accuracy", "clip_score": "CLIP score",
           "reference_iou": "IoU vs truth", "single_component_rate": "single component",
-          "watertight_rate": "watertight"}
+          "watertight_rate": "watertight", "mesh_decoded": "mesh decoded"}
 # two-sided 95% Student t quantiles by degrees of freedom (seeds - 1)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -127,6 +130,8 @@ def _evaluations(run: Path, arm: str, seed: int | None) -> list[Evaluation]:
 # ---------------------------------------------------------------- numbers
 
 def sample_value(row: dict, metric: str) -> float | None:
+    if metric == "mesh_decoded":
+        return float(row.get("status") == "ok")
     v = row.get(metric)
     return None if v is None else float(v)
 
