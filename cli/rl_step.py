@@ -75,6 +75,9 @@ Several GPUs (same options):
               "policy failure (decode_error: an empty mesh) --failed-penalty; other failures drop the group.")
 @click.option("--failed-penalty", type=float, default=0.0, show_default=True,
               help="Total reward of a failed sample under --failed-rewards penalty (per level).")
+@click.option("--train-levels", type=click.Choice(["all", "coarse", "fine"]), default="all", show_default=True,
+              help="hi-grpo: train both levels' tokens, or one level's only (an ablation); the other level's "
+                   "rewards still reach the advantages through the back-flow.")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute activations in the backward pass (less memory).")
 @click.option("--old-logprobs", type=click.Choice(["stored", "recompute"]), default="stored", show_default=True,

@@ -41,6 +41,7 @@ RATIO=${RATIO:-token}         # token | sequence (GSPO)
 CLIP_LOW=${CLIP_LOW:-0.2}
 CLIP_HIGH=${CLIP_HIGH:-0.28}  # = CLIP_LOW: no decoupled (clip-higher) clip
 DYNAMIC=${DYNAMIC:-off}       # dynamic sampling: off | zero-std | min-std:X
+TRAIN_LEVELS=${TRAIN_LEVELS:-all}  # hi-grpo: all | coarse | fine (the level whose tokens train)
 TEMPERATURE=${TEMPERATURE:-}  # gen sampling temperature (default: the policy's)
 TOP_P=${TOP_P:-}              # gen nucleus mass (default: the policy's, 0.95)
 PROMPT_SEED=${PROMPT_SEED:-1000}  # step i trains on synth train prompts of seed PROMPT_SEED + i
@@ -109,7 +110,7 @@ for i in $(seq 1 "$STEPS"); do
       --lr "$LR" --warmup-updates "$WARMUP" --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --micro-batch "$MICRO" --beta "$BETA" \
       --failed-rewards "$FAILED" --failed-penalty "$FAILED_PENALTY" --run-metrics "$RUN/metrics.parquet" \
       --algo "$algo" --lambda "$LAMBDA" --loss-agg "$LOSS_AGG" --ratio "$RATIO" --clip-low "$CLIP_LOW" \
-      --clip-high "$CLIP_HIGH" --dynamic-sampling "$DYNAMIC" --quiet
+      --clip-high "$CLIP_HIGH" --dynamic-sampling "$DYNAMIC" --train-levels "$TRAIN_LEVELS" --quiet
   fi
   policy="$d/policy"
   if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then

@@ -70,7 +70,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     adv_rows, adv_stats = compute_advantages(
         samples, algo=cfg.algo, lam=cfg.lam, adv_std=cfg.adv_std, std_eps=cfg.std_eps,
         dynamic_sampling=cfg.dynamic_sampling, min_std=cfg.min_std, failed_rewards=cfg.failed_rewards,
-        failed_penalty=cfg.failed_penalty)
+        failed_penalty=cfg.failed_penalty, train_levels=cfg.train_levels)
     kept = _kept_samples(samples, adv_rows)
     timings["load_s"] = time.time() - t0
     progress.log(f"rl-step: {len(kept)} of {len(samples)} samples train ({adv_stats['groups']} groups, "

@@ -93,3 +93,27 @@ def test_hi_grpo_requires_paired_levels():
     rows = _traj("p", [1.0, 0.0], [0.0, 1.0])[:-1]
     with pytest.raises(InputError, match="one coarse and one fine row per sample_index"):
         compute_advantages(rows)
+
+
+def test_train_levels_keeps_one_level_and_leaves_its_advantages_unchanged():
+    rows = _traj("p", [1.0, 0.0, 0.5], [0.0, 1.0, 2.0])
+    both = _by_id(compute_advantages(rows, lam=1.0)[0])
+    for level, other in (("coarse", "fine"), ("fine", "coarse")):
+        out, stats = compute_advantages(rows, lam=1.0, train_levels=level)
+        a = _by_id(out)
+        assert stats["untrained_level_rows"] == 3
+        for i in range(3):
+            mine, theirs = a[f"p-{i}-{level}"], a[f"p-{i}-{other}"]
+            assert mine.kept and mine.advantage == pytest.approx(both[f"p-{i}-{level}"].advantage)
+            assert not theirs.kept and theirs.reason == f"level not trained (--train-levels {level})"
+    assert "untrained_level_rows" not in compute_advantages(rows)[1]  # the default's stats are unchanged
+
+
+def test_train_levels_is_checked():
+    from rl3d.stages.rl.config import RLConfig
+
+    with pytest.raises(InputError, match="--train-levels 'both': expected one of all, coarse, fine"):
+        RLConfig(train_levels="both").check()
+    with pytest.raises(InputError, match="only --algo hi-grpo has levels"):
+        RLConfig(algo="grpo", train_levels="fine").check()
+    assert RLConfig(train_levels="fine").check().train_levels == "fine"

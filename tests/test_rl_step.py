@@ -167,6 +167,22 @@ def test_cli_errors_and_dynamic_sampling(run, tmp_path):
     assert summary["kept_samples"] == 0 and summary["dropped_groups"] == 4  # 2 prompts x 2 levels
 
 
+def test_train_levels_trains_one_level_only(run, tmp_path):
+    root, policy, rows = run
+    r = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                  "--rewards", str(root / "rewards"), "--out", str(tmp_path / "fine"),
+                                  "--train-levels", "fine", "--micro-batch", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["kept_samples"] == sum(x["level"] == "fine" for x in rows)
+    adv = tables.read_table(tmp_path / "fine" / "advantages", "advantages").to_pylist()
+    assert {a["level"] for a in adv if a["kept"]} == {"fine"}
+    r = CliRunner().invoke(main, ["rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
+                                  "--rewards", str(root / "rewards"), "--out", str(tmp_path / "x"),
+                                  "--train-levels", "fine", "--algo", "grpo"])
+    assert r.exit_code == 2 and "only --algo hi-grpo has levels" in r.output
+
+
 def test_two_process_ddp_matches_one_process(run, tmp_path):
     """DDP on CPU (gloo, torchrun): each process takes every 2nd sequence of a minibatch, yet the
     gradients, the update and the step's diagnostics equal the single-process step's."""

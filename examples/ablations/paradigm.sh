@@ -16,6 +16,6 @@ arm hi-grpo                                  # both levels, back-flow lambda 1: 
 arm flat-reasoning MODE=flat
 arm flat-mesh-only MODE=flat POLICY0="$mesh_only"
 arm hi-grpo-lambda0 LAMBDA=0
-arm level1-only REWARDS="$ABLATIONS/rewards/level1-only.toml" LAMBDA=0
-arm level2-only REWARDS="$ABLATIONS/rewards/level2-only.toml" LAMBDA=0
+arm level1-only TRAIN_LEVELS=coarse LAMBDA=0   # only the coarse level's tokens train, on R_high alone
+arm level2-only TRAIN_LEVELS=fine              # only the fine level's tokens train (on R_low)
 finish_experiment

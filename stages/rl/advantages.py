@@ -34,14 +34,18 @@ class AdvantageRow:
 
 def compute_advantages(rows: list[dict], algo: str = "hi-grpo", lam: float = 1.0, adv_std: str = "group",
                        std_eps: float = 1e-4, dynamic_sampling: str = "off", min_std: float = 0.0,
-                       failed_rewards: str = "drop-group", failed_penalty: float = 0.0
-                       ) -> tuple[list[AdvantageRow], dict]:
+                       failed_rewards: str = "drop-group", failed_penalty: float = 0.0,
+                       train_levels: str = "all") -> tuple[list[AdvantageRow], dict]:
     """rows: dicts with sample_id, prompt_id, sample_index, level, total (None when failed), status.
     failed_rewards: drop-group | error | penalty (policy failures scored `failed_penalty`).
+    train_levels: all, or the one level (coarse | fine) whose rows are kept; the other level's rows
+    still shape the advantages (back-flow) but train nothing, not even their KL term.
 
     Returns one AdvantageRow per input row and counts of dropped groups and penalised rows.
     """
     stats = {"groups": 0, "dropped_failed": 0, "dropped_no_spread": 0, "penalized_failed": 0}
+    if train_levels != "all":
+        stats["untrained_level_rows"] = 0
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r)
@@ -68,6 +72,11 @@ def compute_advantages(rows: list[dict], algo: str = "hi-grpo", lam: float = 1.0
             if a.sample_id in penalized:
                 a.reason = f"failed sample scored {failed_penalty:g} (--failed-rewards penalty)"
         out += adv
+    if train_levels != "all":
+        for a in out:
+            if a.level != train_levels:
+                a.kept, a.reason = False, f"level not trained (--train-levels {train_levels})"
+                stats["untrained_level_rows"] += 1
     return out, stats
 
 

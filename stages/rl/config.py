@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from rl3d.formats.errors import InputError
 
 OLD_LOGPROBS = ("stored", "recompute")
+TRAIN_LEVELS = ("all", "coarse", "fine")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RLConfig:
     fused_adamw: bool = True         # torch's fused AdamW kernel when every trained weight is on CUDA
     seed: int = 0
     temperature: float | None = None  # None: the temperature the samples were drawn with
+    train_levels: str = "all"        # hi-grpo: all | coarse | fine, the level whose tokens train (ablations)
 
     def check(self) -> "RLConfig":
         """Settings under which a step cannot train are an error, not a step that learned nothing."""
@@ -50,6 +52,10 @@ class RLConfig:
                 raise InputError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise InputError(f"--old-logprobs {self.old_logprobs!r}: expected one of {', '.join(OLD_LOGPROBS)}")
+        if self.train_levels not in TRAIN_LEVELS:
+            raise InputError(f"--train-levels {self.train_levels!r}: expected one of {', '.join(TRAIN_LEVELS)}")
+        if self.train_levels != "all" and self.algo != "hi-grpo":
+            raise InputError(f"--train-levels {self.train_levels}: only --algo hi-grpo has levels to choose from")
         if self.lr < 0:
             raise InputError(f"--lr {self.lr}: must be >= 0")
         return self
