@@ -7,6 +7,7 @@ manifest, the table metadata and the summary that the CLI prints (or emits as --
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -35,6 +36,14 @@ class StageOptions:
 
 
 PLAIN_EVERY_S = 10.0
+
+
+def usable_cores() -> int:
+    """Cores this process may use (its CPU affinity where the OS tells, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def plain_line(desc: str, done: int, total: int | None, elapsed: float) -> str:

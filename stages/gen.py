@@ -6,7 +6,6 @@ composition or sharding) is stages/policy/sampler.py; the sequence layout is sta
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from rl3d.formats.glb import write_glb
 from rl3d.formats.occupancy import occupancy_to_mesh
 from rl3d.formats.prompts import read_prompts
 from rl3d.formats.voxels import grid_to_mesh
-from rl3d.stages.contract import Progress, StageOptions, run_stage
+from rl3d.stages.contract import Progress, StageOptions, run_stage, usable_cores
 from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
                                            read_policy_meta)
 from rl3d.stages.policy.device import resolve_device_dtype
@@ -81,7 +80,7 @@ class MeshWriter:
     def __init__(self, out_dir: str | Path | None, coloured: bool = True, workers: int | None = None):
         self.out = Path(out_dir) if out_dir is not None else None
         self.coloured = coloured
-        self.pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) if self.out is not None else None
+        self.pool = ThreadPoolExecutor(workers or min(8, usable_cores())) if self.out is not None else None
         self.pending: list = []
 
     def __call__(self, grid: np.ndarray, sample_id: str) -> str | None:

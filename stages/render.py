@@ -28,7 +28,7 @@ from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
 from rl3d.formats.shards import check_id
 from rl3d.formats.tables import absolute_media, list_parts, provenance
-from rl3d.stages.contract import run_stage
+from rl3d.stages.contract import run_stage, usable_cores
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
 from rl3d.stages.raycast.renderer import (angle_tuples, check_supersample, prepare_mesh, render_views,
@@ -219,14 +219,6 @@ def _render_batch(args) -> list[dict]:
     return [r for job in jobs for r in render_one(job, out, opts)]
 
 
-def cpu_workers() -> int:
-    """Cores this process may use (its CPU affinity where the OS tells, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions) -> list:
     """Views of prepared meshes from the torch renderer, in batches; a batch that fails is
     rendered again mesh by mesh, so that one bad mesh fails alone (its entry is the exception)."""
@@ -334,7 +326,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
                           bool(depth), bool(normals), bool(sheet), str(framing), backend, device, int(supersample))
     jobs = read_jobs(samples)
     if workers is None:
-        workers = min(MAX_WORKERS, max(1, cpu_workers() - 1)) if backend == "torch" else min(2, os.cpu_count() or 1)
+        workers = min(MAX_WORKERS, max(1, usable_cores() - 1)) if backend == "torch" else min(2, os.cpu_count() or 1)
     # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
     # renders as before supersampling existed: left out, its config hash is the old one.
     config = {"samples": str(Path(samples).resolve()),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +33,7 @@ from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
-from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed
+from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed, usable_cores
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
 
@@ -186,14 +185,6 @@ def score_term(term: TermConfig, backend, items: list[RewardItem], batch: int) -
     return out
 
 
-def cpu_count() -> int:
-    """Cores this process may use (its CPU affinity where the OS tells, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _score_in_worker(term: TermConfig, items: list[RewardItem], batch: int) -> tuple[list[TermResult], float]:
     """score_term in a worker process (its backend built once per process), with its seconds."""
     t0 = time.perf_counter()
@@ -244,8 +235,8 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     # model-free terms on the host (geometry, spec) go to worker processes, when there are enough
     # samples, while this process scores the model terms (CLIP on the GPU): the same values
     host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
-    pool = ProcessPoolExecutor(min(MAX_WORKERS, cpu_count() - 1), mp_context=mp.get_context("spawn")) \
-        if host_items >= MIN_ITEMS_FOR_PROCESSES and cpu_count() > 2 else None
+    pool = ProcessPoolExecutor(min(MAX_WORKERS, usable_cores() - 1), mp_context=mp.get_context("spawn")) \
+        if host_items >= MIN_ITEMS_FOR_PROCESSES and usable_cores() > 2 else None
     scored: list = []            # (level, term, row indices to score), in config order
     pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes
     for lvl, term in jobs:

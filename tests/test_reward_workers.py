@@ -31,7 +31,7 @@ def test_host_terms_in_worker_processes_give_the_same_rewards(tmp_path, monkeypa
     (tmp_path / "cfg.toml").write_text("[[levels.".join(blocks))
     reward.run(tmp_path / "s.parquet", None, str(tmp_path / "cfg.toml"), StageOptions(out=tmp_path / "here", quiet=True))
     monkeypatch.setattr(reward, "MIN_ITEMS_FOR_PROCESSES", 1)
-    monkeypatch.setattr(reward, "cpu_count", lambda: 3)  # two worker processes
+    monkeypatch.setattr(reward, "usable_cores", lambda: 3)  # two worker processes
     reward.run(tmp_path / "s.parquet", None, str(tmp_path / "cfg.toml"), StageOptions(out=tmp_path / "pool", quiet=True))
     a, b = tables.read_table(tmp_path / "here", "rewards"), tables.read_table(tmp_path / "pool", "rewards")
     assert a.equals(b) and a.num_rows == 12 and set(a.column("status").to_pylist()) <= {"ok", "partial"}
