@@ -47,11 +47,14 @@ from rl3d.formats.tables import read_table  # noqa: E402
 from rl3d.stages.policy.checkpoint import load_codec_for, prompt_format_for, read_policy_meta  # noqa: E402
 from rl3d.stages.policy.sequence import build_prompt  # noqa: E402
 from rl3d.stages.policy.tokenizer import load_tokenizer, special_ids  # noqa: E402
+from rl3d.stages.rewards.config import load_config  # noqa: E402
+from rl3d.stages.rl.config import RLConfig  # noqa: E402
 
 # rl-step's defaults, given to TRL too
-LR, BETA, CLIP_LOW, CLIP_HIGH = 1e-6, 0.01, 0.2, 0.28
-# the flat preset's render-free terms (stages/rewards/presets/flat.toml, without clip_score and spec)
-GEOMETRY_TERMS = {"non_degenerate": 0.5, "floating_parts": 0.25, "stability": 0.25, "watertight": 0.25}
+_RL = RLConfig()
+LR, BETA, CLIP_LOW, CLIP_HIGH = _RL.lr, _RL.beta, _RL.clip_low, _RL.clip_high
+# the flat preset's render-free terms (its geometry terms, without clip_score and spec), same weights
+GEOMETRY_TERMS = {t.name: t.weight for t in load_config("flat").levels["single"] if t.backend == "geometry"}
 RL3D_REWARD = "rl3d reward: the flat preset's geometry terms (" + ", ".join(GEOMETRY_TERMS) + "; no renders)"
 TRL_REWARD = ("TRL reward: a Python function, the fraction of mesh tokens in the completion "
               "(a throughput benchmark, not a learning comparison)")

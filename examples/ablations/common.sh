@@ -142,7 +142,7 @@ baseline() {
 # steps to score, default the last) for every seed, each run then scored at EVAL_AT.
 arm() {
   local name=$1; shift
-  local knobs=("$@") s n run eval_at mode steps start
+  local knobs=("$@") s run eval_at mode steps start
   if [ -n "${ARMS:-}" ] && [[ " $ARMS " != *" $name "* ]]; then return; fi
   mode=$(for k in "${knobs[@]}"; do case $k in MODE=*) echo "${k#MODE=}" ;; esac; done)
   mode=${mode:-hi-grpo}
@@ -158,7 +158,7 @@ arm() {
       echo "arm $name seed $s: RUN=$run GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STEPS=$STEPS PROMPTS=$PROMPTS" \
         "GROUP=$GROUP LR=$LR MINIBATCH=$MINIBATCH MICRO=$MICRO SHARDS=$SHARDS WARMUP=$WARMUP KL_MAX=$KL_MAX BETA=$BETA" \
         "VIEWS=$VIEWS RES=$RES BATCH=$BATCH FAILED=$FAILED ${knobs[*]} bash examples/learning_run.sh"
-      for n in $eval_at; do eval_policy "$run/step-$(printf %06d "$n")/policy" "$run/eval/step-$(printf %06d "$n")" "$mode"; done
+      score_run "$run" "$eval_at" "$mode"
     else
       mkdir -p "$run"
       python3 - "$run/arm.json" "$EXPERIMENT" "$name" "$s" "${BASELINE_OF["$mode|$start"]:-}" "$mode" "${knobs[@]}" <<'EOF'
@@ -174,7 +174,7 @@ EOF
 
 # train_and_score RUN ARM SEED STEPS EVAL_AT MODE START [KNOB=VALUE ...]: one seed of an arm
 train_and_score() {
-  local run=$1 name=$2 s=$3 steps=$4 eval_at=$5 mode=$6 start=$7 n; shift 7
+  local run=$1 name=$2 s=$3 steps=$4 eval_at=$5 mode=$6 start=$7; shift 7
   # trained, or scored already (a packed run keeps its scores, not its checkpoints: pack.sh)
   if ! complete_run "$run" "$steps" && ! all_scored "$run" "$eval_at"; then
     local left rc=0 t0=$SECONDS; left=$(budget_left)
@@ -185,8 +185,12 @@ train_and_score() {
     [ "$rc" = 3 ] && { log "time budget used in $name seed $s; rerun to continue"; exit 3; }
     [ "$rc" = 0 ] || { tail -5 "$run/train.log" >&2; exit "$rc"; }
   fi
-  for n in $eval_at; do
-    eval_policy "$run/step-$(printf %06d "$n")/policy" "$run/eval/step-$(printf %06d "$n")" "$mode"
+  score_run "$run" "$eval_at" "$mode"
+}
+score_run() {  # score_run RUN "STEPS" MODE: rl3d eval of the run's checkpoint at each of STEPS
+  local n
+  for n in $2; do
+    eval_policy "$1/step-$(printf %06d "$n")/policy" "$1/eval/step-$(printf %06d "$n")" "$3"
   done
 }
 
@@ -194,11 +198,10 @@ train_and_score() {
 # GPU k mod (number of GPUS), waiting for a slot first. An exit of 3 (budget used) or a failure
 # is kept for finish_experiment, which waits for every job.
 declare -A JOB_SLOT=()              # pid -> slot
-FREE_SLOTS=()
+FREE_SLOTS=($(seq 0 $((JOBS - 1))))
 JOB_RC=0
 run_job() {
   if [ "$JOBS" -le 1 ] || [ "$DRY_RUN" = 1 ]; then "$@"; return; fi
-  [ ${#FREE_SLOTS[@]} -gt 0 ] || [ ${#JOB_SLOT[@]} -gt 0 ] || FREE_SLOTS=($(seq 0 $((JOBS - 1))))
   while [ ${#FREE_SLOTS[@]} -eq 0 ]; do reap_job; done
   local slot=${FREE_SLOTS[0]} gpus=($GPUS)
   FREE_SLOTS=("${FREE_SLOTS[@]:1}")

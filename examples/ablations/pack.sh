@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What the summary and a resumed experiment need from an experiment folder, without checkpoints,
 # meshes or training renders: the settings and arm files, run metrics, wall times, logs, training
-# rewards, and each evaluation's report, metrics, per-sample scores, prompts and the first sample's
-# renders (every view of sample 0, for the render grid). A rerun of the experiment script on a packed folder skips every
-# scored run, so a long experiment can go on in a later session on another machine.
+# rewards, and each evaluation's report, metrics, per-sample scores, prompts and every view of the
+# first sample (for the render grid). A rerun of the experiment script on a packed folder skips
+# every scored run, so a long experiment can go on in a later session on another machine.
 #   bash examples/ablations/pack.sh runs/ablations/paradigm OUT     -> OUT/paradigm/
 set -euo pipefail
 src=${1:?usage: pack.sh EXP_DIR OUT}; dst="${2:?usage: pack.sh EXP_DIR OUT}/$(basename "$src")"
