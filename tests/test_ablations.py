@@ -245,6 +245,18 @@ def test_summary_numbers_tables_and_images(tmp_path):
     assert Image.open(paths["curves"]).size[0] > 100 and Image.open(paths["renders"]).size[0] > 100
 
 
+def test_a_run_not_scored_is_named_and_kept_out_of_the_tables(tmp_path):
+    exp = fabricated(tmp_path)
+    run = exp / "arms" / "beta0" / "seed-1"
+    write_run(run, "beta0", 1, "aaa", {"p0": [True], "p1": [True], "p2": [True]})
+    import shutil
+    shutil.rmtree(run / "eval")  # trained, then stopped before its evaluation finished
+    md = summarize(exp, tmp_path / "out")["markdown"].read_text()
+    assert "seeds per arm (scored): base 3, beta0 0" in md
+    assert "Not scored yet (in no table; their training curves are drawn): beta0 seed 1 (reached step 1)." in md
+    assert "| beta0 | 2 |" not in md
+
+
 def test_decode_failures_are_a_metric_of_their_own():
     from rl3d.stages.scoring.ablations import sample_value
 
@@ -275,6 +287,31 @@ def test_refuses_a_run_from_another_starting_policy(tmp_path):
         load_experiment(exp)
     r = CliRunner().invoke(cli, ["learning-summary", "ablations", str(exp), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "starting" in r.output
+
+
+def test_a_malformed_wall_time_row_is_a_one_line_error(tmp_path):
+    exp = fabricated(tmp_path)
+    wall = exp / "arms" / "base" / "seed-2" / "wall.tsv"
+    wall.write_text("train\t100\tNVIDIA H200\nCPU (64 cores)\n")
+    r = CliRunner().invoke(cli, ["learning-summary", "ablations", str(exp), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert f"{wall}: row 2: expected KIND<tab>SECONDS<tab>CARD" in r.output and "Traceback" not in r.output
+
+
+def test_device_name_is_one_line_on_a_machine_of_several_cards(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nfor i in 1 2 3 4; do echo 'NVIDIA H200'; done\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    common = ROOT / "examples/ablations/common.sh"
+    script = f'set -euo pipefail; source <(sed -n "/^device_name()/,/^}}/p" {common}); device_name'
+    r = subprocess.run(["bash", "-c", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                       capture_output=True, text=True, check=True)
+    assert r.stdout == "NVIDIA H200\n"
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    r = subprocess.run(["bash", "-c", script], env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("CPU (") and r.stdout.count("\n") == 1
 
 
 def test_refuses_a_baseline_of_other_weights_and_other_prompt_sets(tmp_path):
@@ -344,3 +381,32 @@ def test_pack_keeps_scores_of_a_policy_folder_of_any_name(tmp_path):
         assert (ev / "per_sample.parquet").exists() and (ev / "renders/part-00000.parquet").exists()
         assert len(list((ev / "renders/_images/s-0-fine").glob("view-*.png"))) == 4
         assert not (ev / "model.safetensors").exists()
+
+
+def test_a_packed_run_that_must_train_again_starts_empty(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2", STEPS="1", ARMS="base",
+                   BENCHES="synth-reasoning", SHARDS="1")
+    script = str(ROOT / "examples/ablations/attributes.sh")
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+    for seed in (1, 2):  # the stub leaves no files pack keeps from a step: give each run a training table
+        rewards = tmp_path / f"exp/arms/base/seed-{seed}/step-000001/rewards/part-00000-of-00001.parquet"
+        rewards.parent.mkdir(parents=True, exist_ok=True)
+        rewards.write_text(f"attempt one, seed {seed}")
+    subprocess.run(["bash", str(ROOT / "examples/ablations/pack.sh"), str(tmp_path / "exp"), str(tmp_path / "pk")],
+                   check=True, capture_output=True)
+    packed = tmp_path / "pk/exp"
+    assert (packed / "arms/base/seed-1/PACKED").exists()
+    (packed / "arms/base/seed-2/eval/step-000001/synth-reasoning/report.md").unlink()  # seed 2 was not scored
+    (tmp_path / "calls.log").unlink()
+    r = subprocess.run(["bash", script], env={**env, "EXP_DIR": str(packed)}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    trained = [c for c in calls(tmp_path) if c.startswith("rl-step")]
+    assert len(trained) == 1 and "seed-2" in trained[0]  # the scored seed 1 is kept as it is
+    assert (packed / "arms/base/seed-1/PACKED").exists()
+    assert (packed / "arms/base/seed-1/step-000001/rewards/part-00000-of-00001.parquet").exists()
+    fresh = packed / "arms/base/seed-2"
+    assert not (fresh / "PACKED").exists() and (fresh / "step-000001/policy/rl_step.json").exists()
+    assert not (fresh / "step-000001/rewards/part-00000-of-00001.parquet").exists()  # attempt one's table moved
+    (aside,) = (packed / "stale/base").glob("seed-2.*")
+    assert (aside / "step-000001/rewards/part-00000-of-00001.parquet").read_text() == "attempt one, seed 2"
+    assert "moved to" in r.stdout + r.stderr

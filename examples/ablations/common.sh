@@ -103,7 +103,10 @@ EOF
 }
 
 device_name() {  # the card (or CPU) a call ran on, for the results' wall-time table
-  nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep . || echo "CPU ($(nproc --all) cores)"
+  # read all of nvidia-smi's lines first: `| head -1` under pipefail failed on a SIGPIPE with
+  # several cards and appended a "CPU" line after the card's name
+  local names; names=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true)
+  if [ -n "$names" ]; then echo "${names%%$'\n'*}"; else echo "CPU ($(nproc --all) cores)"; fi
 }
 
 # eval_policy POLICY OUT MODE: each benchmark scored once (a finished report is skipped)
@@ -178,6 +181,7 @@ train_and_score() {
   # trained, or scored already (a packed run keeps its scores, not its checkpoints: pack.sh)
   if ! complete_run "$run" "$steps" && ! all_scored "$run" "$eval_at"; then
     local left rc=0 t0=$SECONDS; left=$(budget_left)
+    set_aside_packed "$run" "$name" "$s"
     log "train $name seed $s${CUDA_VISIBLE_DEVICES:+ (GPU $CUDA_VISIBLE_DEVICES)}"
     env POLICY0="$start" "$@" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
       RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 || rc=$?
@@ -186,6 +190,14 @@ train_and_score() {
     [ "$rc" = 0 ] || { tail -5 "$run/train.log" >&2; exit "$rc"; }
   fi
   score_run "$run" "$eval_at" "$mode"
+}
+# set_aside_packed RUN ARM SEED: a packed run that must train again starts in an empty folder; the
+# old attempt's metrics, rewards and any scores (of checkpoints that are gone) move to stale/.
+set_aside_packed() {
+  [ -f "$1/PACKED" ] || return 0
+  local aside="$EXP_DIR/stale/$2/seed-$3.$(date -u +%Y%m%dT%H%M%S)"
+  mkdir -p "$(dirname "$aside")"; mv "$1" "$aside"; mkdir -p "$1"; cp "$aside/arm.json" "$1/"
+  log "$2 seed $3: a packed run without checkpoints; its old attempt moved to $aside"
 }
 score_run() {  # score_run RUN "STEPS" MODE: rl3d eval of the run's checkpoint at each of STEPS
   local n

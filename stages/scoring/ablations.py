@@ -202,6 +202,34 @@ def category_rows(exp: Experiment, bench: str, metric: str) -> tuple[list[str], 
     return cats, rows
 
 
+def scored_seeds(exp: Experiment, arm: str) -> list[int]:
+    """Seeds of the arm with at least one finished held-out evaluation."""
+    return sorted({e.seed for e in exp.evals if e.arm == arm and e.seed is not None})
+
+
+def unscored_runs(exp: Experiment) -> list[tuple[str, int, int]]:
+    """(arm, seed, last finished training step) of every run without a finished evaluation: an
+    experiment stopped by its time budget, or a packed run waiting to be trained again."""
+    out = []
+    for arm, seeds in exp.arms.items():
+        done = set(scored_seeds(exp, arm))
+        for seed, run in sorted(seeds.items()):
+            if seed not in done:
+                # a step that sampled (gen) or kept its scores (rewards, in a packed run)
+                steps = [int(d.name.split("-")[1]) for d in run.glob("step-*")
+                         if (d / "rewards").is_dir() or (d / "gen").is_dir()]
+                out.append((arm, seed, max(steps, default=0)))
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def wall_times(exp: Experiment) -> list[dict]:
     """Seconds of training and of held-out scoring per arm (all seeds and slices), and the cards."""
     out = []
@@ -210,8 +238,11 @@ def wall_times(exp: Experiment) -> list[dict]:
         cards = set()
         for run in seeds.values():
             for f in [run / "wall.tsv", *run.glob("eval/step-*/wall.tsv")]:
-                for line in f.read_text().splitlines() if f.exists() else []:
-                    kind, sec, card = line.split("\t")
+                for row, line in enumerate(f.read_text().splitlines() if f.exists() else [], 1):
+                    fields = line.split("\t")
+                    if len(fields) != 3 or not _is_number(fields[1]):
+                        raise InputError(f"{f}: row {row}: expected KIND<tab>SECONDS<tab>CARD, got {line!r}")
+                    kind, sec, card = fields
                     train, score = (train + float(sec), score) if kind == "train" else (train, score + float(sec))
                     cards.add(card)
         out.append({"arm": arm, "seeds": len(seeds), "train_s": train, "eval_s": score, "cards": sorted(cards)})
@@ -322,7 +353,8 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
     name = exp.meta["experiment"]
     s = exp.meta["settings"]
     lines = [f"## Experiment: {name}", "",
-             f"{len(exp.arms)} arms, seeds per arm: " + ", ".join(f"{a} {len(v)}" for a, v in exp.arms.items()) +
+             f"{len(exp.arms)} arms, seeds per arm (scored): " +
+             ", ".join(f"{a} {len(scored_seeds(exp, a))}" for a in exp.arms) +
              f". Training: {s['STEPS']} steps of {s['PROMPTS']} synth train prompts x G={s['GROUP']}, lr {s['LR']}, "
              f"{s['MINIBATCH']} sequences per update, beta {s['BETA']} (unless the arm says otherwise), "
              f"starting weights `{exp.meta['start_weights']}`. Held-out: `rl3d eval` at seed {s['EVAL_SEED']}, "
@@ -330,6 +362,10 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
              (f"first {s['BENCH_LIMIT']} prompt(s) per category" if s.get("BENCH_LIMIT") else "the whole benchmark") +
              ". `±`: 95% t-interval over seeds; `paired`: change from the arm's starting policy per held-out "
              "prompt (seeds pooled), 95% bootstrap interval over prompts, prompts improved.", ""]
+    unscored = unscored_runs(exp)
+    if unscored:
+        lines += ["Not scored yet (in no table; their training curves are drawn): " +
+                  ", ".join(f"{arm} seed {seed} (reached step {step})" for arm, seed, step in unscored) + ".", ""]
     for bench in sorted({e.bench for e in exp.evals}):
         metrics = BENCH_METRICS.get(bench, DEFAULT_METRICS)
         rows = arm_rows(exp, bench)
@@ -348,7 +384,7 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
                   "| arm | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
         lines += [f"| {r['arm']} | " + " | ".join(cell(r[c], 2) for c in cats) + " |" for r in crows]
         lines.append("")
-    lines += ["### Wall time", "", "| arm | seeds | training (s) | held-out scoring (s) | machine |", "|---|---|---|---|---|"]
+    lines += ["### Wall time", "", "| arm | runs | training (s) | held-out scoring (s) | machine |", "|---|---|---|---|---|"]
     lines += [f"| {w['arm']} | {w['seeds']} | {w['train_s']:.0f} | {w['eval_s']:.0f} | {', '.join(w['cards'])} |"
               for w in wall_times(exp)]
     lines += ["", "### Commands", "", "```", *experiment_commands(exp), "```", ""]
