@@ -288,7 +288,8 @@ def _metrics(samples, adv_rows, adv_stats, kept, stats: UpdateStats, timings, me
     n_mb = max(n_updates, 1)
     m["pg_loss"] = sums.get("pg", 0.0) / n_mb
     for k in ("kl", "clip_low_frac", "clip_high_frac", "ratio_mean"):
-        m[k] = sums.get(k, 0.0) / n_mb
+        if k != "kl" or cfg.beta > 0:  # beta 0 loads no reference: KL is not measured
+            m[k] = sums.get(k, 0.0) / n_mb
     m["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     # entropy estimate: mean negative log-prob of the sampled tokens (an unbiased estimate of the
     # per-token entropy of the sampling distribution) over the tokens that carry a choice

@@ -76,7 +76,8 @@ def test_first_update_has_ratio_one_and_loss_equals_negative_weighted_advantage(
     s = _step(root, policy, tmp_path / "a", beta=0.0)
     m = _metrics(tmp_path / "a")
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # stored log-probs == recomputed
-    assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0 and m["kl"] == 0.0
+    assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0
+    assert "kl" not in m  # beta 0 loads no reference, so no KL is measured (not a 0 that looks measured)
     adv = {r["sample_id"]: r["advantage"] for r in
            tables.read_table(tmp_path / "a" / "advantages", "advantages").to_pylist()}
     expected = 0.0

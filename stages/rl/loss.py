@@ -38,11 +38,12 @@ def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
         w = weights / weights.sum().clamp(min=1e-12)
         parts = {
             "pg": float(-(pg * weights).sum()),
-            "kl": float((kl * w).sum()),
             "clip_low_frac": float((((ratio < 1 - cfg.clip_low) & (a < 0)).float() * w).sum()),
             "clip_high_frac": float((((ratio > 1 + cfg.clip_high) & (a > 0)).float() * w).sum()),
             "ratio_mean": float((ratio * w).sum()),
             "row_loss": per_row.detach(),
+            # without a reference (beta 0) no KL is measured: none is reported, rather than a 0
+            **({"kl": float((kl * w).sum())} if cfg.beta > 0 else {}),
         }
     return loss, parts
 

@@ -140,7 +140,7 @@ def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
         for level, short in (("coarse", "R_high"), ("fine", "R_low")):
             charts["heldout"][f"{label} {short}"] = (steps, [r[f"total_{level}"] for r in held])
         charts["clip"][label] = (steps, [r["clip_score_fine"] for r in held])
-        kl = [(x, float(np.log10(y))) for x, y in zip(*m["kl"]) if y > 0]  # a first step's KL is 0
+        kl = [(x, float(np.log10(y))) for x, y in zip(*m.get("kl", ([], []))) if y > 0]  # a first step's KL is 0
         charts["kl"][label] = ([x for x, _ in kl], [y for _, y in kl])
     titles = {"train": "training batch R_low (fresh train prompts each step)",
               "heldout": "held-out reward (synth eval prompts, mean over seeds)",
