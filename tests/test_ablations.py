@@ -99,6 +99,15 @@ def test_dry_run_lists_every_arm_and_its_eval(tmp_path):
     assert not (tmp_path / "exp").exists()  # a dry run writes nothing
 
 
+def test_algorithm_runs_gspo_with_its_own_clip_range_and_with_the_base_one(tmp_path):
+    env = stub_env(tmp_path, DRY_RUN="1", EXP_DIR=str(tmp_path / "exp"), SEEDS="1")
+    out = subprocess.run(["bash", str(ROOT / "examples/ablations/algorithm.sh")], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    arm = {line.split()[1]: line for line in out.splitlines() if line.startswith("arm ")}
+    assert "RATIO=sequence CLIP_LOW=0.0003 CLIP_HIGH=0.0004" in arm["gspo"]
+    assert "RATIO=sequence" in arm["gspo-ratio"] and "CLIP_LOW" not in arm["gspo-ratio"]
+
+
 def test_experiment_runs_resumes_and_refuses_other_settings(tmp_path):
     env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2", STEPS="1", ARMS="base beta0",
                    BENCHES="synth-reasoning")

@@ -8,7 +8,8 @@ start_experiment
 baseline hi-grpo "$(shipped_policy)" hi-grpo
 arm base
 arm sequence-agg LOSS_AGG=sequence
-arm gspo-ratio RATIO=sequence         # GSPO's sequence ratio with the base clip range (GSPO itself clips at ~3e-4)
+arm gspo-ratio RATIO=sequence         # GSPO's sequence ratio with the base clip range: one change at a time
+arm gspo RATIO=sequence CLIP_LOW=0.0003 CLIP_HIGH=0.0004   # GSPO as published: its own, much narrower range
 arm beta0 BETA=0
 arm dynamic-sampling DYNAMIC=zero-std
 arm symmetric-clip CLIP_HIGH=0.2      # no clip-higher: 0.2 / 0.2
