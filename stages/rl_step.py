@@ -34,7 +34,7 @@ from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs, learned_nothing
-from rl3d.stages.rl.loss import mismatch_metrics
+from rl3d.stages.rl.loss import diagnostics, mismatch_metrics
 from rl3d.stages.rl.update import (UpdateStats, attention_without_cudnn, recompute_old_logprobs, reference_logprobs,
                                    run_updates)
 from rl3d.stages.scoring.run_metrics import write_tensorboard
@@ -287,8 +287,8 @@ def _metrics(samples, adv_rows, adv_stats, kept, stats: UpdateStats, timings, me
             m[f"loss_{lv}"] = v / max(cfg.epochs, 1)
     n_mb = max(n_updates, 1)
     m["pg_loss"] = sums.get("pg", 0.0) / n_mb
-    for k in ("kl", "clip_low_frac", "clip_high_frac", "ratio_mean"):
-        if k != "kl" or cfg.beta > 0:  # beta 0 loads no reference: KL is not measured
+    for k in diagnostics(cfg):
+        if k != "pg":  # pg_loss above
             m[k] = sums.get(k, 0.0) / n_mb
     m["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
     # entropy estimate: mean negative log-prob of the sampled tokens (an unbiased estimate of the

@@ -6,6 +6,15 @@ import torch
 
 from rl3d.stages.rl.config import RLConfig
 
+# what policy_loss reports of each micro-batch besides its rows' losses
+DIAGNOSTICS = ("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean")
+
+
+def diagnostics(cfg: RLConfig) -> tuple[str, ...]:
+    """The diagnostics measured under cfg: without a reference (beta 0) there is no KL to report,
+    and none is reported rather than a 0 that reads as measured."""
+    return DIAGNOSTICS if cfg.beta > 0 else tuple(k for k in DIAGNOSTICS if k != "kl")
+
 
 def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
     """Per-token objective summed with `weights` (which encode the aggregation and 1/|y|).
@@ -36,15 +45,15 @@ def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
     loss = per_row.sum()
     with torch.no_grad():
         w = weights / weights.sum().clamp(min=1e-12)
-        parts = {
-            "pg": float(-(pg * weights).sum()),
-            "clip_low_frac": float((((ratio < 1 - cfg.clip_low) & (a < 0)).float() * w).sum()),
-            "clip_high_frac": float((((ratio > 1 + cfg.clip_high) & (a > 0)).float() * w).sum()),
-            "ratio_mean": float((ratio * w).sum()),
-            "row_loss": per_row.detach(),
-            # without a reference (beta 0) no KL is measured: none is reported, rather than a 0
-            **({"kl": float((kl * w).sum())} if cfg.beta > 0 else {}),
+        sums = {
+            "pg": -(pg * weights).sum(),
+            "kl": (kl * w).sum(),
+            "clip_low_frac": (((ratio < 1 - cfg.clip_low) & (a < 0)).float() * w).sum(),
+            "clip_high_frac": (((ratio > 1 + cfg.clip_high) & (a > 0)).float() * w).sum(),
+            "ratio_mean": (ratio * w).sum(),
         }
+        parts = {k: float(sums[k]) for k in diagnostics(cfg)}
+        parts["row_loss"] = per_row.detach()
     return loss, parts
 
 

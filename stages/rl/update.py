@@ -12,15 +12,14 @@ import torch
 from rl3d.stages.policy.sequence import KIND_MESH, KIND_PAD, KIND_REASONING, LEVELS, collate, completion_kinds
 from rl3d.stages.rl import processes
 from rl3d.stages.rl.config import RLConfig
-from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics, policy_loss, token_weights, warmup_lr
+from rl3d.stages.rl.loss import diagnostics, logprob_mismatch, mismatch_metrics, policy_loss, token_weights, warmup_lr
 
-DIAGNOSTICS = ("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean")
 
 
 @dataclass
 class UpdateStats:
     """What the applied updates of a step add up to (skipped ones count only in skipped_updates)."""
-    sums: dict[str, float] = field(default_factory=dict)  # DIAGNOSTICS summed over updates
+    sums: dict[str, float] = field(default_factory=dict)  # loss.diagnostics(cfg) summed over updates
     level_loss: dict[str, float] = field(default_factory=lambda: {lv: 0.0 for lv in LEVELS})
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
@@ -154,7 +153,7 @@ def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc,
     mine = processes.my_rows(len(mb), acc)
     if cfg.length_buckets:
         mine = by_length(mb, mine)
-    mb_sums = dict.fromkeys(DIAGNOSTICS, 0.0)
+    mb_sums = dict.fromkeys(diagnostics(cfg), 0.0)
     mb_level_loss = {lv: 0.0 for lv in LEVELS}
     for m in range(processes.micro_batch_count(len(mb), cfg.micro_batch, acc)):
         idx = mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch] or mine[:1] or [0]
