@@ -326,7 +326,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
                           bool(depth), bool(normals), bool(sheet), str(framing), backend, device, int(supersample))
     jobs = read_jobs(samples)
     if workers is None:
-        workers = min(MAX_WORKERS, max(1, usable_cores() - 1)) if backend == "torch" else min(2, os.cpu_count() or 1)
+        workers = min(MAX_WORKERS, max(1, usable_cores() - 1)) if backend == "torch" else min(2, usable_cores())
     # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
     # renders as before supersampling existed: left out, its config hash is the old one.
     config = {"samples": str(Path(samples).resolve()),

@@ -235,8 +235,9 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     # model-free terms on the host (geometry, spec) go to worker processes, when there are enough
     # samples, while this process scores the model terms (CLIP on the GPU): the same values
     host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
-    pool = ProcessPoolExecutor(min(MAX_WORKERS, usable_cores() - 1), mp_context=mp.get_context("spawn")) \
-        if host_items >= MIN_ITEMS_FOR_PROCESSES and usable_cores() > 2 else None
+    cores = usable_cores()
+    pool = ProcessPoolExecutor(min(MAX_WORKERS, cores - 1), mp_context=mp.get_context("spawn")) \
+        if host_items >= MIN_ITEMS_FOR_PROCESSES and cores > 2 else None
     scored: list = []            # (level, term, row indices to score), in config order
     pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes
     for lvl, term in jobs:

@@ -222,14 +222,6 @@ def unscored_runs(exp: Experiment) -> list[tuple[str, int, int]]:
     return out
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def wall_times(exp: Experiment) -> list[dict]:
     """Seconds of training and of held-out scoring per arm (all seeds and slices), and the cards."""
     out = []
@@ -239,13 +231,14 @@ def wall_times(exp: Experiment) -> list[dict]:
         for run in seeds.values():
             for f in [run / "wall.tsv", *run.glob("eval/step-*/wall.tsv")]:
                 for row, line in enumerate(f.read_text().splitlines() if f.exists() else [], 1):
-                    fields = line.split("\t")
-                    if len(fields) != 3 or not _is_number(fields[1]):
-                        raise InputError(f"{f}: row {row}: expected KIND<tab>SECONDS<tab>CARD, got {line!r}")
-                    kind, sec, card = fields
-                    train, score = (train + float(sec), score) if kind == "train" else (train, score + float(sec))
+                    try:
+                        kind, sec, card = line.split("\t")
+                        sec = float(sec)
+                    except ValueError:
+                        raise InputError(f"{f}: row {row}: expected KIND<tab>SECONDS<tab>CARD, got {line!r}") from None
+                    train, score = (train + sec, score) if kind == "train" else (train, score + sec)
                     cards.add(card)
-        out.append({"arm": arm, "seeds": len(seeds), "train_s": train, "eval_s": score, "cards": sorted(cards)})
+        out.append({"arm": arm, "runs": len(seeds), "train_s": train, "eval_s": score, "cards": sorted(cards)})
     return out
 
 
@@ -385,7 +378,7 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
         lines += [f"| {r['arm']} | " + " | ".join(cell(r[c], 2) for c in cats) + " |" for r in crows]
         lines.append("")
     lines += ["### Wall time", "", "| arm | runs | training (s) | held-out scoring (s) | machine |", "|---|---|---|---|---|"]
-    lines += [f"| {w['arm']} | {w['seeds']} | {w['train_s']:.0f} | {w['eval_s']:.0f} | {', '.join(w['cards'])} |"
+    lines += [f"| {w['arm']} | {w['runs']} | {w['train_s']:.0f} | {w['eval_s']:.0f} | {', '.join(w['cards'])} |"
               for w in wall_times(exp)]
     lines += ["", "### Commands", "", "```", *experiment_commands(exp), "```", ""]
     if curves:
