@@ -28,6 +28,9 @@ echo "${CUDA_VISIBLE_DEVICES:-none} $*" >> "$LOG.gpu"
 out=""; prev=""
 for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
 case $1 in
+  rl-step) sleep "${STUB_STEP_SECONDS:-0}";;
+esac
+case $1 in
   gen|render|reward) mkdir -p "$out/_shards"; touch "$out/_shards/00000-of-00001.json";;
   rl-step) mkdir -p "$out"; touch "$out/rl_step.json";;
   eval) mkdir -p "$out"; touch "$out/report.md";;
@@ -168,6 +171,24 @@ def test_parallel_jobs_stop_at_the_time_budget(tmp_path):
     assert r.returncode == 3 and "rerun to continue" in r.stderr + r.stdout
     assert not any(x.startswith("rl-step") for x in calls(tmp_path))
 
+
+
+def test_a_run_scored_at_several_steps_scores_each_while_later_steps_train(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1", STEPS="1", ARMS="prompts-x1",
+                   BENCHES="synth-reasoning", STUB_STEP_SECONDS="0.5", SCORE_POLL="0.05")
+    script = str(ROOT / "examples/ablations/scaling.sh")
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first = calls(tmp_path)
+    run = tmp_path / "exp/arms/prompts-x1/seed-1"
+    for n in (1, 2, 3):  # x1 prompts at 3 x STEPS steps, scored at STEPS, 2 STEPS and 3 STEPS
+        assert (run / f"eval/step-00000{n}/synth-reasoning/report.md").exists()
+    order = [x.split()[0] + (" 1" if "step-000001/policy" in x else "") for x in first
+             if x.startswith("eval") and "prompts-x1" in x or x.startswith("rl-step") and "step-000003/policy" in x]
+    assert order.index("eval 1") < order.index("rl-step")  # step 1 scored before step 3 was trained
+    assert sum(x.startswith("eval") and "prompts-x1" in x for x in first) == 3  # each step once
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+    assert calls(tmp_path) == first
 
 # ---------------------------------------------------------------- the summariser
 

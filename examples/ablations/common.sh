@@ -184,12 +184,32 @@ train_and_score() {
     set_aside_packed "$run" "$name" "$s"
     log "train $name seed $s${CUDA_VISIBLE_DEVICES:+ (GPU $CUDA_VISIBLE_DEVICES)}"
     env POLICY0="$start" "$@" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
-      RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 || rc=$?
+      RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 &
+    local trainer=$! scorer src=0
+    # a run scored at several steps scores each checkpoint while the later steps train, so that its
+    # evaluations do not all wait for the last step (a 6-step run then fits in one slice)
+    score_while_training "$run" "$eval_at" "$mode" "$trainer" & scorer=$!
+    wait "$trainer" || rc=$?
     printf 'train\t%s\t%s\n' $((SECONDS - t0)) "$(device_name)" >> "$run/wall.tsv"
-    [ "$rc" = 3 ] && { log "time budget used in $name seed $s; rerun to continue"; exit 3; }
+    wait "$scorer" || src=$?
+    [ "$rc" = 3 ] || [ "$src" = 3 ] && { log "time budget used in $name seed $s; rerun to continue"; exit 3; }
     [ "$rc" = 0 ] || { tail -5 "$run/train.log" >&2; exit "$rc"; }
+    [ "$src" = 0 ] || exit "$src"
   fi
   score_run "$run" "$eval_at" "$mode"
+}
+# score_while_training RUN "STEPS" MODE TRAINER: score each of STEPS as soon as its checkpoint is
+# written (rl_step.json comes last), while the TRAINER process lives; what is left when it ends is
+# scored after training (score_run skips what is scored)
+score_while_training() {
+  local n
+  for n in $2; do
+    until complete_run "$1" "$n"; do
+      kill -0 "$4" 2>/dev/null || return 0
+      sleep "${SCORE_POLL:-5}"
+    done
+    eval_policy "$1/step-$(printf %06d "$n")/policy" "$1/eval/step-$(printf %06d "$n")" "$3"
+  done
 }
 # set_aside_packed RUN ARM SEED: a packed run that must train again starts in an empty folder; the
 # old attempt's metrics, rewards and any scores (of checkpoints that are gone) move to stale/.
