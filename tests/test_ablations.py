@@ -283,8 +283,21 @@ def test_a_run_not_scored_is_named_and_kept_out_of_the_tables(tmp_path):
     shutil.rmtree(run / "eval")  # trained, then stopped before its evaluation finished
     md = summarize(exp, tmp_path / "out")["markdown"].read_text()
     assert "seeds per arm (scored): base 3, beta0 0" in md
-    assert "Not scored yet (in no table; their training curves are drawn): beta0 seed 1 (reached step 1)." in md
+    assert "Not scored yet (the tables hold only the steps scored; training curves are drawn): " \
+           "beta0 seed 1 (step 2; reached step 1)." in md
     assert "| beta0 | 2 |" not in md
+
+
+def test_a_run_scored_at_some_of_its_steps_is_named_with_the_steps_left(tmp_path):
+    exp = fabricated(tmp_path)
+    # a 6-step arm scored at 2, 4 and 6, stopped before its last evaluation
+    run = exp / "arms" / "longer" / "seed-1"
+    write_run(run, "longer", 1, "aaa", {"p0": [True], "p1": [True], "p2": [True]}, knobs={"STEPS": "6", "EVAL_AT": "2 4 6"})
+    write_eval(run / "eval" / "step-000004" / "synth-reasoning", f"{run}/step-000004/policy@w1#step4",
+               {"p0": [True], "p1": [False], "p2": [True]})
+    md = summarize(exp, tmp_path / "out")["markdown"].read_text()
+    assert "longer seed 1 (step 6; reached step 1)." in md
+    assert "| longer | 2 | 1 |" in md and "| longer | 4 | 1 |" in md  # its scored steps are in the tables
 
 
 def test_decode_failures_are_a_metric_of_their_own():

@@ -207,18 +207,27 @@ def scored_seeds(exp: Experiment, arm: str) -> list[int]:
     return sorted({e.seed for e in exp.evals if e.arm == arm and e.seed is not None})
 
 
-def unscored_runs(exp: Experiment) -> list[tuple[str, int, int]]:
-    """(arm, seed, last finished training step) of every run without a finished evaluation: an
-    experiment stopped by its time budget, or a packed run waiting to be trained again."""
+def planned_steps(exp: Experiment, arm: str) -> list[int]:
+    """The steps the arm's runs are scored at: the arm's EVAL_AT, else its STEPS, else the experiment's."""
+    knobs = exp.arm_meta[arm].get("knobs") or {}
+    return [int(n) for n in str(knobs.get("EVAL_AT") or knobs.get("STEPS") or exp.meta["settings"]["STEPS"]).split()]
+
+
+def unscored_runs(exp: Experiment) -> list[tuple[str, int, list[int], int]]:
+    """(arm, seed, planned steps without a finished evaluation, last finished training step) of every
+    run not scored at all its planned steps: an experiment stopped by its time budget, or a packed
+    run waiting to be trained again."""
     out = []
     for arm, seeds in exp.arms.items():
-        done = set(scored_seeds(exp, arm))
+        planned = planned_steps(exp, arm)
         for seed, run in sorted(seeds.items()):
-            if seed not in done:
+            scored = {e.step for e in exp.evals if e.arm == arm and e.seed == seed}
+            missing = [n for n in planned if n not in scored]
+            if missing:
                 # a step that sampled (gen) or kept its scores (rewards, in a packed run)
                 steps = [int(d.name.split("-")[1]) for d in run.glob("step-*")
                          if (d / "rewards").is_dir() or (d / "gen").is_dir()]
-                out.append((arm, seed, max(steps, default=0)))
+                out.append((arm, seed, missing, max(steps, default=0)))
     return out
 
 
@@ -357,8 +366,9 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
              "prompt (seeds pooled), 95% bootstrap interval over prompts, prompts improved.", ""]
     unscored = unscored_runs(exp)
     if unscored:
-        lines += ["Not scored yet (in no table; their training curves are drawn): " +
-                  ", ".join(f"{arm} seed {seed} (reached step {step})" for arm, seed, step in unscored) + ".", ""]
+        lines += ["Not scored yet (the tables hold only the steps scored; training curves are drawn): " +
+                  ", ".join(f"{arm} seed {seed} (step {' '.join(map(str, missing))}; reached step {step})"
+                            for arm, seed, missing, step in unscored) + ".", ""]
     for bench in sorted({e.bench for e in exp.evals}):
         metrics = BENCH_METRICS.get(bench, DEFAULT_METRICS)
         rows = arm_rows(exp, bench)
