@@ -142,7 +142,8 @@ baseline() {
 
 # arm NAME [KNOB=VALUE ...]: learning_run.sh with those knobs (MODE, REWARDS, LAMBDA, LOSS_AGG,
 # RATIO, CLIP_LOW, CLIP_HIGH, DYNAMIC, BETA, TEMPERATURE, POLICY0, PROMPTS, STEPS; EVAL_AT = the
-# steps to score, default the last) for every seed, each run then scored at EVAL_AT.
+# steps to score, default the last) for every seed, each run scored at EVAL_AT
+# (a point before the last while the later steps train).
 arm() {
   local name=$1; shift
   local knobs=("$@") s run eval_at mode steps start
