@@ -172,7 +172,6 @@ def test_parallel_jobs_stop_at_the_time_budget(tmp_path):
     assert not any(x.startswith("rl-step") for x in calls(tmp_path))
 
 
-
 def test_a_run_scored_at_several_steps_scores_each_while_later_steps_train(tmp_path):
     env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1", STEPS="1", ARMS="prompts-x1",
                    BENCHES="synth-reasoning", STUB_STEP_SECONDS="0.5", SCORE_POLL="0.05")
@@ -189,6 +188,7 @@ def test_a_run_scored_at_several_steps_scores_each_while_later_steps_train(tmp_p
     assert sum(x.startswith("eval") and "prompts-x1" in x for x in first) == 3  # each step once
     subprocess.run(["bash", script], env=env, check=True, capture_output=True)
     assert calls(tmp_path) == first
+
 
 # ---------------------------------------------------------------- the summariser
 

@@ -209,7 +209,7 @@ score_while_training() {
       kill -0 "$4" 2>/dev/null || return 0
       sleep "${SCORE_POLL:-5}"
     done
-    eval_policy "$1/step-$(printf %06d "$n")/policy" "$1/eval/step-$(printf %06d "$n")" "$3"
+    score_run "$1" "$n" "$3"
   done
 }
 # set_aside_packed RUN ARM SEED: a packed run that must train again starts in an empty folder; the
