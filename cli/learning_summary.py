@@ -126,7 +126,7 @@ def samples_command(run, step_a, step_b, out):
 @command.command("ablations", short_help="Tables, curves and renders of one ablation experiment.")
 @click.argument("exp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="EXP_DIR")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for <experiment>.md, <experiment>_curves.png, <experiment>_renders.png and <experiment>.json.")
+              help="Folder for <name>.md, <name>_curves.png, <name>_renders.png and <name>.json, <name> being EXP_DIR's folder name.")
 @handle_errors
 def ablations_command(exp_dir, out):
     """Summarise one experiment of examples/ablations/ (an EXP_DIR with experiment.json, arms/ and

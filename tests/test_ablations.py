@@ -300,6 +300,19 @@ def test_a_run_scored_at_some_of_its_steps_is_named_with_the_steps_left(tmp_path
     assert "| longer | 2 | 1 |" in md and "| longer | 4 | 1 |" in md  # its scored steps are in the tables
 
 
+def test_a_run_scored_on_some_of_the_benchmarks_is_named_with_those_left(tmp_path):
+    exp = fabricated(tmp_path)
+    meta = json.loads((exp / "experiment.json").read_text())
+    meta["settings"]["BENCHES"] = "synth-reasoning text-reasoning"
+    (exp / "experiment.json").write_text(json.dumps(meta))
+    run = exp / "arms" / "base" / "seed-1"  # seeds 2 and 3 scored on synth-reasoning only
+    write_eval(run / "eval" / "step-000002" / "text-reasoning", f"{run}/step-000002/policy@w1#step2",
+               {"p0": [True], "p1": [True], "p2": [True]})
+    md = summarize(exp, tmp_path / "out")["markdown"].read_text()
+    assert "base seed 2 (step 2 text-reasoning; reached step 1), base seed 3 (step 2 text-reasoning; " in md
+    assert "base seed 1 (" not in md and "| base | 2 | 3 | 0.722 ± " in md
+
+
 def test_decode_failures_are_a_metric_of_their_own():
     from rl3d.stages.scoring.ablations import sample_value
 
@@ -312,7 +325,10 @@ def test_summary_by_command(tmp_path):
     exp = fabricated(tmp_path)
     r = CliRunner().invoke(cli, ["learning-summary", "ablations", str(exp), "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "o" / "algorithm.md").exists() and "algorithm_renders.png" in r.output
+    # named after the folder: the same experiment at other sizes in another folder keeps its own files
+    assert (tmp_path / "o" / "exp.md").exists() and "exp_renders.png" in r.output
+    assert not (tmp_path / "o" / "algorithm.md").exists()
+    assert (tmp_path / "o" / "exp.md").read_text().startswith("## Experiment: algorithm (folder exp)\n")
 
 
 def test_refuses_a_run_of_another_experiment(tmp_path):

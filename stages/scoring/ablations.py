@@ -213,16 +213,27 @@ def planned_steps(exp: Experiment, arm: str) -> list[int]:
     return [int(n) for n in str(knobs.get("EVAL_AT") or knobs.get("STEPS") or exp.meta["settings"]["STEPS"]).split()]
 
 
-def unscored_runs(exp: Experiment) -> list[tuple[str, int, list[int], int]]:
-    """(arm, seed, planned steps without a finished evaluation, last finished training step) of every
-    run not scored at all its planned steps: an experiment stopped by its time budget, or a packed
-    run waiting to be trained again."""
+def planned_benches(exp: Experiment) -> list[str]:
+    """The benchmarks every run is scored on: the experiment's BENCHES, else those any run was scored on."""
+    benches = str(exp.meta["settings"].get("BENCHES") or "").split()
+    return benches or sorted({e.bench for e in exp.evals})
+
+
+def unscored_runs(exp: Experiment) -> list[tuple[str, int, list[str], int]]:
+    """(arm, seed, what is left to score, last finished training step) of every run not scored at all
+    its planned steps on all the experiment's benchmarks: an experiment stopped by its time budget,
+    or a packed run waiting to be trained again. What is left is a step ("6") where no benchmark was
+    scored, else the step and the benchmarks left ("6 text-reasoning")."""
     out = []
+    benches = planned_benches(exp)
     for arm, seeds in exp.arms.items():
-        planned = planned_steps(exp, arm)
         for seed, run in sorted(seeds.items()):
-            scored = {e.step for e in exp.evals if e.arm == arm and e.seed == seed}
-            missing = [n for n in planned if n not in scored]
+            scored = {(e.step, e.bench) for e in exp.evals if e.arm == arm and e.seed == seed}
+            missing = []
+            for n in planned_steps(exp, arm):
+                left = [b for b in benches if (n, b) not in scored]
+                if left:
+                    missing.append(str(n) if len(left) == len(benches) else f"{n} {' '.join(left)}")
             if missing:
                 # a step that sampled (gen) or kept its scores (rewards, in a packed run)
                 steps = [int(d.name.split("-")[1]) for d in run.glob("step-*")
@@ -353,8 +364,9 @@ def experiment_commands(exp: Experiment) -> list[str]:
 
 def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[str]:
     name = exp.meta["experiment"]
+    folder = exp.path.resolve().name
     s = exp.meta["settings"]
-    lines = [f"## Experiment: {name}", "",
+    lines = [f"## Experiment: {name}" + (f" (folder {folder})" if folder != name else ""), "",
              f"{len(exp.arms)} arms, seeds per arm (scored): " +
              ", ".join(f"{a} {len(scored_seeds(exp, a))}" for a in exp.arms) +
              f". Training: {s['STEPS']} steps of {s['PROMPTS']} synth train prompts x G={s['GROUP']}, lr {s['LR']}, "
@@ -367,7 +379,7 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
     unscored = unscored_runs(exp)
     if unscored:
         lines += ["Not scored yet (the tables hold only the steps scored; training curves are drawn): " +
-                  ", ".join(f"{arm} seed {seed} (step {' '.join(map(str, missing))}; reached step {step})"
+                  ", ".join(f"{arm} seed {seed} (step {', '.join(missing)}; reached step {step})"
                             for arm, seed, missing, step in unscored) + ".", ""]
     for bench in sorted({e.bench for e in exp.evals}):
         metrics = BENCH_METRICS.get(bench, DEFAULT_METRICS)
@@ -399,12 +411,14 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
 
 
 def summarize(exp_dir: Path, out: Path) -> dict:
-    """Write OUT/<experiment>.md, <experiment>_curves.png, <experiment>_renders.png and
-    <experiment>.json (the numbers); return the paths."""
+    """Write OUT/<folder>.md, <folder>_curves.png, <folder>_renders.png and <folder>.json (the
+    numbers), <folder> being the experiment folder's name; return the paths."""
     exp = load_experiment(exp_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    name = exp.meta["experiment"]
+    # named after the folder, not the experiment: one experiment run at other sizes in another
+    # folder (attributes-6 beside attributes) must not overwrite the first one's summary
+    name = exp.path.resolve().name
     curves = plot_curves(exp, out / f"{name}_curves.png") if exp.arms else None
     grid = render_sheet(exp, out / f"{name}_renders.png")
     md = out / f"{name}.md"
