@@ -63,6 +63,11 @@ class Experiment:
     arm_meta: dict[str, dict]                   # arm -> its arm.json (of the first seed)
     evals: list[Evaluation]
 
+    @property
+    def folder(self) -> str:
+        """The experiment folder's name, which names its summary files (attributes-6 beside attributes)."""
+        return self.path.resolve().name
+
 
 def weights_of(policy_id: str) -> str:
     """The weights hash of a policy id "<dir>@<hash>#step<N>"."""
@@ -364,9 +369,8 @@ def experiment_commands(exp: Experiment) -> list[str]:
 
 def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[str]:
     name = exp.meta["experiment"]
-    folder = exp.path.resolve().name
     s = exp.meta["settings"]
-    lines = [f"## Experiment: {name}" + (f" (folder {folder})" if folder != name else ""), "",
+    lines = [f"## Experiment: {name}" + (f" (folder {exp.folder})" if exp.folder != name else ""), "",
              f"{len(exp.arms)} arms, seeds per arm (scored): " +
              ", ".join(f"{a} {len(scored_seeds(exp, a))}" for a in exp.arms) +
              f". Training: {s['STEPS']} steps of {s['PROMPTS']} synth train prompts x G={s['GROUP']}, lr {s['LR']}, "
@@ -417,8 +421,8 @@ def summarize(exp_dir: Path, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # named after the folder, not the experiment: one experiment run at other sizes in another
-    # folder (attributes-6 beside attributes) must not overwrite the first one's summary
-    name = exp.path.resolve().name
+    # folder must not overwrite the first one's summary
+    name = exp.folder
     curves = plot_curves(exp, out / f"{name}_curves.png") if exp.arms else None
     grid = render_sheet(exp, out / f"{name}_renders.png")
     md = out / f"{name}.md"
