@@ -22,6 +22,7 @@ COMMANDS = {
     "reward": "reward",
     "train-scorer": "train_scorer",
     "rl-step": "rl_step",
+    "train": "train",
     "eval": "eval",
     "learning-summary": "learning_summary",
     "status": "status",

@@ -290,6 +290,14 @@ def begin(out: Path, stage: str, config: dict, shard: Shard, overwrite: bool) ->
     return True
 
 
+def is_complete(out: Path, config: dict, shard: Shard) -> bool:
+    """Whether `out` holds `shard`'s finished output of `config` (its marker, under a manifest of
+    the same config hash): what `begin` would skip."""
+    m = read_manifest(out) if Path(out).is_dir() else None
+    return (m is not None and m.get("config_hash") == config_hash(config)
+            and int(m.get("num_shards", shard.count)) == shard.count and marker_path(Path(out), shard).exists())
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this host (one we may not signal counts as alive)."""
     try:

@@ -1,8 +1,12 @@
 """The stage contract (docs/internals.md, "The stage contract"), in one place, so every command gets it for free.
 
-A stage is a function `produce(shard, progress) -> (pa.Table, stats)` for one shard; `run_stage`
-handles skip-if-complete, --overwrite, the atomic part write, the completion marker, the
-manifest, the table metadata and the summary that the CLI prints (or emits as --json).
+A stage is a Job: built from its inputs and options (validated at construction, before any output
+is touched), it knows its `config()`, whether an output is `done(out)`, and how to `produce(shard,
+progress) -> (pa.Table, stats)` one shard. `Job.run(opts)` drives it through `run_stage`, which
+handles skip-if-complete, --overwrite, the atomic part write, the completion marker, the manifest,
+the table metadata and the summary that the CLI prints (or emits as --json). The click commands
+and `rl3d train` drive the same Job objects; the loop hands a Job its resident models (a loaded
+policy, a worker pool) instead of paths to load them from.
 """
 from __future__ import annotations
 
@@ -95,6 +99,32 @@ def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+class Job:
+    """One stage's work under the contract. Subclasses set `stage` (the command's name) and `kind`
+    (the table kind it writes), and implement config() and produce(); `policy` and made_from()
+    are the provenance the output records."""
+
+    stage: str = ""
+    kind: str = ""
+    policy: str | None = None
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def made_from(self) -> dict[str, str | None] | None:
+        return None
+
+    def produce(self, shard: Shard, progress: "Progress") -> tuple[pa.Table, dict]:
+        raise NotImplementedError
+
+    def done(self, out: str | os.PathLike, shard: Shard = Shard(0, 1)) -> bool:
+        """Whether `out` holds this job's finished shard (same config), so a run would skip it."""
+        return shards_io.is_complete(Path(out), self.config(), shard)
+
+    def run(self, opts: StageOptions) -> dict:
+        return run_stage(self.stage, self.kind, opts, self.config(), self.produce, self.policy, self.made_from())
 
 
 def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from rl3d.formats.glb import write_glb
 from rl3d.formats.occupancy import occupancy_to_mesh
 from rl3d.formats.prompts import read_prompts
 from rl3d.formats.voxels import grid_to_mesh
-from rl3d.stages.contract import Progress, StageOptions, run_stage, usable_cores
+from rl3d.stages.contract import Job, Progress, StageOptions, usable_cores
 from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
                                            read_policy_meta)
 from rl3d.stages.policy.device import resolve_device_dtype
@@ -185,78 +185,128 @@ def default_batch_size(device) -> int:
 
 # ---- the stage -----------------------------------------------------------------------------------
 
-def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path | None = None,
-            mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(),
-            batch_size: int | None = None,
-            device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
-            sampling_overrides: dict | None = None, texture_hook: str | None = None,
-            texture_timeout: float = 600.0, sampler: str = "auto", meshes: bool = True) -> dict:
-    """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id). `sampling`
-    None: resolved from `sampling_preset` (None = the policy's own, else the defaults) and the
-    explicitly given `sampling_overrides` (stages/policy/sampler.py resolve_sampling). `meshes`
-    False: the samples table only, no GLBs (rewards on the grid decode the tokens; render needs them)."""
-    if mode not in MODES:
-        raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    if group_size < 1 or (batch_size is not None and batch_size < 1):
-        raise InputError("--group-size and --batch-size must be >= 1")
-    if sampler not in SAMPLERS:
-        raise InputError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    hook = parse_hook(texture_hook) if texture_hook else None  # a bad spec fails before any work
-    if hook is not None and not meshes:
-        raise InputError("--texture-hook paints the GLBs that --no-meshes leaves out: use one of them")
-    prompts = read_prompts(prompts_path)
-    path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
-    meta = read_policy_meta(path)
-    if sampling is None:
-        sampling = resolve_sampling(sampling_preset, meta, **(sampling_overrides or {}))
-    sampling.check()
-    pid = policy_id(path, meta)
-    _, dt = resolve_device_dtype(device, dtype)
-    levels = MODES[mode]
-    config = {
-        "stage": "gen", "prompts": str(Path(prompts_path).resolve()), "policy_id": pid, "mode": mode,
-        "levels": list(levels), "group_size": group_size, "seed": opts.seed, "dtype": str(dt),
-        "sampling": asdict(sampling), "codec_hash": meta.get("codec_hash"),
-        "request": meta.get("request_template") or REQUEST, "instructions": {lv: INSTRUCTIONS[lv] for lv in levels},
-    }
-    codec_file = codec_path(path, meta)
-    if codec_kind(codec_file) == VQVAE64:  # outside the policy dir: reward decodes the tokens with it
-        config["codec"] = str(codec_file.resolve())
-    if sampler != "auto":  # only when chosen: default outputs unchanged (stats name the engine auto picked)
-        config["sampler"] = sampler
-    if not meshes:  # only when off: default outputs unchanged
-        config["meshes"] = False
-    if texture_hook:  # only with a hook: default outputs unchanged
-        config["texture_hook"], config["texture_timeout"] = texture_hook, float(texture_timeout)
-    for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
-        if meta.get(key):
-            config[key] = meta[key]
-    # input guard: refuse prompts beyond the policy's positions before any output is touched
-    check_prompts_fit(path, meta, prompts.to_pylist(), levels, sampling.max_reasoning_tokens, str(prompts_path))
-    has_cat = "category" in prompts.column_names and prompts.column("category").null_count < prompts.num_rows
-    has_spec = "spec" in prompts.column_names
+@dataclass
+class GenOptions:
+    """`rl3d gen`'s options besides the stage contract's. `sampling` None: resolved from
+    `sampling_preset` (None = the policy's own, else the defaults) and the explicitly given
+    `sampling_overrides` (stages/policy/sampler.py resolve_sampling). `meshes` False: the samples
+    table only, no GLBs (rewards on the grid decode the tokens; render needs them)."""
+    mode: str = "hi-grpo"
+    group_size: int = 8
+    sampling: Sampling | None = Sampling()
+    batch_size: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    sampling_preset: str | None = None
+    sampling_overrides: dict | None = None
+    texture_hook: str | None = None
+    texture_timeout: float = 600.0
+    sampler: str = "auto"
+    meshes: bool = True
 
-    def produce(shard, progress):
-        rows = [r for r in prompts.to_pylist() if shard.owns(r["prompt_id"])]
-        stats: dict = {"prompts": len(rows), "batch_size": batch_size}
+
+class GenJob(Job):
+    """Rollouts of a policy for a prompts file or table. `policy`: a loaded Policy to sample with
+    (the resident loop's; it must be in the dtype and on the device the options resolve to), else
+    `policy_dir` (None = the shipped default) is loaded when a shard runs."""
+
+    stage, kind = "gen", "samples"
+
+    def __init__(self, prompts_path: str | Path, options: GenOptions = GenOptions(), seed: int = 0,
+                 policy_dir: str | Path | None = None, policy: Policy | None = None):
+        o = self.options = options
+        if o.mode not in MODES:
+            raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(MODES)}")
+        if o.group_size < 1 or (o.batch_size is not None and o.batch_size < 1):
+            raise InputError("--group-size and --batch-size must be >= 1")
+        if o.sampler not in SAMPLERS:
+            raise InputError(f"--sampler {o.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        self.hook = parse_hook(o.texture_hook) if o.texture_hook else None  # a bad spec fails before any work
+        if self.hook is not None and not o.meshes:
+            raise InputError("--texture-hook paints the GLBs that --no-meshes leaves out: use one of them")
+        self.prompts_path, self.seed, self.resident = prompts_path, int(seed), policy
+        self.prompts = read_prompts(prompts_path)
+        if policy is not None:
+            path, meta, pid = Path(policy.path), policy.meta, policy.policy_id
+        else:
+            path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
+            meta = read_policy_meta(path)
+            pid = policy_id(path, meta)
+        self.path, self.policy = path, pid
+        sampling = o.sampling
+        if sampling is None:
+            sampling = resolve_sampling(o.sampling_preset, meta, **(o.sampling_overrides or {}))
+        sampling.check()
+        self.sampling = sampling
+        _, dt = resolve_device_dtype(o.device, o.dtype)
+        self.levels = levels = MODES[o.mode]
+        config = {
+            "stage": "gen", "prompts": str(Path(prompts_path).resolve()), "policy_id": pid, "mode": o.mode,
+            "levels": list(levels), "group_size": o.group_size, "seed": self.seed, "dtype": str(dt),
+            "sampling": asdict(sampling), "codec_hash": meta.get("codec_hash"),
+            "request": meta.get("request_template") or REQUEST, "instructions": {lv: INSTRUCTIONS[lv] for lv in levels},
+        }
+        codec_file = codec_path(path, meta)
+        if codec_kind(codec_file) == VQVAE64:  # outside the policy dir: reward decodes the tokens with it
+            config["codec"] = str(codec_file.resolve())
+        if o.sampler != "auto":  # only when chosen: default outputs unchanged (stats name the engine auto picked)
+            config["sampler"] = o.sampler
+        if not o.meshes:  # only when off: default outputs unchanged
+            config["meshes"] = False
+        if o.texture_hook:  # only with a hook: default outputs unchanged
+            config["texture_hook"], config["texture_timeout"] = o.texture_hook, float(o.texture_timeout)
+        for key in ("chat_template", "system_prompt"):  # only where the policy sets them: default outputs unchanged
+            if meta.get(key):
+                config[key] = meta[key]
+        self._config = config
+        # input guard: refuse prompts beyond the policy's positions before any output is touched
+        check_prompts_fit(path, meta, self.prompts.to_pylist(), levels, sampling.max_reasoning_tokens,
+                          str(prompts_path))
+        self.has_cat = "category" in self.prompts.column_names and \
+            self.prompts.column("category").null_count < self.prompts.num_rows
+        self.has_spec = "spec" in self.prompts.column_names
+        self.out: Path | None = None  # set by run(): where the meshes go
+
+    def config(self) -> dict:
+        return self._config
+
+    def run(self, opts: StageOptions) -> dict:
+        self.out = Path(opts.out)
+        return super().run(opts)
+
+    def produce(self, shard, progress):
+        o = self.options
+        rows = [r for r in self.prompts.to_pylist() if shard.owns(r["prompt_id"])]
+        stats: dict = {"prompts": len(rows), "batch_size": o.batch_size}
         if not rows:
-            return samples_table([], has_cat, has_spec), stats
+            return samples_table([], self.has_cat, self.has_spec), stats
         t0 = time.time()
-        policy = load_policy(path, device, dtype)
-        stats["batch_size"] = batch = batch_size or default_batch_size(policy.device)
-        progress.log(f"gen: {len(rows)} prompts x {group_size} x {len(levels)} level(s) with {policy.policy_id}")
-        stats["sampler"] = choose_sampler(sampler, policy.device)[0]
-        out = generate(policy, rows, mode, group_size, opts.seed, sampling, batch, opts.out if meshes else None,
-                       progress, sampler)
+        policy = self.resident or load_policy(self.path, o.device, o.dtype)
+        stats["batch_size"] = batch = o.batch_size or default_batch_size(policy.device)
+        progress.log(f"gen: {len(rows)} prompts x {o.group_size} x {len(self.levels)} level(s) with "
+                     f"{policy.policy_id}")
+        stats["sampler"] = choose_sampler(o.sampler, policy.device)[0]
+        out = generate(policy, rows, o.mode, o.group_size, self.seed, self.sampling, batch,
+                       self.out if o.meshes else None, progress, o.sampler)
         stats["seconds_generate"] = round(time.time() - t0, 3)
-        if hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
-            out = texture_meshes(out, hook, opts.out, texture_timeout)
+        if self.hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
+            out = texture_meshes(out, self.hook, self.out, o.texture_timeout)
             stats["textured"] = sum(r.get("texture_status") == "ok" for r in out)
         stats["ok"] = sum(r["status"] == "ok" for r in out)
         stats["decode_error"] = sum(r["status"] == "decode_error" for r in out)
         stats["reasoning_truncated"] = sum(r["reasoning_truncated"] for r in out)
         stats["tokens"] = sum(len(r["input_ids"]) - r["prompt_len"] for r in out)
         stats.update(describe_mesh_ids(policy.special))  # the mesh ids found in the tokenizer, by name
-        return samples_table(out, has_cat, has_spec), stats
+        return samples_table(out, self.has_cat, self.has_spec), stats
 
-    return run_stage("gen", "samples", opts, config, produce, policy=pid)
+
+def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path | None = None,
+            mode: str = "hi-grpo", group_size: int = 8, sampling: Sampling | None = Sampling(),
+            batch_size: int | None = None,
+            device: str | None = None, dtype: str | None = None, sampling_preset: str | None = None,
+            sampling_overrides: dict | None = None, texture_hook: str | None = None,
+            texture_timeout: float = 600.0, sampler: str = "auto", meshes: bool = True) -> dict:
+    """Generate the shard's rollouts into opts.out (resumable, shardable by prompt_id): GenJob, driven once."""
+    options = GenOptions(mode, group_size, sampling, batch_size, device, dtype, sampling_preset, sampling_overrides,
+                         texture_hook, texture_timeout, sampler, meshes)
+    return GenJob(prompts_path, options, opts.seed, policy_dir).run(opts)

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
 from rl3d.formats.shards import check_id
 from rl3d.formats.tables import absolute_media, list_parts, provenance
-from rl3d.stages.contract import run_stage, usable_cores
+from rl3d.stages.contract import Job, usable_cores
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
 from rl3d.stages.raycast.renderer import (angle_tuples, check_supersample, prepare_mesh, render_views,
@@ -241,7 +242,8 @@ def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions) 
     return out
 
 
-def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, workers: int) -> list[dict]:
+def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, workers: int,
+                    resident_pool=None) -> list[dict]:
     """torch backend: `workers` processes read and prepare meshes (framing, colour tables) and
     encode and write the PNGs (threads instead when workers <= 1), while this process renders
     batches of many meshes at once on the device. Rows keep input order."""
@@ -250,7 +252,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
     per_batch = min(len(jobs), meshes_per_batch(len(az), opts.resolution * opts.supersample, opts.device))
     keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else \
+    pool = _pool_or_new(resident_pool, workers) if resident_pool is not None or workers > 1 else \
         ThreadPoolExecutor(WRITER_THREADS)
     todo = iter(jobs)
     reads: deque = deque()      # (job, future of prepare_job), in input order
@@ -271,7 +273,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 refill()
             yield part
 
-    with pool:
+    with pool as pool:
         for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
             ready = [(job, rows, p) for job, rows, p in part if p is not None]
             views = iter(_render_prepared([p for *_, p in ready], az, el, opts) if ready else [])
@@ -302,6 +304,108 @@ def renders_table(rows: list[dict], opts: RenderOptions, copied: list[str]) -> p
     return pa.table({c: pa.array([r.get(c) for r in rows], t) for c, t in cols.items()})
 
 
+class RenderJob(Job):
+    """Views of every mesh of a samples/objects table (or a dir of GLBs). `pool`: a process pool
+    the caller keeps across runs (the resident loop), used instead of starting one per run."""
+
+    stage, kind = "render", "renders"
+
+    def __init__(self, samples, views: int = 6, preset: str = "default", elevation: float = DEFAULT_ELEVATION,
+                 resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
+                 normals: bool = False, sheet: bool = True, framing: str = "object",
+                 workers: int | None = None, backend: str = "auto", device: str | None = None,
+                 supersample: int = 2, pool=None):
+        if resolution < 8 or resolution > 4096:
+            raise InputError(f"--resolution {resolution}: expected 8..4096")
+        if not 1.0 <= fov <= 150.0:
+            raise InputError(f"--fov {fov}: expected 1..150 degrees")
+        parse_color(background)
+        check_framing(framing)
+        view_angles(views, preset, elevation)  # validate before any work
+        check_supersample(supersample)
+        backend, device = resolve_engine(backend, device)
+        self.ropts = ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background),
+                                           float(fov), bool(depth), bool(normals), bool(sheet), str(framing), backend,
+                                           device, int(supersample))
+        self.samples, self.pool = samples, pool
+        self.jobs = jobs = read_jobs(samples)
+        if workers is None:
+            workers = default_workers(backend)
+        self.workers = workers
+        # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
+        # renders as before supersampling existed: left out, its config hash is the old one.
+        self._config = {"samples": str(Path(samples).resolve()),
+                        **{k: v for k, v in asdict(ropts).items()
+                           if k != "device" and not (k == "supersample" and v == 1)}}
+        copied = [c for c in COPY_COLUMNS if any(c in j for j in jobs)]  # same schema in every shard
+        if any("textured_path" in j for j in jobs):
+            copied.append("mesh_source")
+        self.copied = copied
+        self.out = ""
+
+    def config(self) -> dict:
+        return self._config
+
+    def made_from(self):
+        # a dir of GLBs is no table: nothing to name
+        samples = self.samples
+        if any(Path(samples).glob("*.parquet")) or Path(samples).suffix == ".parquet":
+            return {"samples": provenance(samples).table_id}
+        return None
+
+    def run(self, opts) -> dict:
+        self.out = str(opts.out)
+        return super().run(opts)
+
+    def produce(self, shard, progress):
+        ropts, workers, out = self.ropts, self.workers, self.out
+        mine = [j for j in self.jobs if shard.owns(j.get("prompt_id") or j["sample_id"])]
+        t0 = time.time()
+        rows: list[dict] = []
+        if ropts.backend == "torch":
+            few = len(mine) < MIN_JOBS_FOR_PROCESSES and self.pool is None
+            rows = _render_batched(mine, out, ropts, progress, 1 if few else workers, self.pool) if mine else []
+        elif (workers <= 1 and self.pool is None) or len(mine) <= 1:
+            for job in progress.track(mine, total=len(mine), desc="render"):
+                rows += render_one(job, out, ropts)
+        else:
+            # a few meshes per task keeps process overhead low; map keeps input order (determinism)
+            chunk = max(1, min(8, len(mine) // (workers * 4)))
+            batches = [(mine[i:i + chunk], out, ropts) for i in range(0, len(mine), chunk)]
+            with _pool_or_new(self.pool, workers) as pool:
+                for part in progress.track(pool.map(_render_batch, batches), total=len(batches), desc="render"):
+                    rows += part
+        secs = time.time() - t0
+        ok = sum(1 for r in rows if r["status"] == "ok")
+        failed = sorted({r["sample_id"] for r in rows if r["status"] != "ok"})
+        stats = {"meshes": len(mine), "views": len(rows), "ok_views": ok, "failed_meshes": len(failed),
+                 "views_per_s": round(ok / secs, 2) if secs > 0 else None}
+        return renders_table(rows, ropts, self.copied), stats
+
+
+def default_workers(backend: str) -> int:
+    """open3d: processes that render meshes (min(2, cores)); torch: processes that read meshes and
+    write PNGs beside the one that renders (cores - 1, at most MAX_WORKERS)."""
+    return min(MAX_WORKERS, max(1, usable_cores() - 1)) if backend == "torch" else min(2, usable_cores())
+
+
+def worker_pool(backend: str = "auto", workers: int | None = None) -> ProcessPoolExecutor:
+    """A pool for RenderJob(pool=...) that a caller keeps for many runs (spawned workers import
+    rl3d once instead of once per run)."""
+    backend, _ = resolve_engine(backend, None)
+    return ProcessPoolExecutor(workers or default_workers(backend), mp_context=mp.get_context("spawn"))
+
+
+@contextmanager
+def _pool_or_new(pool, workers: int):
+    """The caller's pool (left running), else a new one shut down on leaving."""
+    if pool is not None:
+        yield pool
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as new:
+        yield new
+
+
 def run_render(samples, opts, views: int = 6, preset: str = "default", elevation: float = DEFAULT_ELEVATION,
                resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
                normals: bool = False, sheet: bool = True, framing: str = "object",
@@ -313,53 +417,5 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
     torch backend: this process renders batches of many meshes at once on the device (one CUDA
     context) while `workers` processes (default cores - 1, at most 16; threads for fewer than
     MIN_JOBS_FOR_PROCESSES meshes) read the meshes and write the PNGs."""
-    if resolution < 8 or resolution > 4096:
-        raise InputError(f"--resolution {resolution}: expected 8..4096")
-    if not 1.0 <= fov <= 150.0:
-        raise InputError(f"--fov {fov}: expected 1..150 degrees")
-    parse_color(background)
-    check_framing(framing)
-    view_angles(views, preset, elevation)  # validate before any work
-    check_supersample(supersample)
-    backend, device = resolve_engine(backend, device)
-    ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
-                          bool(depth), bool(normals), bool(sheet), str(framing), backend, device, int(supersample))
-    jobs = read_jobs(samples)
-    if workers is None:
-        workers = min(MAX_WORKERS, max(1, usable_cores() - 1)) if backend == "torch" else min(2, usable_cores())
-    # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
-    # renders as before supersampling existed: left out, its config hash is the old one.
-    config = {"samples": str(Path(samples).resolve()),
-              **{k: v for k, v in asdict(ropts).items() if k != "device" and not (k == "supersample" and v == 1)}}
-    copied = [c for c in COPY_COLUMNS if any(c in j for j in jobs)]  # same schema in every shard
-    if any("textured_path" in j for j in jobs):
-        copied.append("mesh_source")
-
-    def produce(shard, progress):
-        mine = [j for j in jobs if shard.owns(j.get("prompt_id") or j["sample_id"])]
-        t0 = time.time()
-        rows: list[dict] = []
-        if backend == "torch":
-            rows = _render_batched(mine, str(opts.out), ropts, progress,
-                                   workers if len(mine) >= MIN_JOBS_FOR_PROCESSES else 1) if mine else []
-        elif workers <= 1 or len(mine) <= 1:
-            for job in progress.track(mine, total=len(mine), desc="render"):
-                rows += render_one(job, str(opts.out), ropts)
-        else:
-            # a few meshes per task keeps process overhead low; map keeps input order (determinism)
-            chunk = max(1, min(8, len(mine) // (workers * 4)))
-            batches = [(mine[i:i + chunk], str(opts.out), ropts) for i in range(0, len(mine), chunk)]
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                for part in progress.track(pool.map(_render_batch, batches), total=len(batches), desc="render"):
-                    rows += part
-        secs = time.time() - t0
-        ok = sum(1 for r in rows if r["status"] == "ok")
-        failed = sorted({r["sample_id"] for r in rows if r["status"] != "ok"})
-        stats = {"meshes": len(mine), "views": len(rows), "ok_views": ok, "failed_meshes": len(failed),
-                 "views_per_s": round(ok / secs, 2) if secs > 0 else None}
-        return renders_table(rows, ropts, copied), stats
-
-    # a dir of GLBs is no table: nothing to name
-    made_from = {"samples": provenance(samples).table_id} if any(Path(samples).glob("*.parquet")) or \
-        Path(samples).suffix == ".parquet" else None
-    return run_stage("render", "renders", opts, config, produce, made_from=made_from)
+    return RenderJob(samples, views, preset, elevation, resolution, background, fov, depth, normals, sheet, framing,
+                     workers, backend, device, supersample).run(opts)

@@ -33,7 +33,7 @@ from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
-from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed, usable_cores
+from rl3d.stages.contract import Job, Progress, StageOptions, status_counts, timed, usable_cores
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
 
@@ -209,9 +209,11 @@ def combine(terms: list[TermConfig], cells: dict[str, dict]) -> tuple[float | No
 
 
 def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders: dict[str, list[dict]] | None,
-                 progress: Progress, stats: dict, batch: int = 64, codec: str | None = None) -> pa.Table:
+                 progress: Progress, stats: dict, batch: int = 64, codec: str | None = None,
+                 pool: ProcessPoolExecutor | None = None) -> pa.Table:
     """`codec`: the codec to decode mesh tokens with when the config names none (gen records the
-    path of an external codec, e.g. the 64^3 VQ-VAE, in the samples table's config)."""
+    path of an external codec, e.g. the 64^3 VQ-VAE, in the samples table's config). `pool`: the
+    caller's worker pool for the host terms (kept running), else one is started when it pays."""
     n = len(rows["sample_id"])
     levels = rows["level"]
     grids, decode_err = decode_grids(rows, kind, config.codec or codec or "")
@@ -236,8 +238,9 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     # samples, while this process scores the model terms (CLIP on the GPU): the same values
     host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
     cores = usable_cores()
-    pool = ProcessPoolExecutor(min(MAX_WORKERS, cores - 1), mp_context=mp.get_context("spawn")) \
-        if host_items >= MIN_ITEMS_FOR_PROCESSES and cores > 2 else None
+    own_pool = pool is None and host_items >= MIN_ITEMS_FOR_PROCESSES and cores > 2
+    if own_pool:
+        pool = ProcessPoolExecutor(min(MAX_WORKERS, cores - 1), mp_context=mp.get_context("spawn"))
     scored: list = []            # (level, term, row indices to score), in config order
     pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes
     for lvl, term in jobs:
@@ -271,7 +274,7 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
                 raw, pv, st, msg = aggregate(res, term.aggregate)
                 cells[i][term.name] = _cell(raw, pv, st, msg, term.factor, res.details)
     finally:
-        if pool is not None:
+        if own_pool:
             pool.shutdown(cancel_futures=True)
 
     cols: dict[str, list] = {"sample_id": rows["sample_id"], "prompt_id": rows["prompt_id"],
@@ -341,13 +344,32 @@ def check_levels(rows: dict[str, list], config: RewardConfig, source: str) -> No
                              f"terms for it{hint}")
 
 
-def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64) -> dict:
-    if batch < 1:
-        raise InputError(f"--batch {batch}: must be >= 1")
-    cfg = load_config(config)
-    record = {"reward": cfg.to_dict(), "samples": str(samples), "renders": str(renders) if renders else None}
+class RewardJob(Job):
+    """Scores of a samples (or objects) table under a reward config. `pool`: a process pool the
+    caller keeps across runs for the model-free terms (the resident loop), instead of one per run.
+    Backends (CLIP, judges) are built once per process and stay loaded (get_backend)."""
 
-    def produce(shard: Shard, progress: Progress):
+    stage, kind = "reward", "rewards"
+
+    def __init__(self, samples: str | Path, renders: str | Path | None, config: str, batch: int = 64,
+                 progress: Progress | None = None, pool=None):
+        if batch < 1:
+            raise InputError(f"--batch {batch}: must be >= 1")
+        self.samples, self.renders, self.batch, self.pool = samples, renders, batch, pool
+        self.cfg = load_config(config)
+        self._config = {"reward": self.cfg.to_dict(), "samples": str(samples),
+                        "renders": str(renders) if renders else None}
+        self._made_from = check_inputs(samples, renders, progress or Progress(quiet=True))
+        self.policy = tables.table_policy(samples)
+
+    def config(self) -> dict:
+        return self._config
+
+    def made_from(self):
+        return self._made_from
+
+    def produce(self, shard: Shard, progress: Progress):
+        samples, renders, cfg = self.samples, self.renders, self.cfg
         stats: dict = {}
         table, kind = read_scored_rows(samples)
         rows = load_rows(table, kind, shard)
@@ -359,13 +381,19 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
                     get_backend(t)
         rgroups = group_renders(renders, set(rows["sample_id"])) if renders else None
         codec = tables.table_config(samples).get("codec") if kind == "samples" else None
-        out = reward_table(rows, kind, cfg, rgroups, progress, stats, batch, codec=codec)
+        out = reward_table(rows, kind, cfg, rgroups, progress, stats, self.batch, codec=codec, pool=self.pool)
         stats["status"] = status_counts(out)
         return out, stats
 
-    made_from = check_inputs(samples, renders, Progress(opts.quiet))
-    policy = tables.table_policy(samples)
-    return run_stage("reward", "rewards", opts, record, produce, policy=policy, made_from=made_from)
+
+def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64) -> dict:
+    return RewardJob(samples, renders, config, batch, Progress(opts.quiet)).run(opts)
+
+
+def host_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """A pool for RewardJob(pool=...) that a caller keeps for many runs."""
+    return ProcessPoolExecutor(workers or max(1, min(MAX_WORKERS, usable_cores() - 1)),
+                               mp_context=mp.get_context("spawn"))
 
 
 def check_inputs(samples, renders, progress: Progress) -> dict[str, str | None]:

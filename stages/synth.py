@@ -16,7 +16,7 @@ from rl3d.formats.codec import VoxelCodec
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
 from rl3d.formats.tables import SCHEMAS
-from rl3d.stages.contract import StageOptions, run_stage, status_counts, timed
+from rl3d.stages.contract import Job, StageOptions, status_counts, timed
 from rl3d.stages.shapes.world import SPLITS, SynthObject, make_object, object_id
 
 def _encode(grids: np.ndarray) -> tuple[list[list[int]], str]:
@@ -44,15 +44,28 @@ def objects_table(objs: list[SynthObject], tokens: list[list[int]], mesh_paths: 
     return pa.table({k: pa.array(v, cols[k]) for k, v in data.items()})
 
 
-def run_synth(n: int, seed: int, split: str, opts: StageOptions, meshes: bool = True) -> dict:
-    if split not in SPLITS:
-        raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if n < 0:
-        raise InputError(f"--n {n}: must be >= 0")
-    config = {"stage": "synth", "n": n, "seed": seed, "split": split, "meshes": meshes}
-    out = Path(opts.out)
+class SynthJob(Job):
+    """`n` procedural shape-world objects of a split: captions, plans, specs, tokens and GLBs."""
 
-    def produce(shard, progress):
+    stage, kind = "synth", "objects"
+
+    def __init__(self, n: int, seed: int, split: str, meshes: bool = True):
+        if split not in SPLITS:
+            raise InputError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+        if n < 0:
+            raise InputError(f"--n {n}: must be >= 0")
+        self.n, self.seed, self.split, self.meshes = n, seed, split, meshes
+        self.out = Path(".")
+
+    def config(self) -> dict:
+        return {"stage": "synth", "n": self.n, "seed": self.seed, "split": self.split, "meshes": self.meshes}
+
+    def run(self, opts: StageOptions) -> dict:
+        self.out = Path(opts.out)
+        return super().run(opts)
+
+    def produce(self, shard, progress):
+        n, seed, split, out = self.n, self.seed, self.split, self.out
         stats: dict = {}
         ids = [i for i in range(n) if shard.owns(object_id(i, seed))]
         with timed(stats, "generate_s"):
@@ -60,7 +73,7 @@ def run_synth(n: int, seed: int, split: str, opts: StageOptions, meshes: bool = 
         with timed(stats, "encode_s"):
             tokens, codec_msg = _encode(np.stack([o.grid for o in objs]) if objs else np.zeros((0, 32, 32, 32), np.uint8))
         statuses, messages, paths = ["ok"] * len(objs), [codec_msg] * len(objs), [""] * len(objs)
-        if meshes:
+        if self.meshes:
             with timed(stats, "glb_s"):
                 for k, o in enumerate(progress.track(objs, len(objs), "synth meshes")):
                     rel = f"{shards_io.MESHES}/{o.sample_id}.glb"
@@ -74,4 +87,6 @@ def run_synth(n: int, seed: int, split: str, opts: StageOptions, meshes: bool = 
         stats["status"] = status_counts(table)
         return table, stats
 
-    return run_stage("synth", "objects", opts, config, produce)
+
+def run_synth(n: int, seed: int, split: str, opts: StageOptions, meshes: bool = True) -> dict:
+    return SynthJob(n, seed, split, meshes).run(opts)

@@ -40,6 +40,7 @@ class RLConfig:
     seed: int = 0
     temperature: float | None = None  # None: the temperature the samples were drawn with
     train_levels: str = "all"        # hi-grpo: all | coarse | fine, the level whose tokens train (ablations)
+    tis_cap: float = 0.0             # truncated importance sampling cap C (needs old_logprobs recompute); 0 = off
 
     def check(self) -> "RLConfig":
         """Settings under which a step cannot train are an error, not a step that learned nothing."""
@@ -48,7 +49,7 @@ class RLConfig:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {low}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v) and not (f.name == "tis_cap" and v == math.inf):
                 raise InputError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
         if self.old_logprobs not in OLD_LOGPROBS:
             raise InputError(f"--old-logprobs {self.old_logprobs!r}: expected one of {', '.join(OLD_LOGPROBS)}")
@@ -56,6 +57,10 @@ class RLConfig:
             raise InputError(f"--train-levels {self.train_levels!r}: expected one of {', '.join(TRAIN_LEVELS)}")
         if self.train_levels != "all" and self.algo != "hi-grpo":
             raise InputError(f"--train-levels {self.train_levels}: only --algo hi-grpo has levels to choose from")
+        if self.tis_cap < 0:
+            raise InputError(f"--tis-cap {self.tis_cap}: must be >= 0 (0 = off)")
+        if self.tis_cap > 0 and self.old_logprobs != "recompute":
+            raise InputError("--tis-cap weights pi_old / pi_behaviour: it needs --old-logprobs recompute")
         if self.lr < 0:
             raise InputError(f"--lr {self.lr}: must be >= 0")
         return self

@@ -16,10 +16,12 @@ def diagnostics(cfg: RLConfig) -> tuple[str, ...]:
     return DIAGNOSTICS if cfg.beta > 0 else tuple(k for k in DIAGNOSTICS if k != "kl")
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
+def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig, tis=None):
     """Per-token objective summed with `weights` (which encode the aggregation and 1/|y|).
 
-    logp, old_logp, ref_logp, weights: [B, T] (weights 0 on padding and forced tokens); adv: [B].
+    logp, old_logp, ref_logp, weights: [B, T] (weights 0 on padding and forced tokens); adv: [B];
+    tis: None or [B, T] truncated importance weights pi_old / pi_behaviour (detached) that scale the
+    policy-gradient term of stale samples (the KL term is the current policy's own).
     Returns (loss, parts) where parts hold detached diagnostics.
     """
     mask = weights > 0
@@ -32,6 +34,8 @@ def policy_loss(logp, old_logp, ref_logp, adv, weights, cfg: RLConfig):
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high) * a
     pg = torch.minimum(unclipped, clipped)
+    if tis is not None:
+        pg = pg * tis
     if cfg.beta > 0:
         d = (ref_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0

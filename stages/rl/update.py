@@ -27,6 +27,7 @@ class UpdateStats:
     n_tokens: int = 0
     skipped_updates: int = 0
     mismatch: dict[str, float] = field(default_factory=dict)  # mismatch_metrics of the first minibatch (stored)
+    tis: dict[str, float] = field(default_factory=dict)  # truncated importance weights (recompute + tis_cap)
 
 
 @contextlib.contextmanager
@@ -63,14 +64,37 @@ def reference_logprobs(rows: list[dict], ref_scorer, special, acc, micro_batch: 
 def recompute_old_logprobs(rows: list[dict], scorer, special, acc, cfg: RLConfig) -> dict[str, float]:
     """--old-logprobs recompute: each row's completion log-probs under the current policy, before
     any update (no grad; verl's default), into row["old_logp"], the pi_old of the ratio. Returns
-    the training/inference mismatch of every row against the log-probs gen stored."""
+    the training/inference mismatch of every row against the log-probs gen stored. With
+    cfg.tis_cap > 0 each row also gets row["tis"], its truncated importance weights."""
     score_rows(rows, scorer, special, acc, cfg.micro_batch, "old_logp", cfg.length_buckets)
     sums: dict[str, float] = {}
     for r in rows:
         mask = loss_mask(r)
         stored = torch.as_tensor(r["logprobs"], dtype=torch.float32)[:len(mask)]
         _add_mismatch(sums, logprob_mismatch(r["old_logp"][:len(mask)], stored, mask, cfg.clip_low, cfg.clip_high))
+        if cfg.tis_cap > 0:
+            r["tis"] = truncated_importance_weights(r["old_logp"][:len(mask)], stored, cfg.tis_cap)
     return mismatch_metrics(sums)
+
+
+def truncated_importance_weights(old_logp: torch.Tensor, behaviour_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(pi_old / pi_behaviour, cap) per token: corrects samples drawn by another policy than the
+    one the ratio starts from (a one-step-stale sampler, or a bf16 sampler beside an fp32 trainer),
+    truncated so that one token cannot dominate (TIS, as verl and TRL apply it)."""
+    return torch.exp((old_logp - behaviour_logp).clamp(max=20.0)).clamp(max=cap)
+
+
+def tis_metrics(rows: list[dict], cap: float) -> dict[str, float]:
+    """Mean truncated importance weight over the tokens that carry a choice, and the fraction cut at the cap."""
+    total, clipped, n = 0.0, 0.0, 0
+    for r in rows:
+        if "tis" not in r:
+            continue
+        w = r["tis"][loss_mask(r)[:len(r["tis"])]]
+        total += float(w.sum())
+        clipped += float((w >= cap).sum())
+        n += int(w.numel())
+    return {"tis_weight_mean": total / max(n, 1), "tis_clip_frac": clipped / max(n, 1)}
 
 
 def score_rows(rows: list[dict], net, special, acc, micro_batch: int, key: str, length_buckets: bool = False) -> None:
@@ -170,7 +194,9 @@ def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc,
             _add_mismatch(mismatch, logprob_mismatch(lp, stored, chosen, cfg.clip_low, cfg.clip_high))
         ref = _stack([r["ref_logp"] for r in rows], T).to(lp.device) if with_reference else old
         adv = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32, device=lp.device)
-        loss, parts = policy_loss(lp, old, ref, adv, w, cfg)
+        tis = _stack([r["tis"] for r in rows], T).to(lp.device) if cfg.tis_cap > 0 and \
+            cfg.old_logprobs == "recompute" else None
+        loss, parts = policy_loss(lp, old, ref, adv, w, cfg, tis)
         acc.backward(loss)
         if not dummy:
             frac = float(w.sum()) / max(float(weights_all.sum()), 1e-12) / acc.num_processes

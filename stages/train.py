@@ -1,0 +1,552 @@
+"""`rl3d train`: N Hi-GRPO (or flat GRPO) iterations in one resident process per node.
+
+The loop drives the same Jobs the commands drive (gen, render, reward) and the same Learner that
+`rl3d rl-step` uses, and writes the same per-stage directories with the same schemas and
+provenance (RUN/step-NNNNNN/{prompts,gen,renders,rewards,update}); what it adds is that the policy,
+the reference, the optimizer state, the tokenizer, the codec, the reward models and the worker
+pools stay loaded between steps. A step, top to bottom:
+
+    prompts -> gen (sampling copy of the policy) -> render -> reward -> update (the learner)
+    -> copy the new weights into the sampling copy -> checkpoint every K steps -> held-out eval
+
+Resume: the newest complete checkpoint is loaded; steps after it whose update is recorded are
+replayed from their recorded samples and rewards (the update only: nothing is sampled, scored or
+written again); every later stage whose output is complete is skipped. With --overlap 1 the
+sampling of step t+1 runs while step t is rendered, scored and trained on, and the update of
+step t+1 corrects its one-version-old samples with truncated importance sampling.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rl3d.formats import shards as shards_io
+from rl3d.formats import tables
+from rl3d.formats.errors import InputError
+from rl3d.formats.shards import Shard, config_hash
+from rl3d.stages.contract import Progress, StageOptions, usable_cores
+from rl3d.stages.gen import GenJob, GenOptions
+from rl3d.stages.loop import swap
+from rl3d.stages.loop.checkpoints import (CHECKPOINTS, RESUMABLE, checkpoint_dir, latest_checkpoint, load_state,
+                                          record_settings, resident_policy_id, save_checkpoint, step_dir)
+from rl3d.stages.loop.feed import PromptFeed
+from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, policy_id, read_policy_meta
+from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.render import RenderJob, worker_pool
+from rl3d.stages.reward import RewardJob, host_pool
+from rl3d.stages.rewards.config import load_config
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.inputs import check_step_inputs
+from rl3d.stages.rl.learner import Learner, read_batch, update_tables
+from rl3d.stages.rl_step import append_run_metrics, summary_fields
+from rl3d.stages.scoring.run_metrics import write_tensorboard
+
+UPDATE_DONE = "update.json"
+MODES = {"hi-grpo": "hi-grpo", "flat": "grpo"}  # gen mode -> the update's algorithm
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainOptions:
+    """Every setting of a run; the ones that change what a step computes are recorded in
+    RUN/train.json and must match on resume (checkpoints.RESUMABLE lists the others)."""
+    prompts: str
+    out: Path
+    policy: str | None = None           # None: the shipped default policy
+    steps: int = 10
+    prompts_per_step: int = 64
+    mode: str = "hi-grpo"               # hi-grpo | flat
+    group_size: int = 8
+    views: int = 6
+    resolution: int = 512
+    supersample: int = 2
+    render_backend: str = "auto"
+    rewards: str | None = None          # preset name or TOML; None: "default" (hi-grpo) or "flat"
+    seed: int = 0
+    sampling_preset: str | None = None
+    sampling_overrides: dict = field(default_factory=dict)
+    rl: RLConfig = field(default_factory=RLConfig)
+    lora_rank: int = 0
+    ref: str | None = None
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    overlap: int = 0
+    stages: dict = field(default_factory=dict)  # stage -> a user's command (loop.swap)
+    eval_every: int = 0
+    eval_bench: str | None = None
+    eval_limit: int | None = None
+    tensorboard: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    allow_changes: bool = False
+    quiet: bool = False
+
+    def settings(self) -> dict:
+        """The JSON record of train.json: every option, paths resolved."""
+        d = asdict(self)
+        d.pop("allow_changes")
+        d["out"] = str(Path(self.out).resolve())
+        d["prompts"] = self.prompts if self.prompts == "synth" else str(Path(self.prompts).resolve())
+        d["policy"] = str(Path(self.policy).resolve()) if self.policy else str(default_policy_dir())
+        return json.loads(json.dumps(d, default=str))
+
+
+class StopRequested(Exception):
+    """A stop signal arrived: checkpoint and leave."""
+
+
+class TrainJob:
+    """The resident loop as a Job: options at construction (validated before anything is written),
+    done(out), run(progress)."""
+
+    stage = "train"
+
+    def __init__(self, opts: TrainOptions):
+        self.opts = o = opts
+        if o.mode not in MODES:
+            raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(MODES)}")
+        for name, low in (("steps", 1), ("group_size", 1), ("save_every", 1), ("keep_checkpoints", 0),
+                          ("eval_every", 0)):
+            if getattr(o, name) < low:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be >= {low}")
+        if o.overlap not in (0, 1):
+            raise InputError(f"--overlap {o.overlap}: expected 0 or 1")
+        if o.lora_rank:
+            raise InputError("rl3d train: --lora-rank is not supported by the resident loop yet "
+                             "(its checkpoints and sampling copy need merged adapters); run LoRA steps with rl3d rl-step")
+        if o.eval_every and not o.eval_bench:
+            raise InputError("--eval-every needs --eval-bench NAME")
+        o.rl = dataclasses.replace(o.rl, algo=MODES[o.mode], seed=o.seed)
+        if o.overlap and o.rl.old_logprobs != "recompute":
+            # stale samples: pi_old must be the current policy's, and TIS corrects pi_old / pi_behaviour
+            o.rl = dataclasses.replace(o.rl, old_logprobs="recompute", tis_cap=o.rl.tis_cap or 2.0)
+        o.rl.check()
+        o.rewards = o.rewards or ("default" if o.mode == "hi-grpo" else "flat")
+        load_config(o.rewards)  # a bad preset or TOML fails before any work
+        o.stages = swap.parse_swaps(o.stages)
+        self.run_dir = Path(o.out)
+        self.policy_dir = Path(o.policy).resolve() if o.policy else default_policy_dir()
+        self.policy_meta = read_policy_meta(self.policy_dir)
+        self.feed = PromptFeed(o.prompts, o.prompts_per_step, o.seed)
+        self.render_opts = dict(views=o.views, resolution=o.resolution, supersample=o.supersample,
+                                backend=o.render_backend)
+        self.gen_options = GenOptions(mode=o.mode, group_size=o.group_size, sampling=None, device=o.device,
+                                      dtype=o.dtype, sampling_preset=o.sampling_preset,
+                                      sampling_overrides=o.sampling_overrides)
+        self.stop: str | None = None
+        self.evals: list[tuple[int, subprocess.Popen]] = []
+
+    # ---- the contract ----------------------------------------------------------------------
+
+    def done(self, out: Path | None = None) -> bool:
+        """Whether the run holds all its steps (the last one checkpointed)."""
+        last = latest_checkpoint(Path(out or self.run_dir))
+        return last is not None and last[0] >= self.opts.steps
+
+    def run(self, progress: Progress | None = None) -> dict:
+        o = self.opts
+        progress = progress or Progress(o.quiet)
+        t_start = time.time()
+        settings = o.settings()
+        fixed = {k: v for k, v in settings.items() if k not in RESUMABLE}
+        self.settings_hash = config_hash(fixed)
+        self.base_id = policy_id(self.policy_dir, self.policy_meta)
+
+        record_settings(self.run_dir, settings, o.allow_changes, write=False)  # before any model loads
+
+        # 1. where the run stands: the newest checkpoint, else the initial policy
+        last = latest_checkpoint(self.run_dir)
+        start_step, start_dir = (last[0], last[1]) if last else (0, self.policy_dir)
+        if start_step >= o.steps:
+            progress.log(f"train: {self.run_dir} already holds {start_step} steps, skipping")
+            return {"stage": "train", "out": str(self.run_dir), "skipped": True, "step": start_step}
+
+        # 2. everything that stays loaded: the learner, its sampling copy, the worker pools
+        t0 = time.time()
+        learner = Learner(start_dir, o.rl, ref_dir=o.ref or str(self.policy_dir), device=o.device, dtype=o.dtype,
+                          progress=Progress(quiet=True))
+        self.learner, acc = learner, learner.acc
+        self.main = acc.is_main_process
+        if self.main:
+            record_settings(self.run_dir, settings, o.allow_changes)
+        acc.wait_for_everyone()
+        if last:
+            state = load_state(last[1])
+            learner.rl_step, learner.optimizer_updates = state["step"], state["optimizer_updates"]
+        else:
+            learner.rl_step = 0
+        self.shard = Shard(acc.process_index, acc.num_processes)
+        self.sampler = self._sampling_copy(self._policy_id(learner.rl_step))
+        self.render_pool, self.reward_pool = self._pools()
+        self.saved_step = start_step
+        load_s = time.time() - t0
+        progress.log(f"train: {self.run_dir} from step {start_step} ({start_dir}), {o.steps} steps of "
+                     f"{self.feed.per_step} prompts x G={o.group_size}, models loaded in {load_s:.1f}s")
+
+        previous = self._install_signal_handlers()
+        stats = {"steps_run": 0, "steps_replayed": 0, "step_seconds": []}
+        try:
+            for step in range(start_step + 1, o.steps + 1):
+                t_step = time.time()
+                replayed, line = self._step(step, progress)
+                if replayed:
+                    stats["steps_replayed"] += 1
+                else:
+                    stats["steps_run"] += 1
+                    stats["step_seconds"].append(time.time() - t_step)
+                if self.main and line:
+                    eta = (o.steps - step) * (sum(stats["step_seconds"][-3:]) / max(len(stats["step_seconds"][-3:]), 1))
+                    progress.log(f"{line} ETA {_duration(eta)}")
+                self._check_stop()
+                if step % o.save_every == 0 or step == o.steps or (o.eval_every and step % o.eval_every == 0):
+                    self._checkpoint(step)
+                if o.eval_every and step % o.eval_every == 0:
+                    self._start_eval(step, progress)
+        except StopRequested:
+            progress.log(f"train: {self.stop}: checkpointing step {learner.rl_step} and stopping")
+            self._join_overlap()
+            self._checkpoint(learner.rl_step)
+        finally:
+            self._join_overlap()
+            self._restore_signal_handlers(previous)
+            for pool in (self.render_pool, self.reward_pool):
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        evals = self._wait_evals(progress)
+        secs = stats.pop("step_seconds")
+        return {"stage": "train", "out": str(self.run_dir), "skipped": False, "step": learner.rl_step,
+                "steps": o.steps, **stats, "stopped": self.stop, "model_load_s": round(load_s, 3),
+                "seconds_per_step": round(sum(secs) / len(secs), 3) if secs else None,
+                "steady_seconds_per_step": round(sum(secs[1:]) / len(secs[1:]), 3) if len(secs) > 1 else None,
+                "seconds": round(time.time() - t_start, 2), "checkpoint": str(checkpoint_dir(self.run_dir, self.saved_step))
+                if self.saved_step else None, "evals": evals}
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def _step(self, step: int, progress: Progress) -> tuple[bool, str]:
+        """Run (or replay) step `step`; returns (replayed, its progress line)."""
+        o, learner = self.opts, self.learner
+        d = step_dir(self.run_dir, step)
+        quiet = Progress(quiet=True)
+        t: dict[str, float] = {}
+        record = d / "update"
+        if (record / UPDATE_DONE).is_file():  # trained before the last kill, after the last checkpoint
+            self._replay(step, record, progress)
+            return True, ""
+
+        with _timer(t, "prompts"):
+            if self.main:
+                self.feed.job(step).run(StageOptions(out=d / "prompts", quiet=True))
+            self._barrier()
+        self._check_stop()
+        with _timer(t, "gen"):
+            if self._next_gen is not None:
+                self._join_overlap()  # sampled while the previous step was scored and trained on
+            else:
+                self._gen(step, self.sampler)
+            self._barrier()
+        if o.overlap and step < o.steps:
+            # step + 1 samples now, from the policy before this step's update (one version old)
+            self._sync_sampler()
+            self._start_gen(step + 1)
+        self._check_stop()
+        with _timer(t, "render"):
+            self._render(step, d)
+            self._barrier()
+        self._check_stop()
+        with _timer(t, "reward"):
+            self._reward(step, d)
+            self._barrier()
+        self._check_stop()
+        with _timer(t, "update"):
+            metrics = self._update(step, d, record)
+        if not o.overlap:
+            with _timer(t, "sync"):
+                self._sync_sampler()
+        self._tensorboard(step, metrics, t)
+        rewards = " ".join(f"{lv[0]}={metrics[f'reward_mean_{lv}']:.3f}" for lv in ("coarse", "fine", "single")
+                           if f"reward_mean_{lv}" in metrics)
+        kl = f" kl {metrics['kl']:.2e}" if "kl" in metrics else ""
+        phases = " ".join(f"{k} {v:.1f}s" for k, v in t.items())
+        line = (f"train: step {step}/{o.steps} {sum(t.values()):.1f}s ({phases}) reward {rewards}{kl} "
+                f"entropy {metrics['entropy']:.3f}")
+        return False, line
+
+    def _gen(self, step: int, sampler: Policy) -> None:
+        d = step_dir(self.run_dir, step)
+        m = shards_io.read_manifest(d / "gen") if (d / "gen").is_dir() else None
+        if self.opts.overlap and m is not None and m.get("complete"):
+            return  # sampled one version back before a resume; _check_batch checks whose samples they are
+        job = GenJob(d / "prompts", self.gen_options, seed=self.opts.seed + step, policy=sampler)
+        job.run(StageOptions(out=d / "gen", shard=self.shard, seed=self.opts.seed + step, quiet=True))
+
+    def _render(self, step: int, d: Path) -> None:
+        if "render" in self.opts.stages:
+            self._swapped("render", step, d)
+            return
+        job = RenderJob(d / "gen", **self.render_opts, device=self.opts.device, pool=self.render_pool)
+        job.run(StageOptions(out=d / "renders", shard=self.shard, quiet=True))
+
+    def _reward(self, step: int, d: Path) -> None:
+        if "reward" in self.opts.stages:
+            self._swapped("reward", step, d)
+            return
+        job = RewardJob(d / "gen", d / "renders", self.opts.rewards, pool=self.reward_pool)
+        job.run(StageOptions(out=d / "rewards", shard=self.shard, quiet=True))
+
+    def _swapped(self, stage: str, step: int, d: Path) -> None:
+        """A user's command in place of a resident stage (main process; the others wait)."""
+        out = d / {"render": "renders", "reward": "rewards"}[stage]
+        paths = {"samples": str(d / "gen"), "renders": str(d / "renders"), "prompts": str(d / "prompts"),
+                 "out": str(out), "step": str(step), "run": str(self.run_dir)}
+        if self.main and not swap.done(out, {k: v for k, v in paths.items() if k != "out"}):
+            if out.exists():  # a failed or killed earlier attempt: the command gets a clean folder
+                shutil.rmtree(out)
+            swap.run_swapped(stage, self.opts.stages[stage], paths, d / "gen", step)
+
+    def _update(self, step: int, d: Path, record: Path) -> dict:
+        """One update of the resident learner on the step's samples and rewards, recorded in
+        RUN/step-N/update (advantages, metrics, update.json) and RUN/metrics.parquet."""
+        o, learner = self.opts, self.learner
+        check_step_inputs(self.policy_dir, d / "gen", d / "rewards", o.rl)
+        self._check_batch(step, d)
+        samples, rewards = read_batch(d / "gen", d / "rewards")
+        run_metrics = str(self.run_dir / "metrics.parquet")
+        result = learner.update(samples, rewards, {}, run_metrics)
+        metrics = result.metrics
+        metrics["staleness"] = self._staleness(step, d)
+        if self.main:
+            config = {"rl": asdict(o.rl), "samples": str(d / "gen"), "rewards": str(d / "rewards"),
+                      "policy": self._policy_id(step - 1), "train": self.settings_hash}
+            write_update_record(record, result.adv_rows, metrics, config, self._policy_id(step))
+            _, mt = update_tables(result.adv_rows, metrics, config, self._policy_id(step))
+            append_run_metrics(Path(run_metrics), mt)
+        self._barrier()
+        return metrics
+
+    def _replay(self, step: int, record: Path, progress: Progress) -> None:
+        """Re-apply a recorded update to the weights of the checkpoint before it (nothing is written):
+        the same samples, rewards and settings give the same update; the recorded loss is checked."""
+        d = step_dir(self.run_dir, step)
+        samples, rewards = read_batch(d / "gen", d / "rewards")
+        result = self.learner.update(samples, rewards, {}, None)
+        recorded = json.loads((record / UPDATE_DONE).read_text())["metrics"]
+        got, want = result.metrics.get("loss", 0.0), recorded.get("loss", 0.0)
+        if not math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7):
+            progress.log(f"WARNING: replayed step {step}: loss {got:.6g}, recorded {want:.6g} (non-deterministic "
+                         f"kernels differ slightly; the run goes on from the replayed weights)")
+        else:
+            progress.log(f"train: step {step} replayed from its recorded samples and rewards (loss {got:.6g})")
+        self._sync_sampler()
+
+    def _check_batch(self, step: int, d: Path) -> None:
+        """The step's samples were drawn by this run's policy of the step before (two before with
+        --overlap 1), and its rewards score exactly those samples."""
+        samples = tables.provenance(d / "gen")
+        rewards = tables.provenance(d / "rewards")
+        if rewards.kind is not None:
+            tables.require_made_for(rewards, "samples", samples)
+        allowed = {self._policy_id(step - 1)}
+        if self.opts.overlap:
+            allowed.add(self._policy_id(max(step - 2, 0)))
+        if not any(tables.same_policy(samples.policy, p) for p in allowed):
+            raise InputError(f"{d / 'gen'}: sampled by policy {samples.policy}, not by this run's policy of step "
+                             f"{step - 1}: the step folder belongs to another run (use another --out)")
+
+    def _staleness(self, step: int, d: Path) -> int:
+        """Policy versions between the samples' policy and the one being updated (0 or 1)."""
+        sampled = tables.provenance(d / "gen").policy
+        return 0 if tables.same_policy(sampled, self._policy_id(step - 1)) else 1
+
+    # ---- overlap: the next step's sampling beside this step's scoring and update ---------------
+
+    _next_gen = None
+
+    def _start_gen(self, step: int) -> None:
+        """Sample step `step` on a thread with the sampling copy as it is (the policy before the
+        current step's update); the copy is refreshed when the thread is joined."""
+        d = step_dir(self.run_dir, step)
+        if self.main:
+            self.feed.job(step).run(StageOptions(out=d / "prompts", quiet=True))
+        self._barrier()
+        self._next_gen = _Background(self._gen, step, self.sampler)
+
+    def _join_overlap(self) -> None:
+        """Wait for the background sampling; its failure is raised here."""
+        pending, self._next_gen = self._next_gen, None
+        if pending is not None:
+            pending.join()
+            if pending.error is not None:
+                raise pending.error
+
+    # ---- weights: the sampling copy, checkpoints ------------------------------------------------
+
+    def _policy_id(self, step: int) -> str:
+        return resident_policy_id(self.run_dir, self.base_id, self.settings_hash, step)
+
+    def _sampling_copy(self, pid: str) -> Policy:
+        """The policy gen samples with: a copy of the trained weights in the sampling dtype, in eval
+        mode with the KV cache on (the trained model computes in float32 under autocast)."""
+        dev, dt = resolve_device_dtype(self.opts.device, self.opts.dtype)
+        model = copy.deepcopy(self.learner.model).to(dtype=dt).eval()
+        model.config.use_cache = True
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return dataclasses.replace(self.learner.policy, model=model, policy_id=pid)
+
+    def _sync_sampler(self) -> None:
+        """The learner's weights into the sampling copy (a device-to-device copy, cast); never
+        while the copy samples (overlap joins its thread first)."""
+        learner = self.learner
+        from accelerate.utils import DistributedType
+        if learner.acc.distributed_type == DistributedType.FSDP:
+            weights = learner.full_state()[0]
+        else:
+            weights = learner.model.state_dict()
+        with torch.no_grad():
+            self.sampler.model.load_state_dict(weights, strict=False)
+        self.sampler = dataclasses.replace(self.sampler, policy_id=self._policy_id(learner.rl_step))
+
+    def _checkpoint(self, step: int) -> None:
+        if step <= self.saved_step or step != self.learner.rl_step:
+            return
+        learner = self.learner
+        weights, opt_state = learner.full_state()
+        if self.main:
+            state = {"step": step, "optimizer_updates": learner.optimizer_updates,
+                     "policy_id": self._policy_id(step), "settings_hash": self.settings_hash,
+                     "prompts": self.feed.position(step + 1), "saved_at": time.time()}
+            protect = self.opts.eval_every
+            save_checkpoint(self.run_dir, step, learner.model_to_save(), weights, opt_state, learner.policy,
+                            learner.meta, learner.initial, state, keep=self.opts.keep_checkpoints,
+                            protect=(lambda s: s % protect == 0) if protect else None)
+        self._barrier()
+        self.saved_step = step
+
+    # ---- held-out scoring, reporting -------------------------------------------------------------
+
+    def _start_eval(self, step: int, progress: Progress) -> None:
+        """`rl3d eval` of the step's checkpoint in a child process, beside the training steps."""
+        if not self.main:
+            return
+        o = self.opts
+        out = self.run_dir / "eval" / f"step-{step:06d}"
+        argv = [sys.executable, "-m", "rl3d.cli.main", "eval", "--bench", o.eval_bench, "--policy",
+                str(checkpoint_dir(self.run_dir, step)), "--out", str(out), "--seed", str(o.seed), "--quiet"]
+        if o.eval_limit:
+            argv += ["--limit", str(o.eval_limit)]
+        if o.device:
+            argv += ["--device", o.device]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        progress.log(f"train: held-out eval of step {step} on {o.eval_bench} started ({out})")
+        with open(out.parent / f"step-{step:06d}.log", "w") as log:
+            self.evals.append((step, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+
+    def _wait_evals(self, progress: Progress) -> dict:
+        out = {}
+        for step, proc in self.evals:
+            rc = proc.wait()
+            out[step] = rc
+            if rc != 0:
+                progress.log(f"WARNING: held-out eval of step {step} failed (exit {rc}): see "
+                             f"{self.run_dir / 'eval' / f'step-{step:06d}.log'}")
+        return out
+
+    def _tensorboard(self, step: int, metrics: dict, phases: dict) -> None:
+        if self.opts.tensorboard and self.main:
+            write_tensorboard(self.opts.tensorboard, step, {**metrics, **{f"time_{k}_s": v for k, v in phases.items()}})
+
+    # ---- processes, pools and signals ------------------------------------------------------------
+
+    def _barrier(self) -> None:
+        self.learner.acc.wait_for_everyone()
+
+    def _pools(self):
+        """Worker pools kept for the whole run (spawned once: each worker imports rl3d once)."""
+        cores = usable_cores()
+        render = worker_pool(self.opts.render_backend) if cores > 1 and "render" not in self.opts.stages else None
+        reward = host_pool() if cores > 2 and "reward" not in self.opts.stages else None
+        return render, reward
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self.stop = signal.Signals(signum).name
+
+        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    def _check_stop(self) -> None:
+        """Stop at a stage boundary once a stop signal arrived (in any process of a launch)."""
+        flag = self.stop is not None
+        if self.learner.acc.num_processes > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.learner.acc.device)
+            flag = bool(self.learner.acc.reduce(t, reduction="sum").item() > 0)
+            self.stop = self.stop or ("SIGTERM" if flag else None)
+        if flag:
+            raise StopRequested()
+
+
+def write_update_record(record: Path, adv_rows, metrics: dict, config: dict, policy: str) -> None:
+    """RUN/step-N/update: the step's advantages and metrics tables and update.json (written last,
+    inside a folder renamed into place: the record is whole or absent)."""
+    tmp = record.with_name(f".{record.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    adv, mt = update_tables(adv_rows, metrics, config, policy)
+    shards_io.write_part(adv, tmp / "advantages", Shard(0, 1))
+    shards_io.write_part(mt, tmp / "metrics", Shard(0, 1))
+    shards_io.atomic_write_json(tmp / UPDATE_DONE, {"config": config, "metrics": metrics,
+                                                    "summary": summary_fields(metrics)})
+    if record.exists():
+        shutil.rmtree(record)
+    tmp.rename(record)
+
+
+class _Background(threading.Thread):
+    """A function on a thread whose exception is kept for the joiner."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.error = fn, args, None
+        self.start()
+
+    def run(self):
+        try:
+            self.fn(*self.args)
+        except BaseException as e:  # re-raised by the loop when it joins
+            self.error = e
+
+
+class _timer:
+    def __init__(self, into: dict, key: str):
+        self.into, self.key = into, key
+
+    def __enter__(self):
+        self.t0 = time.time()
+
+    def __exit__(self, *exc):
+        self.into[self.key] = self.into.get(self.key, 0.0) + time.time() - self.t0
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
