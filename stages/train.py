@@ -146,6 +146,7 @@ class TrainJob:
                                       dtype=o.dtype, sampling_preset=o.sampling_preset,
                                       sampling_overrides=o.sampling_overrides)
         self.stop: str | None = None
+        self.phase_totals: dict[str, list[float]] = {}  # phase -> seconds of each step run
         self.evals: list[tuple[int, subprocess.Popen]] = []
 
     # ---- the contract ----------------------------------------------------------------------
@@ -231,7 +232,7 @@ class TrainJob:
                 "seconds_per_step": round(sum(secs) / len(secs), 3) if secs else None,
                 "steady_seconds_per_step": round(sum(secs[1:]) / len(secs[1:]), 3) if len(secs) > 1 else None,
                 "seconds": round(time.time() - t_start, 2), "checkpoint": str(checkpoint_dir(self.run_dir, self.saved_step))
-                if self.saved_step else None, "evals": evals}
+                if self.saved_step else None, "evals": evals, "phase_seconds": self.phase_totals}
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -276,6 +277,8 @@ class TrainJob:
             with _timer(t, "sync"):
                 self._sync_sampler()
         self._tensorboard(step, metrics, t)
+        for k, v in t.items():
+            self.phase_totals.setdefault(k, []).append(round(v, 3))
         rewards = " ".join(f"{lv[0]}={metrics[f'reward_mean_{lv}']:.3f}" for lv in ("coarse", "fine", "single")
                            if f"reward_mean_{lv}" in metrics)
         kl = f" kl {metrics['kl']:.2e}" if "kl" in metrics else ""
