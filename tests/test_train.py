@@ -340,3 +340,34 @@ def test_bad_settings_fail_before_anything_is_written(setup, tmp_path):
         assert not run.exists()
     res = _cli(["train", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "none.txt" in res.output
+
+
+def test_two_processes_write_the_one_process_tables_and_update(setup, tmp_path):
+    """DDP on CPU (gloo): each process samples, renders and scores its shard of the step's prompts
+    into the same folders; the union is the one-process output and the update matches it."""
+    root, policy, prompts = setup
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = _cli(_train_args(policy, prompts, one, 1, "--device", "cpu"))
+    assert res.exit_code == 0, res.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rl3d.cli.main", *_train_args(policy, prompts, two, 1, "--device", "cpu", "--quiet")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((two / "step-000001" / "gen").glob("part-*-of-00002.parquet"))) == 2
+    for stage in ("gen", "renders", "rewards"):
+        a = sorted(tables.read_table(one / "step-000001" / stage, {"gen": "samples"}.get(stage, stage))
+                   .to_pylist(), key=lambda r: (r["sample_id"], r.get("view", 0)))
+        b = sorted(tables.read_table(two / "step-000001" / stage, {"gen": "samples"}.get(stage, stage))
+                   .to_pylist(), key=lambda r: (r["sample_id"], r.get("view", 0)))
+        assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b], stage
+        for ra, rb in zip(a, b):
+            _close({k: v for k, v in ra.items() if not k.endswith("_path")},
+                   {k: v for k, v in rb.items() if not k.endswith("_path")})
+    m1, m2 = _metrics(one / "step-000001" / "update" / "metrics"), _metrics(two / "step-000001" / "update" / "metrics")
+    for k in ("loss", "kl", "grad_norm"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    w0 = load_file(Path(policy) / "model.safetensors")
+    w1, w2 = (load_file(r / "checkpoints" / "step-000001" / "model.safetensors") for r in (one, two))
+    moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
+    apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
+    assert moved > 0 and apart < 1e-2 * moved

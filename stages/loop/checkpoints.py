@@ -37,11 +37,12 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 def resident_policy_id(run: Path, initial_id: str, settings_hash: str, step: int) -> str:
     """The id of the run's policy after `step` updates, which exists in memory only: the same for a
     resumed run (a function of the initial weights, the settings and the step), another for any
-    other run. Step 0 is the initial policy's own id."""
+    other run, and the same after the run folder moves (the name part is relative to it). Step 0 is
+    the initial policy's own id."""
     if step == 0:
         return initial_id
     digest = hashlib.sha256(f"{initial_id.split('@', 1)[-1]}|{settings_hash}|{step}".encode()).hexdigest()[:12]
-    return f"{checkpoint_dir(run, step)}@{digest}#step{step}"
+    return f"{CHECKPOINTS}/step-{step:06d}@{digest}#step{step}"
 
 
 def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool = True) -> None:
@@ -74,9 +75,9 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
         shards_io.atomic_write_json(path, {"settings": settings})
 
 
-# settings a resume may change without --allow-changes: how long to run and how to report, not
-# what the steps compute
-RESUMABLE = ("steps", "quiet", "tensorboard", "eval_every", "eval_bench", "eval_limit", "keep_checkpoints",
+# settings a resume may change without --allow-changes: where the run folder is, how long to run
+# and how to report, not what the steps compute
+RESUMABLE = ("out", "steps", "quiet", "tensorboard", "eval_every", "eval_bench", "eval_limit", "keep_checkpoints",
              "save_every")
 
 
