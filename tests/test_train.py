@@ -234,9 +234,10 @@ def test_a_resume_with_other_settings_is_refused(three_steps, tmp_path):
     assert res.exit_code == 2
     assert res.output.count("\n") == 1 and "train.json" in res.output and "rl:" in res.output \
         and "--allow-changes" in res.output
-    res = _cli(args + ["--allow-changes"])
-    assert res.exit_code == 0, res.output  # the run is complete: nothing to train, the change recorded
+    res = _cli(args + ["--allow-changes", "--steps", "4"])  # one more step, at the new learning rate
+    assert res.exit_code == 0, res.output
     assert json.loads((run / "train.json").read_text())["changes"][-1]["to"]["rl"]["lr"] == 5e-4
+    assert _metrics(run / "step-000004" / "update" / "metrics")["lr"] == 5e-4
 
 
 SWAP_SCRIPTS = {
