@@ -95,6 +95,18 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_same_config(path: str | os.PathLike, recorded: dict, current: dict, ignore: tuple = ()) -> None:
+    """Refuse to take the output recorded in `path` (made with `recorded`) for a run of `current`:
+    a rerun with a changed setting would otherwise skip as "already complete". `ignore`: keys that
+    do not change the result (how it is computed, not what)."""
+    keys = sorted(k for k in set(recorded) | set(current)
+                  if k not in ignore and config_hash({"v": recorded.get(k)}) != config_hash({"v": current.get(k)}))
+    if keys:
+        shown = ", ".join(f"{k} {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys[:4])
+        raise InputError(f"{path}: made with another config ({shown}{', ...' if len(keys) > 4 else ''}); "
+                         f"use --overwrite or another --out")
+
+
 def check_id(value: str, what: str = "id") -> str | None:
     """Why `value` cannot name a file inside an output dir (ids become media file names), or None."""
     if not value:
@@ -116,11 +128,65 @@ def inside(root: str | os.PathLike, rel: str | os.PathLike) -> Path:
 
 
 def part_path(out: Path, shard: Shard) -> Path:
-    return Path(out) / f"part-{shard.tag}.parquet"
+    return inside(out, f"part-{shard.tag}.parquet")
 
 
 def marker_path(out: Path, shard: Shard) -> Path:
-    return Path(out) / MARKERS / f"{shard.tag}.json"
+    return inside(out, f"{MARKERS}/{shard.tag}.json")
+
+
+def check_out_folders(out: str | os.PathLike) -> None:
+    """Refuse an output dir whose bookkeeping or media folders (`_shards`, `_meshes`, `_images`, any
+    `_NAME`) or files lead outside it (a symlink to another folder): every media file, marker and
+    lock of a stage is written under them, so this runs before any of them is. Each write checks its
+    own path with `inside` too."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name.startswith("_"):
+            inside(out, entry.name)
+
+
+def holds_media(out: str | os.PathLike) -> bool:
+    """Whether `out` holds media files of an earlier run (a non-empty underscore folder other than the
+    markers): an --overwrite then invalidates the old output before writing the first new file."""
+    out = Path(out)
+    if not out.is_dir():
+        return False
+    return any(p.is_dir() and p.name.startswith("_") and p.name != MARKERS and any(p.iterdir())
+               for p in out.iterdir())
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _input_root(path: str | os.PathLike) -> Path:
+    """The file or folder an input names (for a glob, the folder above its first wildcard)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if _GLOB.search(part):
+            return Path(*parts[:i]) if i else Path(".")
+    return Path(path)
+
+
+def check_out_apart(out: str | os.PathLike, inputs: dict) -> None:
+    """Refuse an --out that is, contains or is inside one of the inputs ({option: path}; None values
+    are skipped): --overwrite would replace the input, and a stage would read what it writes."""
+    o = Path(out).resolve()
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        p = _input_root(path).resolve()
+        if o == p:
+            how = "is"
+        elif p.is_relative_to(o):
+            how = "contains"
+        elif o.is_relative_to(p):
+            how = "is inside"
+        else:
+            continue
+        raise InputError(f"--out {out}: {how} the input {option} {path}; write the output to another folder")
 
 
 def _writer() -> str:

@@ -159,18 +159,20 @@ def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: Ren
     rel = Path(shards_io.IMAGES) / _safe_dir_name(job["sample_id"])
     for i, r in enumerate(rows):
         r["image_path"] = str(rel / f"view-{i:02d}.png")
-        images.save_png(res["rgb"][i], Path(out) / r["image_path"])
+        images.save_png(res["rgb"][i], shards_io.inside(out, r["image_path"]))
         if opts.depth:
             r["depth_path"] = str(rel / f"depth-{i:02d}.png")
-            images.save_png(images.depth_millimetres(res["depth"][i]), Path(out) / r["depth_path"])
+            images.save_png(images.depth_millimetres(res["depth"][i]), shards_io.inside(out, r["depth_path"]))
         if opts.normals:
             r["normal_path"] = str(rel / f"normal-{i:02d}.png")
-            images.save_png(images.normal_colours(res["normal"][i], res["mask"][i]), Path(out) / r["normal_path"])
+            images.save_png(images.normal_colours(res["normal"][i], res["mask"][i]),
+                            shards_io.inside(out, r["normal_path"]))
     if opts.sheet:
         caption = job["sample_id"] + (f"  |  {job['prompt']}" if job.get("prompt") else "")
         labels = [f"az {a:.0f}  el {e:.0f}" for a, e in zip(az, el)]
         sheet_rel = str(rel / "sheet.png")
-        images.save_png(images.contact_sheet(res["rgb"], caption, labels, opts.background), Path(out) / sheet_rel)
+        images.save_png(images.contact_sheet(res["rgb"], caption, labels, opts.background),
+                        shards_io.inside(out, sheet_rel))
         for r in rows:
             r["sheet_path"] = sheet_rel
     return rows
@@ -183,7 +185,13 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
     p = Path(samples)
     glbs = sorted(g for g in p.glob("*.glb") if not g.name.startswith(".")) if p.is_dir() else []
     if glbs and not any(p.glob("*.parquet")):  # hidden .tmp-* GLBs are writes a kill interrupted
+        named: dict[str, Path] = {}
+        for g in glbs:  # two files whose stems sanitise alike would render into one images folder
+            if (other := named.setdefault(_safe_dir_name(g.stem), g)) is not g:
+                raise InputError(f"{g}: sample_id {g.stem!r} and {other.name} ({other.stem!r}) would both render "
+                                 f"into {shards_io.IMAGES}/{_safe_dir_name(g.stem)}/; rename one")
         return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""} for g in glbs]
+    dirs: dict[str, tuple[str, str]] = {}  # images folder -> (sample_id, "file: row i") of its first sample
     jobs, seen = [], set()
     for f in list_parts(p):
         try:
@@ -208,6 +216,11 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
             if row["sample_id"] in seen:  # two meshes would write the same images/<sample_id>/
                 raise InputError(f"{f}: row {i}: duplicate sample_id {row['sample_id']!r}")
             seen.add(row["sample_id"])
+            first = dirs.setdefault(_safe_dir_name(row["sample_id"]), (row["sample_id"], f"{f}: row {i}"))
+            if first[0] != row["sample_id"]:  # media paths are injective: refuse ids that sanitise alike
+                raise InputError(f"{f}: row {i}: sample_id {row['sample_id']!r} and {first[0]!r} ({first[1]}) "
+                                 f"would both render into {shards_io.IMAGES}/{_safe_dir_name(row['sample_id'])}/; "
+                                 f"give them ids that differ in letters, digits or -_.=+")
             jobs.append(row)
     if not jobs:
         raise InputError(f"{p}: the table has no rows (nothing to render)")
@@ -325,6 +338,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
     ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background), float(fov),
                           bool(depth), bool(normals), bool(sheet), str(framing), backend, device, int(supersample))
     jobs = read_jobs(samples)
+    shards_io.check_out_apart(opts.out, {"--samples": samples})
     if workers is None:
         workers = min(MAX_WORKERS, max(1, usable_cores() - 1)) if backend == "torch" else min(2, usable_cores())
     # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1

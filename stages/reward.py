@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
@@ -363,6 +364,7 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
         stats["status"] = status_counts(out)
         return out, stats
 
+    shards_io.check_out_apart(opts.out, {"--samples": samples, "--renders": renders})
     made_from = check_inputs(samples, renders, Progress(opts.quiet))
     policy = tables.table_policy(samples)
     return run_stage("reward", "rewards", opts, record, produce, policy=policy, made_from=made_from)
