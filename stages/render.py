@@ -207,6 +207,12 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
             t = absolute_media(pq.read_table(f, columns=cols), f.parent)
         except Exception as e:  # a footer that reads but truncated or corrupt pages
             raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for c in t.schema:  # copied into the renders table with fixed types: a float index fails there
+            want = pa.types.is_integer if c.name == "sample_index" else \
+                (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t))
+            if not (want(c.type) or pa.types.is_null(c.type)):
+                raise InputError(f"{f}: column {c.name!r} is {c.type}, expected "
+                                 f"{'an integer' if c.name == 'sample_index' else 'a string'}")
         for i, row in enumerate(t.to_pylist()):
             if (why := check_id(row["sample_id"] or "", "sample_id")) is not None:  # it names images/<id>/
                 raise InputError(f"{f}: row {i}: {why}")

@@ -26,8 +26,8 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import (VISION_MODULES, carried_meta, freeze_vision, load_policy, policy_id,
-                                           read_policy_meta, rng_state, save_policy)
+from rl3d.stages.policy.checkpoint import (VISION_MODULES, carried_meta, freeze_vision, load_optimizer_state,
+                                           load_policy, policy_id, read_policy_meta, rng_state, save_policy)
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
@@ -116,7 +116,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     scorer, opt = acc.prepare(CompletionLogprobs(model, special, temperature), opt)
     parent_opt = Path(policy_dir) / "optimizer.pt"
     if parent_opt.exists() and not lora_rank:
-        processes.load_optimizer_state(scorer, opt, torch.load(parent_opt, map_location="cpu", weights_only=True))
+        processes.load_optimizer_state(scorer, opt, load_optimizer_state(parent_opt))
         set_fused(opt, fused)  # the parent's state carries its own run's kernel choice
     ref_scorer = CompletionLogprobs(ref_model, special, temperature) if ref_model is not None else None
     timings["model_load_s"] = time.time() - t_models

@@ -269,3 +269,116 @@ def test_the_summary_counts_failed_rows(objs, tmp_path):
     res = _cli("render", "--samples", objs, "--views", "1", "--resolution", "32", "--out", tmp_path / "r", "--json", "--quiet")
     assert res.exit_code == 0 and json.loads(res.output)["failed_rows"] == 0
 
+
+# ---- 11, 12. secrets ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["http://host/${RL3D_SECRET}", "${HOME}", "x${RL3D_SECRET}", "${RL3D_KEY}"])
+def test_a_reward_config_never_expands_the_environment_into_a_request(monkeypatch, value):
+    from rl3d.stages.rewards.config import parse_config
+
+    monkeypatch.setenv("RL3D_SECRET", "s3cret")
+    monkeypatch.setenv("RL3D_KEY", "k3y")
+    raw = {"levels": {"single": [{"name": "judge", "backend": "vlm", "aggregate": "mean",
+                                  "options": {"rubric": "appearance", "endpoint": value, "model_name": "m",
+                                              "api_key_env": "RL3D_KEY"}}]}}
+    with pytest.raises(InputError, match=r"my.toml: levels.single\[0\].options.endpoint: ") as e:
+        parse_config(raw, "my.toml")
+    assert "s3cret" not in str(e.value) and "k3y" not in str(e.value)
+    raw["levels"]["single"][0]["options"]["endpoint"] = "${RL3D_SECRET}"  # a whole RL3D_ value still expands
+    assert parse_config(raw, "my.toml").terms("single")[0].options["endpoint"] == "s3cret"
+
+
+def test_trust_remote_code_from_the_environment_alone_stays_off(monkeypatch):
+    from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV, remote_code_allowed
+
+    monkeypatch.setenv(TRUST_REMOTE_CODE_ENV, "1")  # inherited from a shell profile
+    res = CliRunner().invoke(cli, ["synth", "--help"])
+    assert res.exit_code == 0 and not remote_code_allowed()
+    assert f"{TRUST_REMOTE_CODE_ENV}=1 in the environment is ignored" in res.output
+    res = CliRunner().invoke(cli, ["--trust-remote-code", "synth", "--help"])
+    assert res.exit_code == 0 and remote_code_allowed() and "ignored" not in res.output
+
+
+# ---- 7. numbers the update consumes are range-checked ---------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("beta", -1.0), ("lr", 10.0), ("clip_low", -0.2), ("std_eps", 0.0),
+                                         ("temperature", 0.0), ("lam", 1e308)])
+def test_rl_settings_out_of_range_are_refused(field, value):
+    with pytest.raises(InputError, match=f"--{field.replace('_', '-')} "):
+        RLConfig(**{field: value}).check()
+
+
+@pytest.mark.parametrize("key,value", [("weight", 1e308), ("scale", "1e308"), ("weight", -1e7)])
+def test_a_term_weight_beyond_the_range_is_refused(key, value):
+    from rl3d.stages.rewards.config import parse_config
+
+    raw = {"levels": {"single": [{"name": "symmetry", "backend": "geometry", "aggregate": "none", key: value}]}}
+    with pytest.raises(InputError, match=rf"my.toml: levels.single\[0\].{key}: .* is outside"):
+        parse_config(raw, "my.toml")
+
+
+@pytest.mark.parametrize("elevation", ["nan", "inf", "90", "-95"])
+def test_render_refuses_an_elevation_that_cannot_be_seen_from(objs, tmp_path, elevation):
+    line = _one_error_line(_render(objs, tmp_path / "r", "--elevation", elevation))
+    assert f"--elevation {float(elevation)}" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_rl_step_refuses_a_reward_total_that_overflows(tmp_path, monkeypatch):
+    from rl3d.stages.rl import inputs
+
+    rewards = pa.table({"sample_id": ["a", "b"], "total": [1.0, 1e308], "status": ["ok", "ok"]})
+    samples = pa.table({"sample_id": ["a", "b"]})
+    monkeypatch.setattr(inputs, "model_limits", lambda d: type("L", (), {"vocab_size": None, "max_positions": None}))
+    monkeypatch.setattr(inputs.tables, "read_table", lambda p, kind: rewards if kind == "rewards" else samples)
+    monkeypatch.setattr(inputs, "sample_problem", lambda *a: None)
+    with pytest.raises(InputError, match=r"rewards.parquet: row 2 \(sample 'b'\): total 1e\+308 outside"):
+        inputs.check_step_inputs(tmp_path, tmp_path / "samples.parquet", tmp_path / "rewards.parquet", RLConfig())
+
+
+# ---- 10. the remaining tracebacks are one-line errors ---------------------------------------------
+
+def test_render_refuses_a_float_sample_index(objs, tmp_path):
+    glb = sorted((objs / shards_io.MESHES).glob("*.glb"))[0]
+    table = tmp_path / "floats.parquet"
+    pq.write_table(pa.table({"sample_id": ["a"], "mesh_path": [str(glb)], "sample_index": [0.0]}), table)
+    line = _one_error_line(_render(table, tmp_path / "r"))
+    assert "floats.parquet: column 'sample_index' is double, expected an integer" in line
+
+
+def test_a_reward_config_nested_too_deeply_is_one_line(tmp_path):
+    from rl3d.stages.rewards.config import load_config
+
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(InputError, match="deep.toml: nested too deeply"):
+        load_config(deep)
+
+
+def test_model_class_that_is_no_model_is_refused(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_policy import make_tiny_policy
+
+    from rl3d.stages.policy.checkpoint import load_policy
+
+    d = make_tiny_policy(tmp_path / "policy")
+    meta = json.loads((d / "rl3d_policy.json").read_text())
+    (d / "rl3d_policy.json").write_text(json.dumps({**meta, "model_class": "AutoTokenizer"}))
+    with pytest.raises(InputError, match="model_class 'AutoTokenizer' is not a transformers model class"):
+        load_policy(d, device="cpu")
+
+
+def test_a_pickled_optimizer_state_is_one_line_and_runs_nothing(tmp_path):
+    import pickle
+
+    from rl3d.stages.policy.checkpoint import load_optimizer_state
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "ran.txt", "ran"))
+
+    (tmp_path / "optimizer.pt").write_bytes(pickle.dumps({"state": Payload()}))
+    with pytest.raises(InputError) as e:
+        load_optimizer_state(tmp_path / "optimizer.pt")
+    assert "optimizer.pt: not a loadable optimizer state" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ran.txt").exists()

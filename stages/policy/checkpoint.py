@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.utils import logging as hf_logging
 
 from rl3d.formats.codecs import is_external, load_codec
@@ -81,7 +82,9 @@ def _model_class(name: str | None, source: Path):
     """`model_class` of rl3d_policy.json: a transformers class name (auto or concrete); default
     AutoModelForCausalLM. Qwen2.5-VL checkpoints name e.g. Qwen2_5_VLForConditionalGeneration."""
     cls = getattr(transformers, name or "AutoModelForCausalLM", None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    # a model class (an AutoModel* or a PreTrainedModel), not any class that loads: AutoTokenizer,
+    # AutoConfig or a processor would load and then fail deep in the stage
+    if not isinstance(cls, type) or not issubclass(cls, (transformers.PreTrainedModel, _BaseAutoModelClass)):
         raise InputError(f"{source}: model_class {name!r} is not a transformers model class")
     return cls
 
@@ -249,6 +252,16 @@ def restore_rng(rng: dict) -> None:
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """A parent checkpoint's optimizer.pt without unpickling code (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = first_line(e) or type(e).__name__
+        raise InputError(f"{path}: not a loadable optimizer state (only tensors and plain values are "
+                         f"accepted: {reason[:200]})") from None
 
 
 def load_trainer_state(path: Path) -> dict:
