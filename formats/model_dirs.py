@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from rl3d.formats.errors import InputError, first_line
+from rl3d.formats.reads import require_regular
 
 TRUST_REMOTE_CODE_ENV = "RL3D_TRUST_REMOTE_CODE"
 
@@ -44,6 +45,9 @@ def from_local_dir(cls, path: str | os.PathLike, what: str, **kwargs):
     p = Path(path)
     if not p.exists():
         raise InputError(f"{what} {p}: not found (rl3d loads models from local directories only)")
+    for f in (sorted(p.iterdir()) if p.is_dir() else []):  # a weight file linked to a device would hang the load
+        if not f.is_dir():
+            require_regular(f, f"file of the {what}")
     try:
         return cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=remote_code_allowed(), **kwargs)
     except InputError:

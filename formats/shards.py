@@ -107,6 +107,12 @@ def check_same_config(path: str | os.PathLike, recorded: dict, current: dict, ig
                          f"use --overwrite or another --out")
 
 
+# an id names media files (`_meshes/ID.glb`, its temp `.tmp-TAG-PID-ID.glb`): the file system's 255-byte
+# name limit, less what the stages add around it; a prompt_id leaves room for a sample_id's `-I-LEVEL`
+MAX_ID_BYTES = 200
+ID_SUFFIX_ROOM = 24
+
+
 def check_id(value: str, what: str = "id") -> str | None:
     """Why `value` cannot name a file inside an output dir (ids become media file names), or None."""
     if not value:
@@ -115,6 +121,10 @@ def check_id(value: str, what: str = "id") -> str | None:
         return f"{what} {value!r} contains a path separator or NUL"
     if value.startswith(".") or any(ord(c) < 32 for c in value):
         return f"{what} {value!r} starts with a dot or holds a control character"
+    limit = MAX_ID_BYTES - (ID_SUFFIX_ROOM if what == "prompt_id" else 0)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:  # found when the input is read, not by the first write after all the work
+        return f"{what} {value[:40]!r}... is {size} bytes long, more than {limit} (ids name files)"
     return None
 
 

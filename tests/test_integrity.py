@@ -382,3 +382,46 @@ def test_a_pickled_optimizer_state_is_one_line_and_runs_nothing(tmp_path):
         load_optimizer_state(tmp_path / "optimizer.pt")
     assert "optimizer.pt: not a loadable optimizer state" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "ran.txt").exists()
+
+
+# ---- 8. bounded reads -----------------------------------------------------------------------------
+
+def test_a_prompt_file_that_is_a_device_is_refused_at_once(tmp_path):
+    from rl3d.formats.prompts import read_prompts
+
+    link = tmp_path / "prompts.txt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(InputError, match="prompts.txt: prompt file is a device, FIFO or socket, not a regular file"):
+        read_prompts(link)
+
+
+def test_prompt_files_and_lines_have_a_size_cap(tmp_path, monkeypatch):
+    from rl3d.formats import reads
+    from rl3d.formats.prompts import read_prompts
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red box\n" + "x" * 3000 + "\n")
+    monkeypatch.setattr(reads, "MAX_LINE_BYTES", 1024)
+    with pytest.raises(InputError, match=r"prompts.txt:2: line longer than 1 KiB"):
+        read_prompts(f)
+    monkeypatch.setattr(reads, "MAX_TEXT_BYTES", 2**20)
+    f.write_bytes(b"a red box\n" * (2**20 // 10 + 1))
+    with pytest.raises(InputError, match=r"prompts.txt: prompt file larger than 1 MiB"):
+        read_prompts(f)
+
+
+def test_a_prompt_id_too_long_for_a_file_name_is_refused_when_read(tmp_path):
+    from rl3d.formats.prompts import read_prompts
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(json.dumps({"prompt_id": "p" * 300, "prompt": "a red box"}) + "\n")
+    with pytest.raises(InputError, match=r"prompts.jsonl: row 1: prompt_id 'p+'... is 300 bytes long, more than 176"):
+        read_prompts(f)
+
+
+def test_a_weight_file_linked_to_a_device_is_refused_not_read_for_ever(tmp_path):
+    from rl3d.stages.policy.checkpoint import weights_hash
+
+    (tmp_path / "model.safetensors").symlink_to("/dev/zero")
+    with pytest.raises(InputError, match="model.safetensors: weight file is a device, FIFO or socket"):
+        weights_hash(tmp_path)

@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from rl3d.formats.codecs import is_external, load_codec
 from rl3d.formats.errors import InputError, first_line
 from rl3d.formats.model_dirs import remote_code_allowed
+from rl3d.formats.reads import require_regular
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sequence import REQUEST, PromptFormat
 from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids, strip_loader_keys
@@ -156,6 +157,8 @@ def weights_hash(path: Path) -> str:
     weight_files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
     if not weight_files:
         raise InputError(f"{path}: no weight files (*.safetensors)")
+    for f in weight_files:  # a link to /dev/zero would be hashed for ever
+        require_regular(f, "weight file")
     h = hashlib.sha256()
     whole = sum(f.stat().st_size for f in weight_files) <= _FULL_HASH_LIMIT
     for f in weight_files:
