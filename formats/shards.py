@@ -19,6 +19,7 @@ the writing process. A rerun of a shard removes what a killed run of that same s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -221,6 +222,15 @@ def writing_shard(shard: Shard):
 
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{_writer()}")
+
+
+# errors of the disk rather than of one row: a stage fails its shard (exit 2, one line) instead of
+# keeping a row with the error as its status, which a rerun would never repair
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def disk_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_ERRNOS
 
 
 def naming(error: OSError, path: Path) -> OSError:

@@ -425,3 +425,46 @@ def test_a_weight_file_linked_to_a_device_is_refused_not_read_for_ever(tmp_path)
     (tmp_path / "model.safetensors").symlink_to("/dev/zero")
     with pytest.raises(InputError, match="model.safetensors: weight file is a device, FIFO or socket"):
         weights_hash(tmp_path)
+
+
+# ---- 9. a full disk fails the shard, in one line --------------------------------------------------
+
+def test_synth_on_a_full_disk_fails_the_shard_instead_of_keeping_error_rows(tmp_path, monkeypatch):
+    import errno
+
+    from rl3d.stages import synth
+
+    def full(mesh, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(synth, "write_glb", full)
+    out = tmp_path / "s"
+    line = _one_error_line(_cli("synth", "--n", "2", "--seed", "1", "--out", out, "--quiet"))
+    assert "_meshes/" in line and line.endswith("No space left on device")
+    assert shards_io.missing_shards(out) == [0]  # no complete table of mesh_error rows
+    monkeypatch.undo()  # space freed: the rerun repairs it
+    assert _cli("synth", "--n", "2", "--seed", "1", "--out", out, "--quiet").exit_code == 0
+    assert set(pq.read_table(out).column("status").to_pylist()) == {"ok"}
+
+
+def test_a_full_disk_while_saving_weights_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_policy import make_tiny_policy
+
+    from rl3d.stages.policy.checkpoint import load_policy, save_policy
+
+    policy = load_policy(make_tiny_policy(tmp_path / "policy"), device="cpu")
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(policy.model, "save_pretrained", full)
+    with pytest.raises(OSError) as e:
+        save_policy(tmp_path / "out", policy.model, policy.tokenizer, policy.codec)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out" / "model.safetensors")
+    assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -192,7 +193,14 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         shutil.rmtree(tmp)
     if state_dict is not None:
         state_dict = _without_tied_copies(model, state_dict)
-    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    except Exception as e:  # safetensors reports a full disk as a SafetensorError holding the OS error code
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"\bcode: (\d+)", str(e))
+        if isinstance(e, OSError) or code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out / "model.safetensors")) from None
     strip_loader_keys(tokenizer)  # a loaded-and-resaved tokenizer writes the bytes it was saved with
     tokenizer.save_pretrained(str(tmp))
     if codec_ref is None and is_external(codec):
