@@ -176,3 +176,32 @@ def status_counts(table: pa.Table) -> dict:
     for s in table.column("status").to_pylist() if "status" in table.column_names else []:
         out[s] = out.get(s, 0) + 1
     return out
+
+
+PARENT_WATCH_S = 0.5
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: the worker exits as soon as `parent` (the stage's process) is gone.
+    A SIGKILLed stage (Slurm preemption, the OOM killer) otherwise leaves its idle workers blocked
+    for good on the call queue. A daemon thread polls the parent pid (a reparented worker sees
+    another one); Linux's PR_SET_PDEATHSIG is not used because it fires when the thread that
+    started the worker ends, which in a pool need not be the parent's end."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rl3d-exit-with-parent", daemon=True).start()
+
+
+def process_pool(workers: int, start: str | None = "spawn"):
+    """A ProcessPoolExecutor of `workers` processes (started by `start`, None: the platform's
+    default) whose workers exit when this process dies, whatever kills it."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(start) if start else None,
+                               initializer=exit_with_parent, initargs=(os.getpid(),))

@@ -12,11 +12,10 @@ mesh; the renders table then says which mesh each row shows (`mesh_source`: text
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
 from rl3d.formats.shards import check_id
 from rl3d.formats.tables import absolute_media, list_parts, provenance
-from rl3d.stages.contract import run_stage, usable_cores
+from rl3d.stages.contract import process_pool, run_stage, usable_cores
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
 from rl3d.stages.raycast.renderer import (angle_tuples, check_supersample, prepare_mesh, render_views,
@@ -269,7 +268,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
     per_batch = min(len(jobs), meshes_per_batch(len(az), opts.resolution * opts.supersample, opts.device))
     keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else \
+    pool = process_pool(workers) if workers > 1 else \
         ThreadPoolExecutor(WRITER_THREADS)
     todo = iter(jobs)
     reads: deque = deque()      # (job, future of prepare_job), in input order
@@ -369,7 +368,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
             # a few meshes per task keeps process overhead low; map keeps input order (determinism)
             chunk = max(1, min(8, len(mine) // (workers * 4)))
             batches = [(mine[i:i + chunk], str(opts.out), ropts) for i in range(0, len(mine), chunk)]
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            with process_pool(workers) as pool:
                 for part in progress.track(pool.map(_render_batch, batches), total=len(batches), desc="render"):
                     rows += part
         secs = time.time() - t0

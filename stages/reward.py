@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,8 @@ from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
-from rl3d.stages.contract import Progress, StageOptions, run_stage, status_counts, timed, usable_cores
+from rl3d.stages.contract import (Progress, StageOptions, process_pool, run_stage, status_counts, timed,
+                                  usable_cores)
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
 
@@ -237,7 +236,7 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     # samples, while this process scores the model terms (CLIP on the GPU): the same values
     host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
     cores = usable_cores()
-    pool = ProcessPoolExecutor(min(MAX_WORKERS, cores - 1), mp_context=mp.get_context("spawn")) \
+    pool = process_pool(min(MAX_WORKERS, cores - 1)) \
         if host_items >= MIN_ITEMS_FOR_PROCESSES and cores > 2 else None
     scored: list = []            # (level, term, row indices to score), in config order
     pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes

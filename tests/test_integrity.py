@@ -468,3 +468,54 @@ def test_a_full_disk_while_saving_weights_is_one_line_naming_the_file(tmp_path, 
         save_policy(tmp_path / "out", policy.model, policy.tokenizer, policy.codec)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "out" / "model.safetensors")
     assert not list(tmp_path.glob(".out.tmp-*")) and not (tmp_path / "out").exists()
+
+
+# ---- 15. pool workers exit with their stage -------------------------------------------------------
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from rl3d.stages.contract import process_pool
+if __name__ == "__main__":
+    pool = process_pool(2)
+    pids = {pool.submit(os.getpid).result() for _ in range(8)}
+    print(" ".join(map(str, sorted(pids))), flush=True)
+    time.sleep(600)  # idle workers wait on the call queue, as after a stage was SIGKILLed mid-run
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_pool_workers_exit_when_their_stage_is_killed(tmp_path):
+    import time
+
+    script = tmp_path / "stage.py"
+    script.write_text(ORPHAN_SCRIPT)
+    stage = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in stage.stdout.readline().split()]
+    assert workers and all(_alive(p) for p in workers)
+    stage.send_signal(signal.SIGKILL)
+    stage.wait()
+    deadline = time.time() + 20
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [p for p in workers if _alive(p)]
+    for p in left:  # do not leave them behind when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed stage"
+
+
+def test_render_pool_is_a_process_pool(objs, tmp_path, monkeypatch):
+    """render's pool (the one the issue saw outlive three kills) is a process_pool."""
+    from rl3d.stages import contract, render
+
+    made = []
+    real = contract.process_pool
+    monkeypatch.setattr(render, "process_pool", lambda *a, **k: made.append(a) or real(*a, **k))
+    run_render(objs, StageOptions(out=tmp_path / "r", quiet=True), views=1, resolution=32, sheet=False,
+               workers=2, backend="open3d")
+    assert made == [(2,)]
