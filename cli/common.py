@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from rl3d.formats.errors import InputError
+from rl3d.formats.errors import InputError, RowsFailed
 from rl3d.formats.shards import parse_shard
 from rl3d.stages.contract import StageOptions
 
@@ -49,6 +49,8 @@ def stage_options(f):
         click.option("--shard", default=None, metavar="I/N",
                      show_default="$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT if set, else 0/1",
                      help="Process shard I of N (rows split by prompt_id)."),
+        click.option("--allow-failures", is_flag=True,
+                     help="Write the output even when every row failed (otherwise: exit code 3, nothing written)."),
     ]
     f = common_options(seed_help="Random seed.", overwrite_help="Redo the shard even if complete.")(f)
     for o in reversed(opts):
@@ -59,7 +61,8 @@ def stage_options(f):
 def pop_stage_options(kw: dict) -> StageOptions:
     """The --out/--shard/--seed/--overwrite/--quiet/--json values, taken out of a command's kwargs."""
     return StageOptions(out=kw.pop("out"), shard=parse_shard(kw.pop("shard")), overwrite=kw.pop("overwrite"),
-                        seed=kw.pop("seed"), quiet=kw.pop("quiet"), json=kw.pop("json_out"))
+                        seed=kw.pop("seed"), quiet=kw.pop("quiet"), json=kw.pop("json_out"),
+                        allow_failures=kw.pop("allow_failures"))
 
 
 def pop_common_options(kw: dict, out=None) -> StageOptions:
@@ -80,7 +83,7 @@ def report(result: dict, opts: StageOptions, *, stage: str | None = None, starte
     if opts.json:
         click.echo(jsonlib.dumps(summary, sort_keys=True, default=str))
     elif not opts.quiet:
-        keys = ("stage", "shard", "rows", *line_keys, "skipped", "seconds", "out")
+        keys = ("stage", "shard", "rows", "failed_rows", *line_keys, "skipped", "seconds", "out")
         fields = ((k, _lookup(summary, k)) for k in keys)
         click.echo(" ".join(f"{k}={_fmt(v)}" for k, v in fields if v is not None), err=True)
 
@@ -104,11 +107,11 @@ _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, err
                        errno.EISDIR, errno.EEXIST}
 
 
-def _fail(message: str):
+def _fail(message: str, code: int = 2):
     ctx = click.get_current_context(silent=True)
     name = ctx.command_path if ctx else "rl3d"
     click.echo(f"{name}: error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def handle_errors(f):
@@ -120,6 +123,8 @@ def handle_errors(f):
             return f(*a, **kw)
         except InputError as e:
             _fail(str(e))
+        except RowsFailed as e:  # well-formed input, but no row came out usable: a chain must stop here
+            _fail(str(e), code=3)
         except OSError as e:
             # where the user's disk says no (read-only, full, over quota, a file where a dir goes): one
             # line naming the path; other OS errors are bugs and keep their traceback

@@ -10,7 +10,7 @@ import os
 import click
 
 from rl3d.cli import __version__
-from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV
+from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV, set_remote_code
 
 # command name -> module in rl3d.cli exposing `command`
 COMMANDS = {
@@ -55,7 +55,7 @@ EXAMPLES = """Examples (one step of the loop; `rl3d CMD --help` describes every 
 @click.option("--trust-remote-code", is_flag=True,
               help="Let transformers import Python files shipped inside model directories (config.json "
                    "auto_map). Off by default: a checkpoint is data, and loading it never runs its code. "
-                   f"Also set by {TRUST_REMOTE_CODE_ENV}=1.")
+                   f"Only this flag turns it on ({TRUST_REMOTE_CODE_ENV}=1 alone is ignored).")
 def main(trust_remote_code):
     """rl3d: reinforcement learning (Hi-GRPO) of autoregressive text-to-3D models.
 
@@ -65,8 +65,9 @@ def main(trust_remote_code):
     # offline by design: never let a library reach a model hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if trust_remote_code:  # an environment variable, so accelerate / Slurm child processes inherit it
-        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
+    # an environment variable, so worker processes inherit it; an inherited one without the flag is cleared
+    if (warning := set_remote_code(trust_remote_code)) is not None:
+        click.echo(warning, err=True)
     logging.basicConfig(level=logging.WARNING, format="[rl3d] %(message)s")
 
 

@@ -9,3 +9,8 @@ def first_line(e: BaseException) -> str:
 
 class InputError(Exception):
     """Bad input from the user: a file, a row, a column or an option. Message names the file (and row)."""
+
+
+class RowsFailed(Exception):
+    """Every row of a stage's output failed (each kept with its status): the CLI prints this one line
+    and exits with code 3 (not 2: the input was well-formed), unless --allow-failures."""

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rl3d.formats.errors import InputError
+from rl3d.formats.reads import read_capped
 from rl3d.formats.shards import check_id
 from rl3d.formats.tables import list_parts
 
@@ -59,7 +60,7 @@ def read_prompts(path: str | os.PathLike) -> pa.Table:
 
 def _read_text(p: Path) -> str:
     """A text prompt file as UTF-8; a binary or otherwise encoded file is one line naming where."""
-    data = p.read_bytes()
+    data = read_capped(p, what="prompt file")  # a device or a huge file: one line, not all of memory
     if b"\0" in data:
         at = data.index(b"\0")
         raise InputError(f"{p}:{_line_of(data, at)}: NUL byte at offset {at} (a binary file, not prompt text)")

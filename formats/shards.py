@@ -19,6 +19,7 @@ the writing process. A rerun of a shard removes what a killed run of that same s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -95,6 +96,24 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_same_config(path: str | os.PathLike, recorded: dict, current: dict, ignore: tuple = ()) -> None:
+    """Refuse to take the output recorded in `path` (made with `recorded`) for a run of `current`:
+    a rerun with a changed setting would otherwise skip as "already complete". `ignore`: keys that
+    do not change the result (how it is computed, not what)."""
+    keys = sorted(k for k in set(recorded) | set(current)
+                  if k not in ignore and config_hash({"v": recorded.get(k)}) != config_hash({"v": current.get(k)}))
+    if keys:
+        shown = ", ".join(f"{k} {recorded.get(k)!r} -> {current.get(k)!r}" for k in keys[:4])
+        raise InputError(f"{path}: made with another config ({shown}{', ...' if len(keys) > 4 else ''}); "
+                         f"use --overwrite or another --out")
+
+
+# an id names media files (`_meshes/ID.glb`, its temp `.tmp-TAG-PID-ID.glb`): the file system's 255-byte
+# name limit, less what the stages add around it; a prompt_id leaves room for a sample_id's `-I-LEVEL`
+MAX_ID_BYTES = 200
+ID_SUFFIX_ROOM = 24
+
+
 def check_id(value: str, what: str = "id") -> str | None:
     """Why `value` cannot name a file inside an output dir (ids become media file names), or None."""
     if not value:
@@ -103,6 +122,10 @@ def check_id(value: str, what: str = "id") -> str | None:
         return f"{what} {value!r} contains a path separator or NUL"
     if value.startswith(".") or any(ord(c) < 32 for c in value):
         return f"{what} {value!r} starts with a dot or holds a control character"
+    limit = MAX_ID_BYTES - (ID_SUFFIX_ROOM if what == "prompt_id" else 0)
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:  # found when the input is read, not by the first write after all the work
+        return f"{what} {value[:40]!r}... is {size} bytes long, more than {limit} (ids name files)"
     return None
 
 
@@ -116,11 +139,65 @@ def inside(root: str | os.PathLike, rel: str | os.PathLike) -> Path:
 
 
 def part_path(out: Path, shard: Shard) -> Path:
-    return Path(out) / f"part-{shard.tag}.parquet"
+    return inside(out, f"part-{shard.tag}.parquet")
 
 
 def marker_path(out: Path, shard: Shard) -> Path:
-    return Path(out) / MARKERS / f"{shard.tag}.json"
+    return inside(out, f"{MARKERS}/{shard.tag}.json")
+
+
+def check_out_folders(out: str | os.PathLike) -> None:
+    """Refuse an output dir whose bookkeeping or media folders (`_shards`, `_meshes`, `_images`, any
+    `_NAME`) or files lead outside it (a symlink to another folder): every media file, marker and
+    lock of a stage is written under them, so this runs before any of them is. Each write checks its
+    own path with `inside` too."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name.startswith("_"):
+            inside(out, entry.name)
+
+
+def holds_media(out: str | os.PathLike) -> bool:
+    """Whether `out` holds media files of an earlier run (a non-empty underscore folder other than the
+    markers): an --overwrite then invalidates the old output before writing the first new file."""
+    out = Path(out)
+    if not out.is_dir():
+        return False
+    return any(p.is_dir() and p.name.startswith("_") and p.name != MARKERS and any(p.iterdir())
+               for p in out.iterdir())
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _input_root(path: str | os.PathLike) -> Path:
+    """The file or folder an input names (for a glob, the folder above its first wildcard)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if _GLOB.search(part):
+            return Path(*parts[:i]) if i else Path(".")
+    return Path(path)
+
+
+def check_out_apart(out: str | os.PathLike, inputs: dict) -> None:
+    """Refuse an --out that is, contains or is inside one of the inputs ({option: path}; None values
+    are skipped): --overwrite would replace the input, and a stage would read what it writes."""
+    o = Path(out).resolve()
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        p = _input_root(path).resolve()
+        if o == p:
+            how = "is"
+        elif p.is_relative_to(o):
+            how = "contains"
+        elif o.is_relative_to(p):
+            how = "is inside"
+        else:
+            continue
+        raise InputError(f"--out {out}: {how} the input {option} {path}; write the output to another folder")
 
 
 def _writer() -> str:
@@ -145,6 +222,15 @@ def writing_shard(shard: Shard):
 
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{_writer()}")
+
+
+# errors of the disk rather than of one row: a stage fails its shard (exit 2, one line) instead of
+# keeping a row with the error as its status, which a rerun would never repair
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def disk_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_ERRNOS
 
 
 def naming(error: OSError, path: Path) -> OSError:

@@ -23,6 +23,8 @@ import pyarrow as pa
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
+from rl3d.formats.errors import RowsFailed
+from rl3d.formats.locks import writer_lock
 from rl3d.formats.shards import Shard
 
 T = TypeVar("T")
@@ -37,6 +39,9 @@ class StageOptions:
     seed: int = 0
     quiet: bool = False
     json: bool = False
+    # False: an output whose every row failed is an error (the CLI's default, exit 3); library callers
+    # such as eval keep such an output and report it
+    allow_failures: bool = True
 
 
 PLAIN_EVERY_S = 10.0
@@ -134,7 +139,9 @@ def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,
     input tables ({role: table id}) the output is made for; later stages check it before a join."""
     # every temp file this shard's process (and its workers) writes names the shard, so a rerun of the
     # shard can sweep what a killed run of it left (shards.sweep_stale_temps), and nothing else
-    with shards_io.writing_shard(opts.shard):
+    # one writer per output shard (formats/locks.py), and no bookkeeping or media folder leading outside it
+    shards_io.check_out_folders(opts.out)
+    with shards_io.writing_shard(opts.shard), writer_lock(opts.out, opts.shard.tag, f"{stage} output"):
         return _run_shard(stage, kind, opts, config, produce, policy, made_from)
 
 
@@ -147,7 +154,15 @@ def _run_shard(stage: str, kind: str, opts: StageOptions, config: dict,
     if not shards_io.begin(out, stage, config, opts.shard, opts.overwrite):
         progress.log(f"{stage}: shard {opts.shard.index}/{opts.shard.count} already complete in {out}, skipping")
         return {"stage": stage, "out": str(out), "shard": opts.shard.tag, "skipped": True}
+    if opts.overwrite and shards_io.holds_media(out):
+        # media files are written in place: the old output stops being complete before the first one is
+        shards_io.replace(out, stage, config, opts.shard)
     table, stats = produce(opts.shard, progress)
+    failed = failed_rows(table)
+    if failed is not None:
+        stats = {"failed_rows": failed, **stats}
+        if failed and failed == table.num_rows and not opts.allow_failures:
+            raise RowsFailed(all_failed_line(stage, table))
     table = tables.with_metadata(table, kind, config, policy, {k: v for k, v in (made_from or {}).items() if v})
     tables.validate(table, kind, f"{stage} output")
     if opts.overwrite:
@@ -165,9 +180,58 @@ def timed(stats: dict, key: str):
     stats[key] = round(stats.get(key, 0.0) + time.time() - t0, 4)
 
 
+# row statuses of a usable row: "partial" is a reward row whose optional terms failed but has a total
+USABLE_STATUSES = ("ok", "partial")
+
+
+def failed_rows(table: pa.Table) -> int | None:
+    """Rows whose status is not usable (None for a table without a status column)."""
+    if "status" not in table.column_names:
+        return None
+    return sum(1 for s in table.column("status").to_pylist() if s not in USABLE_STATUSES)
+
+
+def all_failed_line(stage: str, table: pa.Table) -> str:
+    """One line: the count, the statuses, and the first row's message."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(status_counts(table).items()))
+    first = table.slice(0, 1).to_pylist()[0]
+    why = str(first.get("message") or "").splitlines()[0:1]
+    return (f"{stage}: all {table.num_rows} rows failed ({counts}); row 0 {first.get('sample_id', '')}: "
+            f"{why[0][:200] if why else first.get('status')} (the shard is not marked complete; --allow-failures keeps such rows)")
+
+
 def status_counts(table: pa.Table) -> dict:
     """{'ok': n, 'error': m, ...} from a table's status column."""
     out: dict[str, int] = {}
     for s in table.column("status").to_pylist() if "status" in table.column_names else []:
         out[s] = out.get(s, 0) + 1
     return out
+
+
+PARENT_WATCH_S = 0.5
+
+
+def exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: the worker exits as soon as `parent` (the stage's process) is gone.
+    A SIGKILLed stage (Slurm preemption, the OOM killer) otherwise leaves its idle workers blocked
+    for good on the call queue. A daemon thread polls the parent pid (a reparented worker sees
+    another one); Linux's PR_SET_PDEATHSIG is not used because it fires when the thread that
+    started the worker ends, which in a pool need not be the parent's end."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_WATCH_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rl3d-exit-with-parent", daemon=True).start()
+
+
+def process_pool(workers: int, start: str | None = "spawn"):
+    """A ProcessPoolExecutor of `workers` processes (started by `start`, None: the platform's
+    default) whose workers exit when this process dies, whatever kills it."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context(start) if start else None,
+                               initializer=exit_with_parent, initargs=(os.getpid(),))

@@ -271,6 +271,7 @@ class GenJob(Job):
         return self._config
 
     def run(self, opts: StageOptions) -> dict:
+        shards_io.check_out_apart(opts.out, {"--prompts": self.prompts_path, "--policy": self.path})
         self.out = Path(opts.out)
         return super().run(opts)
 

@@ -12,7 +12,6 @@ mesh; the renders table then says which mesh each row shows (`mesh_source`: text
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
 from collections import deque
@@ -29,7 +28,7 @@ from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
 from rl3d.formats.shards import check_id
 from rl3d.formats.tables import absolute_media, list_parts, provenance
-from rl3d.stages.contract import Job, usable_cores
+from rl3d.stages.contract import Job, process_pool, usable_cores
 from rl3d.stages.raycast import images
 from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_framing, view_angles
 from rl3d.stages.raycast.renderer import (angle_tuples, check_supersample, prepare_mesh, render_views,
@@ -160,18 +159,20 @@ def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: Ren
     rel = Path(shards_io.IMAGES) / _safe_dir_name(job["sample_id"])
     for i, r in enumerate(rows):
         r["image_path"] = str(rel / f"view-{i:02d}.png")
-        images.save_png(res["rgb"][i], Path(out) / r["image_path"])
+        images.save_png(res["rgb"][i], shards_io.inside(out, r["image_path"]))
         if opts.depth:
             r["depth_path"] = str(rel / f"depth-{i:02d}.png")
-            images.save_png(images.depth_millimetres(res["depth"][i]), Path(out) / r["depth_path"])
+            images.save_png(images.depth_millimetres(res["depth"][i]), shards_io.inside(out, r["depth_path"]))
         if opts.normals:
             r["normal_path"] = str(rel / f"normal-{i:02d}.png")
-            images.save_png(images.normal_colours(res["normal"][i], res["mask"][i]), Path(out) / r["normal_path"])
+            images.save_png(images.normal_colours(res["normal"][i], res["mask"][i]),
+                            shards_io.inside(out, r["normal_path"]))
     if opts.sheet:
         caption = job["sample_id"] + (f"  |  {job['prompt']}" if job.get("prompt") else "")
         labels = [f"az {a:.0f}  el {e:.0f}" for a, e in zip(az, el)]
         sheet_rel = str(rel / "sheet.png")
-        images.save_png(images.contact_sheet(res["rgb"], caption, labels, opts.background), Path(out) / sheet_rel)
+        images.save_png(images.contact_sheet(res["rgb"], caption, labels, opts.background),
+                        shards_io.inside(out, sheet_rel))
         for r in rows:
             r["sheet_path"] = sheet_rel
     return rows
@@ -184,7 +185,13 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
     p = Path(samples)
     glbs = sorted(g for g in p.glob("*.glb") if not g.name.startswith(".")) if p.is_dir() else []
     if glbs and not any(p.glob("*.parquet")):  # hidden .tmp-* GLBs are writes a kill interrupted
+        named: dict[str, Path] = {}
+        for g in glbs:  # two files whose stems sanitise alike would render into one images folder
+            if (other := named.setdefault(_safe_dir_name(g.stem), g)) is not g:
+                raise InputError(f"{g}: sample_id {g.stem!r} and {other.name} ({other.stem!r}) would both render "
+                                 f"into {shards_io.IMAGES}/{_safe_dir_name(g.stem)}/; rename one")
         return [{"sample_id": g.stem, "mesh_path": str(g.resolve()), "status": "ok", "message": ""} for g in glbs]
+    dirs: dict[str, tuple[str, str]] = {}  # images folder -> (sample_id, "file: row i") of its first sample
     jobs, seen = [], set()
     for f in list_parts(p):
         try:
@@ -200,6 +207,12 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
             t = absolute_media(pq.read_table(f, columns=cols), f.parent)
         except Exception as e:  # a footer that reads but truncated or corrupt pages
             raise InputError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        for c in t.schema:  # copied into the renders table with fixed types: a float index fails there
+            want = pa.types.is_integer if c.name == "sample_index" else \
+                (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t))
+            if not (want(c.type) or pa.types.is_null(c.type)):
+                raise InputError(f"{f}: column {c.name!r} is {c.type}, expected "
+                                 f"{'an integer' if c.name == 'sample_index' else 'a string'}")
         for i, row in enumerate(t.to_pylist()):
             if (why := check_id(row["sample_id"] or "", "sample_id")) is not None:  # it names images/<id>/
                 raise InputError(f"{f}: row {i}: {why}")
@@ -209,6 +222,11 @@ def read_jobs(samples: str | os.PathLike) -> list[dict]:
             if row["sample_id"] in seen:  # two meshes would write the same images/<sample_id>/
                 raise InputError(f"{f}: row {i}: duplicate sample_id {row['sample_id']!r}")
             seen.add(row["sample_id"])
+            first = dirs.setdefault(_safe_dir_name(row["sample_id"]), (row["sample_id"], f"{f}: row {i}"))
+            if first[0] != row["sample_id"]:  # media paths are injective: refuse ids that sanitise alike
+                raise InputError(f"{f}: row {i}: sample_id {row['sample_id']!r} and {first[0]!r} ({first[1]}) "
+                                 f"would both render into {shards_io.IMAGES}/{_safe_dir_name(row['sample_id'])}/; "
+                                 f"give them ids that differ in letters, digits or -_.=+")
             jobs.append(row)
     if not jobs:
         raise InputError(f"{p}: the table has no rows (nothing to render)")
@@ -354,6 +372,7 @@ class RenderJob(Job):
         return None
 
     def run(self, opts) -> dict:
+        shards_io.check_out_apart(opts.out, {"--samples": self.samples})
         self.out = str(opts.out)
         return super().run(opts)
 
@@ -393,7 +412,7 @@ def worker_pool(backend: str = "auto", workers: int | None = None) -> ProcessPoo
     """A pool for RenderJob(pool=...) that a caller keeps for many runs (spawned workers import
     rl3d once instead of once per run)."""
     backend, _ = resolve_engine(backend, None)
-    return ProcessPoolExecutor(workers or default_workers(backend), mp_context=mp.get_context("spawn"))
+    return process_pool(workers or default_workers(backend))
 
 
 @contextmanager
@@ -402,7 +421,7 @@ def _pool_or_new(pool, workers: int):
     if pool is not None:
         yield pool
         return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as new:
+    with process_pool(workers) as new:
         yield new
 
 

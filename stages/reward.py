@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -28,12 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
-from rl3d.stages.contract import Job, Progress, StageOptions, status_counts, timed, usable_cores
+from rl3d.stages.contract import Job, Progress, StageOptions, process_pool, status_counts, timed, usable_cores
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
 
@@ -240,7 +240,7 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     cores = usable_cores()
     own_pool = pool is None and host_items >= MIN_ITEMS_FOR_PROCESSES and cores > 2
     if own_pool:
-        pool = ProcessPoolExecutor(min(MAX_WORKERS, cores - 1), mp_context=mp.get_context("spawn"))
+        pool = process_pool(min(MAX_WORKERS, cores - 1))
     scored: list = []            # (level, term, row indices to score), in config order
     pending: dict[int, list] = {}  # scored index -> futures of its batches in worker processes
     for lvl, term in jobs:
@@ -368,6 +368,10 @@ class RewardJob(Job):
     def made_from(self):
         return self._made_from
 
+    def run(self, opts: StageOptions) -> dict:
+        shards_io.check_out_apart(opts.out, {"--samples": self.samples, "--renders": self.renders})
+        return super().run(opts)
+
     def produce(self, shard: Shard, progress: Progress):
         samples, renders, cfg = self.samples, self.renders, self.cfg
         stats: dict = {}
@@ -392,8 +396,7 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
 
 def host_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """A pool for RewardJob(pool=...) that a caller keeps for many runs."""
-    return ProcessPoolExecutor(workers or max(1, min(MAX_WORKERS, usable_cores() - 1)),
-                               mp_context=mp.get_context("spawn"))
+    return process_pool(workers or max(1, min(MAX_WORKERS, usable_cores() - 1)))
 
 
 def check_inputs(samples, renders, progress: Progress) -> dict[str, str | None]:

@@ -7,6 +7,7 @@ minibatch / micro-batch loop), processes.py (multi-process bookkeeping).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,10 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     recorded with the phase timers."""
     progress = progress or Progress()
     out = Path(out)
+    shards_io.check_out_apart(out, {"--policy": policy_dir, "--samples": samples_path, "--rewards": rewards_path,
+                                    "--ref": ref_dir})
     if (out / DONE_FILE).exists() and not overwrite:
+        _check_same_config(out, cfg)  # a changed setting is an error, never a silent skip
         progress.log(f"rl-step: {out} is already a complete checkpoint, skipping (use --overwrite to redo)")
         if run_metrics and (out / "metrics").is_dir():  # a kill between the rename and the append: redo it
             append_run_metrics(Path(run_metrics), tables.read_table(out / "metrics", "metrics"))
@@ -172,3 +176,18 @@ def append_run_metrics(path: Path, rows: pa.Table) -> None:
         rows = pa.concat_tables([old.select(rows.column_names).cast(rows.schema), rows])
     with shards_io.atomic_path(path) as tmp:
         pq.write_table(rows, tmp)
+
+
+# settings that change how a step is computed, not its result
+_HOW_ONLY = ("micro_batch", "gradient_checkpointing", "fused_adamw", "length_buckets")
+
+
+def _check_same_config(out: Path, cfg: RLConfig) -> None:
+    """Refuse a complete checkpoint made with other RL settings than `cfg` (rl_step.json records them)."""
+    try:
+        record = json.loads((out / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{out / DONE_FILE}: not a readable rl-step record; use --overwrite") from None
+    recorded = (record.get("config") or {}).get("rl") if isinstance(record, dict) else None
+    if isinstance(recorded, dict):  # every rl-step writes it; a hand-made record without it is taken as is
+        shards_io.check_same_config(out / DONE_FILE, recorded, asdict(cfg), _HOW_ONLY)

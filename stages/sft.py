@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from rl3d.formats.codec import majority_colour
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
 from rl3d.formats.shards import atomic_path, atomic_write_json, pid_alive
-from rl3d.stages.contract import Progress
+from rl3d.stages.contract import Progress, process_pool
 from rl3d.formats.codecs import load_codec
 from rl3d.stages.policy.checkpoint import (POLICY_META, carried_meta, freeze_vision, load_trainer_state,
                                            model_class_for, prompt_format_for, read_policy_meta, restore_rng,
@@ -246,7 +245,7 @@ def mesh_targets(rows: dict, codec, levels: tuple[str, ...], workers: int | None
         results = (_encode_chunk(*args(idx)) for idx in chunks)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers)
+        pool = process_pool(workers, start=None)
         results = pool.map(_encode_chunk, *zip(*(args(idx) for idx in chunks)))
     try:
         for idx, res in zip(chunks, results):

@@ -81,6 +81,8 @@ class SynthJob(Job):
                         write_glb(vox.grid_to_mesh(o.grid), shards_io.inside(out, rel))
                         paths[k] = rel
                     except Exception as e:  # keep the row, say why it has no mesh
+                        if shards_io.disk_error(e):  # a full disk is no property of the object: fail the shard
+                            raise
                         statuses[k], messages[k] = "mesh_error", f"{type(e).__name__}: {e}"
         table = objects_table(objs, tokens, paths, statuses, messages)
         stats["splits"] = {s: sum(o.split == s for o in objs) for s in ("train", "eval")}

@@ -189,7 +189,9 @@ def test_checkpoint_stage_summaries_when_complete(tmp_path):
     step = tmp_path / "step"
     step.mkdir()
     (step / "rl_step.json").write_text("{}")
-    s = run_json("rl-step", "--policy", str(tmp_path), "--samples", str(tmp_path), "--rewards", str(tmp_path),
+    inputs = tmp_path / "inputs"  # apart from --out: an --out inside an input is refused
+    inputs.mkdir()
+    s = run_json("rl-step", "--policy", str(inputs), "--samples", str(inputs), "--rewards", str(inputs),
                  "--out", str(step))
     assert (s["stage"], s["out"], s["skipped"]) == ("rl-step", str(step), True)
 

@@ -284,14 +284,14 @@ def _ok_rows_have_status(status_re: str, message_re: str):
 @case("renders: image files missing", code=0, rows=_ok_rows_have_status(r"clip_score", r"."))
 def _(w):
     rows = [dict(r, image_path=str(w.dir / f"gone-{i}.png")) for i, r in enumerate(w.rows("renders"))]
-    return _reward(w, renders=w.write("gone", rows, like="renders"))
+    return _reward(w, None, w.write("gone", rows, like="renders"), "default", "--allow-failures")
 
 
 @case("renders: image files are not images", code=0, rows=_ok_rows_have_status(r"clip_score", r"."))
 def _(w):
     junk = w.bytes_file("junk.png", b"\x89PNG\r\n\x1a\n" + b"\0garbage" * 10)
     rows = [dict(r, image_path=str(junk)) for r in w.rows("renders")]
-    return _reward(w, renders=w.write("junkimg", rows, like="renders"))
+    return _reward(w, None, w.write("junkimg", rows, like="renders"), "default", "--allow-failures")
 
 
 @case("reward --overwrite with a truncated samples table keeps the good rewards", message=PARQUET_ERR)
@@ -712,8 +712,14 @@ def _render_rows_status(w: Work):
 
 def _render_one(w: Work, mesh_path: Path):
     row = dict(w.rows("gen")[0], mesh_path=str(mesh_path))
+    # its one row fails: --allow-failures writes it with its status (without it: exit 3, the case below)
     return ["render", "--samples", w.write("one", [row], like="gen"), "--views", 1, "--resolution", 32,
-            "--no-sheet", "--workers", 1, "--out", w.out(), "--quiet"]
+            "--no-sheet", "--workers", 1, "--out", w.out(), "--quiet", "--allow-failures"]
+
+
+@case("GLB: the only mesh unreadable stops the chain", code=3, message=r"render: all 1 rows failed \(render_error 1\)")
+def _(w):
+    return _render_one(w, w.dir / "nowhere.glb")[:-1]
 
 
 @case("GLB: corrupt bytes", code=0, rows=_render_rows_status)

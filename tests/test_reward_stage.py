@@ -144,8 +144,11 @@ def test_failed_backend_is_a_status_and_total_null(setup, tmp_path, monkeypatch)
 
     monkeypatch.setattr(ClipBackend, "score", boom)
     d = setup
-    assert run_cli(["--samples", d / "samples.parquet", "--renders", d / "renders.parquet", "--config",
-                    d / "cfg.toml", "--out", tmp_path / "r", "--quiet"]).exit_code == 0
+    args = ["--samples", d / "samples.parquet", "--renders", d / "renders.parquet", "--config", d / "cfg.toml",
+            "--out", tmp_path / "r", "--quiet"]
+    res = run_cli(args)  # every row failed: exit 3 with the count, nothing marked complete
+    assert res.exit_code == 3 and "rows failed (backend_error:clip_score" in res.output
+    assert run_cli([*args, "--allow-failures"]).exit_code == 0  # the rows, each with its status
     rows = {r["sample_id"]: r for r in tables.read_table(tmp_path / "r", "rewards").to_pylist()}
     r = rows["p2-0-coarse"]
     assert r["status"] == "backend_error:clip_score" and r["total"] is None and r["clip_score"] is None

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -20,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.utils import logging as hf_logging
 
 from rl3d.formats.codecs import is_external, load_codec
 from rl3d.formats.errors import InputError, first_line
 from rl3d.formats.model_dirs import remote_code_allowed
+from rl3d.formats.reads import require_regular
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sequence import REQUEST, PromptFormat
 from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids, strip_loader_keys
@@ -81,7 +84,9 @@ def _model_class(name: str | None, source: Path):
     """`model_class` of rl3d_policy.json: a transformers class name (auto or concrete); default
     AutoModelForCausalLM. Qwen2.5-VL checkpoints name e.g. Qwen2_5_VLForConditionalGeneration."""
     cls = getattr(transformers, name or "AutoModelForCausalLM", None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    # a model class (an AutoModel* or a PreTrainedModel), not any class that loads: AutoTokenizer,
+    # AutoConfig or a processor would load and then fail deep in the stage
+    if not isinstance(cls, type) or not issubclass(cls, (transformers.PreTrainedModel, _BaseAutoModelClass)):
         raise InputError(f"{source}: model_class {name!r} is not a transformers model class")
     return cls
 
@@ -153,6 +158,8 @@ def weights_hash(path: Path) -> str:
     weight_files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
     if not weight_files:
         raise InputError(f"{path}: no weight files (*.safetensors)")
+    for f in weight_files:  # a link to /dev/zero would be hashed for ever
+        require_regular(f, "weight file")
     h = hashlib.sha256()
     whole = sum(f.stat().st_size for f in weight_files) <= _FULL_HASH_LIMIT
     for f in weight_files:
@@ -186,7 +193,14 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         shutil.rmtree(tmp)
     if state_dict is not None:
         state_dict = _without_tied_copies(model, state_dict)
-    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    except Exception as e:  # safetensors reports a full disk as a SafetensorError holding the OS error code
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"\bcode: (\d+)", str(e))
+        if isinstance(e, OSError) or code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out / "model.safetensors")) from None
     strip_loader_keys(tokenizer)  # a loaded-and-resaved tokenizer writes the bytes it was saved with
     tokenizer.save_pretrained(str(tmp))
     if codec_ref is None and is_external(codec):
@@ -249,6 +263,16 @@ def restore_rng(rng: dict) -> None:
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """A parent checkpoint's optimizer.pt without unpickling code (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = first_line(e) or type(e).__name__
+        raise InputError(f"{path}: not a loadable optimizer state (only tensors and plain values are "
+                         f"accepted: {reason[:200]})") from None
 
 
 def load_trainer_state(path: Path) -> dict:

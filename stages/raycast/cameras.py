@@ -35,6 +35,8 @@ def view_angles(views: int = 6, preset: str = "default", elevation: float = DEFA
     elif preset == "default":
         if views < 1:
             raise InputError(f"--views {views}: need at least one view")
+        if not -90.0 < float(elevation) < 90.0:  # nan, inf or a pole: blank images with status ok
+            raise InputError(f"--elevation {elevation}: expected a number of degrees strictly between -90 and 90")
         az = (30.0 + np.arange(views) * 360.0 / views) % 360.0
         el = np.full(views, float(elevation))
     else:

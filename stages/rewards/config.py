@@ -17,8 +17,10 @@ A config is a TOML file (YAML too when pyyaml is installed) or the name of a shi
     required = true                 # a failed required term makes the row's total null
     options = { metric = "clip_score" }   # passed to the backend's constructor
 
-String options may name environment variables as ${VAR}; they are expanded when loading, and an
-option whose value expands to "" is dropped (the backend then reports it as missing).
+A string option may be exactly "${RL3D_NAME}" (a whole value naming an RL3D_ environment variable);
+it is expanded when loading, and an option whose value expands to "" is dropped (the backend then
+reports it as missing). A variable inside a longer string (a URL), any other variable, or the API
+key's variable (`api_key_env`, sent only in the Authorization header) is refused.
 Every error names the file and the key path, e.g. `levels.fine[2].aggregate`.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ BACKENDS: dict[str, tuple[str, str, bool]] = {
 
 _TERM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _RESERVED = {"sample_id", "prompt_id", "sample_index", "level", "total", "status", "message", "prompt"}
+MAX_FACTOR = 1e6  # the largest weight or scale of a term
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -135,6 +138,8 @@ def _read(p: Path) -> dict:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise InputError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise InputError(f"{p}: nested too deeply to be a reward config") from None
     else:
         import tomllib
 
@@ -142,6 +147,8 @@ def _read(p: Path) -> dict:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise InputError(f"{p}: not valid TOML ({e})") from None
+        except RecursionError:  # tomllib recurses once per level of arrays or inline tables
+            raise InputError(f"{p}: nested too deeply to be a reward config") from None
     if not isinstance(data, dict):
         raise InputError(f"{p}: a reward config must be a table of keys")
     return data
@@ -207,6 +214,8 @@ def _parse_term(t, key: str, bad) -> TermConfig:
     opts = t.get("options", {})
     if not isinstance(opts, dict):
         bad(f"{key}.options", "must be a table of backend options")
+    for k, v in opts.items():  # secrets: a config never sends the environment anywhere
+        _check_env_refs(v, f"{key}.options.{k}", opts.get("api_key_env"), bad)
     # an option given as "${VAR}" with VAR unset is dropped, so the backend reports it as missing
     opts = {k: _expand(v) for k, v in opts.items() if not (isinstance(v, str) and _ENV.search(v) and not _expand(v))}
     if backend == "geometry" and "metric" not in opts:  # a geometry term named after its metric
@@ -221,13 +230,42 @@ def _number(v, key: str, bad) -> float:
     if isinstance(v, (int, float)):
         if not math.isfinite(v):  # nan or inf would make every total NaN (or inf) with status ok
             bad(key, f"{v!r} is not a finite number")
+        if abs(v) > MAX_FACTOR:  # 1e308 overflows the totals and the advantages to inf / NaN
+            bad(key, f"{v!r} is outside [-{MAX_FACTOR:g}, {MAX_FACTOR:g}]")
         return float(v)
     if isinstance(v, str):
         try:
-            return float(Fraction(v.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            pass
+            f = float(Fraction(v.replace(" ", "")))
+        except (ValueError, ZeroDivisionError, OverflowError):
+            f = None
+        if f is not None and abs(f) > MAX_FACTOR:
+            bad(key, f"{v!r} is outside [-{MAX_FACTOR:g}, {MAX_FACTOR:g}]")
+        if f is not None:
+            return f
     bad(key, f"{v!r} is not a number or a fraction such as \"1/3\"")
+
+
+_WHOLE_RL3D_VAR = re.compile(r"\$\{RL3D_[A-Z0-9_]*\}")
+
+
+def _check_env_refs(v, key: str, api_key_env, bad) -> None:
+    """A `${VAR}` may only be a whole option value naming an RL3D_ variable (a path, a model dir, an
+    endpoint the user set for rl3d): never part of a longer string such as a URL, never another
+    variable of the environment, never the API key's variable (the key goes only into the
+    Authorization header, read by the client from `api_key_env`)."""
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            _check_env_refs(x, f"{key}[{i}]", api_key_env, bad)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_env_refs(x, f"{key}.{k}", api_key_env, bad)
+    elif isinstance(v, str) and "${" in v:
+        if not _WHOLE_RL3D_VAR.fullmatch(v):
+            bad(key, f"{v!r}: only a whole value \"${{RL3D_NAME}}\" may name an environment variable "
+                     f"(a variable inside a longer string, or outside RL3D_*, would send the environment away)")
+        if api_key_env and v == f"${{{api_key_env}}}":
+            bad(key, f"{v!r} is the API key's variable (api_key_env): the key goes only into the "
+                     f"Authorization header")
 
 
 def _expand(v):

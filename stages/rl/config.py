@@ -10,6 +10,13 @@ OLD_LOGPROBS = ("stored", "recompute")
 TRAIN_LEVELS = ("all", "coarse", "fine")
 
 
+# (setting, lowest, highest) of the numbers an update consumes: anything outside is a typo or an overflow
+RANGES = (("lam", 0.0, 1e3), ("beta", 0.0, 1e3), ("kl_max", 0.0, 1e6), ("clip_low", 0.0, 1.0),
+          ("clip_high", 0.0, 100.0), ("std_eps", 0.0, 1.0), ("lr", 0.0, 1.0), ("weight_decay", 0.0, 10.0),
+          ("max_grad_norm", 0.0, 1e6), ("min_std", 0.0, 1e6), ("failed_penalty", -1e6, 1e6),
+          ("temperature", 0.0, 100.0))
+
+
 @dataclass
 class RLConfig:
     algo: str = "hi-grpo"            # hi-grpo | grpo
@@ -63,4 +70,11 @@ class RLConfig:
             raise InputError("--tis-cap weights pi_old / pi_behaviour: it needs --old-logprobs recompute")
         if self.lr < 0:
             raise InputError(f"--lr {self.lr}: must be >= 0")
+        for name, low, high in RANGES:  # absurd values train without a word (a negative KL weight, a huge lr)
+            v = getattr(self, name)
+            if v is not None and not low <= v <= high:
+                raise InputError(f"--{name.replace('_', '-')} {v}: expected {low:g} <= value <= {high:g}")
+        if self.std_eps <= 0 or (self.temperature is not None and self.temperature <= 0):
+            which = "std-eps" if self.std_eps <= 0 else "temperature"
+            raise InputError(f"--{which} {getattr(self, which.replace('-', '_'))}: must be > 0")
         return self

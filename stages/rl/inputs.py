@@ -13,6 +13,9 @@ from rl3d.stages.policy.limits import model_limits
 from rl3d.stages.rl.config import RLConfig
 
 
+MAX_TOTAL = 1e6  # a reward total beyond this is an overflow or a unit error, never a score
+
+
 def check_step_inputs(policy_dir, samples_path, rewards_path, cfg: RLConfig) -> None:
     """Refuse before any model is loaded or any output touched (an --overwrite keeps the old output)."""
     cfg.check()
@@ -33,6 +36,9 @@ def check_step_inputs(policy_dir, samples_path, rewards_path, cfg: RLConfig) -> 
         if status == "ok" and (total is None or not math.isfinite(total)):
             raise InputError(f"{rewards_path}: row {n} (sample {sid!r}): status ok with total {total} "
                              f"(a failed reward needs a failure status)")
+        if total is not None and not abs(total) <= MAX_TOTAL:  # group statistics of such totals overflow to NaN
+            raise InputError(f"{rewards_path}: row {n} (sample {sid!r}): total {total} outside "
+                             f"[-{MAX_TOTAL:g}, {MAX_TOTAL:g}]")
 
 
 def sample_problem(s: dict, vocab_size: int | None, max_positions: int | None) -> str | None:

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import VISION_MODULES, freeze_vision, load_policy
+from rl3d.stages.policy.checkpoint import VISION_MODULES, freeze_vision, load_optimizer_state, load_policy
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
@@ -76,8 +76,7 @@ class Learner:
         self.scorer, self.opt = acc.prepare(CompletionLogprobs(model, self.special, 1.0), opt)
         parent_opt = Path(policy_dir) / "optimizer.pt"
         if parent_opt.exists() and not lora_rank:
-            processes.load_optimizer_state(self.scorer, self.opt,
-                                           torch.load(parent_opt, map_location="cpu", weights_only=True))
+            processes.load_optimizer_state(self.scorer, self.opt, load_optimizer_state(parent_opt))
             set_fused(self.opt, self.fused)  # the parent's state carries its own run's kernel choice
         self.ref_scorer = None
         self.rl_step = int(meta.get("rl_step", 0))  # the step the loaded weights are at
