@@ -3,7 +3,8 @@ on the same prompts, policy, settings and machine, in one run; prints seconds pe
 the ratio. Optionally a third arm with --overlap 1.
 
     python benchmarks/bench_train.py                       # the default iteration: 64 prompts x G=8, 6 views at 512 px
-    python benchmarks/bench_train.py --device cpu --prompts 2 -G 2 --views 2 --resolution 64 --steps 2
+    python benchmarks/bench_train.py --device cpu --prompts 2 -G 2 --views 1 --resolution 32 --steps 2 \
+        --max-reasoning-tokens 8
     python benchmarks/bench_train.py --overlap --json out.json
 
 Both arms write RUN/step-NNNNNN/{gen,renders,rewards} the same way; the pipeline's rl-step writes a
@@ -33,15 +34,16 @@ def commands(run: Path, prompts: Path, a, env: dict) -> list[dict]:
     """The pipeline, step after step, as examples/demo.sh runs it; seconds per phase per step."""
     from rl3d.stages.policy import default_policy_dir
 
-    policy = str(default_policy_dir())
+    policy = a.policy or str(default_policy_dir())
     dev = ["--device", a.device] if a.device else []
+    budget = ["--max-reasoning-tokens", str(a.max_reasoning_tokens)] if a.max_reasoning_tokens else []
     steps = []
     for i in range(1, a.steps + 1):
         d = run / f"step-{i:06d}"
         t = {}
         t0 = time.time()
         sh(["gen", "--prompts", str(prompts), "--policy", policy, "--out", str(d / "gen"), "-G", str(a.group_size),
-            "--seed", str(a.seed + i), *dev], env)
+            "--seed", str(a.seed + i), *dev, *budget], env)
         t["gen"] = time.time() - t0
         t0 = time.time()
         sh(["render", "--samples", str(d / "gen"), "--out", str(d / "renders"), "--views", str(a.views),
@@ -68,6 +70,10 @@ def train(run: Path, prompts: Path, a, env: dict, overlap: int) -> dict:
             "--lr", str(a.lr), "--seed", str(a.seed), "--save-every", str(a.steps), "--overlap", str(overlap)]
     if a.device:
         args += ["--device", a.device]
+    if a.policy:
+        args += ["--policy", a.policy]
+    if a.max_reasoning_tokens:
+        args += ["--max-reasoning-tokens", str(a.max_reasoning_tokens)]
     t0 = time.time()
     summary = sh(args, env)
     summary["wall_s"] = time.time() - t0
@@ -84,6 +90,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--policy", default=None, help="policy dir (default: the embedded default)")
+    p.add_argument("--max-reasoning-tokens", type=int, default=None, help="reasoning budget (default: the policy's)")
     p.add_argument("--overlap", action="store_true", help="also time rl3d train --overlap 1")
     p.add_argument("--skip-commands", action="store_true", help="time rl3d train only")
     p.add_argument("--keep", default=None, help="keep the runs in this folder")

@@ -295,6 +295,17 @@ class TrainJob:
         job = GenJob(d / "prompts", self.gen_options, seed=self.opts.seed + step, policy=sampler)
         job.run(StageOptions(out=d / "gen", shard=self.shard, seed=self.opts.seed + step, quiet=True))
 
+    def _gen_on_own_stream(self, step: int, sampler: Policy) -> None:
+        """Overlapped sampling: on a CUDA stream of its own, so that its kernels run beside the main
+        thread's render, reward and update instead of queueing behind them."""
+        if sampler.device.type != "cuda":
+            return self._gen(step, sampler)
+        stream = torch.cuda.Stream(device=sampler.device)
+        stream.wait_stream(torch.cuda.current_stream(sampler.device))  # the weights copied in before
+        with torch.cuda.stream(stream):
+            self._gen(step, sampler)
+        stream.synchronize()
+
     def _render(self, step: int, d: Path) -> None:
         if "render" in self.opts.stages:
             self._swapped("render", step, d)
@@ -384,7 +395,7 @@ class TrainJob:
         if self.main:
             self.feed.job(step).run(StageOptions(out=d / "prompts", quiet=True))
         self._barrier()
-        self._next_gen = _Background(self._gen, step, self.sampler)
+        self._next_gen = _Background(self._gen_on_own_stream, step, self.sampler)
 
     def _join_overlap(self) -> None:
         """Wait for the background sampling; its failure is raised here."""

@@ -138,7 +138,9 @@ def graph_of(step) -> torch.cuda.CUDAGraph:
         step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: another thread of this process may use the GPU meanwhile (rl3d train --overlap 1
+    # samples on a thread while the main one renders, scores and trains)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     return graph
 
