@@ -113,11 +113,6 @@ def main() -> None:
     res["train"] = t
     print(f"train: {t['seconds_per_step']}s a step (steady {t['steady_seconds_per_step']}s), "
           f"{t['wall_s']:.1f}s in all, phases {t.get('phase_seconds')}", file=sys.stderr, flush=True)
-    if a.overlap:
-        t1 = train(root / "train-overlap", prompts, a, env, 1)
-        res["train_overlap"] = t1
-        print(f"train --overlap 1: {t1['seconds_per_step']}s a step (steady {t1['steady_seconds_per_step']}s), "
-              f"{t1['wall_s']:.1f}s in all", file=sys.stderr, flush=True)
     if not a.skip_commands:
         t0 = time.time()
         steps = commands(root / "commands", prompts / "part-00000-of-00001.parquet", a, env)
@@ -131,12 +126,20 @@ def main() -> None:
         print(f"commands: {cmd_step:.1f}s a step (steady {cmd_steady:.1f}s), {res['commands']['wall_s']:.1f}s in all",
               file=sys.stderr)
         print(f"ratio commands / train: per step {res['ratio_per_step']:.2f}x, steady {res['ratio_steady']:.2f}x, "
-              f"whole run {res['ratio_wall']:.2f}x  ({res['device']})")
+              f"whole run {res['ratio_wall']:.2f}x  ({res['device']})", flush=True)
     if a.overlap:
-        o = res["train_overlap"]
-        res["ratio_overlap_steady"] = (t["steady_seconds_per_step"] or t["seconds_per_step"]) / \
-            (o["steady_seconds_per_step"] or o["seconds_per_step"])
-        print(f"ratio train / train --overlap 1 (steady s a step): {res['ratio_overlap_steady']:.2f}x")
+        try:
+            o = train(root / "train-overlap", prompts, a, env, 1)
+        except subprocess.CalledProcessError as e:
+            res["train_overlap"] = {"error": f"exit {e.returncode}"}
+            print(f"train --overlap 1 failed (exit {e.returncode})", file=sys.stderr)
+        else:
+            res["train_overlap"] = o
+            res["ratio_overlap_steady"] = (t["steady_seconds_per_step"] or t["seconds_per_step"]) / \
+                (o["steady_seconds_per_step"] or o["seconds_per_step"])
+            print(f"train --overlap 1: {o['seconds_per_step']}s a step (steady {o['steady_seconds_per_step']}s), "
+                  f"{o['wall_s']:.1f}s in all, phases {o.get('phase_seconds')}", file=sys.stderr)
+            print(f"ratio train / train --overlap 1 (steady s a step): {res['ratio_overlap_steady']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, default=str))
     if not a.keep:
