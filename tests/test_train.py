@@ -257,7 +257,8 @@ def test_a_swapped_stage_that_writes_the_wrong_thing_is_a_one_line_error(setup, 
     script = tmp_path / "scorer.py"
     script.write_text(SWAP_SCRIPTS[case])
     run = tmp_path / "run"
-    res = _cli(_train_args(policy, prompts, run, 1, "--stage", f"reward={sys.executable} {script} {{out}}"))
+    res = _cli(_train_args(policy, prompts, run, 1, "--stage", f"reward={sys.executable} {script} {{out}}",
+                           "--quiet"))
     assert res.exit_code == 2, res.output
     line = res.output.strip()
     assert "\n" not in line and "step 1, stage reward" in line
@@ -325,7 +326,7 @@ def test_overlap_with_a_frozen_policy_and_no_cap_gives_the_same_loss(setup, tmp_
     mb = _metrics(tmp_path / "ovl" / "step-000002" / "update" / "metrics")
     assert mb["staleness"] == 1 and ma["staleness"] == 0
     assert mb["tis_weight_mean"] == pytest.approx(1.0, abs=1e-5) and mb["tis_clip_frac"] == 0.0
-    assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-6, abs=1e-9)
+    assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-6, abs=1e-7)
     # the overlapped step 2 was sampled by the initial policy, the sequential one by step 1's
     pa_, pb = (tables.provenance(tmp_path / r / "step-000002" / "gen").policy for r in ("seq", "ovl"))
     assert pb.endswith("#step3") and pa_.endswith("#step1")
@@ -363,7 +364,7 @@ def test_two_processes_write_the_one_process_tables_and_update(setup, tmp_path):
         assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b], stage
         for ra, rb in zip(a, b):
             _close({k: v for k, v in ra.items() if not k.endswith("_path")},
-                   {k: v for k, v in rb.items() if not k.endswith("_path")})
+                   {k: v for k, v in rb.items() if not k.endswith("_path")}, rel=1e-4)  # batch-composition noise
     m1, m2 = _metrics(one / "step-000001" / "update" / "metrics"), _metrics(two / "step-000001" / "update" / "metrics")
     for k in ("loss", "kl", "grad_norm"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
