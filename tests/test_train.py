@@ -70,7 +70,7 @@ def _close(a: dict, b: dict, keys=None, rel=1e-6):
         if isinstance(a[k], float) and isinstance(b[k], float):
             assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=1e-9), (k, a[k], b[k])
         elif isinstance(a[k], list) and a[k] and isinstance(a[k][0], float):  # log-probs: batch-order float noise
-            torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), atol=1e-6, rtol=max(rel, 1e-6))
         else:
             assert a[k] == b[k], (k, a[k], b[k])
 
