@@ -72,6 +72,8 @@ def train(run: Path, prompts: Path, a, env: dict, overlap: int) -> dict:
         args += ["--device", a.device]
     if a.policy:
         args += ["--policy", a.policy]
+    if a.gen_batch_size:
+        args += ["--gen-batch-size", str(a.gen_batch_size)]
     if a.max_reasoning_tokens:
         args += ["--max-reasoning-tokens", str(a.max_reasoning_tokens)]
     t0 = time.time()
@@ -90,6 +92,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--gen-batch-size", type=int, default=None, help="rl3d train --gen-batch-size")
     p.add_argument("--policy", default=None, help="policy dir (default: the embedded default)")
     p.add_argument("--max-reasoning-tokens", type=int, default=None, help="reasoning budget (default: the policy's)")
     p.add_argument("--overlap", action="store_true", help="also time rl3d train --overlap 1")

@@ -72,6 +72,7 @@ class TrainOptions:
     views: int = 6
     resolution: int = 512
     supersample: int = 2
+    gen_batch_size: int | None = None   # sequences sampled together (None: gen's default; samples unchanged)
     render_backend: str = "auto"
     rewards: str | None = None          # preset name or TOML; None: "default" (hi-grpo) or "flat"
     seed: int = 0
@@ -142,7 +143,8 @@ class TrainJob:
         self.feed = PromptFeed(o.prompts, o.prompts_per_step, o.seed)
         self.render_opts = dict(views=o.views, resolution=o.resolution, supersample=o.supersample,
                                 backend=o.render_backend)
-        self.gen_options = GenOptions(mode=o.mode, group_size=o.group_size, sampling=None, device=o.device,
+        self.gen_options = GenOptions(mode=o.mode, group_size=o.group_size, sampling=None, batch_size=o.gen_batch_size,
+                                      device=o.device,
                                       dtype=o.dtype, sampling_preset=o.sampling_preset,
                                       sampling_overrides=o.sampling_overrides)
         self.stop: str | None = None

@@ -77,7 +77,7 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
 
 # settings a resume may change without --allow-changes: where the run folder is, how long to run
 # and how to report, not what the steps compute
-RESUMABLE = ("out", "steps", "quiet", "tensorboard", "eval_every", "eval_bench", "eval_limit", "keep_checkpoints",
+RESUMABLE = ("out", "gen_batch_size", "steps", "quiet", "tensorboard", "eval_every", "eval_bench", "eval_limit", "keep_checkpoints",
              "save_every")
 
 
