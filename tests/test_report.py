@@ -220,6 +220,32 @@ def test_learning_summary_is_an_rl3d_subcommand(tmp_path):
     assert "learning-summary" in CliRunner().invoke(main, ["--help"]).output
 
 
+def test_learning_summary_without_held_out_scores_says_so(tmp_path):
+    """A run with rl-step metrics but no held-out scores (the demo's): `heldout` and `plot` are one
+    line each naming what is missing and how it is made, exit code 2, and nothing is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from rl3d.cli.main import main
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    pq.write_table(pa.table({"step": [1, 2], "name": ["reward_mean_fine"] * 2, "value": [0.1, 0.2]}),
+                   run / "metrics.parquet")
+    r = CliRunner().invoke(main, ["learning-summary", "heldout", str(run)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no held-out scores" in r.output and "examples/learning_run.sh" in r.output
+    assert not (run / "heldout_rewards.json").exists()
+    r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "c.png"), f"demo={run}"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no heldout_rewards.json" in r.output and "learning-summary heldout" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "c.png").exists()
+    r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "c.png"),
+                                  f"x={tmp_path / 'nowhere'}"])
+    assert r.exit_code == 2 and "no metrics.parquet" in r.output
+
+
 def test_few_samples_are_flagged_and_n1_deltas_get_no_verdict(tmp_path):
     """A value from fewer than 8 samples is marked with a visible note; with n = 1 a delta is shown
     but not called better or worse; the policies table shows each policy's RL step."""
