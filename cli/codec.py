@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from rl3d.cli.common import common_options, handle_errors, pop_common_options, report
+from rl3d.cli.groups import SuggestingGroup
 
 BUILD_EXAMPLES = """Examples:
 
@@ -23,7 +24,7 @@ STATS_EXAMPLES = """Examples:
 """
 
 
-@click.group("codec", epilog="""Examples:
+@click.group("codec", cls=SuggestingGroup, epilog="""Examples:
 
 \b
   rl3d codec stats --n 20
