@@ -280,3 +280,26 @@ def test_no_few_samples_note_when_every_value_has_enough(tmp_path):
                                 {"name": "B", "policy_id": "b", "mode": "flat", "final_level": "single"}])
     files = report.write_report(_rows(), tmp_path / "out", ctx)
     assert "Few samples" not in files["report_md"].read_text()
+
+
+def test_training_curves_name_the_run_and_put_changing_rewards_first(tmp_path):
+    """A run's legend is its folder's name (also when given the metrics.parquet file); reward curves
+    come first and a metric that never moves comes after every one that does, so the chart limit
+    drops it rather than reward_mean_fine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rl3d.stages.scoring import report
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    names = ["clip_high_frac", "clip_low_frac", "kl", "loss", "reward_mean_coarse", "reward_mean_fine"]
+    rows = [(s, n, 0.0 if n.startswith("clip") else s * (i + 1)) for s in (1, 2) for i, n in enumerate(names)]
+    pq.write_table(pa.table({"step": [r[0] for r in rows], "name": [r[1] for r in rows],
+                             "value": [float(r[2]) for r in rows]}), run / "metrics.parquet")
+    assert report.run_label(run / "metrics.parquet") == report.run_label(run) == "demo"
+    paths = report.curve_charts([str(run / "metrics.parquet")], tmp_path / "plots", max_charts=4)
+    assert [p.name for p in paths] == ["curve-reward_mean_coarse.png", "curve-reward_mean_fine.png",
+                                       "curve-kl.png", "curve-loss.png"]
+    two = report.curve_charts([str(run), str(run / "metrics.parquet")], tmp_path / "plots2", max_charts=1)
+    assert len(two) == 1  # two runs of one folder name: two lines ("demo", "demo'"), one chart
