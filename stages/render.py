@@ -337,6 +337,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
 
     def produce(shard, progress):
         mine = [j for j in jobs if shard.owns(j.get("prompt_id") or j["sample_id"])]
+        progress.log(f"render: {len(mine)} meshes ({backend} backend)")
         t0 = time.time()
         rows: list[dict] = []
         if backend == "torch":
