@@ -25,7 +25,7 @@ PY=$(dirname "$(command -v rl3d 2>/dev/null || echo "$HERE/.venv/bin/rl3d")")/py
 
 mkdir -p "$RUN"
 # Measured with these defaults, setup excluded, on the 2-core dev box: 4 min 3 s with the cores quiet;
-# 9 min for step 1 alone while other jobs kept the cores busy (load 1.5-5.4), 36 min in all at load 4-7.
+# while other jobs kept the cores busy, step 1 alone took 9 min (load 1.5-5.4) and 12 min (load 4-7).
 echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: 4 min on a quiet 2-core CPU (measured)," \
      "several times that while other jobs load the cores. Every stage prints its progress at least every 10 s;" \
      "rerun to resume after an interruption."
