@@ -10,6 +10,7 @@ from rl3d.cli.common import common_options, handle_errors, pop_common_options, r
 from rl3d.formats.errors import InputError
 
 METRIC_HELP = "decode, clip, kd, fd, spec, geometry, diversity, reference_iou"
+# also accepted: kd_paper (the paper's eval-script KD, a mean RBF similarity; not in the default list)
 
 EXAMPLES = """Examples:
 
@@ -34,7 +35,8 @@ EXAMPLES = """Examples:
               show_default="the benchmark's reference_dir column, else its specs rendered (synth-reasoning)",
               help="Reference renders for KD/FD: a renders table dir, or one image folder per prompt_id.")
 @click.option("--metrics", "metric_list", default=None, metavar="LIST", show_default=f"all: {METRIC_HELP}",
-              help="Comma-separated metric groups.")
+              help="Comma-separated metric groups; add kd_paper for the paper's eval-script KD (mean RBF "
+                   "similarity of reference and generated features, beside rl3d's KD; docs/eval.md).")
 @click.option("--samples-per-prompt", default=4, show_default=True, type=int, help="Samples per prompt (group size).")
 @click.option("--limit", default=None, type=int, show_default="all prompts",
               help="Use only the first N prompts of each category.")

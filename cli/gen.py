@@ -21,8 +21,8 @@ EXAMPLES = """Examples:
 
 @click.command("gen", epilog=EXAMPLES, short_help="Sample rollouts of a policy into a samples table + GLB meshes.")
 @click.option("--prompts", required=True, type=click.Path(path_type=Path),
-              help="Prompt file (.txt/.jsonl/.csv/.parquet) or a synth objects table dir "
-                   "(its category and spec columns are carried to the samples).")
+              help="Prompt file (.txt/.jsonl/.json/.csv/.parquet), a saved Hugging Face dataset folder, or a "
+                   "synth objects table dir (its category and spec columns are carried to the samples).")
 @click.option("--policy", "policy_dir", default=None, type=click.Path(path_type=Path),
               show_default="the embedded default policy", help="Policy checkpoint dir.")
 @click.option("--mode", type=click.Choice(["hi-grpo", "flat"]), default="hi-grpo", show_default=True,

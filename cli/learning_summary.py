@@ -6,11 +6,12 @@ from pathlib import Path
 import click
 
 from rl3d.cli.common import handle_errors
+from rl3d.cli.groups import SuggestingGroup
 
 RUN = click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 
 
-@click.group("learning-summary")
+@click.group("learning-summary", cls=SuggestingGroup)
 def command():
     """Summarise a learning run (examples/learning_run.sh): held-out reward per step, learning
     curves, paired per-prompt changes, which reward terms drive the advantages, before/after renders.

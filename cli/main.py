@@ -10,6 +10,7 @@ import os
 import click
 
 from rl3d.cli import __version__
+from rl3d.cli.groups import SuggestingGroup
 from rl3d.formats.model_dirs import TRUST_REMOTE_CODE_ENV, set_remote_code
 
 # command name -> module in rl3d.cli exposing `command`
@@ -30,7 +31,7 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(SuggestingGroup):
     def list_commands(self, ctx):
         return [n for n, m in COMMANDS.items() if importlib.util.find_spec(f"rl3d.cli.{m}") is not None]
 

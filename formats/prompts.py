@@ -1,5 +1,7 @@
-"""Prompt files: .txt (one per line), .jsonl, .csv, .parquet with a `prompt` column and optional
-`prompt_id`, `category` (and any extra columns such as `spec`, kept as strings).
+"""Prompt files: .txt (one per line), .jsonl, .json (an array of objects, or {"prompts": [...]}),
+.csv, .parquet, a directory of Parquet parts, or a Hugging Face `datasets` folder written by
+`Dataset.save_to_disk` (its Arrow files), each with a `prompt` column and optional `prompt_id`,
+`category` (and any extra columns such as `spec` or `task_type`, kept as strings).
 prompt_id defaults to a stable hash of the text."""
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ def prompt_hash(text: str) -> str:
 def read_prompts(path: str | os.PathLike) -> pa.Table:
     """-> a prompts table (prompt_id, prompt, category + extra string columns), in file order."""
     p = Path(path)
+    if p.is_dir() and ((p / HF_STATE).is_file() or (p / HF_DICT).is_file()):
+        return _to_table(_rows_hf_dataset(p), str(p))
     if p.is_dir() or any(ch in str(path) for ch in "*?["):
         rows = []
         for f in list_parts(p):
@@ -49,13 +53,65 @@ def read_prompts(path: str | os.PathLike) -> pa.Table:
             if not isinstance(obj, dict):
                 raise InputError(f"{p}:{n}: expected a JSON object per line")
             rows.append(obj)
+    elif suffix == ".json":
+        rows = _rows_json(p)
     elif suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(_read_text(p), newline="")))
     elif suffix == ".parquet":
         rows = _rows_parquet(p)
     else:
-        raise InputError(f"{p}: unknown prompt file type {suffix!r} (use .txt, .jsonl, .csv or .parquet)")
+        raise InputError(f"{p}: unknown prompt file type {suffix!r} (use .txt, .jsonl, .json, .csv or .parquet, "
+                         f"or a folder of Parquet parts or of a saved Hugging Face dataset)")
     return _to_table(rows, str(p))
+
+
+HF_STATE, HF_DICT = "state.json", "dataset_dict.json"  # Dataset.save_to_disk / DatasetDict.save_to_disk
+
+
+def _rows_json(p: Path) -> list[dict]:
+    """A JSON array of objects (the layout of the Hi-GRPO authors' training prompts: prompt,
+    task_type, category), or an object whose "prompts" key holds one."""
+    try:
+        data = json.loads(_read_text(p))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("prompts"), list):
+        data = data["prompts"]
+    if not isinstance(data, list):
+        raise InputError(f"{p}: expected a JSON array of objects (or {{\"prompts\": [...]}}), got a "
+                         f"{type(data).__name__}")
+    for n, r in enumerate(data, 1):
+        if not isinstance(r, dict):
+            raise InputError(f"{p}: row {n}: expected a JSON object, got {json.dumps(r)[:40]}")
+    return data
+
+
+def _rows_hf_dataset(d: Path) -> list[dict]:
+    """The rows of a `datasets` folder written by save_to_disk: state.json lists its Arrow files
+    (IPC streams). A DatasetDict folder holds one such folder per split: name the split."""
+    if not (d / HF_STATE).is_file():
+        try:
+            splits = json.loads((d / HF_DICT).read_text()).get("splits") or []
+        except (json.JSONDecodeError, AttributeError, OSError):
+            splits = []
+        raise InputError(f"{d}: a dataset with splits ({', '.join(map(str, splits)) or 'none listed'}): "
+                         f"give the folder of one split, e.g. {d / str(splits[0] if splits else 'train')}")
+    try:
+        state = json.loads((d / HF_STATE).read_text())
+        files = [f["filename"] for f in state["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{d / HF_STATE}: not a datasets state file ({type(e).__name__}: {e})") from None
+    rows: list[dict] = []
+    for name in files:
+        f = d / name
+        if Path(name).name != name or not f.is_file():  # a listed file outside the folder is not read
+            raise InputError(f"{d / HF_STATE}: data file {name!r} is not a file in {d}")
+        try:
+            with pa.memory_map(str(f)) as src:
+                rows += pa.ipc.open_stream(src).read_all().to_pylist()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{f}: not a readable Arrow stream ({type(e).__name__})") from None
+    return rows
 
 
 def _read_text(p: Path) -> str:

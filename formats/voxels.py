@@ -105,8 +105,8 @@ def grid_to_faces(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def grid_to_mesh(grid: np.ndarray, merge: bool = False, smooth: bool = False):
-    """Grid -> trimesh.Trimesh with per-face colours. `merge` welds vertices (watertight topology,
-    colours then only approximate); `smooth` gives an isosurface (open3d flying edges) coloured by
+    """Grid -> trimesh.Trimesh with per-face colours. `merge` welds vertices (closed topology, but not
+    watertight where voxels meet only along an edge or at a corner; colours then only approximate); `smooth` gives an isosurface (open3d flying edges) coloured by
     the nearest voxel."""
     import trimesh
 

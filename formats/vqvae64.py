@@ -303,8 +303,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, VQVAE64Config]:
     p = Path(path)
     f = p / CHECKPOINT_FILE if p.is_dir() else p
     if f.suffix == ".bin":
-        raise InputError(f"{f}: a pickled checkpoint; convert it to safetensors first: python -c \"from "
-                         f"rl3d.formats.vqvae64 import convert_bin_checkpoint as c; c('{f}', '{f.with_suffix('.safetensors')}')\"")
+        raise InputError(f"{f}: a pickled checkpoint; convert it to safetensors first: "
+                         f"rl3d codec convert {f} {f.parent}")
     if not f.is_file():
         raise InputError(f"{f}: VQ-VAE checkpoint not found (expected the published 3DVQVAE.bin converted to "
                          f"{CHECKPOINT_FILE}; see docs/codec.md)")
@@ -323,6 +323,16 @@ def check_checkpoint(path: str | os.PathLike) -> tuple[Path, VQVAE64Config]:
     f, config = resolve_checkpoint(path)
     check_shapes(read_header_shapes(f), config, str(f))
     return f, config
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """A checkpoint file's content hash, as VQVAE64Codec.content_hash gives it and rl3d_policy.json's
+    codec_hash records it, without building the model (reads the whole file)."""
+    h = hashlib.sha256(b"vqvae64:")
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def convert_bin_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -400,15 +410,13 @@ class VQVAE64Codec:
     def content_hash(self) -> str:
         """Identifies the weights (sha256 of the checkpoint file, or of the tensors before a save)."""
         if self._hash is None:
-            h = hashlib.sha256(b"vqvae64:")
             if self.source and Path(self.source).is_file():
-                with open(self.source, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 24), b""):
-                        h.update(chunk)
-            else:
-                for k, v in sorted(self.model.state_dict().items()):
-                    h.update(k.encode())
-                    h.update(v.detach().to("cpu", torch.float32).numpy().tobytes())
+                self._hash = file_hash(self.source)
+                return self._hash
+            h = hashlib.sha256(b"vqvae64:")
+            for k, v in sorted(self.model.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().to("cpu", torch.float32).numpy().tobytes())
             self._hash = h.hexdigest()[:16]
         return self._hash
 

@@ -1,7 +1,9 @@
-"""`rl3d codec build|stats`: build the voxel token codebook and measure its round-trip quality.
+"""`rl3d codec build|stats|convert|hash`: build the voxel token codebook and measure its round-trip
+quality; convert ShapeLLM-Omni's published 3DVQVAE.bin to the safetensors file rl3d loads; print a
+codec's content hash (the `codec_hash` of rl3d_policy.json).
 
-The codec itself (encode / decode, the codebook file) is formats/codec.py; this module only
-feeds it synth objects or an objects table and returns the command's summary.
+The codecs themselves are formats/codec.py (the embedded block codec) and formats/vqvae64.py (the
+64^3 VQ-VAE); this module only feeds them inputs and returns the command's summary.
 """
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import time
 from pathlib import Path
 
 from rl3d.formats.codec import STATS_FILE, VoxelCodec, grids_from_objects, grids_from_table, roundtrip_stats
+from rl3d.formats.codecs import VQVAE64, codec_kind
 from rl3d.formats.errors import InputError
+from rl3d.formats.shards import atomic_path
 from rl3d.stages.contract import Progress
 from rl3d.stages.shapes.world import generate_objects
 
@@ -58,3 +62,40 @@ def load_codec(path: Path | None) -> VoxelCodec:
         return VoxelCodec.load(path)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
+
+
+def run_convert(src: Path, out: Path, overwrite: bool = False) -> dict:
+    """The published 3DVQVAE.bin (a torch pickle, read with weights_only=True) -> out/3DVQVAE.safetensors,
+    its keys and shapes checked; the summary carries the content hash that rl3d_policy.json's codec_hash
+    records. An out dir already holding the file is kept unless overwrite."""
+    from rl3d.formats import vqvae64  # lazy: torch
+
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise InputError(f"{src}: no such file (the published 3DVQVAE.bin)")
+    dst = out / vqvae64.CHECKPOINT_FILE
+    if dst.is_file() and not overwrite:
+        return {"stage": "codec-convert", "out": str(out), "skipped": True, "content_hash": vqvae64.file_hash(dst),
+                "seconds": round(time.time() - t0, 2)}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:  # a killed conversion leaves no half-written checkpoint
+        vqvae64.convert_bin_checkpoint(src, tmp)
+    return {"stage": "codec-convert", "out": str(out), "skipped": False, "checkpoint": str(dst),
+            "content_hash": vqvae64.file_hash(dst), "seconds": round(time.time() - t0, 2)}
+
+
+def run_hash(path: Path) -> dict:
+    """The content hash of a codec: a VQ-VAE checkpoint (a dir holding 3DVQVAE.safetensors, or the file;
+    keys and shapes checked by header, then the file hashed whole) or an embedded codebook dir."""
+    t0 = time.time()
+    if codec_kind(path) == VQVAE64:
+        from rl3d.formats import vqvae64  # lazy: torch
+
+        f, config = vqvae64.check_checkpoint(path)
+        kind, digest, vocab = "vqvae64", vqvae64.file_hash(f), config.num_embeddings
+    else:
+        codec = load_codec(path)
+        kind, digest, vocab = "voxel", codec.content_hash(), codec.vocab_size
+    return {"stage": "codec-hash", "out": None, "skipped": False, "codec": str(path), "kind": kind,
+            "vocab_size": vocab, "content_hash": digest, "seconds": round(time.time() - t0, 2)}

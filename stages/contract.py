@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +77,23 @@ class Progress:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
+        self._said: tuple[str, float, float] | None = None  # last log line, when said, when last repeated
+        self._tracking = 0
+        self._beat: threading.Thread | None = None
 
     def track(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
         if self.quiet:
             yield from items
             return
+        self._tracking += 1  # the bar or its own lines show the progress: no keep-alive lines meanwhile
+        try:
+            yield from self._track(items, total, desc)
+        finally:
+            self._tracking -= 1
+            if self._said:
+                self._said = (self._said[0], self._said[1], time.time())
+
+    def _track(self, items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
         if self.tty:
             from rich.progress import track
 
@@ -98,6 +112,26 @@ class Progress:
     def log(self, msg: str) -> None:
         if not self.quiet:
             print(f"[rl3d] {msg}", file=sys.stderr, flush=True)
+            now = time.time()
+            self._said = (msg, now, now)
+            if self._beat is None:  # a step that reports nothing of its own never goes silent
+                self._beat = threading.Thread(target=_keep_alive, args=(weakref.ref(self),), daemon=True)
+                self._beat.start()
+
+
+def _keep_alive(ref) -> None:
+    """While its Progress lives: when PLAIN_EVERY_S seconds pass after its last line, repeat that line
+    with the time since ("rl-step: reference log-probs of 48 samples (still working, 20s)")."""
+    while True:
+        time.sleep(1.0)
+        p = ref()
+        if p is None:
+            return
+        said, now = p._said, time.time()
+        if said and not p._tracking and now - said[2] >= PLAIN_EVERY_S:
+            p._said = (said[0], said[1], now)
+            print(f"[rl3d] {said[0]} (still working, {_duration(now - said[1])})", file=sys.stderr, flush=True)
+        del p
 
 
 def _stderr_console():

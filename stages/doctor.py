@@ -23,6 +23,7 @@ from rl3d.formats import vqvae64
 from rl3d.stages.rewards import config as reward_config
 
 POLICY_META = "rl3d_policy.json"  # as stages/policy/checkpoint.py writes it
+PUBLISHED_VQVAE = "3DVQVAE.bin"  # ShapeLLM-Omni's VQ-VAE as published: a torch pickle, converted by rl3d codec convert
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
 
@@ -122,16 +123,57 @@ def check_weights(d: Path, what: str) -> Check:
                      f"{n_params / 1e6:.3g}M parameters (headers)")
 
 
+def raw_model_config(d: Path) -> dict:
+    """config.json as plain JSON ({} when missing or not an object)."""
+    try:
+        raw = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
 def read_model_config(d: Path):
     """transformers' config object of a model dir (config.json only), or raise ValueError."""
+    import transformers
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if not (d / "config.json").is_file():
         raise ValueError(f"no config.json in {d}")
+    raw = raw_model_config(d)
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING and not remote_code_allowed():
+        code = "AutoConfig" in (raw.get("auto_map") or {})
+        raise ValueError(f"{d}/config.json: model_type {model_type!r} is not a model type of the installed "
+                         f"transformers {transformers.__version__}"
+                         + ("; the dir ships its own code for it (config.json auto_map)" if code else ""))
     try:
         return AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=remote_code_allowed())
     except Exception as e:
-        raise ValueError(f"{d}/config.json: {type(e).__name__}: {_one_line(e)[:200]}") from None
+        raise ValueError(f"{d}/config.json: {type(e).__name__}: {_sentences(_one_line(e), 300)}") from None
+
+
+def _sentences(text: str, limit: int) -> str:
+    """text cut at a word boundary near `limit` characters (an exception's text can be pages long)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def remote_code_check(d: Path, config, cls, what: str) -> Check | None:
+    """A config.json whose auto_map names code shipped in the dir: say which class actually loads."""
+    auto_map = raw_model_config(d).get("auto_map")
+    if not auto_map:
+        return None
+    names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+    if remote_code_allowed():
+        return _ok(f"{what} code", f"config.json auto_map ({names}): --trust-remote-code is on, so loading "
+                                   f"runs the Python files shipped in {d}")
+    mapping = getattr(cls, "_model_mapping", None)  # an auto class: the concrete class it picks
+    loaded = mapping[type(config)].__name__ if mapping is not None and type(config) in mapping else cls.__name__
+    return _ok(f"{what} code", f"config.json auto_map ({names}) is ignored: rl3d loads transformers' own "
+                               f"{loaded} for model_type {config.model_type!r}, not the dir's code (which runs "
+                               f"only with rl3d --trust-remote-code)")
 
 
 def class_accepts(cls, config) -> bool:
@@ -151,7 +193,11 @@ def check_model_dir(d: Path, what: str, class_name: str, fix_missing: str) -> tu
     try:
         config = read_model_config(d)
     except ValueError as e:
-        return [_problem(what, str(e), "point at a saved transformers model dir (config.json + weights)")], None
+        fix = "point at a saved transformers model dir (config.json + weights)"
+        if "is not a model type of the installed transformers" in str(e):
+            fix = ("upgrade transformers to a version that knows it, or, if you trust the dir's own model code, "
+                   "run rl3d --trust-remote-code doctor ... (and every command) to let transformers import it")
+        return [_problem(what, str(e), fix)], None
     cls = getattr(transformers, class_name, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         return [_problem(what, f"{class_name!r} is not a transformers model class",
@@ -160,8 +206,9 @@ def check_model_dir(d: Path, what: str, class_name: str, fix_missing: str) -> tu
         return [_problem(what, f"{d}: model_type {config.model_type!r} ({type(config).__name__}) cannot be loaded "
                                f"as {class_name}", f"point at a {class_name} model dir")], config
     arch = ",".join(getattr(config, "architectures", None) or []) or "?"
+    code = remote_code_check(d, config, cls, what)
     return [_ok(what, f"{d} ({class_name}, model_type {config.model_type}, architectures {arch})"),
-            check_weights(d, f"{what} weights")], config
+            *([code] if code else []), check_weights(d, f"{what} weights")], config
 
 
 def load_tokenizer_only(d: Path):
@@ -191,11 +238,25 @@ def check_codec(policy: Path, meta: dict) -> tuple[Check, int | None]:
             kind = "the shipped 32^3 codec"
         else:
             p = Path(ref) if Path(ref).is_absolute() else policy / ref
+            published = p if p.suffix == ".bin" else p / PUBLISHED_VQVAE
+            if published.is_file() and not (p / vqvae64.CHECKPOINT_FILE).is_file():
+                return _problem(what, f"{POLICY_META} names codec {ref!r}: {published} is the published VQ-VAE "
+                                      f"pickle, not converted to safetensors",
+                                f"rl3d codec convert {published} {published.parent}, then set \"codec\" in "
+                                f"{POLICY_META} to {published.parent} and \"codec_hash\" to the hash it prints "
+                                f"(docs/checkpoints.md)"), None
             if (p / vqvae64.CHECKPOINT_FILE).is_file() or p.suffix == ".safetensors":
                 f, cfg = vqvae64.check_checkpoint(p)
                 detail = (f"{f}: 64^3 VQ-VAE, channels {list(cfg.channels)}, codebook "
-                          f"{cfg.num_embeddings}x{cfg.embedding_dim} (header; hash not checked)")
-                return _ok(what, detail), cfg.num_embeddings
+                          f"{cfg.num_embeddings}x{cfg.embedding_dim}")
+                want, got = meta.get("codec_hash"), vqvae64.file_hash(f)  # reads the file whole (533 MB published)
+                if want and want != got:
+                    return _problem(what, f"{detail} has hash {got} but {POLICY_META} records codec_hash {want}",
+                                    "point \"codec\" at the VQ-VAE the policy was trained with, or, if this file "
+                                    "is the right one, set \"codec_hash\" to the output of rl3d codec hash "
+                                    f"{f}"), None
+                return _ok(what, f"{detail}, hash {got}" + ("" if want else f" (no codec_hash in {POLICY_META} "
+                                                                              f"to compare)")), cfg.num_embeddings
             if not (p / CODEBOOK_FILE).is_file() and not p.is_file():
                 return _problem(what, f"{POLICY_META} names codec {ref!r} but {p} holds neither {CODEBOOK_FILE} "
                                       f"nor {vqvae64.CHECKPOINT_FILE}",
@@ -204,8 +265,8 @@ def check_codec(policy: Path, meta: dict) -> tuple[Check, int | None]:
             codec = VoxelCodec.load(p)
             kind = f"32^3 codebook {p}"
     except InputError as e:
-        return _problem(what, str(e), "convert the published 3DVQVAE.bin to 3DVQVAE.safetensors "
-                                      "(docs/codec.md) and check its config"), None
+        return _problem(what, str(e), "convert the published 3DVQVAE.bin with rl3d codec convert "
+                                      "(docs/checkpoints.md) and check its config"), None
     except (FileNotFoundError, ValueError, OSError) as e:
         return _problem(what, _one_line(e), "rebuild or copy the codec (rl3d codec build)"), None
     want = meta.get("codec_hash")
@@ -240,14 +301,19 @@ def check_policy(policy: str | os.PathLike) -> list[Check]:
     d = Path(policy)
     if not d.is_dir():
         return [_problem("policy", f"{d} does not exist", "pass --policy the dir written by rl3d sft / rl-step, "
-                                                          "or a converted checkpoint (docs/doctor.md)")]
+                                                          "or a converted checkpoint (docs/checkpoints.md)")]
     meta_file = d / POLICY_META
     checks: list[Check] = []
     meta: dict = {}
     if not meta_file.is_file():
+        # the class config.json's architectures names stands in for model_class, so the missing file is
+        # one problem and not also a class that does not fit (a vision-language checkpoint)
+        meta = {"model_class": _architecture_class(d)} if _architecture_class(d) else {}
+        example = json.dumps({"codec": "<the codec dir, or default>",
+                              "model_class": meta.get("model_class", "AutoModelForCausalLM")})
         checks.append(_problem("policy metadata", f"{meta_file} is missing",
-                               "write it with rl3d's save_policy, or create it by hand: "
-                               "{\"codec\": \"codec\", \"model_class\": \"...\"} (docs/doctor.md)"))
+                               f"write it with rl3d's save_policy, or create it by hand: {example} "
+                               f"(docs/checkpoints.md)"))
     else:
         try:
             meta = json.loads(meta_file.read_text())
@@ -268,6 +334,14 @@ def check_policy(policy: str | os.PathLike) -> list[Check]:
         checks.append(codec_check)
     checks += check_policy_tokenizer(d, k, config)
     return checks
+
+
+def _architecture_class(d: Path) -> str | None:
+    """The transformers class config.json's architectures names, when the installed transformers has it."""
+    import transformers
+
+    arch = (raw_model_config(d).get("architectures") or [None])[0]
+    return arch if isinstance(arch, str) and hasattr(transformers, arch) else None
 
 
 def check_policy_tokenizer(d: Path, k: int | None, config) -> list[Check]:

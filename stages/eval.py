@@ -40,11 +40,15 @@ from rl3d.stages.rewards import geometry
 from rl3d.stages.rewards.spec import check_spec
 from rl3d.stages.scoring import registry
 from rl3d.stages.scoring.clip import ClipScorer, default_scorer_dir
-from rl3d.stages.scoring.metrics import (KD_SCALE, FeatureModel, frechet_distance, kernel_distance, mean_std,
-                                         model_fingerprint, pairwise_iou_mean, rate)
+from rl3d.stages.scoring.metrics import (KD_SCALE, FeatureModel, frechet_distance, kernel_distance, mean_rbf_kernel,
+                                         mean_std, model_fingerprint, pairwise_iou_mean, rate)
 from rl3d.stages.scoring.report import ReportContext, pick_grid, write_report
 
 METRIC_GROUPS = ("decode", "clip", "kd", "fd", "spec", "geometry", "diversity", "reference_iou")
+# computed only when named in --metrics: the paper's "KD" (a mean RBF similarity, for placing numbers beside
+# its published table; rl3d's KD is kd_x100)
+OPTIONAL_GROUPS = ("kd_paper",)
+FEATURE_GROUPS = {"kd", "fd", "kd_paper"}  # the groups that need the feature model and reference renders
 ALL = "all"  # the category value of overall rows
 GEOMETRY_RATES = ("single_component_rate", "grounded_rate", "stable_rate", "watertight_rate")
 
@@ -152,7 +156,7 @@ def compute_metrics(policy: str, samples: list[Sample], categories: list[str], g
     if "clip" in groups:
         rows += _clip_rows(policy, scopes, models, per, progress)
 
-    if "kd" in groups or "fd" in groups:
+    if FEATURE_GROUPS & groups:
         rows += _distribution_rows(policy, scopes, groups, models, references, kd_subsets, kd_subset_size,
                                    seed, reference_features, progress)
 
@@ -220,7 +224,7 @@ def _clip_rows(policy, scopes, models: Models, per, progress) -> list[dict]:
 def _distribution_rows(policy, scopes, groups, models: Models, references, kd_subsets, kd_subset_size, seed,
                        reference_features, progress) -> list[dict]:
     cats = [c for c, _ in scopes[1:]]
-    wanted = [m for g, m in (("kd", "kd_x100"), ("fd", "fd")) if g in groups]
+    wanted = [m for g, m in (("kd", "kd_x100"), ("fd", "fd"), ("kd_paper", "kd_paper")) if g in groups]
     reason = None
     if models.features is None:
         reason = f"no feature model: {models.features_reason}"
@@ -249,6 +253,8 @@ def _distribution_rows(policy, scopes, groups, models: Models, references, kd_su
             elif m == "kd_x100":
                 v, sd = kernel_distance(x, y, kd_subsets, kd_subset_size, seed)
                 out.append(metric_row(policy, c, m, KD_SCALE * v, len(x), KD_SCALE * sd, feature_model=fname))
+            elif m == "kd_paper":
+                out.append(metric_row(policy, c, m, mean_rbf_kernel(y, x), len(x), feature_model=fname))
             else:
                 out.append(metric_row(policy, c, m, frechet_distance(x, y), len(x), feature_model=fname))
     return out
@@ -452,7 +458,7 @@ def load_models(opts: EvalOptions, groups) -> Models:
             models.clip_reason = "no CLIP model (pass --clip-model DIR; the shipped scorer is not built)"
         else:
             models.clip = ClipScorer(clip_dir, device=opts.device or "cpu")
-    if {"kd", "fd"} & set(groups):
+    if FEATURE_GROUPS & set(groups):
         fdir = opts.feature_model or clip_dir
         if fdir is None:
             models.features_reason = "pass --feature-model DIR (DINOv2 / CLIP dir, or an Inception TorchScript file)"
@@ -508,9 +514,10 @@ def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path:
 def run_eval(opts: EvalOptions) -> dict:
     """The whole eval: benchmark -> per policy gen/render/metrics -> metrics table + report."""
     progress = Progress(opts.quiet)
-    unknown = set(opts.metrics) - set(METRIC_GROUPS)
+    unknown = set(opts.metrics) - set(METRIC_GROUPS + OPTIONAL_GROUPS)
     if unknown:
-        raise InputError(f"--metrics: unknown {', '.join(sorted(unknown))} (choose from {', '.join(METRIC_GROUPS)})")
+        raise InputError(f"--metrics: unknown {', '.join(sorted(unknown))} "
+                         f"(choose from {', '.join(METRIC_GROUPS + OPTIONAL_GROUPS)})")
     if not opts.policies:
         raise InputError("--policy: give at least one policy directory")
     if opts.samples_per_prompt < 1:
@@ -521,7 +528,7 @@ def run_eval(opts: EvalOptions) -> dict:
     prompts_path = write_prompts(bench, out)
     categories = bench.categories
     models = load_models(opts, opts.metrics)
-    refs, ref_source = ({}, "") if not {"kd", "fd"} & set(opts.metrics) else reference_renders(bench, opts, progress)
+    refs, ref_source = ({}, "") if not FEATURE_GROUPS & set(opts.metrics) else reference_renders(bench, opts, progress)
     ref_feats = None
     if refs and models.features is not None:
         progress.log(f"eval: features of the reference renders ({models.features.name})")

@@ -23,7 +23,7 @@ from rl3d.formats.glb import write_glb
 from rl3d.formats.occupancy import occupancy_to_mesh
 from rl3d.formats.prompts import read_prompts
 from rl3d.formats.voxels import grid_to_mesh
-from rl3d.stages.contract import Job, Progress, StageOptions, usable_cores
+from rl3d.stages.contract import PLAIN_EVERY_S, Job, Progress, StageOptions, usable_cores
 from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
                                            read_policy_meta)
 from rl3d.stages.policy.device import resolve_device_dtype
@@ -55,19 +55,57 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     jobs = [(r, k) for r in prompt_rows for k in range(group_size)]
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
+    meter = GenMeter(progress, len(jobs) * len(MODES[mode]))
     with MeshWriter(out_dir, coloured=policy.codec.resolution == 32) as write_mesh:
         for level in MODES[mode]:
+            meter.level = level
             texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
                      for r, k in jobs]
-            batches = range(0, len(jobs), batch_size)
-            for s in progress.track(batches, total=len(batches), desc=f"gen {level}"):
+            for s in range(0, len(jobs), batch_size):
                 chunk = jobs[s:s + batch_size]
                 level_rows = _sample_chunk(policy, chunk, texts[s:s + batch_size], level, seed, sampling,
-                                           write_mesh, sample_fn)
+                                           write_mesh, sample_fn, meter.tokens_sampled)
                 for (r, k), row in zip(chunk, level_rows):
                     plans[(r["prompt_id"], k)] = row["reasoning"]
                 rows += level_rows
+                meter.sequences_done(len(chunk), last=s + batch_size >= len(jobs))
     return rows
+
+
+class GenMeter:
+    """gen's progress: sequences done of all levels' total, tokens sampled, and the rate of each, as a
+    line every PLAIN_EVERY_S seconds, in the middle of a batch too (on a CPU one batch of 64 sequences
+    of ~600 tokens takes minutes), and a line at the end of each level. Nothing with --quiet."""
+
+    def __init__(self, progress: Progress, total: int, every: float | None = None):
+        self.progress, self.total = progress, total
+        # a little under the Progress keep-alive's period, so a counted line comes before a repeated one
+        self.every = 0.8 * PLAIN_EVERY_S if every is None else every
+        self.t0 = self.last = time.time()
+        self.sequences = self.tokens = 0
+        self.level = ""
+
+    def tokens_sampled(self, n: int) -> None:
+        self.tokens += n
+        if time.time() - self.last >= self.every:
+            self._print()
+
+    def sequences_done(self, n: int, last: bool = False) -> None:
+        self.sequences += n
+        if last or time.time() - self.last >= self.every:
+            self._print()
+
+    def line(self) -> str:
+        """"gen coarse: 24/48 sequences (50%), 14,400 tokens; 0.81 seq/s, 486 tok/s; 30s elapsed, ETA 30s"."""
+        el = max(time.time() - self.t0, 1e-9)
+        eta = f", ETA {el / self.sequences * (self.total - self.sequences):.0f}s" if self.sequences else ""
+        return (f"gen {self.level}: {self.sequences}/{self.total} sequences ({100 * self.sequences / self.total:.0f}%), "
+                f"{self.tokens:,} tokens; {self.sequences / el:.2f} seq/s, {self.tokens / el:.0f} tok/s; "
+                f"{el:.0f}s elapsed{eta}")
+
+    def _print(self) -> None:
+        self.last = time.time()
+        self.progress.log(self.line())
 
 
 class MeshWriter:
@@ -107,11 +145,11 @@ class MeshWriter:
 
 
 def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling, write_mesh,
-                  sample_fn=sample_sequences) -> list[dict]:
+                  sample_fn=sample_sequences, on_step=None) -> list[dict]:
     tok, special, codec = policy.tokenizer, policy.special, policy.codec
     prompt_ids = [encode_text(tok, t) for t in texts]
     seeds = [row_seed(seed, r["prompt_id"], k, level) for r, k in chunk]
-    done = sample_fn(policy.model, special, prompt_ids, seeds, codec.seq_len, sampling)
+    done = sample_fn(policy.model, special, prompt_ids, seeds, codec.seq_len, sampling, on_step=on_step)
     sequences = [prompt_ids[i] + d["tokens"] for i, d in enumerate(done)]
     spans = [sequence_spans(len(prompt_ids[i]), d["n_reasoning"], codec.seq_len) for i, d in enumerate(done)]
     reasoning = tok.batch_decode([ids[s["reasoning_start"]:s["reasoning_end"]] for ids, s in zip(sequences, spans)],

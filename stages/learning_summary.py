@@ -16,6 +16,9 @@ def heldout(run: Path) -> list[str]:
     """RUN/heldout_rewards.json (one row per evaluated step) -> the table's lines."""
     run = Path(run)
     rows = heldout_table(run)
+    if not rows:  # nothing to summarise: say so instead of writing an empty table
+        raise InputError(f"{run}: no held-out scores (complete eval/step-NNNNNN/seed-S/rewards tables, as "
+                         f"examples/learning_run.sh writes them); nothing written")
     (run / "heldout_rewards.json").write_text(json.dumps(rows, indent=2))
     keys = [k for k in rows[0] if not k.endswith("_seed_std") and k not in ("step", "seeds")] if rows else []
     return ["step  " + "  ".join(keys)] + [f"{r['step']:>4}  " + "  ".join(f"{r[k]:.4f}" for k in keys) for r in rows]

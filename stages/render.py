@@ -379,6 +379,7 @@ class RenderJob(Job):
     def produce(self, shard, progress):
         ropts, workers, out = self.ropts, self.workers, self.out
         mine = [j for j in self.jobs if shard.owns(j.get("prompt_id") or j["sample_id"])]
+        progress.log(f"render: {len(mine)} meshes ({ropts.backend} backend)")
         t0 = time.time()
         rows: list[dict] = []
         if ropts.backend == "torch":

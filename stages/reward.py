@@ -377,6 +377,7 @@ class RewardJob(Job):
         stats: dict = {}
         table, kind = read_scored_rows(samples)
         rows = load_rows(table, kind, shard)
+        progress.log(f"reward: {len(rows['sample_id'])} samples, config {cfg.name!r}: loading the backends")
         check_levels(rows, cfg, str(samples))
         # every backend is built before any scoring so that a bad option fails fast
         for lvl in cfg.levels:

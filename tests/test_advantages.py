@@ -117,3 +117,37 @@ def test_train_levels_is_checked():
     with pytest.raises(InputError, match="only --algo hi-grpo has levels"):
         RLConfig(algo="grpo", train_levels="fine").check()
     assert RLConfig(train_levels="fine").check().train_levels == "fine"
+
+
+@pytest.mark.parametrize("name, typo", [("algo", "hi_grpo"), ("adv_std", "grup"), ("loss_agg", "tokens"),
+                                        ("ratio", "gspo"), ("dynamic_sampling", "zero_std"),
+                                        ("failed_rewards", "drop"), ("old_logprobs", "recomputed"),
+                                        ("train_levels", "both")])
+def test_a_mistyped_mode_fails_instead_of_changing_the_update(name, typo):
+    """Through the Python API too: RLConfig refuses an unknown mode when built (not only in check()),
+    and compute_advantages refuses the modes it reads (it used to treat any algo but "hi-grpo" as grpo
+    and any adv_std but "group" as none)."""
+    from rl3d.stages.rl.config import MODES, RLConfig
+
+    expected = f"--{name.replace('_', '-')} '{typo}': expected one of {', '.join(MODES[name])}"
+    with pytest.raises(InputError, match=expected):
+        RLConfig(**{name: typo})
+    cfg = RLConfig()
+    setattr(cfg, name, typo)  # set after building: check() still says so
+    with pytest.raises(InputError, match=expected):
+        cfg.check()
+    if name in ("algo", "adv_std", "dynamic_sampling", "failed_rewards", "train_levels"):
+        with pytest.raises(InputError, match=expected):
+            compute_advantages(_traj("p", [1.0, 0.0], [0.0, 1.0]), **{name: typo})
+
+
+def test_the_cli_offers_exactly_the_modes():
+    import click
+
+    from rl3d.cli.rl_step import command
+    from rl3d.stages.rl.config import MODES
+
+    choices = {p.name: tuple(p.type.choices) for p in command.params if isinstance(p.type, click.Choice)}
+    for name, values in MODES.items():
+        if name != "dynamic_sampling":  # a free-form option: off | zero-std | min-std:X, parsed then checked
+            assert choices[name] == values, name

@@ -206,4 +206,20 @@ def test_every_command_takes_the_common_options():
             continue
         names = option_names(cmd)
         assert {"--seed", "--quiet", "--json"} <= names, path
-        assert "--overwrite" in names or path == "codec stats", path  # codec stats writes nothing
+        assert "--overwrite" in names or path in ("codec stats", "codec hash"), path  # they write nothing
+
+
+@pytest.mark.parametrize("argv, suggestion", [(["rlstep"], "rl-step"), (["evl"], "eval"),
+                                              (["codec", "biuld"], "build"),
+                                              (["learning-summary", "heldot", "x"], "heldout")])
+def test_mistyped_command_gets_did_you_mean(argv, suggestion):
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 2
+    assert f"No such command '{argv[-2] if len(argv) == 3 else argv[-1]}'" in r.output
+    assert f"Did you mean '{suggestion}'?" in r.output
+
+
+def test_unlike_command_gets_no_guess():
+    r = CliRunner().invoke(main, ["xyzzy"])
+    assert r.exit_code == 2 and "No such command 'xyzzy'" in r.output and "Did you mean" not in r.output
+    assert "rl3d --help" in r.output

@@ -114,7 +114,7 @@ def test_broken_policy_pieces(models, tmp_path):
     code, out = doctor("--policy", tmp_path / "nope")
     assert code == 3 and problems(out) == [f"PROBLEM  policy: {tmp_path / 'nope'} does not exist -> fix: pass --policy "
                                            "the dir written by rl3d sft / rl-step, or a converted checkpoint "
-                                           "(docs/doctor.md)"]
+                                           "(docs/checkpoints.md)"]
 
     # a tokenizer without mesh tokens
     from tokenizers import AddedToken, Tokenizer, models as tok_models, pre_tokenizers
@@ -275,3 +275,112 @@ def test_policy_with_the_64_vqvae_codec(models, tmp_path):
     assert code == 3
     [line] = problems(out)
     assert line.startswith("PROBLEM  policy codec: ") and "missing 1 key(s)" in line
+
+
+# ---- the paper's model class: what doctor names before gen would fail -------------------------------
+
+def test_missing_policy_metadata_is_one_problem_with_the_class_to_write(models):
+    """A Qwen2.5-VL checkpoint without rl3d_policy.json: one PROBLEM (not also 'cannot be loaded as
+    AutoModelForCausalLM'); the fix names the class config.json's architectures gives and the doc."""
+    code, out = doctor("--policy", models["judge"])
+    assert code == 3
+    [line] = problems(out)
+    assert line.startswith(f"PROBLEM  policy metadata: {models['judge'] / 'rl3d_policy.json'} is missing")
+    assert '"model_class": "Qwen2_5_VLForConditionalGeneration"' in line and "(docs/checkpoints.md)" in line
+    assert "ok       policy model: " in out and "Qwen2_5_VLForConditionalGeneration" in out
+
+
+def test_auto_map_of_a_known_model_type_is_named(models, tmp_path):
+    d = tmp_path / "mapped"
+    shutil.copytree(models["policy"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.MyCausalLM", "AutoConfig": "modeling_mine.MyConfig"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, out = doctor("--policy", d)
+    assert code == 0, out
+    line = next(ln for ln in out.splitlines() if "policy model code:" in ln)
+    assert line == ("ok       policy model code: config.json auto_map (AutoConfig, AutoModelForCausalLM) is ignored: "
+                    "rl3d loads transformers' own Qwen2ForCausalLM for model_type 'qwen2', not the dir's code "
+                    "(which runs only with rl3d --trust-remote-code)")
+    code, out = doctor("--policy", models["policy"])
+    assert "policy model code" not in out  # nothing to say without an auto_map
+
+
+def test_unknown_model_type_names_trust_remote_code(models, tmp_path):
+    d = tmp_path / "unknown"
+    shutil.copytree(models["policy"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="shapellm_omni_x", auto_map={"AutoConfig": "configuration_x.XConfig"})
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, out = doctor("--policy", d)
+    assert code == 3
+    line = next(ln for ln in problems(out) if "policy model:" in ln)
+    assert f"{d}/config.json: model_type 'shapellm_omni_x' is not a model type of the installed transformers" in line
+    assert "the dir ships its own code for it (config.json auto_map)" in line
+    assert "rl3d --trust-remote-code doctor" in line and "upgrade transformers" in line
+
+
+def _vqvae_policy(models, tmp_path):
+    """The tiny policy with a 64^3 VQ-VAE replica (codebook 16) as its codec, referenced by path."""
+    from types import SimpleNamespace
+
+    from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+    from test_policy import tiny_tokenizer
+
+    d = tmp_path / "vl"
+    shutil.copytree(models["policy"], d)
+    shutil.rmtree(d / "codec")
+    codec = VQVAE64Codec(make_block_replica())
+    codec.save(tmp_path / "vqvae")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    tiny_tokenizer(SimpleNamespace(vocab_size=16)).save_pretrained(d)
+    meta = json.loads((d / "rl3d_policy.json").read_text())
+    meta.update(codec=str(tmp_path / "vqvae"), codec_hash=codec.content_hash())
+    (d / "rl3d_policy.json").write_text(json.dumps(meta))
+    return d, meta, codec.content_hash()
+
+
+def test_vqvae_codec_hash_is_checked(models, tmp_path):
+    d, meta, right = _vqvae_policy(models, tmp_path)
+    code, out = doctor("--policy", d)
+    assert code == 0, out
+    assert f"codebook 16x32, hash {right}" in out and "hash not checked" not in out
+    meta["codec_hash"] = "0123456789abcdef"
+    (d / "rl3d_policy.json").write_text(json.dumps(meta))
+    code, out = doctor("--policy", d)
+    assert code == 3
+    [line] = problems(out)
+    assert line.startswith("PROBLEM  policy codec: ") and f"has hash {right} but rl3d_policy.json records " \
+                                                         "codec_hash 0123456789abcdef" in line
+    assert f"rl3d codec hash {tmp_path / 'vqvae' / '3DVQVAE.safetensors'}" in line
+    # the hash `rl3d codec hash` prints is the one doctor and gen compare
+    r = CliRunner().invoke(main, ["codec", "hash", str(tmp_path / "vqvae"), "--quiet"])
+    assert r.exit_code == 0 and r.stdout.strip() == right
+
+
+def test_unconverted_vqvae_gets_the_convert_command(models, tmp_path):
+    d, meta, _ = _vqvae_policy(models, tmp_path)
+    raw = tmp_path / "published"
+    raw.mkdir()
+    (raw / "3DVQVAE.bin").write_bytes(b"a torch pickle")
+    for ref in (raw, raw / "3DVQVAE.bin"):  # the dir holding it, or the file itself
+        meta["codec"] = str(ref)
+        (d / "rl3d_policy.json").write_text(json.dumps(meta))
+        code, out = doctor("--policy", d)
+        assert code == 3
+        [line] = problems(out)
+        assert f"{raw / '3DVQVAE.bin'} is the published VQ-VAE pickle, not converted to safetensors" in line
+        assert f"fix: rl3d codec convert {raw / '3DVQVAE.bin'} {raw}, then set \"codec\"" in line
+        assert "rl3d codec build" not in line
+
+
+def test_codec_hash_of_the_shipped_codebook():
+    from importlib.resources import files
+
+    from rl3d.formats.codec import VoxelCodec
+
+    r = CliRunner().invoke(main, ["codec", "hash", str(files("rl3d.assets") / "codec"), "--json"])
+    assert r.exit_code == 0
+    summary = json.loads(r.stdout)
+    assert summary["content_hash"] == VoxelCodec.load(None).content_hash() and summary["kind"] == "voxel"

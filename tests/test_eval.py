@@ -68,6 +68,12 @@ def test_compute_metrics_kd_fd_clip_with_references(tmp_path):
     assert got[("rare_entities", "kd_x100")]["status"] == "ok"
     clip = [p["clip_score"] for p in per if "clip_score" in p]
     assert len(clip) == 3 and got[("all", "clip_score")]["value"] == pytest.approx(np.mean(clip))
+    # the paper's eval-script KD: only on request, a row of its own beside KD, from the same features
+    assert ("all", "kd_paper") not in got
+    paper = {(r["category"], r["metric"]): r for r in
+             E.compute_metrics("A", samples, ["organic_forms", "rare_entities"], ("kd", "kd_paper"), models, refs)[0]}
+    assert paper[("all", "kd_paper")]["status"] == "ok" and 0 < paper[("all", "kd_paper")]["value"] <= 1
+    assert paper[("all", "kd_x100")]["value"] == pytest.approx(got[("all", "kd_x100")]["value"])
     # a set against itself: KD ~ 0 relative to a different set
     same = E.compute_metrics("A", samples[:1], ["organic_forms"], ("kd",), models,
                              {"p1": samples[0].views + samples[1].views})[0]

@@ -187,6 +187,69 @@ def test_bad_prompt_rows_name_file_and_row(tmp_path):
         read_prompts(tmp_path / "missing.txt")
 
 
+def test_json_array_prompts_as_the_authors_release_them(tmp_path):
+    """The Hi-GRPO authors' training prompts: a .json array of {prompt, task_type, category}; read
+    like .jsonl (extra keys kept as strings); {"prompts": [...]} too; bad JSON names file and row."""
+    records = [{"prompt": "a red chair", "task_type": "text-to-3d", "category": "furniture"},
+               {"prompt": "a tall tower", "task_type": "text-to-3d", "category": "buildings", "prompt_id": "t1"}]
+    f = tmp_path / "train.json"
+    f.write_text(json.dumps(records, indent=2))
+    t = read_prompts(f)
+    assert t.column("prompt").to_pylist() == ["a red chair", "a tall tower"]
+    assert t.column("prompt_id").to_pylist() == [prompt_hash("a red chair"), "t1"]
+    assert t.column("category").to_pylist() == ["furniture", "buildings"]
+    assert t.column("task_type").to_pylist() == ["text-to-3d", "text-to-3d"]
+    jl = tmp_path / "train.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_prompts(jl).equals(t)  # the same table as the .jsonl of the same records
+    (tmp_path / "wrapped.json").write_text(json.dumps({"prompts": records}))
+    assert read_prompts(tmp_path / "wrapped.json").equals(t)
+    for text, message in [('[{"prompt": "ok"},\n {"prompt": ', r"bad\.json:2: invalid JSON"),
+                          ('{"prompt": "one object"}', r"bad\.json: expected a JSON array of objects"),
+                          ('[{"prompt": "ok"}, "just text"]', r"bad\.json: row 2: expected a JSON object"),
+                          ('[{"prompt": "ok"}, {"prompt": ""}]', r"bad\.json: row 2: missing or empty 'prompt'")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(InputError, match=message):
+            read_prompts(tmp_path / "bad.json")
+
+
+def _save_to_disk_layout(d, rows: list[dict]) -> None:
+    """The folder `datasets.Dataset.save_to_disk` writes: Arrow IPC stream files listed in state.json."""
+    d.mkdir(parents=True)
+    half = len(rows) // 2
+    files = []
+    for i, part in enumerate([rows[:half], rows[half:]]):
+        name = f"data-{i:05d}-of-00002.arrow"
+        table = pa.Table.from_pylist(part)
+        with pa.OSFile(str(d / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        files.append({"filename": name})
+    (d / "dataset_info.json").write_text(json.dumps({"features": {}}))
+    (d / "state.json").write_text(json.dumps({"_data_files": files, "_fingerprint": "x", "_split": "train"}))
+
+
+def test_hugging_face_dataset_folder_reads_like_jsonl(tmp_path):
+    records = [{"prompt": f"object {i}", "task_type": "text-to-3d", "category": "c"} for i in range(5)]
+    _save_to_disk_layout(tmp_path / "ds" / "train", records)
+    t = read_prompts(tmp_path / "ds" / "train")
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert t.equals(read_prompts(jl))
+    # a DatasetDict folder: name the split
+    (tmp_path / "ds" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    with pytest.raises(InputError, match=r"ds: a dataset with splits \(train\): give the folder of one split"):
+        read_prompts(tmp_path / "ds")
+    # a data file listed outside the folder is refused, a torn one named
+    state = tmp_path / "ds" / "train" / "state.json"
+    state.write_text(json.dumps({"_data_files": [{"filename": "../p.jsonl"}]}))
+    with pytest.raises(InputError, match=r"state\.json: data file '\.\./p\.jsonl' is not a file in"):
+        read_prompts(tmp_path / "ds" / "train")
+    state.write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00002.arrow"}]}))
+    (tmp_path / "ds" / "train" / "data-00000-of-00002.arrow").write_bytes(b"not arrow")
+    with pytest.raises(InputError, match=r"data-00000-of-00002\.arrow: not a readable Arrow stream"):
+        read_prompts(tmp_path / "ds" / "train")
+
+
 def test_cli_contract_errors_exit_2_with_one_line(tmp_path):
     @click.command()
     @stage_options

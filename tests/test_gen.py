@@ -242,3 +242,28 @@ def test_corrupt_weights_are_a_clear_error(tiny, tmp_path):
 
     with pytest.raises(InputError, match="non-finite log-probs"):
         gen.generate(policy, PROMPTS[:1], "flat", group_size=2, seed=1, sampling=SAMPLING, batch_size=4)
+
+
+def test_progress_inside_a_batch_counts_sequences_and_tokens(loaded, capsys, monkeypatch):
+    """A CPU batch can take minutes: gen reports during a batch (tokens sampled, tokens per second),
+    after each batch (sequences done of all levels' total, sequences per second), and at the end of
+    each level; the same rows as a silent run; nothing with --quiet."""
+    from rl3d.stages.contract import Progress
+
+    monkeypatch.setattr(gen, "PLAIN_EVERY_S", 0.0)  # a line at every report point
+    rows = gen.generate(loaded, PROMPTS[:2], "hi-grpo", group_size=2, seed=7, sampling=SAMPLING, batch_size=8,
+                        progress=Progress(quiet=False))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[rl3d] gen ")]
+    first = lines[0]  # after the first sampled token of the first batch, before any sequence is done
+    assert first.startswith("[rl3d] gen coarse: 0/8 sequences (0%), 4 tokens; 0.00 seq/s, ")
+    assert "tok/s" in first and "ETA" not in first
+    tokens = [int(ln.split("sequences (")[1].split("), ")[1].split(" tokens")[0].replace(",", "")) for ln in lines]
+    assert tokens == sorted(tokens)  # cumulative
+    done = [ln for ln in lines if " 4/8 sequences" in ln]
+    assert done and done[0].startswith("[rl3d] gen coarse: 4/8 sequences (50%)") and "ETA" in done[0]
+    assert lines[-1].startswith("[rl3d] gen fine: 8/8 sequences (100%)")
+    # every sampled token counted: prompt tokens excluded, forced <mesh-end>/eos not sampled
+    assert tokens[-1] == sum(len(r["logprobs"]) - 2 for r in rows)
+    assert [r["input_ids"] for r in rows] == [r["input_ids"] for r in gen.generate(
+        loaded, PROMPTS[:2], "hi-grpo", group_size=2, seed=7, sampling=SAMPLING, batch_size=8)]
+    assert capsys.readouterr().err == ""  # without a progress: quiet

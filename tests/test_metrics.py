@@ -122,3 +122,30 @@ def test_transparent_reference_images_go_on_white(tmp_path):
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
     (img,) = metrics._load_images([str(tmp_path / "a.png")])
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_kd_paper_is_the_mean_rbf_kernel_of_the_papers_script():
+    """kd_paper = mean over (reference, generated) pairs of exp(-||x - y||^2 / d), scikit-learn's
+    rbf_kernel(real, fake).mean() with its default gamma = 1/d; a similarity, unlike KD."""
+    # d = 1: pairs (0,1) (0,3) (2,1) (2,3) -> distances^2 1, 9, 1, 1
+    ref, gen = np.array([[0.0], [2.0]]), np.array([[1.0], [3.0]])
+    assert metrics.mean_rbf_kernel(ref, gen) == pytest.approx((3 * np.exp(-1.0) + np.exp(-9.0)) / 4)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 8)), rng.normal(size=(20, 8))
+    direct = np.mean([[np.exp(-np.sum((x - y) ** 2) / 8) for y in b] for x in a])
+    assert metrics.mean_rbf_kernel(a, b) == pytest.approx(direct)
+    assert metrics.mean_rbf_kernel(a, b) == pytest.approx(metrics.mean_rbf_kernel(b, a))
+    assert metrics.mean_rbf_kernel(a, b, gamma=0.5) == pytest.approx(
+        np.mean([[np.exp(-0.5 * np.sum((x - y) ** 2)) for y in b] for x in a]))
+    assert metrics.mean_rbf_kernel(a[:1], a[:1]) == pytest.approx(1.0)
+    # higher = closer (a similarity), where KD (a distance) goes the other way
+    far = a + 3.0
+    assert metrics.mean_rbf_kernel(a, b) > metrics.mean_rbf_kernel(a, far)
+    assert metrics.kernel_distance(a, b)[0] < metrics.kernel_distance(a, far)[0]
+
+
+def test_kd_paper_is_its_own_registered_metric():
+    from rl3d.stages.scoring import registry
+
+    assert registry.BY_NAME["kd_paper"].label != registry.BY_NAME["kd_x100"].label
+    assert registry.direction("kd_paper") is None and registry.direction("kd_x100") is False

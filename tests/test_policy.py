@@ -169,3 +169,19 @@ def test_completion_logprobs_matches_naive_and_is_differentiable(tiny):
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def test_the_policy_library_has_no_import_circle():
+    """stages/policy/ imports one way (tokenizer.py -> sequence.py, never back, not even for a type)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "stages" / "policy"
+    deps = {f.stem: {n.module.rsplit(".", 1)[1] for n in ast.walk(ast.parse(f.read_text()))
+                     if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("rl3d.stages.policy.")}
+            for f in root.glob("*.py")}
+
+    def reaches(a, b, seen=()):
+        return any(d == b or (d not in seen and reaches(d, b, (*seen, d))) for d in deps.get(a, ()))
+
+    assert "sequence" in deps["tokenizer"] and not deps["sequence"]
+    assert [m for m in deps if reaches(m, m)] == []

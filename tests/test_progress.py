@@ -32,3 +32,30 @@ def test_tensorboard_scalars_read_back(tmp_path):
     assert set(acc.Tags()["scalars"]) == {"loss", "kl"}
     (event,) = acc.Scalars("loss")
     assert event.step == 3 and abs(event.value - 0.5) < 1e-7
+
+
+def test_a_step_that_reports_nothing_repeats_its_last_line(capsys, monkeypatch):
+    """After a log line, while nothing else is said, the line comes again with the time since (a model
+    pass or the optimizer steps report nothing of their own); not during a tracked loop, not with
+    --quiet, and no more once the Progress is gone."""
+    import gc
+    import time
+
+    monkeypatch.setattr(contract, "PLAIN_EVERY_S", 0.5)
+    p = Progress(quiet=False)
+    p.tty = False
+    p.log("rl-step: reference log-probs of 48 samples")
+    time.sleep(2.6)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[rl3d] rl-step: reference log-probs of 48 samples"
+    assert len(lines) >= 2 and all(ln.startswith("[rl3d] rl-step: reference log-probs of 48 samples (still working, ")
+                                   for ln in lines[1:])
+    for _ in p.track(range(2), 2, "render"):
+        time.sleep(1.6)
+    assert "still working" not in capsys.readouterr().err
+    quiet = Progress(quiet=True)
+    quiet.log("nothing")
+    del p, quiet
+    gc.collect()
+    time.sleep(2.2)
+    assert capsys.readouterr().err == ""

@@ -220,6 +220,32 @@ def test_learning_summary_is_an_rl3d_subcommand(tmp_path):
     assert "learning-summary" in CliRunner().invoke(main, ["--help"]).output
 
 
+def test_learning_summary_without_held_out_scores_says_so(tmp_path):
+    """A run with rl-step metrics but no held-out scores (the demo's): `heldout` and `plot` are one
+    line each naming what is missing and how it is made, exit code 2, and nothing is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from rl3d.cli.main import main
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    pq.write_table(pa.table({"step": [1, 2], "name": ["reward_mean_fine"] * 2, "value": [0.1, 0.2]}),
+                   run / "metrics.parquet")
+    r = CliRunner().invoke(main, ["learning-summary", "heldout", str(run)])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no held-out scores" in r.output and "examples/learning_run.sh" in r.output
+    assert not (run / "heldout_rewards.json").exists()
+    r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "c.png"), f"demo={run}"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "no heldout_rewards.json" in r.output and "learning-summary heldout" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "c.png").exists()
+    r = CliRunner().invoke(main, ["learning-summary", "plot", "--out", str(tmp_path / "c.png"),
+                                  f"x={tmp_path / 'nowhere'}"])
+    assert r.exit_code == 2 and "no metrics.parquet" in r.output
+
+
 def test_few_samples_are_flagged_and_n1_deltas_get_no_verdict(tmp_path):
     """A value from fewer than 8 samples is marked with a visible note; with n = 1 a delta is shown
     but not called better or worse; the policies table shows each policy's RL step."""
@@ -254,3 +280,26 @@ def test_no_few_samples_note_when_every_value_has_enough(tmp_path):
                                 {"name": "B", "policy_id": "b", "mode": "flat", "final_level": "single"}])
     files = report.write_report(_rows(), tmp_path / "out", ctx)
     assert "Few samples" not in files["report_md"].read_text()
+
+
+def test_training_curves_name_the_run_and_put_changing_rewards_first(tmp_path):
+    """A run's legend is its folder's name (also when given the metrics.parquet file); reward curves
+    come first and a metric that never moves comes after every one that does, so the chart limit
+    drops it rather than reward_mean_fine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rl3d.stages.scoring import report
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    names = ["clip_high_frac", "clip_low_frac", "kl", "loss", "reward_mean_coarse", "reward_mean_fine"]
+    rows = [(s, n, 0.0 if n.startswith("clip") else s * (i + 1)) for s in (1, 2) for i, n in enumerate(names)]
+    pq.write_table(pa.table({"step": [r[0] for r in rows], "name": [r[1] for r in rows],
+                             "value": [float(r[2]) for r in rows]}), run / "metrics.parquet")
+    assert report.run_label(run / "metrics.parquet") == report.run_label(run) == "demo"
+    paths = report.curve_charts([str(run / "metrics.parquet")], tmp_path / "plots", max_charts=4)
+    assert [p.name for p in paths] == ["curve-reward_mean_coarse.png", "curve-reward_mean_fine.png",
+                                       "curve-kl.png", "curve-loss.png"]
+    two = report.curve_charts([str(run), str(run / "metrics.parquet")], tmp_path / "plots2", max_charts=1)
+    assert len(two) == 1  # two runs of one folder name: two lines ("demo", "demo'"), one chart

@@ -266,3 +266,30 @@ def test_block_replica_survives_save_and_load(codec, tmp_path):
     assert loaded.config == codec.config and loaded.content_hash() == codec.content_hash()
     assert (loaded.encode(grid) == codec.encode(grid)).all()
     assert (loaded.decode(loaded.encode(grid)) == grid).all()
+
+
+def test_codec_convert_command_writes_the_checkpoint_and_its_hash(tmp_path):
+    """`rl3d codec convert BIN OUT_DIR` = convert_bin_checkpoint into OUT_DIR/3DVQVAE.safetensors, with
+    the content hash rl3d_policy.json records; a rerun skips; a bad pickle is one line, exit 2."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rl3d.cli.main import main
+    from rl3d.formats.vqvae64 import file_hash
+
+    state = {k: torch.zeros(s, dtype=torch.float16) for k, s in expected_shapes().items()}
+    torch.save(state, tmp_path / "3DVQVAE.bin")
+    r = CliRunner().invoke(main, ["codec", "convert", str(tmp_path / "3DVQVAE.bin"), str(tmp_path / "vq"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    out = tmp_path / "vq" / CHECKPOINT_FILE
+    assert summary["checkpoint"] == str(out) and load_file(str(out)).keys() == state.keys()
+    assert summary["content_hash"] == file_hash(out) == VQVAE64Codec.load(tmp_path / "vq").content_hash()
+    again = json.loads(CliRunner().invoke(main, ["codec", "convert", str(tmp_path / "3DVQVAE.bin"),
+                                                 str(tmp_path / "vq"), "--json"]).stdout)
+    assert again["skipped"] is True and again["content_hash"] == summary["content_hash"]
+    torch.save({"module.vq.embeddings.weight": torch.zeros(8192, 32)}, tmp_path / "bad.bin")
+    r = CliRunner().invoke(main, ["codec", "convert", str(tmp_path / "bad.bin"), str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "missing 149 key(s)" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "bad" / CHECKPOINT_FILE).exists()

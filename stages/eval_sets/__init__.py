@@ -133,26 +133,11 @@ def synth_reasoning(per_category: int = PER_CATEGORY, seed: int = SYNTH_SEED, ma
 
 
 def load_benchmark_file(path: str | os.PathLike) -> Benchmark:
-    """A user benchmark: .json (a list of objects, or {"prompts": [...]}) or any prompt file
-    formats.prompts reads (.txt/.jsonl/.csv/.parquet). Missing category -> "uncategorized"
+    """A user benchmark: any prompt file formats.prompts reads (.txt/.jsonl/.json/.csv/.parquet, a
+    saved Hugging Face dataset folder). Missing category -> "uncategorized"
     (said in the report); a reference_dir must exist and hold images."""
     p = Path(path)
-    if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{p}: invalid JSON ({e.msg})") from None
-        data = data.get("prompts") if isinstance(data, dict) else data
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise InputError(f"{p}: expected a JSON list of objects (or {{\"prompts\": [...]}})")
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.jsonl")
-        try:  # one reader for every format: formats.prompts validates rows and ids
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in data))
-            rows = _read_rows(tmp, str(p))
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        rows = _read_rows(p, str(p))
+    rows = _read_rows(p, str(p))  # one reader for every format: formats.prompts validates rows and ids
     notes = []
     if any(r["category"] is None for r in rows):
         notes.append(f"{sum(r['category'] is None for r in rows)} prompts without a category are "

@@ -189,10 +189,11 @@ def _new_cache(model, max_len: int):
 
 @torch.no_grad()
 def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], seeds: list[int],
-                     seq_len: int, sampling: Sampling) -> list[dict]:
+                     seq_len: int, sampling: Sampling, on_step=None) -> list[dict]:
     """Sample completions for a batch of prompts (token id lists). Returns per row: `tokens` (the
     completion: reasoning, <mesh-start>, seq_len mesh ids, <mesh-end>, eos), `logprobs` (float32,
-    same length), `n_reasoning`, `truncated` (the budget forced <mesh-start>)."""
+    same length), `n_reasoning`, `truncated` (the budget forced <mesh-start>). `on_step(n)`, when
+    given, is called after each step with the number of tokens it sampled (progress of a long batch)."""
     dev = next(model.parameters()).device
     B = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)
@@ -226,6 +227,8 @@ def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], se
         tok = torch.where(active, tok, special.pad)
         tokens[:, t] = tok
         logps[:, t] = torch.where(active, lp, 0.0)
+        if on_step is not None:
+            on_step(int(active.sum()))
         # state machine: reasoning until <mesh-start>, then exactly seq_len mesh tokens
         in_reason, in_mesh = state == REASON, state == MESH
         started = in_reason & (tok == special.mesh_start)

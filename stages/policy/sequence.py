@@ -8,14 +8,10 @@ a sequence, the position kinds of a completion and the batch layout for log-prob
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:  # the type only: tokenizer.py imports this module for the prompt templates
-    from rl3d.stages.policy.tokenizer import SpecialIds
 
 LEVELS = ("coarse", "fine", "single")
 # mode -> its levels, in sampling order (the fine prompt carries the coarse plan)
@@ -80,7 +76,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 # ---- the layout of one sequence ----------------------------------------------------------------
 
-def mesh_block(special: "SpecialIds", mesh_tokens) -> np.ndarray:
+def mesh_block(special: SpecialIds, mesh_tokens) -> np.ndarray:
     """int64[n, M + 3]: <mesh-start>, the vocabulary ids of each row's M codec tokens (through the
     tokenizer's mesh-id table, so the ids need not be contiguous), <mesh-end>, eos."""
     codes = torch.as_tensor(np.asarray(mesh_tokens), dtype=torch.long)
@@ -97,7 +93,7 @@ def sequence_spans(prompt_len: int, n_reasoning: int, n_mesh: int) -> dict:
             "mesh_start": reasoning_end + 1, "mesh_end": reasoning_end + 1 + n_mesh}
 
 
-def build_sequence(tokenizer, special: "SpecialIds", prompt_text: str, reasoning: str, mesh_tokens) -> dict:
+def build_sequence(tokenizer, special: SpecialIds, prompt_text: str, reasoning: str, mesh_tokens) -> dict:
     """One level's full sequence (e.g. an SFT target) in the samples-table layout:
     input_ids and the span boundaries prompt_len, reasoning_end, mesh_start, mesh_end."""
     p = encode_text(tokenizer, prompt_text)
@@ -117,7 +113,38 @@ KIND_PAD = 5         # padding / finished rows (log-prob 0, not in the mask)
 NUM_KINDS = 6
 
 
-def allowed_mask(special: "SpecialIds") -> torch.Tensor:
+@dataclass
+class SpecialIds:
+    """The vocabulary ids the layout and its constraints need, found in a tokenizer by
+    tokenizer.special_ids (re-exported there)."""
+    mesh_ids: torch.Tensor      # int64[K] vocabulary ids of <mesh0>.. in codec order
+    mesh_start: int
+    mesh_end: int
+    eos: int
+    pad: int
+    text_ids: torch.Tensor      # int64[n] ids a reasoning position may emit besides <mesh-start>
+    vocab_size: int             # logits width
+    _bias: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def k(self) -> int:
+        return int(self.mesh_ids.numel())
+
+    def kind_bias(self, device, dtype=torch.float32) -> torch.Tensor:
+        """float[NUM_KINDS, V]: 0 where a kind may emit a token, -inf elsewhere (cached per device)."""
+        key = (str(device), dtype)
+        if key not in self._bias:
+            self._bias[key] = allowed_mask(self).to(device).float().log().to(dtype)  # True -> 0, False -> -inf
+        return self._bias[key]
+
+    def codec_lookup(self) -> torch.Tensor:
+        """int64[V]: vocabulary id -> codec id (or -1 for non-mesh ids)."""
+        lut = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        lut[self.mesh_ids] = torch.arange(self.k)
+        return lut
+
+
+def allowed_mask(special: SpecialIds) -> torch.Tensor:
     """bool[NUM_KINDS, V]: which tokens each position kind may emit. The only definition of the
     constraints, used by the sampler and by log-prob recomputation alike."""
     m = torch.zeros(NUM_KINDS, special.vocab_size, dtype=torch.bool)
@@ -147,7 +174,7 @@ def completion_kinds(prompt_lens: torch.Tensor, reasoning_end: torch.Tensor, mes
     return torch.where(p < lengths[:, None], k, KIND_PAD)
 
 
-def collate(rows: list[dict], special: "SpecialIds", device=None) -> dict:
+def collate(rows: list[dict], special: SpecialIds, device=None) -> dict:
     """Samples-table rows -> a batch for completion_logprobs: prompts left-padded so every completion
     starts at the same column (the sampler's layout), completions right-padded.
     Each row needs input_ids, prompt_len, reasoning_end, mesh_end and reasoning_truncated."""

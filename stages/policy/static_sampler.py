@@ -147,9 +147,12 @@ def graph_of(step) -> torch.cuda.CUDAGraph:
 
 @torch.no_grad()
 def sample_sequences_static(model, special: SpecialIds, prompt_ids: list[list[int]], seeds: list[int], seq_len: int,
-                            sampling: Sampling, cuda_graph: bool | None = None, sync_every: int = 16) -> list[dict]:
+                            sampling: Sampling, cuda_graph: bool | None = None, sync_every: int = 16,
+                            on_step=None) -> list[dict]:
     """sampler.sample_sequences (same arguments, same rows) as fixed-shape steps; on CUDA (or with
-    cuda_graph=True) the step is captured as a CUDA graph and replayed."""
+    cuda_graph=True) the step is captured as a CUDA graph and replayed. `on_step(n)` is called at
+    each check for finished rows with the token positions computed since the last call (every row
+    computes every step here)."""
     dev = next(model.parameters()).device
     use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
     steps = sampling.max_reasoning_tokens + 1 + seq_len
@@ -161,11 +164,16 @@ def sample_sequences_static(model, special: SpecialIds, prompt_ids: list[list[in
     run, t = loop.step, 0
     if use_graph:
         run, t = graph_of(loop.step).replay, 1
+    rows, reported = len(prompt_ids), 0
     while t < steps:
         run()
         t += 1
-        if t % sync_every == 0 and not loop.running():
-            break
+        if t % sync_every == 0:
+            if on_step is not None:
+                on_step(rows * (t - reported))
+                reported = t
+            if not loop.running():
+                break
     return finish_rows(special, loop.tokens, loop.logps, loop.n_reason, loop.n_mesh, seq_len,
                        sampling.max_reasoning_tokens)
 

@@ -1,5 +1,6 @@
 """The policy's tokenizer: loading one from a policy dir, giving a pretrained one the mesh tokens,
-the special ids the sequence layout and the sampler need (SpecialIds), and the embedded default
+finding in it the special ids the sequence layout and the sampler need (special_ids -> SpecialIds,
+which sequence.py defines with the layout's constraint table), and the embedded default
 policy's own tokenizer: a small byte-level BPE for the text (captions, plans, details, prompt
 templates) plus one special token per chat marker and per codec mesh token.
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from rl3d.formats.codec import MESH_END, MESH_START, mesh_token_text
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import remote_code_allowed
-from rl3d.stages.policy.sequence import ASSISTANT, INSTRUCTIONS, REQUEST, USER, allowed_mask
+from rl3d.stages.policy.sequence import ASSISTANT, INSTRUCTIONS, REQUEST, USER, SpecialIds  # noqa: F401 (re-exported)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -131,35 +131,6 @@ def strip_loader_keys(tokenizer) -> list[str]:
 
 
 # ---- special ids ---------------------------------------------------------------------------------
-
-@dataclass
-class SpecialIds:
-    mesh_ids: torch.Tensor      # int64[K] vocabulary ids of <mesh0>.. in codec order
-    mesh_start: int
-    mesh_end: int
-    eos: int
-    pad: int
-    text_ids: torch.Tensor      # int64[n] ids a reasoning position may emit besides <mesh-start>
-    vocab_size: int             # logits width
-    _bias: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def k(self) -> int:
-        return int(self.mesh_ids.numel())
-
-    def kind_bias(self, device, dtype=torch.float32) -> torch.Tensor:
-        """float[NUM_KINDS, V]: 0 where a kind may emit a token, -inf elsewhere (cached per device)."""
-        key = (str(device), dtype)
-        if key not in self._bias:
-            self._bias[key] = allowed_mask(self).to(device).float().log().to(dtype)  # True -> 0, False -> -inf
-        return self._bias[key]
-
-    def codec_lookup(self) -> torch.Tensor:
-        """int64[V]: vocabulary id -> codec id (or -1 for non-mesh ids)."""
-        lut = torch.full((self.vocab_size,), -1, dtype=torch.long)
-        lut[self.mesh_ids] = torch.arange(self.k)
-        return lut
-
 
 def mesh_token_ids(tokenizer, codec, source: str = "tokenizer") -> tuple[torch.Tensor, int, int, int]:
     """-> (int64[K] ids of <mesh0>..<mesh{K-1}> in codec order, id of <mesh-start>, of <mesh-end>, of eos).

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.rl.config import check_modes
 
 POLICY_FAILURES = ("decode_error",)  # sample statuses caused by the sampled tokens themselves
 
@@ -43,6 +44,8 @@ def compute_advantages(rows: list[dict], algo: str = "hi-grpo", lam: float = 1.0
 
     Returns one AdvantageRow per input row and counts of dropped groups and penalised rows.
     """
+    check_modes(algo=algo, adv_std=adv_std, dynamic_sampling=dynamic_sampling, failed_rewards=failed_rewards,
+                train_levels=train_levels)
     stats = {"groups": 0, "dropped_failed": 0, "dropped_no_spread": 0, "penalized_failed": 0}
     if train_levels != "all":
         stats["untrained_level_rows"] = 0

@@ -60,13 +60,19 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None
     names = list(series)
     x = np.arange(len(groups))
     w = 0.8 / max(1, len(names))
+    labels = {name: [format_value(v) if _finite(v) else "n/a" for v in series[name]] for name in names}
+    size = 8 if len(names) * len(groups) > 16 else 9
+    # a value label wider than its bar would run into its neighbour's ("80.4580.45"): turn the labels
+    # upright then. Bar width in pixels: the axes take about 75% of the figure (legend on the right).
+    bar_px = 0.75 * width * w * 0.95 / max(1, len(groups))
+    label_px = 0.62 * size * DPI / 72 * max((len(t) for ts in labels.values() for t in ts), default=0)
+    upright = label_px > bar_px
     for i, name in enumerate(names):
         vals = series[name]
         heights = [v if _finite(v) else 0.0 for v in vals]
         bars = ax.bar(x + (i - (len(names) - 1) / 2) * w, heights, w * 0.95, label=name,
                       color=PALETTE[i % len(PALETTE)])
-        ax.bar_label(bars, labels=[format_value(v) if _finite(v) else "n/a" for v in vals], padding=2,
-                     fontsize=8 if len(names) * len(groups) > 16 else 9)
+        ax.bar_label(bars, labels=labels[name], padding=2, fontsize=size, rotation=90 if upright else 0)
     ax.set_xticks(x, [_tick_label(g) for g in groups], fontsize=9)
     if len(groups) > 1 and groups[-1] == "ALL":  # the overall group stands apart from the categories
         ax.axvline(len(groups) - 1.5, color="#999999", linewidth=0.8, linestyle="--")
@@ -76,7 +82,7 @@ def bar_chart(title: str, groups: list[str], series: dict[str, list[float | None
     ax.axhline(0, color="black", linewidth=0.8)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.margins(y=0.15)  # room for the value labels above the tallest bar
+    ax.margins(y=0.3 if upright else 0.15)  # room for the value labels above the tallest bar
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     if names:

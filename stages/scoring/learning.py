@@ -133,10 +133,14 @@ def plot_runs(out: Path, runs: dict[str, Path]) -> Path:
     fine CLIP score, and log10 KL to the initial policy; one line per run (and level)."""
     charts = {"train": {}, "heldout": {}, "clip": {}, "kl": {}}
     for label, d in runs.items():
+        for name, made_by in (("metrics.parquet", "rl-step --run-metrics"),
+                              ("heldout_rewards.json", f"rl3d learning-summary heldout {d}")):
+            if not (Path(d) / name).is_file():
+                raise InputError(f"{label}={d}: no {name} (written by {made_by})")
         m = read_run_metrics(Path(d) / "metrics.parquet")
         held = json.loads((Path(d) / "heldout_rewards.json").read_text())
         steps = [r["step"] for r in held]
-        charts["train"][label] = m["reward_mean_fine"]
+        charts["train"][label] = m.get("reward_mean_fine", ([], []))
         for level, short in (("coarse", "R_high"), ("fine", "R_low")):
             charts["heldout"][f"{label} {short}"] = (steps, [r[f"total_{level}"] for r in held])
         charts["clip"][label] = (steps, [r["clip_score_fine"] for r in held])

@@ -32,6 +32,8 @@ METRICS = (
     Metric("clip_score", "CLIP score", True),
     Metric("kd_x100", "KD x100", False),
     Metric("fd", "FD", False),
+    # the paper's eval-script "KD" (mean RBF similarity, --metrics ...,kd_paper): no direction claimed
+    Metric("kd_paper", "KD as the paper's script (mean RBF similarity)", None),
     Metric("spec_accuracy", "spec accuracy", True),
     Metric("spec_all_correct", "spec all correct", True),
     Metric("reference_iou", "IoU vs ground truth", True),

@@ -130,12 +130,33 @@ def pick_grid(prompts: list[dict], samples: dict[str, dict[str, list[str]]], ref
 
 # ---------------------------------------------------------------- run curves
 
+# the order of the training curves: the first key a metric name contains ranks it
+CURVE_ORDER = ("reward_mean", "total", "reward", "kl", "loss", "entropy", "advantage", "clip", "ratio")
+
+
+def run_label(run: str | Path) -> str:
+    """A run's name in the legend: its folder's name (rl-step's file is metrics.parquet inside the run
+    folder, so a file is named by its folder too, unless it has a name of its own)."""
+    p = Path(run)
+    return (p.parent.resolve().name if p.stem == "metrics" else p.stem) if p.is_file() else p.resolve().name
+
+
 def curve_charts(runs: list[str], plots: Path, max_charts: int = 12) -> list[Path]:
-    """One chart per metric name (reward/loss/kl...), one line per run."""
-    data = {Path(r).stem if Path(r).is_file() else Path(r).name: read_run_metrics(r) for r in runs}
+    """One chart per metric name, one line per run: rewards first, then KL, loss, entropy, advantages
+    and clipping (CURVE_ORDER); a metric that never changes in any run comes after every one that does."""
+    data: dict[str, dict] = {}
+    for r in runs:
+        label = run_label(r)
+        while label in data:  # two runs of the same folder name stay two lines
+            label += "'"
+        data[label] = read_run_metrics(r)
     names = list(dict.fromkeys(n for d in data.values() for n in d))
-    key = ("reward", "total", "loss", "kl", "clip", "entropy", "advantage")
-    names.sort(key=lambda n: (not any(k in n for k in key), n))
+
+    def rank(n: str) -> tuple:
+        flat = all(len(set(d[n][1])) <= 1 for d in data.values() if n in d)
+        return flat, next((i for i, k in enumerate(CURVE_ORDER) if k in n), len(CURVE_ORDER)), n
+
+    names.sort(key=rank)
     out = []
     for n in names[:max_charts]:
         curves = {run: d[n] for run, d in data.items() if n in d}
