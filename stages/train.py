@@ -54,7 +54,7 @@ from rl3d.stages.rl_step import append_run_metrics, summary_fields
 from rl3d.stages.scoring.run_metrics import write_tensorboard
 
 UPDATE_DONE = "update.json"
-MODES = {"hi-grpo": "hi-grpo", "flat": "grpo"}  # gen mode -> the update's algorithm
+ALGO_OF_MODE = {"hi-grpo": "hi-grpo", "flat": "grpo"}  # gen mode -> the update's algorithm
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -116,8 +116,8 @@ class TrainJob:
 
     def __init__(self, opts: TrainOptions):
         self.opts = o = opts
-        if o.mode not in MODES:
-            raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(MODES)}")
+        if o.mode not in ALGO_OF_MODE:
+            raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(ALGO_OF_MODE)}")
         for name, low in (("steps", 1), ("group_size", 1), ("save_every", 1), ("keep_checkpoints", 0),
                           ("eval_every", 0)):
             if getattr(o, name) < low:
@@ -129,7 +129,7 @@ class TrainJob:
                              "(its checkpoints and sampling copy need merged adapters); run LoRA steps with rl3d rl-step")
         if o.eval_every and not o.eval_bench:
             raise InputError("--eval-every needs --eval-bench NAME")
-        o.rl = dataclasses.replace(o.rl, algo=MODES[o.mode], seed=o.seed)
+        o.rl = dataclasses.replace(o.rl, algo=ALGO_OF_MODE[o.mode], seed=o.seed)
         if o.overlap and o.rl.old_logprobs != "recompute":
             # stale samples: pi_old must be the current policy's, and TIS corrects pi_old / pi_behaviour
             o.rl = dataclasses.replace(o.rl, old_logprobs="recompute", tis_cap=o.rl.tis_cap or 2.0)
