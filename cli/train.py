@@ -18,10 +18,10 @@ EXAMPLES = """Examples (from the repository root):
   rl3d train --prompts prompts.jsonl --policy models/shapellm-omni --out runs/omni --steps 100 \\
       --rewards paper --lr 1e-6 --save-every 10 --eval-every 10 --eval-bench synth-reasoning
   rl3d train --config run.toml --out runs/a            # any option, by its name, in a TOML file
-  rl3d train --prompts synth --out runs/b --stage reward='my_scorer --samples {samples} --renders {renders} --out {out}'
+  rl3d train --prompts synth --out runs/b --stage reward='my_scorer {samples} {renders} {out}'
 \b
 Rerun the same command to resume (from the newest checkpoint; steps after it are replayed from
-their recorded tables). Slurm: `#SBATCH --signal=B:USR1@120` checkpoints and exits 0 before the limit.
+their recorded tables). Slurm: a USR1 signal (sbatch signal=B:USR1@120) checkpoints and exits 0 before the time limit.
 Several GPUs (same options): accelerate launch -m rl3d.cli.main train ...
 """
 
@@ -93,7 +93,7 @@ def _load_toml(ctx, param, value):
                    "unless given).")
 @click.option("--stage", "stages", multiple=True, metavar="STAGE=COMMAND",
               help="Swap render or reward for your command over the same files, e.g. "
-                   "reward='my_scorer --samples {samples} --renders {renders} --out {out}' (placeholders: "
+                   "reward='my_scorer {samples} {renders} {out}' (placeholders: "
                    "samples, renders, prompts, out, step, run). Run without a shell; its output is checked.")
 @click.option("--eval-every", default=0, show_default=True, type=int,
               help="Held-out scoring of the checkpoint every K steps with rl3d eval, in a child process "
