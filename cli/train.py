@@ -109,7 +109,8 @@ def _load_toml(ctx, param, value):
               show_default="bfloat16 on CUDA, float32 on CPU", help="Sampling dtype (training keeps float32 weights).")
 @click.option("--lora-rank", type=int, default=0, show_default=True, help="LoRA rank (rl3d rl-step only for now).")
 @common_options(seed_help="Random seed: prompt order, sampling (step s samples with seed + s), minibatch order.",
-                overwrite_help=None)
+                overwrite_help="Start the run over: the old run folder is set aside beside it and removed once "
+                               "the new run has finished (one process only).")
 @handle_errors
 def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
             dynamic_sampling, ref_dir, stages, device, dtype, lora_rank, save_every, keep_checkpoints, overlap,
@@ -145,7 +146,7 @@ def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_
         sampling_overrides=overrides, rl=rl, lora_rank=lora_rank, ref=ref_dir, save_every=save_every,
         keep_checkpoints=keep_checkpoints, overlap=overlap, stages=stage_specs, eval_every=eval_every,
         eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, device=device, dtype=dtype,
-        allow_changes=allow_changes, quiet=opts.quiet)
+        allow_changes=allow_changes, quiet=opts.quiet, overwrite=opts.overwrite)
     if config is not None and not Path(config).is_file():
         raise InputError(f"{config}: no such settings file")
     summary = TrainJob(options).run(Progress(opts.quiet))

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -92,12 +93,14 @@ class TrainOptions:
     device: str | None = None
     dtype: str | None = None
     allow_changes: bool = False
+    overwrite: bool = False
     quiet: bool = False
 
     def settings(self) -> dict:
         """The JSON record of train.json: every option, paths resolved."""
         d = asdict(self)
         d.pop("allow_changes")
+        d.pop("overwrite")
         d["out"] = str(Path(self.out).resolve())
         d["prompts"] = self.prompts if self.prompts == "synth" else str(Path(self.prompts).resolve())
         d["policy"] = str(Path(self.policy).resolve()) if self.policy else str(default_policy_dir())
@@ -162,6 +165,7 @@ class TrainJob:
         o = self.opts
         progress = progress or Progress(o.quiet)
         t_start = time.time()
+        old_run = self._set_aside() if o.overwrite else None
         settings = o.settings()
         fixed = {k: v for k, v in settings.items() if k not in RESUMABLE}
         self.settings_hash = config_hash(fixed)
@@ -228,6 +232,8 @@ class TrainJob:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
         evals = self._wait_evals(progress)
+        if old_run is not None and self.stop is None:
+            shutil.rmtree(old_run, ignore_errors=True)
         secs = stats.pop("step_seconds")
         return {"stage": "train", "out": str(self.run_dir), "skipped": False, "step": learner.rl_step,
                 "steps": o.steps, **stats, "stopped": self.stop, "model_load_s": round(load_s, 3),
@@ -235,6 +241,17 @@ class TrainJob:
                 "steady_seconds_per_step": round(sum(secs[1:]) / len(secs[1:]), 3) if len(secs) > 1 else None,
                 "seconds": round(time.time() - t_start, 2), "checkpoint": str(checkpoint_dir(self.run_dir, self.saved_step))
                 if self.saved_step else None, "evals": evals, "phase_seconds": self.phase_totals}
+
+    def _set_aside(self) -> Path | None:
+        """--overwrite: move the old run folder beside it (removed when the new run finishes), so a
+        failed or killed new run never leaves the old one half deleted."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise InputError("rl3d train --overwrite: not under a multi-process launch; remove the run folder instead")
+        if not self.run_dir.exists():
+            return None
+        aside = self.run_dir.with_name(f".{self.run_dir.name}.overwritten-{os.getpid()}")
+        os.replace(self.run_dir, aside)
+        return aside
 
     # ---- one step ---------------------------------------------------------------------------
 

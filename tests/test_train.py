@@ -373,3 +373,15 @@ def test_two_processes_write_the_one_process_tables_and_update(setup, tmp_path):
     moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
     apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
     assert moved > 0 and apart < 1e-2 * moved
+
+
+def test_overwrite_starts_the_run_over_and_then_drops_the_old_one(setup, tmp_path):
+    root, policy, prompts = setup
+    run = tmp_path / "run"
+    assert _cli(_train_args(policy, prompts, run, 1)).exit_code == 0
+    (run / "marker-of-the-old-run").write_text("x")
+    res = _cli(_train_args(policy, prompts, run, 1, "--overwrite", "--json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["steps_run"] == 1
+    assert not (run / "marker-of-the-old-run").exists() and (run / "checkpoints" / "step-000001").is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the set-aside copy is gone
