@@ -234,6 +234,7 @@ def run_gen(prompts_path: str | Path, opts: StageOptions, policy_dir: str | Path
     # input guard: refuse prompts beyond the policy's positions before any output is touched
     check_prompts_fit(path, meta, prompts.to_pylist(), levels, sampling.max_reasoning_tokens, str(prompts_path))
     shards_io.check_out_apart(opts.out, {"--prompts": prompts_path, "--policy": path})
+    config["prompts_content"] = tables.content_hash(prompts)  # the same path with other prompts is another run
     has_cat = "category" in prompts.column_names and prompts.column("category").null_count < prompts.num_rows
     has_spec = "spec" in prompts.column_names
 

@@ -341,7 +341,8 @@ def check_levels(rows: dict[str, list], config: RewardConfig, source: str) -> No
                              f"terms for it{hint}")
 
 
-def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64) -> dict:
+def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64,
+        allow_unverified: bool = False) -> dict:
     if batch < 1:
         raise InputError(f"--batch {batch}: must be >= 1")
     cfg = load_config(config)
@@ -364,18 +365,19 @@ def run(samples: str | Path, renders: str | Path | None, config: str, opts: Stag
         return out, stats
 
     shards_io.check_out_apart(opts.out, {"--samples": samples, "--renders": renders})
-    made_from = check_inputs(samples, renders, Progress(opts.quiet))
+    read_scored_rows(samples)  # what the table is, first: a table of another kind is named as such
+    made_from = check_inputs(samples, renders, Progress(opts.quiet), allow_unverified)
     policy = tables.table_policy(samples)
     return run_stage("reward", "rewards", opts, record, produce, policy=policy, made_from=made_from)
 
 
-def check_inputs(samples, renders, progress: Progress) -> dict[str, str | None]:
+def check_inputs(samples, renders, progress: Progress, allow_unverified: bool = False) -> dict[str, str | None]:
     """Refuse renders of other samples (another run, seed or policy); the ids the rewards are made from."""
     source = tables.provenance(samples)
     made_from = {"samples": source.table_id}
     if renders:
         rendered = tables.provenance(renders)
-        warning = tables.require_made_for(rendered, "samples", source)
+        warning = tables.require_made_for(rendered, "samples", source, allow_unverified)
         if warning:
             progress.log(f"WARNING: {warning}")
         made_from["renders"] = rendered.table_id
