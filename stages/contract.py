@@ -7,9 +7,12 @@ manifest, the table metadata and the summary that the CLI prints (or emits as --
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +190,6 @@ def exit_with_parent(parent: int) -> None:
     for good on the call queue. A daemon thread polls the parent pid (a reparented worker sees
     another one); Linux's PR_SET_PDEATHSIG is not used because it fires when the thread that
     started the worker ends, which in a pool need not be the parent's end."""
-    import threading
-
     def watch():
         while os.getppid() == parent:
             time.sleep(PARENT_WATCH_S)
@@ -200,8 +201,5 @@ def exit_with_parent(parent: int) -> None:
 def process_pool(workers: int, start: str | None = "spawn"):
     """A ProcessPoolExecutor of `workers` processes (started by `start`, None: the platform's
     default) whose workers exit when this process dies, whatever kills it."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     return ProcessPoolExecutor(workers, mp_context=mp.get_context(start) if start else None,
                                initializer=exit_with_parent, initargs=(os.getpid(),))
