@@ -28,9 +28,11 @@ EXAMPLES = """Examples:
               help="Reward config (TOML/YAML) or a preset name: default, flat, paper, paper-flat. "
                    "See docs/rewards.md.")
 @click.option("--batch", default=64, show_default=True, type=int, help="Samples per backend call.")
+@click.option("--allow-unverified", is_flag=True,
+              help="Join --renders that carry no rl3d provenance (written or rewritten by another tool).")
 @stage_options
 @handle_errors
-def command(samples, renders, config, batch, **kw):
+def command(samples, renders, config, batch, allow_unverified, **kw):
     """Score each sample with the terms its level lists in the config.
 
     Writes the rewards table: per term T the columns T (weighted), T_raw, T_views (per-view raw
@@ -42,4 +44,5 @@ def command(samples, renders, config, batch, **kw):
 
     started = time.time()
     opts = pop_stage_options(kw)
-    report(reward.run(samples, renders, config, opts, batch=batch), opts, stage="reward", started=started)
+    report(reward.run(samples, renders, config, opts, batch=batch, allow_unverified=allow_unverified), opts,
+           stage="reward", started=started)

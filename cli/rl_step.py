@@ -100,6 +100,8 @@ UPDATE_OPTIONS = [
               help="Reference policy dir for the KL term.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Also write the step's metrics as TensorBoard scalars into this log dir (needs rl3d[tensorboard]).")
+@click.option("--allow-unverified", is_flag=True,
+              help="Join --rewards and --samples that carry no rl3d provenance (written or rewritten by another tool).")
 @click.option("--allow-off-policy", is_flag=True,
               help="Update from samples that another policy drew (by default --samples must come from --policy).")
 @update_options
@@ -115,7 +117,7 @@ UPDATE_OPTIONS = [
                 overwrite_help="Redo the update even if --out is a complete checkpoint.")
 @handle_errors
 def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, device, dtype, ref_dir, lora_rank,
-            allow_off_policy, tensorboard, **kw):
+            allow_off_policy, tensorboard, allow_unverified, **kw):
     """One policy update: advantages per level and prompt group (with the Hi-GRPO back-flow), the
     clipped token-level objective with a k3 KL to a frozen reference, and a complete checkpoint.
 
@@ -134,7 +136,7 @@ def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, de
     run_metrics = run_metrics or str(Path(out).parent / "metrics.parquet")
     summary = run_rl_step(policy_dir, samples, rewards, out, cfg, ref_dir=ref_dir, run_metrics=run_metrics,
                           device=device, dtype=dtype, overwrite=opts.overwrite, lora_rank=lora_rank,
-                          allow_off_policy=allow_off_policy, tensorboard=tensorboard,
+                          allow_off_policy=allow_off_policy, tensorboard=tensorboard, allow_unverified=allow_unverified,
                           progress=Progress(opts.quiet), startup_s=startup_s)
     report(summary, opts, stage="rl-step", started=started,
            line_keys=("step", "loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single",

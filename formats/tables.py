@@ -70,11 +70,20 @@ SCHEMAS: dict[str, tuple[int, dict[str, pa.DataType]]] = {
 MEDIA_COLUMNS = ("mesh_path", "textured_path", "image_path", "sheet_path", "depth_path", "normal_path")
 
 
-def table_id(kind: str, config: dict, policy: str | None = None) -> str:
+def table_id(kind: str, config: dict, policy: str | None = None, made_from: dict | None = None) -> str:
     """A table's identity: every shard of one run shares it, a table of another run (another seed,
-    policy, input or option) gets another. Stages record the ids of their inputs (made_from)."""
-    text = json.dumps([kind, config, policy], sort_keys=True, default=str)
+    policy, input or option) gets another. Stages record the ids of their inputs (made_from), and
+    the id hashes them: renders of other samples at the same path get another id."""
+    text = json.dumps([kind, config, policy] + ([made_from] if made_from else []), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def content_hash(table: pa.Table) -> str:
+    """A hash of a table's rows (column names and values): an input's content, not its path."""
+    h = hashlib.sha256(json.dumps(table.column_names).encode())
+    for row in table.to_pylist():
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def schema_metadata(kind: str, config: dict | None = None, policy: str | None = None,
@@ -83,7 +92,7 @@ def schema_metadata(kind: str, config: dict | None = None, policy: str | None = 
     meta = {META_TABLE: kind.encode(), META_VERSION: str(version).encode()}
     if config is not None:
         meta[META_CONFIG] = json.dumps(config, sort_keys=True, default=str).encode()
-        meta[META_TABLE_ID] = table_id(kind, config, policy).encode()
+        meta[META_TABLE_ID] = table_id(kind, config, policy, made_from).encode()
     if policy is not None:
         meta[META_POLICY] = policy.encode()
     if made_from:
@@ -126,14 +135,20 @@ def provenance(path: str | os.PathLike) -> Provenance:
                       policy.decode() if policy else None, json.loads(first.get(META_MADE_FROM, b"{}")))
 
 
-def require_made_for(table: Provenance, role: str, source: Provenance) -> str | None:
+def require_made_for(table: Provenance, role: str, source: Provenance, allow_unverified: bool = False) -> str | None:
     """`table` must record `source` as the `role` input it was made from (e.g. rewards made from these
     samples): a join of tables of different runs is refused with one line naming both.
 
-    Tables written by another tool (no rl3d metadata at all) cannot prove anything: the join goes
-    ahead and the returned warning says so. Every table rl3d writes carries its provenance."""
+    Tables without rl3d metadata (written by another tool, or rewritten by pandas or duckdb, which
+    drop it) cannot prove anything: the join is refused unless `allow_unverified` (the commands'
+    --allow-unverified), and then the returned warning says so. Every table rl3d writes carries
+    its provenance."""
     if table.kind is None or source.kind is None:
         other = table if table.kind is None else source
+        if not allow_unverified:
+            raise InputError(f"{other.path}: carries no rl3d provenance (written or rewritten by another tool): "
+                             f"cannot check that {table.path} was made from {source.path}; pass "
+                             f"--allow-unverified to join it anyway")
         return (f"{other.path} was not written by rl3d: cannot check that {table.path} was made from "
                 f"{source.path}")
     if source.table_id is None:

@@ -300,6 +300,7 @@ class GenJob(Job):
         # input guard: refuse prompts beyond the policy's positions before any output is touched
         check_prompts_fit(path, meta, self.prompts.to_pylist(), levels, sampling.max_reasoning_tokens,
                           str(prompts_path))
+        config["prompts_content"] = tables.content_hash(self.prompts)  # the same path with other prompts is another run
         self.has_cat = "category" in self.prompts.column_names and \
             self.prompts.column("category").null_count < self.prompts.num_rows
         self.has_spec = "spec" in self.prompts.column_names

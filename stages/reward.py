@@ -352,14 +352,15 @@ class RewardJob(Job):
     stage, kind = "reward", "rewards"
 
     def __init__(self, samples: str | Path, renders: str | Path | None, config: str, batch: int = 64,
-                 progress: Progress | None = None, pool=None):
+                 progress: Progress | None = None, pool=None, allow_unverified: bool = False):
         if batch < 1:
             raise InputError(f"--batch {batch}: must be >= 1")
         self.samples, self.renders, self.batch, self.pool = samples, renders, batch, pool
         self.cfg = load_config(config)
         self._config = {"reward": self.cfg.to_dict(), "samples": str(samples),
                         "renders": str(renders) if renders else None}
-        self._made_from = check_inputs(samples, renders, progress or Progress(quiet=True))
+        read_scored_rows(samples)  # what the table is, first: a table of another kind is named as such
+        self._made_from = check_inputs(samples, renders, progress or Progress(quiet=True), allow_unverified)
         self.policy = tables.table_policy(samples)
 
     def config(self) -> dict:
@@ -391,8 +392,9 @@ class RewardJob(Job):
         return out, stats
 
 
-def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64) -> dict:
-    return RewardJob(samples, renders, config, batch, Progress(opts.quiet)).run(opts)
+def run(samples: str | Path, renders: str | Path | None, config: str, opts: StageOptions, batch: int = 64,
+        allow_unverified: bool = False) -> dict:
+    return RewardJob(samples, renders, config, batch, Progress(opts.quiet), allow_unverified=allow_unverified).run(opts)
 
 
 def host_pool(workers: int | None = None) -> ProcessPoolExecutor:
@@ -400,13 +402,13 @@ def host_pool(workers: int | None = None) -> ProcessPoolExecutor:
     return process_pool(workers or max(1, min(MAX_WORKERS, usable_cores() - 1)))
 
 
-def check_inputs(samples, renders, progress: Progress) -> dict[str, str | None]:
+def check_inputs(samples, renders, progress: Progress, allow_unverified: bool = False) -> dict[str, str | None]:
     """Refuse renders of other samples (another run, seed or policy); the ids the rewards are made from."""
     source = tables.provenance(samples)
     made_from = {"samples": source.table_id}
     if renders:
         rendered = tables.provenance(renders)
-        warning = tables.require_made_for(rendered, "samples", source)
+        warning = tables.require_made_for(rendered, "samples", source, allow_unverified)
         if warning:
             progress.log(f"WARNING: {warning}")
         made_from["renders"] = rendered.table_id

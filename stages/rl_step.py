@@ -39,7 +39,7 @@ DONE_FILE = "rl_step.json"
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,
                 run_metrics: str | None = None, device=None, dtype=None, overwrite=False,
                 lora_rank: int = 0, progress=None, allow_off_policy: bool = False,
-                tensorboard: str | None = None, startup_s: float = 0.0) -> dict:
+                tensorboard: str | None = None, startup_s: float = 0.0, allow_unverified: bool = False) -> dict:
     """One step (docs/rl.md). `startup_s`: the caller's seconds before this call (the CLI's imports),
     recorded with the phase timers."""
     progress = progress or Progress()
@@ -59,7 +59,7 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
     torch.manual_seed(cfg.seed)
 
     # 1. data: samples joined with rewards
-    check_batch(samples_path, rewards_path, policy_dir, allow_off_policy, progress)
+    check_batch(samples_path, rewards_path, policy_dir, allow_off_policy, progress, allow_unverified)
     samples, rewards = read_batch(samples_path, rewards_path)
     load_s = time.time() - t0
 
@@ -102,17 +102,21 @@ def summary_fields(metrics: dict) -> dict:
              "mismatch_clip_frac", "tis_weight_mean", "tis_clip_frac", *TIMERS) if k in metrics}
 
 
-def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress) -> None:
+def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress,
+                allow_unverified: bool = False) -> None:
     """Refuse rewards of other samples, and samples drawn by another policy than the one being
     updated (GRPO's ratio assumes the samples' log-probs are this policy's) unless allowed."""
     samples = tables.provenance(samples_path)
-    warning = tables.require_made_for(tables.provenance(rewards_path), "samples", samples)
+    warning = tables.require_made_for(tables.provenance(rewards_path), "samples", samples, allow_unverified)
     if warning:
         progress.log(f"WARNING: {warning}")
-    if samples.kind is None or allow_off_policy:
+    if allow_off_policy:
         return
     path = Path(policy_dir).resolve()
     current = policy_id(path, read_policy_meta(path))
+    if samples.kind is None:  # the metadata is gone: every row still says which policy drew it
+        _check_row_policies(samples_path, current)
+        return
     if not tables.same_policy(samples.policy, current):
         raise InputError(f"{samples_path}: sampled by policy {samples.policy}, not by --policy {current}; "
                          f"pass --allow-off-policy to update from another policy's samples")
@@ -191,3 +195,15 @@ def _check_same_config(out: Path, cfg: RLConfig) -> None:
     recorded = (record.get("config") or {}).get("rl") if isinstance(record, dict) else None
     if isinstance(recorded, dict):  # every rl-step writes it; a hand-made record without it is taken as is
         shards_io.check_same_config(out / DONE_FILE, recorded, asdict(cfg), _HOW_ONLY)
+
+
+def _check_row_policies(samples_path, current: str) -> None:
+    """The off-policy check on rows (each samples row records its policy_id) for a table whose schema
+    metadata another tool dropped."""
+    t = tables.read_table(samples_path, "samples")
+    if "policy_id" not in t.column_names:
+        return
+    for n, pid in enumerate(t.column("policy_id").to_pylist(), 1):
+        if not tables.same_policy(pid, current):
+            raise InputError(f"{samples_path}: row {n}: sampled by policy {pid}, not by --policy {current}; "
+                             f"pass --allow-off-policy to update from another policy's samples")

@@ -336,7 +336,9 @@ class TrainJob:
         if "reward" in self.opts.stages:
             self._swapped("reward", step, d)
             return
-        job = RewardJob(d / "gen", d / "renders", self.opts.rewards, pool=self.reward_pool)
+        # renders of a swapped command carry no provenance: the loop checked their rows (loop.swap)
+        job = RewardJob(d / "gen", d / "renders", self.opts.rewards, pool=self.reward_pool,
+                        allow_unverified="render" in self.opts.stages)
         job.run(StageOptions(out=d / "rewards", shard=self.shard, quiet=True))
 
     def _swapped(self, stage: str, step: int, d: Path) -> None:

@@ -519,3 +519,79 @@ def test_render_pool_is_a_process_pool(objs, tmp_path, monkeypatch):
     run_render(objs, StageOptions(out=tmp_path / "r", quiet=True), views=1, resolution=32, sheet=False,
                workers=2, backend="open3d")
     assert made == [(2,)]
+
+
+# ---- 6. provenance: content, not paths; rows when the metadata is gone -----------------------------
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_policy import make_tiny_policy
+
+    d = tmp_path_factory.mktemp("gen")
+    policy = make_tiny_policy(d / "policy")
+    prompts = d / "prompts.txt"
+    prompts.write_text("a red box\n")
+    args = ["gen", "--prompts", prompts, "--policy", policy, "--mode", "flat", "-G", 2, "--max-reasoning-tokens", 2,
+            "--out", d / "gen", "--quiet", "--allow-failures"]
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    return {"dir": d, "prompts": prompts, "args": args, "gen": d / "gen", "policy": policy}
+
+
+def test_gen_over_changed_prompts_at_one_path_is_another_run(gen_run):
+    before = gen_run["prompts"].read_text()
+    try:
+        gen_run["prompts"].write_text("a blue chair\n")  # same path, other content: not "already complete"
+        line = _one_error_line(_cli(*gen_run["args"]))
+        assert "holds output of a different config" in line
+    finally:
+        gen_run["prompts"].write_text(before)
+    res = _cli(*gen_run["args"], "--json")
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[-1])["skipped"] is True
+
+
+def test_a_table_id_hashes_its_inputs_ids_not_their_paths(tmp_path):
+    from rl3d.formats import tables
+
+    objs = tmp_path / "objs"
+    ids = []
+    for seed in (1, 2):  # other objects at the same path
+        assert _cli("synth", "--n", "1", "--seed", seed, "--out", objs, "--overwrite", "--quiet").exit_code == 0
+        assert _render(objs, tmp_path / f"r{seed}").exit_code == 0
+        ids.append(tables.provenance(tmp_path / f"r{seed}").table_id)
+    assert ids[0] != ids[1]
+
+
+def _stripped(src: Path, dst: Path) -> Path:
+    """The table as pandas or duckdb would write it back: rows kept, rl3d's schema metadata gone."""
+    t = pq.read_table(src)
+    pq.write_table(t.replace_schema_metadata(None), dst)
+    return dst
+
+
+def test_a_join_without_provenance_is_refused_unless_allowed(objs, tmp_path):
+    assert _render(objs, tmp_path / "r").exit_code == 0
+    # beside the part: the image paths stay relative to the table's folder
+    stripped = _stripped(tmp_path / "r" / f"part-{TAG}.parquet", tmp_path / "r" / "renders.parquet")
+    args = ["reward", "--samples", objs, "--renders", stripped, "--config", "flat", "--out", tmp_path / "rw", "--quiet"]
+    line = _one_error_line(_cli(*args))
+    assert "renders.parquet: carries no rl3d provenance" in line and "--allow-unverified" in line
+    res = _cli(*args[:-1], "--allow-unverified")  # without --quiet: the warning says what was not checked
+    assert res.exit_code == 0 and "WARNING: " in res.output and "was not written by rl3d" in res.output
+    shards_io.check_complete(tmp_path / "rw")
+
+
+def test_the_off_policy_check_reads_the_rows_when_the_metadata_is_gone(gen_run, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_policy import make_tiny_policy
+
+    from rl3d.stages.contract import Progress
+    from rl3d.stages.rl_step import check_batch
+
+    samples = _stripped(gen_run["gen"] / f"part-{TAG}.parquet", tmp_path / "samples.parquet")
+    other = make_tiny_policy(tmp_path / "other", seed=1)  # other weights
+    with pytest.raises(InputError, match=r"samples.parquet: row 1: sampled by policy .*, not by --policy"):
+        check_batch(samples, samples, other, False, Progress(quiet=True), allow_unverified=True)
+    check_batch(samples, samples, gen_run["policy"], False, Progress(quiet=True), allow_unverified=True)
+    check_batch(samples, samples, other, True, Progress(quiet=True), allow_unverified=True)  # --allow-off-policy

@@ -102,7 +102,8 @@ def setup(tmp_path_factory):
 
 
 def run_cli(args):
-    return CliRunner().invoke(main, ["reward", *map(str, args)], catch_exceptions=False)
+    # the tables of `setup` are made here, without rl3d provenance: joining them needs --allow-unverified
+    return CliRunner().invoke(main, ["reward", *map(str, args), "--allow-unverified"], catch_exceptions=False)
 
 
 def test_end_to_end_statuses_totals_and_schema(setup, tmp_path):

@@ -104,7 +104,9 @@ def test_reward_scores_the_textured_mesh_and_flags_stale_renders(gen_dir, tmp_pa
     real_backend = reward.get_backend
     monkeypatch.setattr(reward, "get_backend", lambda t: Recorder() if t.name == "watertight" else real_backend(t))
     fresh = render_to(gen_dir, tmp_path / "renders")
-    reward.run(gen_dir, tmp_path / "renders", str(config), StageOptions(out=tmp_path / "rw", quiet=True))
+    # gen_dir is made here without rl3d provenance: the join needs allow_unverified
+    reward.run(gen_dir, tmp_path / "renders", str(config), StageOptions(out=tmp_path / "rw", quiet=True),
+               allow_unverified=True)
     t = {r["sample_id"]: r for r in read_table(tmp_path / "rw", "rewards").to_pylist()}
     assert [t[s]["mesh_source"] for s in sorted(t)] == ["textured", "textured", "mesh"]
     assert t["p0-0-fine"]["clip_score_status"] == "ok" and t["p2-0-fine"]["clip_score_status"] == "ok"
@@ -116,7 +118,8 @@ def test_reward_scores_the_textured_mesh_and_flags_stale_renders(gen_dir, tmp_pa
     rt = tables.SCHEMAS["renders"][1]
     pq.write_table(pa.table({**{k: pa.array([r[k] for r in stale], rt[k]) for k in rt},
                              "mesh_source": pa.array([r["mesh_source"] for r in stale])}), tmp_path / "stale.parquet")
-    reward.run(gen_dir, tmp_path / "stale.parquet", str(config), StageOptions(out=tmp_path / "rw2", quiet=True))
+    reward.run(gen_dir, tmp_path / "stale.parquet", str(config), StageOptions(out=tmp_path / "rw2", quiet=True),
+               allow_unverified=True)
     t = {r["sample_id"]: r for r in read_table(tmp_path / "rw2", "rewards").to_pylist()}
     assert t["p0-0-fine"]["clip_score_status"] == "stale_renders" and "render the samples again" in \
         t["p0-0-fine"]["clip_score_message"]
