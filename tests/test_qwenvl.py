@@ -329,7 +329,10 @@ def test_top_k_and_top_p_cuts_over_a_160k_vocabulary():
         if top_k:
             assert (rank < top_k).all()
         assert (mass_before < top_p + 1e-6).all()
-        torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
+        # the draw's log-prob sums the 160k-row normaliser block by block (sampler.block_weights), in
+        # another order than log_softmax: at |log p| ~ 30, float32 rounding differs by ~1e-5 from CPU to CPU
+        torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0],
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_a_tokenizer_saved_as_qwen2tokenizer_loads_with_the_same_mesh_ids(tmp_path):
