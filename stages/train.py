@@ -40,7 +40,7 @@ from rl3d.formats.shards import Shard, config_hash
 from rl3d.stages.contract import Progress, StageOptions, usable_cores
 from rl3d.stages.gen import GenJob, GenOptions
 from rl3d.stages.loop import swap
-from rl3d.stages.loop.checkpoints import (CHECKPOINTS, RESUMABLE, checkpoint_dir, latest_checkpoint, load_state,
+from rl3d.stages.loop.checkpoints import (RESUMABLE, checkpoint_dir, latest_checkpoint, load_state,
                                           record_settings, resident_policy_id, save_checkpoint, step_dir)
 from rl3d.stages.loop.feed import PromptFeed
 from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, policy_id, read_policy_meta
@@ -257,9 +257,8 @@ class TrainJob:
 
     def _step(self, step: int, progress: Progress) -> tuple[bool, str]:
         """Run (or replay) step `step`; returns (replayed, its progress line)."""
-        o, learner = self.opts, self.learner
+        o = self.opts
         d = step_dir(self.run_dir, step)
-        quiet = Progress(quiet=True)
         t: dict[str, float] = {}
         record = d / "update"
         if (record / UPDATE_DONE).is_file():  # trained before the last kill, after the last checkpoint
