@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from rl3d.cli.common import common_options, handle_errors, pop_common_options, report
-from rl3d.cli.rl_step import parse_dynamic_sampling, update_options
+from rl3d.cli.update_options import parse_dynamic_sampling, update_options
 from rl3d.formats.errors import InputError
 
 EXAMPLES = """Examples (from the repository root):

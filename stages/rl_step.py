@@ -14,9 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from rl3d.formats import shards as shards_io
@@ -26,9 +23,9 @@ from rl3d.stages.contract import Progress
 from rl3d.stages.policy.checkpoint import carried_meta, policy_id, read_policy_meta, rng_state, save_policy
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs
-from rl3d.stages.rl.learner import (TIMERS, Learner, make_optimizer, read_batch, set_fused, update_tables,  # noqa: F401
-                                    use_fused_adamw)
-from rl3d.stages.scoring.run_metrics import write_tensorboard
+from rl3d.stages.rl.learner import (TIMERS, Learner, make_optimizer, read_batch, set_fused,  # noqa: F401
+                                    summary_fields, update_tables, use_fused_adamw)
+from rl3d.stages.scoring.run_metrics import append_run_metrics, write_tensorboard  # noqa: F401 (rl-step's API)
 
 __all__ = ["RLConfig", "run_rl_step", "append_run_metrics", "DONE_FILE", "TIMERS", "make_optimizer", "set_fused",
            "use_fused_adamw"]
@@ -94,14 +91,6 @@ def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_
             "seconds": round(time.time() - t0, 2), **summary_fields(metrics)}
 
 
-def summary_fields(metrics: dict) -> dict:
-    """The metrics a step's one-line summary and --json carry."""
-    return {k: metrics[k] for k in
-            ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
-             "dropped_groups", "grad_norm", "learned_nothing", "mismatch_abs_mean", "mismatch_abs_max",
-             "mismatch_clip_frac", "tis_weight_mean", "tis_clip_frac", *TIMERS) if k in metrics}
-
-
 def check_batch(samples_path, rewards_path, policy_dir, allow_off_policy: bool, progress,
                 allow_unverified: bool = False) -> None:
     """Refuse rewards of other samples, and samples drawn by another policy than the one being
@@ -165,21 +154,6 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
     tmp.rename(out)
     if run_metrics:
         append_run_metrics(Path(run_metrics), mt)
-
-
-def append_run_metrics(path: Path, rows: pa.Table) -> None:
-    """Append a step's metric rows to the run-level Parquet (rewritten atomically); a rerun of the
-    same step replaces that step's rows instead of duplicating them."""
-    step = rows.column("step")[0].as_py()
-    # one rl-step writes a run's metrics at a time: a temp file beside it is a killed earlier write
-    for stale in path.parent.glob(f".tmp-*-{path.name}"):
-        stale.unlink(missing_ok=True)
-    if path.exists():
-        old = pq.read_table(path)
-        old = old.filter(pc.not_equal(old.column("step"), step))
-        rows = pa.concat_tables([old.select(rows.column_names).cast(rows.schema), rows])
-    with shards_io.atomic_path(path) as tmp:
-        pq.write_table(rows, tmp)
 
 
 # settings that change how a step is computed, not its result

@@ -50,9 +50,8 @@ from rl3d.stages.reward import RewardJob, host_pool
 from rl3d.stages.rewards.config import load_config
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs
-from rl3d.stages.rl.learner import Learner, read_batch, update_tables
-from rl3d.stages.rl_step import append_run_metrics, summary_fields
-from rl3d.stages.scoring.run_metrics import write_tensorboard
+from rl3d.stages.rl.learner import Learner, read_batch, summary_fields, update_tables
+from rl3d.stages.scoring.run_metrics import append_run_metrics, write_tensorboard
 
 UPDATE_DONE = "update.json"
 ALGO_OF_MODE = {"hi-grpo": "hi-grpo", "flat": "grpo"}  # gen mode -> the update's algorithm
@@ -383,6 +382,8 @@ class TrainJob:
                          f"kernels differ slightly; the run goes on from the replayed weights)")
         else:
             progress.log(f"train: step {step} replayed from its recorded samples and rewards (loss {got:.6g})")
+        if self.main:  # a kill between the record and the run metrics' append: the append again (it replaces)
+            append_run_metrics(self.run_dir / "metrics.parquet", tables.read_table(record / "metrics", "metrics"))
         self._sync_sampler()
 
     def _check_batch(self, step: int, d: Path) -> None:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -165,7 +166,9 @@ def test_a_resume_replays_recorded_steps_after_the_last_checkpoint(three_steps, 
     policy, prompts, ref = three_steps
     run = tmp_path / "run"
     shutil.copytree(ref, run)
-    shutil.rmtree(run / "checkpoints" / "step-000003")  # as if killed after step 3's update was recorded
+    shutil.rmtree(run / "checkpoints" / "step-000003")  # as if killed after step 3's update was recorded,
+    m = pq.read_table(run / "metrics.parquet")               # and before its metrics reached the run's table
+    pq.write_table(m.filter(pc.not_equal(m.column("step"), 3)), run / "metrics.parquet")
     before = {p: p.stat().st_mtime_ns for p in (run / "step-000003").rglob("*") if p.is_file()}
     res = _cli(_train_args(policy, prompts, run, 3, "--save-every", "2", "--keep-checkpoints", "0", "--json"))
     assert res.exit_code == 0, res.output
@@ -173,6 +176,7 @@ def test_a_resume_replays_recorded_steps_after_the_last_checkpoint(three_steps, 
     assert summary["steps_replayed"] == 1 and summary["steps_run"] == 0
     assert {p: p.stat().st_mtime_ns for p in (run / "step-000003").rglob("*") if p.is_file()} == before
     _weights_close(ref / "checkpoints" / "step-000003", run / "checkpoints" / "step-000003", atol=0)
+    assert sorted({r["step"] for r in pq.read_table(run / "metrics.parquet").to_pylist()}) == [1, 2, 3]
     # and a finished run is skipped
     res = _cli(_train_args(policy, prompts, run, 3, "--save-every", "2", "--keep-checkpoints", "0", "--json"))
     assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["skipped"] is True

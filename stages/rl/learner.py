@@ -336,3 +336,11 @@ def update_tables(adv_rows, metrics: dict, config: dict, policy_id: str | None) 
                    "value": [v for _, v in rows]})
     return (tables.with_metadata(adv, "advantages", config, policy_id),
             tables.with_metadata(mt, "metrics", config, policy_id))
+
+
+def summary_fields(metrics: dict) -> dict:
+    """The metrics a step's one-line summary and --json carry."""
+    return {k: metrics[k] for k in
+            ("loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single", "kept_samples",
+             "dropped_groups", "grad_norm", "learned_nothing", "mismatch_abs_mean", "mismatch_abs_max",
+             "mismatch_clip_frac", "tis_weight_mean", "tis_clip_frac", *TIMERS) if k in metrics}

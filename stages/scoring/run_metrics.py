@@ -1,10 +1,14 @@
-"""Run-level metrics of rl-step (a Parquet of step, name, value per update), read for curves."""
+"""Run-level metrics of rl-step and train (a Parquet of step, name, value per update): appended once a
+step, read for curves."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
 
 
@@ -38,3 +42,18 @@ def read_run_metrics(path: str | Path) -> dict[str, tuple[list[float], list[floa
             if v is not None:
                 out.setdefault(n, []).append((float(s), float(v)))
     return {n: ([s for s, _ in sorted(v)], [x for _, x in sorted(v)]) for n, v in out.items()}
+
+
+def append_run_metrics(path: Path, rows: pa.Table) -> None:
+    """Append a step's metric rows to the run-level Parquet (rewritten atomically); a rerun of the
+    same step replaces that step's rows instead of duplicating them."""
+    step = rows.column("step")[0].as_py()
+    # one rl-step writes a run's metrics at a time: a temp file beside it is a killed earlier write
+    for stale in path.parent.glob(f".tmp-*-{path.name}"):
+        stale.unlink(missing_ok=True)
+    if path.exists():
+        old = pq.read_table(path)
+        old = old.filter(pc.not_equal(old.column("step"), step))
+        rows = pa.concat_tables([old.select(rows.column_names).cast(rows.schema), rows])
+    with shards_io.atomic_path(path) as tmp:
+        pq.write_table(rows, tmp)
