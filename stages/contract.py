@@ -62,10 +62,11 @@ def plain_line(desc: str, done: int, total: int | None, elapsed: float) -> str:
     if not total:
         return f"{desc} {done} ({elapsed:.0f}s elapsed)"
     eta = elapsed / done * (total - done) if done else 0.0
-    return f"{desc} {done}/{total} ({100 * done / total:.0f}%) {_duration(elapsed)} elapsed, ETA {_duration(eta)}"
+    return f"{desc} {done}/{total} ({100 * done / total:.0f}%) {duration(elapsed)} elapsed, ETA {duration(eta)}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """"45s", "2m14s", "1h05m"."""
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
@@ -130,7 +131,7 @@ def _keep_alive(ref) -> None:
         said, now = p._said, time.time()
         if said and not p._tracking and now - said[2] >= PLAIN_EVERY_S:
             p._said = (said[0], said[1], now)
-            print(f"[rl3d] {said[0]} (still working, {_duration(now - said[1])})", file=sys.stderr, flush=True)
+            print(f"[rl3d] {said[0]} (still working, {duration(now - said[1])})", file=sys.stderr, flush=True)
         del p
 
 

@@ -37,7 +37,7 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard, config_hash
-from rl3d.stages.contract import Progress, StageOptions, usable_cores
+from rl3d.stages.contract import Progress, StageOptions, duration, timed, usable_cores
 from rl3d.stages.gen import GenJob, GenOptions
 from rl3d.stages.loop import swap
 from rl3d.stages.loop.checkpoints import (RESUMABLE, checkpoint_dir, latest_checkpoint, load_state,
@@ -214,7 +214,7 @@ class TrainJob:
                     stats["step_seconds"].append(time.time() - t_step)
                 if self.main and line:
                     eta = (o.steps - step) * (sum(stats["step_seconds"][-3:]) / max(len(stats["step_seconds"][-3:]), 1))
-                    progress.log(f"{line} ETA {_duration(eta)}")
+                    progress.log(f"{line} ETA {duration(eta)}")
                 self._check_stop()
                 if step % o.save_every == 0 or step == o.steps or (o.eval_every and step % o.eval_every == 0):
                     self._checkpoint(step)
@@ -264,12 +264,12 @@ class TrainJob:
             self._replay(step, record, progress)
             return True, ""
 
-        with _timer(t, "prompts"):
+        with timed(t, "prompts"):
             if self.main:
                 self.feed.job(step).run(StageOptions(out=d / "prompts", quiet=True))
             self._barrier()
         self._check_stop()
-        with _timer(t, "gen"):
+        with timed(t, "gen"):
             if self._next_gen is not None:
                 self._join_overlap()  # sampled while the previous step was scored and trained on
             else:
@@ -280,18 +280,18 @@ class TrainJob:
             self._sync_sampler()
             self._start_gen(step + 1)
         self._check_stop()
-        with _timer(t, "render"):
+        with timed(t, "render"):
             self._render(step, d)
             self._barrier()
         self._check_stop()
-        with _timer(t, "reward"):
+        with timed(t, "reward"):
             self._reward(step, d)
             self._barrier()
         self._check_stop()
-        with _timer(t, "update"):
+        with timed(t, "update"):
             metrics = self._update(step, d, record)
         if not o.overlap:
-            with _timer(t, "sync"):
+            with timed(t, "sync"):
                 self._sync_sampler()
         self._tensorboard(step, metrics, t)
         for k, v in t.items():
@@ -569,19 +569,3 @@ class _Background(threading.Thread):
         except BaseException as e:  # re-raised by the loop when it joins
             self.error = e
 
-
-class _timer:
-    def __init__(self, into: dict, key: str):
-        self.into, self.key = into, key
-
-    def __enter__(self):
-        self.t0 = time.time()
-
-    def __exit__(self, *exc):
-        self.into[self.key] = self.into.get(self.key, 0.0) + time.time() - self.t0
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

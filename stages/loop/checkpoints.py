@@ -19,7 +19,7 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
-from rl3d.stages.policy.checkpoint import carried_meta, restore_rng, rng_state, save_policy
+from rl3d.stages.policy.checkpoint import carried_meta, load_plain_state, restore_rng, rng_state, save_policy
 
 SETTINGS_FILE = "train.json"
 CHECKPOINTS = "checkpoints"
@@ -126,5 +126,5 @@ def load_state(ckpt: Path) -> dict:
     state = json.loads((Path(ckpt) / STATE_FILE).read_text())
     rng = Path(ckpt) / "rng_state.pt"
     if rng.is_file():
-        restore_rng(torch.load(rng, map_location="cpu", weights_only=True))
+        restore_rng(load_plain_state(rng, "RNG state"))
     return state

@@ -265,24 +265,25 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def load_optimizer_state(path: Path) -> dict:
-    """A parent checkpoint's optimizer.pt without unpickling code (tensors and plain values only)."""
+def load_plain_state(path: Path, what: str, note: str = "") -> dict:
+    """A torch.save'd state without unpickling code: tensors, numbers, strings and containers only;
+    anything else is one line naming the file and `what` it should have been."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = first_line(e) or type(e).__name__
-        raise InputError(f"{path}: not a loadable optimizer state (only tensors and plain values are "
-                         f"accepted: {reason[:200]})") from None
+        raise InputError(f"{path}: not a loadable {what} (only tensors and plain values are "
+                         f"accepted{note}: {reason[:200]})") from None
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """A parent checkpoint's optimizer.pt."""
+    return load_plain_state(path, "optimizer state")
 
 
 def load_trainer_state(path: Path) -> dict:
-    """trainer_state.pt without unpickling code: tensors, numbers, strings and containers only."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = first_line(e) or type(e).__name__
-        raise InputError(f"{path}: not a loadable rl3d trainer state (only tensors and plain values are "
-                         f"accepted; files from before rl3d 0.1 cannot be resumed: {reason[:200]})") from None
+    """trainer_state.pt."""
+    return load_plain_state(path, "rl3d trainer state", "; files from before rl3d 0.1 cannot be resumed")
 
 
 # module names of a vision-language policy's image side: Qwen2.5-VL's vision tower (which holds its
