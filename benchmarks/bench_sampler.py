@@ -9,6 +9,8 @@ mesh ~ 160k). Each row reasons for `--max-reasoning` tokens (a random-init model
 
     python benchmarks/bench_sampler.py --shapes 0.5b,1.5b,7b --batches 8,64,256 [--real-vocab-7b]
     python benchmarks/bench_sampler.py --shapes tiny --batches 4 --device cpu   # a check that it runs
+    python benchmarks/bench_sampler.py --shapes default --batches 256,1024 --mesh-tokens 512 --baselines '' \
+        --profile --profile-batch 1024                  # the embedded default policy, its own vocabulary
 
 The baselines are slow, so they are timed over their first `--baseline-tokens` new tokens (a per-token
 rate: their step cost is launch-bound and grows with length, so this flatters them); the fixed-shape
@@ -31,7 +33,7 @@ from bench_gen import ConstraintProcessor  # the same masks for transformers gen
 from rl3d.stages.policy.sampler import (Sampling, completion_logprobs, left_padded, position_ids_from_mask,
                                         sample_sequences)
 from rl3d.stages.policy.sequence import collate, sequence_spans
-from rl3d.stages.policy.static_sampler import _DecodeLoop, sample_sequences_static
+from rl3d.stages.policy.static_sampler import OPEN_ROWS_SHARE, _DecodeLoop, sample_sequences_static
 from rl3d.stages.policy.tokenizer import SpecialIds
 
 SHAPES = {  # Qwen2.5 dimensions
@@ -73,6 +75,17 @@ def prompts(B: int, text_vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(40, 64, (B,), generator=g)
     return [torch.randint(2, text_vocab, (int(n),), generator=g).tolist() for n in lens]
+
+
+def policy_prompts(policy, B: int) -> list[list[int]]:
+    """Coarse-level prompts of the shipped policy, as gen builds them (so its reasoning and mesh
+    distributions, and hence the top-p nucleus sizes, are the real ones)."""
+    from rl3d.stages.policy.sequence import build_prompt, encode_text
+
+    words = ["a red chair", "a tall blue lamp", "a small wooden table", "a green mug with a handle",
+             "a white sofa", "a yellow toy car", "a stone bench", "a black shelf"]
+    return [encode_text(policy.tokenizer, build_prompt(words[i % len(words)], "coarse", fmt=policy.prompt_format))
+            for i in range(B)]
 
 
 def sync(device):
@@ -133,7 +146,7 @@ def step_profile(model, sp, prompt_ids, seq_len, sampling, device, out_dir):
     B, P = ids.shape
     with torch.no_grad():
         loop = _DecodeLoop(model, sp, ids, att, position_ids_from_mask(att[:, :P]), torch.arange(B, device=dev),
-                           seq_len, sampling, steps)
+                           seq_len, sampling, steps, max(1, B // OPEN_ROWS_SHARE))
         for _ in range(3):
             loop.step()
         sync(device)
@@ -161,7 +174,10 @@ def main():
     ap.add_argument("--sampling", default="default", choices=["default", "shapellm"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-batch", type=int, default=64, help="the batch --profile profiles")
     ap.add_argument("--no-static", action="store_true", help="time only the baselines")
+    ap.add_argument("--sorted-baseline", action="store_true",
+                    help="also time the fixed-shape sampler with every row's vocabulary sorted each step")
     ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
     args = ap.parse_args()
     dev = args.device
@@ -173,17 +189,24 @@ def main():
     baselines = [b for b in args.baselines.split(",") if b]
     for shape in args.shapes.split(","):
         text_vocab = 151_665 if (shape == "7b" and args.real_vocab_7b) else args.text_vocab
-        sp = special_ids(text_vocab, args.mesh_vocab)
-        model = build_model(shape, sp.vocab_size, dev, dtype, 4096)
+        if shape == "default":  # the shipped policy: its trained weights, tokenizer and constraint ids
+            from rl3d.stages.policy.checkpoint import load_policy
+
+            policy = load_policy(device=dev)
+            model, sp, text_vocab = policy.model, policy.special, None
+        else:
+            sp = special_ids(text_vocab, args.mesh_vocab)
+            model = build_model(shape, sp.vocab_size, dev, dtype, 4096)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"\n== {shape}: {n_params / 1e9:.2f}B params, vocab {sp.vocab_size}")
         print(f"{'batch':>5} {'variant':<34} {'tokens':>8} {'seconds':>8} {'tok/s':>9} {'vs generate':>11} "
               f"{'vs plain':>9}  peak GiB")
+        pids_warm = policy_prompts(policy, 2) if shape == "default" else prompts(2, text_vocab)
         if "generate" in baselines:  # warm-up: the first generate call pays one-time CUDA/cuBLAS set-up
             with torch.no_grad():
-                hf_generate(model, sp, prompts(2, text_vocab), sampling, args.mesh_tokens, 4)
+                hf_generate(model, sp, pids_warm, sampling, args.mesh_tokens, 4)
         for B in (int(b) for b in args.batches.split(",")):
-            pids = prompts(B, text_vocab)
+            pids = policy_prompts(policy, B) if shape == "default" else prompts(B, text_vocab)
             seeds = list(range(B))
             rates = {}
             short = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, args.max_reasoning)
@@ -212,6 +235,12 @@ def main():
                 rates["static"] = tokens / sec
                 label = "static + CUDA graph" if torch.device(dev).type == "cuda" else "static (no graph on CPU)"
                 report(B, f"{label} (whole rows)", tokens, sec, rates, dev, args.json, shape)
+                if args.sorted_baseline:  # the threshold from a sort of every row (before the top-k shortcut)
+                    sorted_rows, sec = timed(lambda: sample_sequences_static(model, sp, pids, seeds, args.mesh_tokens,
+                                                                            sampling, open_rows=B), dev)
+                    same = sum(a["tokens"] == b["tokens"] for a, b in zip(rows, sorted_rows))
+                    report(B, f"{label}, every row sorted", tokens, sec, rates, dev, args.json, shape)
+                    print(f"      rows identical to the shortcut's: {same}/{B}")
             if B == 64 or B == min(int(b) for b in args.batches.split(",")):
                 agree_b = min(B, 16)
                 ref = sample_sequences(model, sp, pids[:agree_b], seeds[:agree_b], args.mesh_tokens, sampling)
@@ -219,7 +248,7 @@ def main():
                 print(f"      log-probs (batch {agree_b}): {agree}")
                 if args.json:
                     Path(args.json).open("a").write(json.dumps({"shape": shape, "batch": agree_b, **agree}) + "\n")
-            if args.profile and B == 64:
+            if args.profile and B == args.profile_batch:
                 print(step_profile(model, sp, pids, args.mesh_tokens, sampling, dev, os.environ.get("OUT")))
         del model
         if torch.device(dev).type == "cuda":
