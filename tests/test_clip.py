@@ -144,3 +144,35 @@ def test_hps_features_match_per_view_text_encoding(tiny):
     want = [float((norm(Stub().encode_image(hps.preprocess(load_rgb(p))[None]), dim=-1)
                    * norm(Stub().encode_text(hps.tokenizer([t])), dim=-1)).sum()) for p, t in zip(paths, prompts)]
     assert np.allclose(hps._features(paths, prompts), want, atol=1e-6)
+
+
+def test_device_preprocessing_is_within_a_grey_level_of_the_image_processor(tmp_path):
+    """The torch path resizes as PIL does (two antialiased passes, each rounded to 8 bits): on a
+    smooth render-like image nearly every pixel equals the processor's, none is off by more than 2
+    grey levels; a non-square image is resized on its shortest edge and centre-cropped the same way."""
+    from transformers import CLIPImageProcessorPil
+
+    from rl3d.stages.scoring.clip import device_preprocessing
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pixels = device_preprocessing(proc)
+    yy, xx = np.mgrid[0:120, 0:90]
+    img = np.stack([(xx * 2) % 256, (yy * 3) % 256, ((xx + yy) > 100) * 200 + 30], -1).astype(np.uint8)
+    want = proc(images=[Image.fromarray(img)], return_tensors="np")["pixel_values"][0]
+    got = pixels(torch.from_numpy(img[None]))[0].numpy()
+    assert got.shape == want.shape == (3, 32, 32)
+    grey = np.abs(got - want) * np.asarray(proc.image_std)[:, None, None] * 255
+    assert grey.max() <= 2.01 and (grey < 0.5).mean() > 0.95
+    assert device_preprocessing(CLIPImageProcessorPil(size={"longest_edge": 32}, do_center_crop=False)) is None
+
+
+def test_clip_preprocess_option_keeps_scores_close_and_is_checked(tiny):
+    from rl3d.stages.rewards.clip import ClipBackend
+
+    model_dir, imgs = tiny
+    items = [RewardItem("a", PROMPTS[0], "coarse", imgs)]
+    pil = ClipBackend(model=str(model_dir), preprocess="pil").score(items)[0].per_view
+    dev = ClipBackend(model=str(model_dir), preprocess="device").score(items)[0].per_view
+    np.testing.assert_allclose(dev, pil, atol=1.0)  # random-noise views: the worst case for resize rounding
+    with pytest.raises(InputError, match="unknown clip preprocess 'gpu'"):
+        ClipBackend(model=str(model_dir), preprocess="gpu")

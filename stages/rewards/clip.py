@@ -16,19 +16,27 @@ import numpy as np
 
 from rl3d.formats.errors import InputError
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
-from rl3d.stages.scoring.clip import METRICS, default_scorer_dir, load_scorer, view_scores
+from rl3d.stages.scoring.clip import METRICS, PREPROCESS, default_scorer_dir, load_scorer, view_scores
 
 
 class ClipBackend(RewardBackend):
     """Options: model (CLIP dir; "" = shipped default scorer), metric (clip_score | pickscore |
-    cosine), batch_size (views per forward pass), device (auto | cpu | cuda[:i])."""
+    cosine), batch_size (views per forward pass), device (auto | cpu | cuda[:i]), preprocess
+    (device: resize, crop and normalise the views in torch on the scorer's device, within a grey
+    level or two of the image processor's pixels (scores within ~0.05 of 100); pil: the image
+    processor on the CPU, as the eval's CLIP score does; auto (default): device on a GPU, pil on
+    a CPU)."""
 
     name = "clip"
     needs_views = True
 
-    def __init__(self, model: str = "", metric: str = "clip_score", batch_size: int = 64, device: str = "auto"):
+    def __init__(self, model: str = "", metric: str = "clip_score", batch_size: int = 64, device: str = "auto",
+                 preprocess: str = "auto"):
         if metric not in METRICS:
             raise InputError(f"unknown clip metric {metric!r} (known: {', '.join(METRICS)})")
+        if preprocess not in PREPROCESS:
+            raise InputError(f"unknown clip preprocess {preprocess!r} (known: {', '.join(PREPROCESS)})")
+        self.preprocess = preprocess
         d = Path(model) if model else default_scorer_dir()
         if not d.is_dir():
             raise InputError(f"option model: CLIP model dir {d} does not exist")
@@ -49,7 +57,7 @@ class ClipBackend(RewardBackend):
             paths.extend(it.image_paths)
             owner.extend([i] * len(it.image_paths))
         if paths:
-            img = self.scorer.image_embeddings(paths, self.batch_size)
+            img = self.scorer.image_embeddings(paths, self.batch_size, self.preprocess)
             txt = self.scorer.text_embeddings([items[i].prompt for i in owner])
             per = view_scores((img * txt).sum(-1), self.metric, self.scorer.logit_scale)
             owner_a = np.asarray(owner)
