@@ -30,7 +30,7 @@ from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.limits import check_prompts_fit
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
 from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
-from rl3d.stages.policy.static_sampler import SAMPLERS, choose_sampler
+from rl3d.stages.policy.sampler_engines import SAMPLERS, choose_sampler
 from rl3d.stages.policy.tokenizer import describe_mesh_ids
 from rl3d.stages.texturing import parse_hook, texture_meshes
 

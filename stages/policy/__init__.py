@@ -5,6 +5,8 @@
     sequence.py    the sequence layout and its spans, levels and modes, prompt templates,
                    position kinds and the constraint table, collate
     sampler.py     the constrained sampler and log-prob recomputation (one masking of the logits)
+    static_sampler.py  the same sampler as one fixed-shape step (a CUDA graph on GPUs)
+    sampler_engines.py the choice between the two (rl3d gen --sampler)
     tokenizer.py   load_tokenizer, the default policy's BPE, mesh tokens, SpecialIds
     device.py      device and dtype selection (also used by render and the reward backends)
 """

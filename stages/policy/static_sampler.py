@@ -29,7 +29,7 @@ from transformers import StaticCache
 
 from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, block_weights, cache_kwarg, drawn_logprob,
                                         finish_rows, inverse_cdf, left_padded, masked_logits,
-                                        position_ids_from_mask, sample_sequences, uniform_draws)
+                                        position_ids_from_mask, uniform_draws)
 from rl3d.stages.policy.sequence import KIND_FORCE_START, KIND_MESH, KIND_PAD, KIND_REASONING
 from rl3d.stages.policy.tokenizer import SpecialIds
 
@@ -271,18 +271,3 @@ def _sample_static(model, special, prompt_ids, seeds, seq_len, sampling, cuda_gr
         return None
     return finish_rows(special, loop.tokens, loop.logps, loop.n_reason, loop.n_mesh, seq_len,
                        sampling.max_reasoning_tokens)
-
-
-SAMPLERS = ("auto", "plain", "static")
-
-
-def choose_sampler(name: str, device: torch.device):
-    """(engine name, sample function) for `rl3d gen --sampler`: auto = the fixed-shape sampler with
-    CUDA graphs on a GPU, the plain loop elsewhere (on a CPU the per-token launch cost it removes is
-    small, and the plain loop's rejection draws are cheaper there than a sort of the vocabulary)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
-    if name == "static" or (name == "auto" and torch.device(device).type == "cuda"):
-        graph = torch.device(device).type == "cuda"
-        return ("static+cuda-graph" if graph else "static"), sample_sequences_static
-    return "plain", sample_sequences
