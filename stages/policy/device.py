@@ -34,3 +34,19 @@ def resolve_device_dtype(device: str | None = None, dtype: str | None = None) ->
     else:
         raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(sorted(DTYPES))}")
     return dev, dt
+
+
+def no_cudnn_attention() -> None:
+    """Turn off SDPA's cuDNN backend for this process (the memory-efficient, flash and math kernels
+    stay). For the whole process, not a context: rl3d train samples on one thread while it trains on
+    another, and a context left on one thread would restore the backend under the other.
+
+    Training: on H100/H200 with torch >= 2.11, cuDNN attention's backward returns NaN gradients
+    when the sequence length is 64 mod 128 and a query row is fully masked, which every left-padded
+    row is (pytorch/pytorch#196678): a micro-batch of width 704 made every gradient NaN and the
+    update was skipped; which micro-batches hit such a width depends on how a minibatch is split,
+    so one process and N processes skipped different updates.
+    Sampling: a decode step over a static KV cache under cuDNN copied each layer's keys and values
+    whole (two copies of the cache a layer, 57% of a step's GPU time at batch 1,024)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)

@@ -27,6 +27,7 @@ import inspect
 import torch
 from transformers import StaticCache
 
+from rl3d.stages.policy.device import no_cudnn_attention
 from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, block_weights, cache_kwarg, drawn_logprob,
                                         finish_rows, inverse_cdf, left_padded, masked_logits,
                                         position_ids_from_mask, uniform_draws)
@@ -241,6 +242,7 @@ def _sample_static(model, special, prompt_ids, seeds, seq_len, sampling, cuda_gr
                    open_rows: int) -> list[dict] | None:
     """The rows, or None when a step overflowed its open rows (checked after the first step, at each
     check for finished rows and at the end)."""
+    no_cudnn_attention()
     dev = next(model.parameters()).device
     use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
     steps = sampling.max_reasoning_tokens + 1 + seq_len

@@ -21,7 +21,7 @@ from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
 from rl3d.stages.policy.checkpoint import VISION_MODULES, freeze_vision, load_optimizer_state, load_policy
-from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.policy.device import no_cudnn_attention, resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
 from rl3d.stages.rl import processes
@@ -29,7 +29,7 @@ from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import learned_nothing
 from rl3d.stages.rl.loss import diagnostics, mismatch_metrics
-from rl3d.stages.rl.update import (UpdateStats, attention_without_cudnn, recompute_old_logprobs, reference_logprobs,
+from rl3d.stages.rl.update import (UpdateStats, recompute_old_logprobs, reference_logprobs,
                                    run_updates, tis_metrics)
 
 # per-phase seconds in the metrics and the summary (docs/rl.md)
@@ -122,27 +122,27 @@ class Learner:
         timings["load_s"] = timings.get("load_s", 0.0) + time.time() - t0
         for r in kept:
             r.setdefault("reasoning_truncated", False)
-        with attention_without_cudnn():
-            t1 = time.time()
-            if ref_scorer is not None:
-                progress.log(f"rl-step: reference log-probs of {len(kept)} samples")
-                reference_logprobs(kept, ref_scorer, self.special, acc, cfg.micro_batch, cfg.length_buckets)
-            timings["ref_s"] = time.time() - t1
-            t_old = time.time()
-            mismatch = None
-            if cfg.old_logprobs == "recompute" and kept:
-                progress.log(f"rl-step: recomputing the old log-probs of {len(kept)} samples")
-                mismatch = recompute_old_logprobs(kept, self.scorer, self.special, acc, cfg)
-            timings["old_s"] = time.time() - t_old
-            t2 = time.time()
-            stats = run_updates(kept, self.scorer, self.opt, acc, self.special, cfg, ref_scorer is not None,
-                                self.optimizer_updates)
-            if mismatch is not None:
-                stats.mismatch = mismatch
-            if cfg.tis_cap > 0 and kept:
-                stats.tis = tis_metrics(kept, cfg.tis_cap)
-            timings["update_s"] = time.time() - t2
-            progress.log(f"rl-step: {stats.n_updates} update(s) in {timings['update_s']:.0f}s")
+        no_cudnn_attention()  # cuDNN attention's NaN gradients (policy/device.py)
+        t1 = time.time()
+        if ref_scorer is not None:
+            progress.log(f"rl-step: reference log-probs of {len(kept)} samples")
+            reference_logprobs(kept, ref_scorer, self.special, acc, cfg.micro_batch, cfg.length_buckets)
+        timings["ref_s"] = time.time() - t1
+        t_old = time.time()
+        mismatch = None
+        if cfg.old_logprobs == "recompute" and kept:
+            progress.log(f"rl-step: recomputing the old log-probs of {len(kept)} samples")
+            mismatch = recompute_old_logprobs(kept, self.scorer, self.special, acc, cfg)
+        timings["old_s"] = time.time() - t_old
+        t2 = time.time()
+        stats = run_updates(kept, self.scorer, self.opt, acc, self.special, cfg, ref_scorer is not None,
+                            self.optimizer_updates)
+        if mismatch is not None:
+            stats.mismatch = mismatch
+        if cfg.tis_cap > 0 and kept:
+            stats.tis = tis_metrics(kept, cfg.tis_cap)
+        timings["update_s"] = time.time() - t2
+        progress.log(f"rl-step: {stats.n_updates} update(s) in {timings['update_s']:.0f}s")
         if stats.skipped_updates:
             progress.log(f"WARNING: skipped {stats.skipped_updates} update(s) with a non-finite gradient norm")
         metrics = step_metrics(samples, adv_rows, adv_stats, kept, stats, timings, self.rl_step + 1, cfg, rewards)

@@ -3,7 +3,6 @@ micro-batches (exactly: the aggregation weights are computed on the whole miniba
 over processes, clipped, and applied unless non-finite."""
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -28,23 +27,6 @@ class UpdateStats:
     skipped_updates: int = 0
     mismatch: dict[str, float] = field(default_factory=dict)  # mismatch_metrics of the first minibatch (stored)
     tis: dict[str, float] = field(default_factory=dict)  # truncated importance weights (recompute + tis_cap)
-
-
-@contextlib.contextmanager
-def attention_without_cudnn():
-    """SDPA without its cuDNN backend. On H100/H200 with torch >= 2.11, cuDNN attention's
-    backward returns NaN gradients when the sequence length is 64 mod 128 and a query row is
-    fully masked, which every left-padded row is (pytorch/pytorch#196678): a micro-batch of
-    width 704 made every gradient NaN and the update was skipped. Which micro-batches hit such
-    a width depends on how a minibatch is split, so one process and N processes skipped
-    different updates. The memory-efficient and flash kernels are unaffected."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
 
 
 def logprobs(net, rows: list[dict], special, acc) -> tuple[torch.Tensor, torch.Tensor]:
