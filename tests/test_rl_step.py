@@ -96,9 +96,12 @@ def test_checkpoint_is_complete_and_loadable(run, tmp_path):
         assert (out / f).exists(), f
     meta = json.loads((out / "rl3d_policy.json").read_text())
     assert meta["rl_step"] == 1 and meta["initial_policy"] == str(Path(policy).resolve())
+    # the checkpoint is at RL step 1 (its id says so), and keeps the SFT step it started from (3)
+    assert meta["step"] == 1 and meta["sft_step"] == 3
     assert _metrics(out)["kl"] == 0.0  # the first step's policy is its own reference
     loaded = load_policy(out, device="cpu", dtype="float32")
-    assert loaded.meta["rl_step"] == 1
+    assert loaded.meta["rl_step"] == 1 and loaded.step == 1
+    assert loaded.policy_id.startswith(f"{out.resolve()}@") and loaded.policy_id.endswith("#step1")
     run_metrics = pq.read_table(tmp_path / "m.parquet").to_pylist()
     assert {r["name"] for r in run_metrics} >= {"loss", "kl", "entropy", "reward_mean_coarse", "grad_norm"}
     # a second step from the first: its reference is still the initial policy, so KL > 0 now
@@ -107,6 +110,8 @@ def test_checkpoint_is_complete_and_loadable(run, tmp_path):
         _step(root, out, tmp_path / "ckpt2", beta=0.01)
     samples_meta = _step(root, out, tmp_path / "ckpt2", beta=0.01, allow_off_policy=True)
     assert samples_meta["step"] == 2 and _metrics(tmp_path / "ckpt2")["kl"] > 0
+    meta2 = json.loads((tmp_path / "ckpt2" / "rl3d_policy.json").read_text())
+    assert (meta2["step"], meta2["rl_step"], meta2["sft_step"]) == (2, 2, 3)
     assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1, 2}
 
 

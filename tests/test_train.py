@@ -119,7 +119,7 @@ def test_step_one_writes_what_the_commands_write(setup, tmp_path, mode):
     # the update record and checkpoint name the run's policies: samples of the initial, weights of step 1
     assert tables.provenance(d / "gen").policy == tables.provenance(c / "gen").policy
     ck = json.loads((run / "checkpoints" / "step-000001" / "rl3d_policy.json").read_text())
-    assert ck["rl_step"] == 1 and ck["policy_id"].endswith("#step1")
+    assert ck["rl_step"] == ck["step"] == 1 and ck["policy_id"].endswith("#step1")
     assert json.loads((run / "train.json").read_text())["settings"]["mode"] == mode
 
 

@@ -3,7 +3,9 @@ metadata file (rl3d_policy.json) and the policy id that names it in every output
 
 A policy dir: transformers weights (safetensors), the tokenizer, the codec (a copy under codec/,
 "default", or a path to a ShapeLLM-Omni VQ-VAE checkpoint kept outside the dir) and
-rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}. Optional prompt and sampling
+rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}. `step` is the step of the training
+that wrote the weights: sft's step for an sft checkpoint, the RL step (also `rl_step`) for an RL
+checkpoint, which keeps the SFT step it started from in `sft_step`. Optional prompt and sampling
 fields (request_template, chat_template, system_prompt, sampling): docs/checkpoints.md.
 """
 from __future__ import annotations
@@ -147,6 +149,15 @@ def load_policy(path: str | os.PathLike | None = None, device: str | None = None
     return Policy(model, tokenizer, codec, path, policy_id(path, meta), int(meta.get("step", 0)), meta, special, fmt)
 
 
+def sft_step_of(meta: dict) -> int:
+    """The SFT step a policy's weights descend from: its `sft_step`, else its `step` when it is
+    no RL checkpoint (an sft output or a converted base), else 0 (an RL checkpoint of before
+    sft_step was recorded)."""
+    if "sft_step" in meta:
+        return int(meta["sft_step"])
+    return 0 if "rl_step" in meta else int(meta.get("step", 0))
+
+
 def policy_id(path: Path, meta: dict) -> str:
     """The id every output names its policy by: "<abs dir>@<weights hash>#step<N>"."""
     return f"{path}@{weights_hash(path)}#step{int(meta.get('step', 0))}"
@@ -186,8 +197,12 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
     out/codec - except an external VQ-VAE checkpoint, which is referenced by its absolute path
     (never copied: the published file is 533 MB). `state_dict`: the weights to write when `model` holds only a shard of them (FSDP).
     Written into a temp dir renamed at the end, so a killed save leaves no torn dir. The one writer
-    of a policy dir: sft's final policy and trainer checkpoints and rl-step's checkpoints use it."""
+    of a policy dir: sft's final policy and trainer checkpoints and rl-step's checkpoints use it.
+    `step`: the training step the weights are at; an RL checkpoint (`extra` holds `rl_step`) is at its
+    RL step whatever `step` says, so its policy id ends in #step<rl_step> as the run names it."""
     out = Path(out)
+    if extra and "rl_step" in extra:
+        step = extra["rl_step"]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
