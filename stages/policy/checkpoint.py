@@ -129,24 +129,46 @@ def prompt_format_for(meta: dict, tokenizer, source: str = POLICY_META) -> Promp
                         system_prompt=meta.get("system_prompt"))
 
 
-def load_policy(path: str | os.PathLike | None = None, device: str | None = None,
-                dtype: str | None = None) -> Policy:
-    """A policy checkpoint dir (None = the shipped default) -> model (eval mode), tokenizer, codec."""
-    hf_logging.disable_progress_bar()  # no weight-loading bars in CLI output
+@dataclass
+class PolicyDir:
+    """What a policy dir says before its model loads: rl3d_policy.json, the policy id (the weights
+    hashed once), the tokenizer and the prompt layout (read once). gen checks its prompts against
+    these before any output is touched, then hands them to load_policy for the model."""
+    path: Path
+    meta: dict
+    policy_id: str
+    tokenizer: object
+    prompt_format: PromptFormat
+
+
+def open_policy_dir(path: str | os.PathLike | None = None) -> PolicyDir:
+    """A policy dir (None = the shipped default) without its model: InputError on a missing or bad
+    rl3d_policy.json, tokenizer or prompt layout, or no weight files."""
     path = Path(path).resolve() if path is not None else default_policy_dir()
     meta = read_policy_meta(path)
-    dev, dt = resolve_device_dtype(device, dtype)
-    codec = load_codec_for(path, meta, device=str(dev))
     tokenizer = load_tokenizer(path)
     fmt = prompt_format_for(meta, tokenizer, str(path / POLICY_META))
-    cls = _model_class(meta.get("model_class"), path)
+    return PolicyDir(path, meta, policy_id(path, meta), tokenizer, fmt)
+
+
+def load_policy(path: str | os.PathLike | None = None, device: str | None = None,
+                dtype: str | None = None, opened: PolicyDir | None = None) -> Policy:
+    """A policy checkpoint dir (None = the shipped default) -> model (eval mode), tokenizer, codec.
+    `opened`: the dir as open_policy_dir read it (its tokenizer and id are used, not read again)."""
+    hf_logging.disable_progress_bar()  # no weight-loading bars in CLI output
+    d = opened or open_policy_dir(path)
+    dev, dt = resolve_device_dtype(device, dtype)
+    codec = load_codec_for(d.path, d.meta, device=str(dev))
+    cls = _model_class(d.meta.get("model_class"), d.path)
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
+        model = cls.from_pretrained(str(d.path), local_files_only=True, dtype=dt,
+                                    trust_remote_code=remote_code_allowed())
     except Exception as e:
-        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+        raise InputError(f"{d.path}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(dev).eval()
-    special = special_ids(tokenizer, codec, model_vocab_size(model), source=str(path))
-    return Policy(model, tokenizer, codec, path, policy_id(path, meta), int(meta.get("step", 0)), meta, special, fmt)
+    special = special_ids(d.tokenizer, codec, model_vocab_size(model), source=str(d.path))
+    return Policy(model, d.tokenizer, codec, d.path, d.policy_id, int(d.meta.get("step", 0)), d.meta, special,
+                  d.prompt_format)
 
 
 def sft_step_of(meta: dict) -> int:
