@@ -159,10 +159,9 @@ def load_policy(path: str | os.PathLike | None = None, device: str | None = None
     d = opened or open_policy_dir(path)
     dev, dt = resolve_device_dtype(device, dtype)
     codec = load_codec_for(d.path, d.meta, device=str(dev))
-    cls = _model_class(d.meta.get("model_class"), d.path)
+    cls, path = _model_class(d.meta.get("model_class"), d.path), str(d.path)
     try:
-        model = cls.from_pretrained(str(d.path), local_files_only=True, dtype=dt,
-                                    trust_remote_code=remote_code_allowed())
+        model = cls.from_pretrained(path, local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
     except Exception as e:
         raise InputError(f"{d.path}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(dev).eval()
