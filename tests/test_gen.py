@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import make_tiny_policy
 
-from rl3d.cli.main import main  # noqa: E402
-from rl3d.formats import tables  # noqa: E402
-from rl3d.stages import gen  # noqa: E402
-from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
-from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_tokens, uniform_draws  # noqa: E402
-from rl3d.stages.policy.sequence import INSTRUCTIONS, build_prompt, collate, encode_text  # noqa: E402
+from rl3d.cli.main import main
+from rl3d.formats import tables
+from rl3d.stages import gen
+from rl3d.stages.policy.checkpoint import load_policy
+from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_tokens, uniform_draws
+from rl3d.stages.policy.sequence import INSTRUCTIONS, build_prompt, collate, encode_text
 
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "furniture", "spec": '{"legs": 4}'},
            {"prompt_id": "p-table", "prompt": "a tall blue table", "category": "furniture", "spec": '{"legs": 1}'},

@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -6,11 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import helpers as fx
+
 from rl3d.stages.scoring import report
 from rl3d.stages.eval import metric_row
-
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 CATS = ["spatial_structural", "organic_forms"]
 

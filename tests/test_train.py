@@ -20,14 +20,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import make_tiny_policy
 
-from rl3d.cli.main import main  # noqa: E402
-from rl3d.formats import tables  # noqa: E402
-from rl3d.stages.rl.config import RLConfig  # noqa: E402
-from rl3d.stages.rl.loss import policy_loss  # noqa: E402
-from rl3d.stages.rl.update import tis_metrics, truncated_importance_weights  # noqa: E402
+from rl3d.cli.main import main
+from rl3d.formats import tables
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.loss import policy_loss
+from rl3d.stages.rl.update import tis_metrics, truncated_importance_weights
 
 torch.set_num_threads(1)
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
