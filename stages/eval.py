@@ -34,7 +34,7 @@ from rl3d.formats.voxels import grid_to_mesh, voxel_iou
 from rl3d.stages.eval_sets import Benchmark, load_benchmark, reference_images
 from rl3d.stages.contract import Progress, StageOptions
 from rl3d.stages.gen import MODES, run_gen
-from rl3d.stages.policy.checkpoint import load_codec_for, read_policy_meta
+from rl3d.stages.policy.checkpoint import load_codec_for, read_policy_meta, sft_step_of
 from rl3d.stages.render import run_render
 from rl3d.stages.rewards import geometry
 from rl3d.stages.rewards.spec import check_spec
@@ -505,7 +505,7 @@ def evaluate_policy(name: str, policy_dir: Path, bench: Benchmark, prompts_path:
                           json.loads(pr["spec"]) if pr.get("spec") else None))
     policy_id = rows[0]["policy_id"] if rows else tables.table_policy(pdir / "gen")
     info = {"name": name, "dir": str(Path(policy_dir).resolve()), "policy_id": policy_id, "mode": mode,
-            "final_level": final, "step": int(meta.get("step", 0)),
+            "final_level": final, "sft_step": sft_step_of(meta),
             "rl_step": int(meta.get("rl_step", 0)), "base": meta.get("base"),
             "gen_config": tables.table_config(pdir / "gen"), "gen_skipped": bool(gsum.get("skipped"))}
     return out, info

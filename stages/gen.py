@@ -17,15 +17,14 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
-from rl3d.formats.codecs import VQVAE64, codec_kind
+from rl3d.formats.codecs import VQVAE64, codec_kind, codec_seq_len
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
 from rl3d.formats.occupancy import occupancy_to_mesh
 from rl3d.formats.prompts import read_prompts
 from rl3d.formats.voxels import grid_to_mesh
 from rl3d.stages.contract import PLAIN_EVERY_S, Job, Progress, StageOptions, usable_cores
-from rl3d.stages.policy.checkpoint import (Policy, codec_path, default_policy_dir, load_policy, policy_id,
-                                           read_policy_meta)
+from rl3d.stages.policy.checkpoint import Policy, codec_path, load_policy, open_policy_dir
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.limits import check_prompts_fit
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
@@ -264,12 +263,11 @@ class GenJob(Job):
             raise InputError("--texture-hook paints the GLBs that --no-meshes leaves out: use one of them")
         self.prompts_path, self.seed, self.resident = prompts_path, int(seed), policy
         self.prompts = read_prompts(prompts_path)
-        if policy is not None:
-            path, meta, pid = Path(policy.path), policy.meta, policy.policy_id
-        else:
-            path = Path(policy_dir).resolve() if policy_dir is not None else default_policy_dir()
-            meta = read_policy_meta(path)
-            pid = policy_id(path, meta)
+        # the policy dir is read and its weights hashed once: the model loads from the same object
+        # when a shard runs (a resident policy is used as it is)
+        self.opened = None if policy is not None else open_policy_dir(policy_dir)  # None = the shipped default
+        known = policy or self.opened
+        path, meta, pid = Path(known.path), known.meta, known.policy_id
         self.path, self.policy = path, pid
         sampling = o.sampling
         if sampling is None:
@@ -298,8 +296,9 @@ class GenJob(Job):
                 config[key] = meta[key]
         self._config = config
         # input guard: refuse prompts beyond the policy's positions before any output is touched
-        check_prompts_fit(path, meta, self.prompts.to_pylist(), levels, sampling.max_reasoning_tokens,
-                          str(prompts_path))
+        mesh_tokens = policy.codec.seq_len if policy is not None else codec_seq_len(codec_file)
+        check_prompts_fit(path, known.tokenizer, known.prompt_format, mesh_tokens, self.prompts.to_pylist(), levels,
+                          sampling.max_reasoning_tokens, str(prompts_path))
         config["prompts_content"] = tables.content_hash(self.prompts)  # the same path with other prompts is another run
         self.has_cat = "category" in self.prompts.column_names and \
             self.prompts.column("category").null_count < self.prompts.num_rows
@@ -321,7 +320,7 @@ class GenJob(Job):
         if not rows:
             return samples_table([], self.has_cat, self.has_spec), stats
         t0 = time.time()
-        policy = self.resident or load_policy(self.path, o.device, o.dtype)
+        policy = self.resident or load_policy(device=o.device, dtype=o.dtype, opened=self.opened)
         stats["batch_size"] = batch = o.batch_size or default_batch_size(policy.device)
         progress.log(f"gen: {len(rows)} prompts x {o.group_size} x {len(self.levels)} level(s) with "
                      f"{policy.policy_id}")

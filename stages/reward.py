@@ -35,10 +35,9 @@ from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
 from rl3d.stages.contract import Job, Progress, StageOptions, process_pool, status_counts, timed, usable_cores
 from rl3d.stages.rewards.base import RewardItem, TermResult
-from rl3d.stages.rewards.config import RewardConfig, TermConfig, load_config, make_backend, needs_views
+from rl3d.stages.rewards.config import RewardConfig, TermConfig, backend_class, load_config, make_backend
 
 OK_STATES = ("ok", "not_applicable")
-HOST_BACKENDS = ("geometry", "spec")  # pure functions of the grid and prompt: safe and worth spreading over processes
 MAX_WORKERS = 16
 MIN_ITEMS_FOR_PROCESSES = 256         # fewer (term, sample) pairs: starting processes costs more than it saves
 _BACKEND_CACHE: dict[str, object] = {}  # one instance per (backend, options) per process
@@ -234,9 +233,10 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
     names = config.term_names()
     cells: list[dict[str, dict]] = [{} for _ in range(n)]
     jobs = [(lvl, t) for lvl in config.levels for t in config.terms(lvl)]
-    # model-free terms on the host (geometry, spec) go to worker processes, when there are enough
-    # samples, while this process scores the model terms (CLIP on the GPU): the same values
-    host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in HOST_BACKENDS)
+    # the terms whose backend declares host_workers (model-free: geometry, spec) go to worker processes,
+    # when there are enough samples, while this process scores the model terms (CLIP on the GPU): the same values
+    on_host = {t.backend for _, t in jobs if backend_class(t.backend).host_workers}
+    host_items = sum(levels.count(lvl) for lvl, t in jobs if t.backend in on_host)
     cores = usable_cores()
     own_pool = pool is None and host_items >= MIN_ITEMS_FOR_PROCESSES and cores > 2
     if own_pool:
@@ -248,7 +248,7 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
         if not idx:
             continue
         backend = get_backend(term)
-        views = needs_views(term.backend, backend)
+        views = backend.needs_views
         run = []
         for i in idx:
             if row_status[i] != "ok":
@@ -258,7 +258,7 @@ def reward_table(rows: dict[str, list], kind: str, config: RewardConfig, renders
             else:
                 run.append(i)
         scored.append((lvl, term, run))
-        if pool is not None and term.backend in HOST_BACKENDS and run:  # scored in worker processes meanwhile
+        if pool is not None and term.backend in on_host and run:  # scored in worker processes meanwhile
             pending[len(scored) - 1] = [pool.submit(_score_in_worker, term, [items[i] for i in run[s:s + batch]], batch)
                                         for s in range(0, len(run), batch)]
     try:

@@ -20,7 +20,7 @@ from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
-from rl3d.stages.policy.checkpoint import carried_meta, policy_id, read_policy_meta, rng_state, save_policy
+from rl3d.stages.policy.checkpoint import carried_meta, policy_id, read_policy_meta, rng_state, save_policy, sft_step_of
 from rl3d.stages.rl.config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs
 from rl3d.stages.rl.learner import (TIMERS, Learner, make_optimizer, read_batch, set_fused,  # noqa: F401
@@ -124,14 +124,14 @@ def _save_checkpoint(out: Path, model, weights, opt_state, policy, cfg, meta, in
              "rl_config": asdict(cfg)}
     extra["rl_step"] = metrics["step"]
     extra["optimizer_updates"] = metrics["optimizer_updates"]
-    extra["sft_step"] = meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)
+    extra["sft_step"] = sft_step_of(meta)
     tmp.mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=1) as writer:
         # none for LoRA: the adapter is merged on save
         opt_written = writer.submit(torch.save, opt_state, tmp / "optimizer.pt") if opt_state is not None else None
         # save_policy writes into a temp dir of its own and renames it onto `weights_dir`
         weights_dir = tmp / ".weights"
-        save_policy(weights_dir, model, policy.tokenizer, policy.codec, step=meta.get("step", 0),
+        save_policy(weights_dir, model, policy.tokenizer, policy.codec, step=metrics["step"],
                     base=meta.get("base"), codec_ref=None, extra=extra, state_dict=weights)
         if opt_written is not None:
             opt_written.result()  # re-raises a failed write

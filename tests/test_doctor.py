@@ -4,18 +4,14 @@ import json
 import shutil
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from rl3d.cli.main import main
+from helpers import (SPECIALS, TINY_HPS_ARCH, WORDS, build_tiny_clip, build_tiny_hps, build_tiny_qwen_vl,
+                     chat_server, make_tiny_policy, open_clip_missing, tiny_tokenizer)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from replicas import TINY_HPS_ARCH, build_tiny_clip, build_tiny_hps, open_clip_missing  # noqa: E402
-from test_openai_client import chat_server  # noqa: E402
-from test_policy import SPECIALS, WORDS, make_tiny_policy, tiny_codec  # noqa: E402
-from test_vlm import build_tiny_qwen_vl  # noqa: E402
+from rl3d.cli.main import main
 
 CONFIG = """
 name = "doctor-test"
@@ -250,7 +246,6 @@ def test_policy_with_the_64_vqvae_codec(models, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
-    from test_policy import tiny_tokenizer
 
     vq = tmp_path / "vq"
     shutil.copytree(models["policy"], vq)
@@ -325,7 +320,6 @@ def _vqvae_policy(models, tmp_path):
     from types import SimpleNamespace
 
     from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
-    from test_policy import tiny_tokenizer
 
     d = tmp_path / "vl"
     shutil.copytree(models["policy"], d)

@@ -1,20 +1,17 @@
 """rl3d eval end to end on tiny random policies and a tiny CLIP, plus metric computation on
 hand-built samples (no gen)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+import helpers as fx
+
 from rl3d.cli.main import main
 from rl3d.stages import eval as E
 from rl3d.stages.eval_sets import load_benchmark
-
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 
 def _grid(x0, x1, y0=0):

@@ -1,38 +1,26 @@
 """rl3d eval end to end on a policy whose codec is the 64^3 VQ-VAE: a tiny random Qwen2.5-VL with the
 mesh tokens added after its specials and a reduced-size VQ-VAE replica referenced by path (the
-builders of test_qwenvl.py), a tiny CLIP, one benchmark prompt. Checks the report's rows."""
+builders of tests/helpers.py), a tiny CLIP, one benchmark prompt. Checks the report's rows."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
 
+import helpers as fx
+
 from rl3d.cli.main import main
 from rl3d.formats import tables
 from rl3d.stages.eval_sets import load_benchmark
 
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
-
-
-def _qwenvl_builders():
-    spec = importlib.util.spec_from_file_location("qwenvl_tests", Path(__file__).with_name("test_qwenvl.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.filterwarnings("ignore")
 def test_eval_of_a_vqvae64_policy_end_to_end(tmp_path):
-    q = _qwenvl_builders()
-    q.save_codec(tmp_path / "vqvae")
-    policy = q.save_replica(tmp_path / "vq", tmp_path / "vqvae", q.qwen_like_tokenizer(16))
+    fx.save_codec(tmp_path / "vqvae")
+    policy = fx.save_replica(tmp_path / "vq", tmp_path / "vqvae", fx.qwen_like_tokenizer(16))
     clip = fx.make_tiny_clip(tmp_path / "clip")
     out = tmp_path / "ev"
     args = ["eval", "--bench", "synth-reasoning", "--policy", str(policy), "--out", str(out), "--limit", "1",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import make_tiny_policy
 
-from rl3d.cli.main import main  # noqa: E402
-from rl3d.formats import tables  # noqa: E402
-from rl3d.stages import gen  # noqa: E402
-from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
-from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_tokens, uniform_draws  # noqa: E402
-from rl3d.stages.policy.sequence import INSTRUCTIONS, build_prompt, collate, encode_text  # noqa: E402
+from rl3d.cli.main import main
+from rl3d.formats import tables
+from rl3d.stages import gen
+from rl3d.stages.policy.checkpoint import load_policy
+from rl3d.stages.policy.sampler import Sampling, completion_logprobs, sample_tokens, uniform_draws
+from rl3d.stages.policy.sequence import INSTRUCTIONS, build_prompt, collate, encode_text
 
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "furniture", "spec": '{"legs": 4}'},
            {"prompt_id": "p-table", "prompt": "a tall blue table", "category": "furniture", "spec": '{"legs": 1}'},
@@ -173,6 +171,33 @@ def test_killed_gen_resumes_without_duplicates(tiny, prompts_file, tmp_path):
     assert len(list(out.glob("part-*.parquet"))) == 1
     r = CliRunner().invoke(main, args)  # complete now: skipped
     assert json.loads(r.stdout)["skipped"] is True
+
+
+def test_gen_reads_and_hashes_the_policy_once(tiny, prompts_file, tmp_path, monkeypatch):
+    """The id (a hash of every weight byte, up to 1 GiB) and the tokenizer come from one read of the
+    dir: the prompt-length guard and the model load use the same objects, and a finished run loads
+    no model."""
+    from rl3d.stages.policy import checkpoint
+
+    calls = {"hash": 0, "tokenizer": 0, "model": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(checkpoint, "weights_hash", counted("hash", checkpoint.weights_hash))
+    monkeypatch.setattr(checkpoint, "load_tokenizer", counted("tokenizer", checkpoint.load_tokenizer))
+    monkeypatch.setattr(checkpoint, "model_vocab_size", counted("model", checkpoint.model_vocab_size))
+    args = ["gen", "--prompts", str(prompts_file), "--policy", str(tiny), "--mode", "flat", "-G", "1",
+            "--max-reasoning-tokens", "2", "--out", str(tmp_path / "g"), "--quiet", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert calls == {"hash": 1, "tokenizer": 1, "model": 1}
+    assert tables.table_policy(tmp_path / "g").endswith("#step3")
+    r = CliRunner().invoke(main, args)  # done: the dir is read once more, the model never loads
+    assert json.loads(r.stdout)["skipped"] is True and calls == {"hash": 2, "tokenizer": 2, "model": 1}
 
 
 def test_no_meshes_writes_the_same_rows_without_glbs(tiny, prompts_file, tmp_path):

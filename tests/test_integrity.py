@@ -356,8 +356,7 @@ def test_a_reward_config_nested_too_deeply_is_one_line(tmp_path):
 
 
 def test_model_class_that_is_no_model_is_refused(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_policy import make_tiny_policy
+    from helpers import make_tiny_policy
 
     from rl3d.stages.policy.checkpoint import load_policy
 
@@ -452,8 +451,7 @@ def test_a_full_disk_while_saving_weights_is_one_line_naming_the_file(tmp_path, 
 
     from safetensors import SafetensorError
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_policy import make_tiny_policy
+    from helpers import make_tiny_policy
 
     from rl3d.stages.policy.checkpoint import load_policy, save_policy
 
@@ -525,8 +523,7 @@ def test_render_pool_is_a_process_pool(objs, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def gen_run(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_policy import make_tiny_policy
+    from helpers import make_tiny_policy
 
     d = tmp_path_factory.mktemp("gen")
     policy = make_tiny_policy(d / "policy")
@@ -583,8 +580,7 @@ def test_a_join_without_provenance_is_refused_unless_allowed(objs, tmp_path):
 
 
 def test_the_off_policy_check_reads_the_rows_when_the_metadata_is_gone(gen_run, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_policy import make_tiny_policy
+    from helpers import make_tiny_policy
 
     from rl3d.stages.contract import Progress
     from rl3d.stages.rl_step import check_batch

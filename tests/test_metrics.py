@@ -1,16 +1,12 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.linalg
 
+import helpers as fx
+
 from rl3d.formats.errors import InputError
 from rl3d.stages.scoring import metrics
 from rl3d.stages.scoring.clip import ClipScorer
-
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 
 def test_kd_hand_computed_three_points():

@@ -2,90 +2,14 @@
 on 127.0.0.1 (ephemeral port) that speaks /v1/chat/completions and is scripted per test."""
 import base64
 import io
-import json
-import threading
-import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 from PIL import Image
+
+from helpers import chat_server
 
 from rl3d.stages.rewards.base import RewardItem
 from rl3d.stages.rewards.openai_client import ChatClient, chat_completions_url
 from rl3d.stages.rewards.vlm import VLMJudgeBackend
-
-
-class FakeChatServer:
-    """behave(request_number, body) -> (status, reply_text_or_error_body, delay_s). GET /v1/models
-    lists `served` (what `rl3d doctor` asks an endpoint)."""
-
-    def __init__(self, behave, served=("judge",)):
-        self.behave, self.lock, self.served = behave, threading.Lock(), list(served)
-        self.count = self.active = self.max_active = 0
-        self.bodies, self.headers = [], []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_GET(self):
-                ok = self.path.rstrip("/") == "/v1/models"
-                payload = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in server.served]}
-                                     if ok else {"error": {"message": "not found"}}).encode()
-                self.send_response(200 if ok else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    n = server.count
-                    server.count += 1
-                    server.active += 1
-                    server.max_active = max(server.max_active, server.active)
-                    server.bodies.append(body)
-                    # header names are case-insensitive: record them in one spelling
-                    server.headers.append({k.title(): v for k, v in self.headers.items()})
-                try:
-                    status, text, delay = server.behave(n, body)
-                    time.sleep(delay)
-                    if status == 200:
-                        payload = json.dumps({"id": f"c{n}", "object": "chat.completion", "choices": [
-                            {"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop"}]}).encode()
-                    else:
-                        payload = json.dumps({"error": {"message": text}}).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-                finally:
-                    with server.lock:
-                        server.active -= 1
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
-@contextmanager
-def chat_server(behave, served=("judge",)):
-    srv = FakeChatServer(behave, served)
-    t = threading.Thread(target=srv.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
-        yield srv
-    finally:
-        srv.httpd.shutdown()
-        srv.httpd.server_close()
-        t.join(timeout=5)
 
 
 def _conv(text="hi"):

@@ -6,7 +6,6 @@ Bounded: about 30 s on one CPU core (the tiny judge generates 4 tokens per reque
 cannot be imported (not installed, or a torchvision build that does not match torch), the HPS terms
 are left out of the copy, the rest runs, and the test ends as skipped naming why."""
 import json
-import sys
 import tomllib
 from pathlib import Path
 
@@ -17,15 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import (TINY_HPS_ARCH, build_tiny_clip, build_tiny_hps, build_tiny_qwen_vl, chat_server,
+                     open_clip_missing, samples_table)
+
 from rl3d.cli.main import main
 from rl3d.formats import tables
 from rl3d.stages.rewards.config import preset_path
-
-sys.path.insert(0, str(Path(__file__).parent))
-from replicas import TINY_HPS_ARCH, build_tiny_clip, build_tiny_hps, open_clip_missing  # noqa: E402
-from test_openai_client import chat_server  # noqa: E402
-from test_reward_stage import samples_table  # noqa: E402
-from test_vlm import build_tiny_qwen_vl  # noqa: E402
 
 # options the tiny replicas need on top of the preset's (arch of the tiny open_clip; short judge replies)
 TINY = {"hps": {"arch": TINY_HPS_ARCH, "device": "cpu"},

@@ -4,67 +4,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from helpers import WORDS, make_tiny_policy
+
 from rl3d.formats.errors import InputError
-from rl3d.stages.policy.checkpoint import POLICY_META, load_policy, save_policy
+from rl3d.stages.policy.checkpoint import POLICY_META, load_policy
 from rl3d.stages.policy.sampler import completion_logprobs
 from rl3d.stages.policy.sequence import (KIND_FORCE_END, KIND_FORCE_EOS, KIND_FORCE_START, KIND_MESH,
                                          KIND_REASONING, allowed_mask, build_prompt, build_sequence, collate)
 from rl3d.stages.policy.tokenizer import mesh_token_ids
 
 torch.set_num_threads(1)  # tiny models: intra-op threads only add contention on a shared machine
-
-WORDS = "a the red blue green box chair table leg legs seat back round tall short wide plan part top".split()
-SPECIALS = ["<|pad|>", "<|endoftext|>", "[UNK]", "<|user|>", "<|assistant|>", "<mesh-start>", "<mesh-end>"]
-
-
-def tiny_codec():
-    from rl3d.formats.codec import VoxelCodec
-
-    g = np.zeros((2, 32, 32, 32), np.uint8)
-    g[0, 4:12, 0:8, 4:20] = 3
-    g[1, 10:30, 0:5, 2:6] = 5
-    return VoxelCodec.build(g, n_patterns=2)  # 1 + 2 * 16 = 33 mesh tokens
-
-
-def tiny_tokenizer(codec):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from rl3d.formats.codec import mesh_token_text
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tk.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                                   unk_token="[UNK]")
-    fast.add_tokens([AddedToken(mesh_token_text(i), special=True) for i in range(codec.vocab_size)],
-                    special_tokens=True)
-    return fast
-
-
-def make_tiny_policy(out: Path, seed: int = 0, step: int = 3, mode: str | None = None, tied: bool = False) -> Path:
-    """Random-init Qwen2 (hidden 32, 2 layers) + word tokenizer + tiny codec, saved by save_policy.
-    `mode` ("hi-grpo" / "flat") is recorded in rl3d_policy.json when given; `tied`: the output head
-    shares the input embedding (as the shipped policy does)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    codec = tiny_codec()
-    tok = tiny_tokenizer(codec)
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=64, vocab_size=len(tok) + 3, max_position_embeddings=2048,
-                      tie_word_embeddings=tied, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # make text tokens and <mesh-start> likely enough to see short plans
-        model.lm_head.weight.mul_(8.0)
-    return save_policy(out, model, tok, codec, step=step, base="random-init",
-                           extra={"mode": mode} if mode else None)
 
 
 @pytest.fixture(scope="module")

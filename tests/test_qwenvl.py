@@ -13,80 +13,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from helpers import qwen_like_tokenizer, save_codec, save_replica
 
 from rl3d.cli.main import main
 from rl3d.formats import tables
 from rl3d.formats.codec import MESH_END, MESH_START, mesh_token_text
 from rl3d.formats.errors import InputError
-from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+from rl3d.formats.vqvae64 import VQVAE64Codec
 from rl3d.stages.policy.checkpoint import POLICY_META, load_policy
 from rl3d.stages.policy.sampler import CompletionLogprobs, resolve_sampling
 from rl3d.stages.policy.sequence import collate
 
 torch.set_num_threads(1)
-
-# ChatML as Qwen2.5-VL's tokenizer writes it for text-only turns (default system prompt included)
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>"]
-TEXT = ["a red chair with four legs", "a tall blue table", "Please generate a 3D mesh based on the prompt "
-        "I provided:", "First plan the object at a high level: its sub-category, its key parts, their layout",
-        "Here is the high-level plan: Now expand the parts into precise detail", "You are a helpful assistant."]
-
-
-def qwen_like_tokenizer(n_mesh: int | None, skip: tuple[int, ...] = (), with_end: bool = True):
-    """A small byte-level BPE with Qwen's chat specials and chat template; then, like ShapeLLM-Omni,
-    <mesh0>..<mesh{n-1}>, <mesh-start>, <mesh-end> added after the specials (codes first)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=360, special_tokens=QWEN_SPECIALS,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                          show_progress=False))
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                      chat_template=CHAT_TEMPLATE)
-    if n_mesh is not None:
-        names = [mesh_token_text(i) for i in range(n_mesh) if i not in skip] + [MESH_START]
-        wrapped.add_tokens(names + ([MESH_END] if with_end else []))
-    return wrapped
-
-
-def save_codec(out: Path) -> VQVAE64Codec:
-    """The 16-code block replica of the VQ-VAE (published key names, channels 2), saved as a checkpoint dir."""
-    codec = VQVAE64Codec(make_block_replica())
-    codec.save(out)
-    return VQVAE64Codec.load(out)
-
-
-def save_replica(out: Path, codec_dir: Path, tok, seed: int = 0) -> Path:
-    """Tiny random Qwen2.5-VL + tokenizer + rl3d_policy.json naming the class and the codec by path."""
-    torch.manual_seed(seed)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok) + 2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=4096,
-                         rope_parameters=rope, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[0]))
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
-    with torch.no_grad():  # text and <mesh-start> likely enough for short plans
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    codec = VQVAE64Codec.load(codec_dir)
-    meta = {"model_class": "Qwen2_5_VLForConditionalGeneration", "codec": str(codec_dir),
-            "codec_hash": codec.content_hash(), "chat_template": True, "sampling": "shapellm", "step": 0,
-            "base": "random-init Qwen2.5-VL"}
-    (out / POLICY_META).write_text(json.dumps(meta))
-    return out
 
 
 @pytest.fixture(scope="module")

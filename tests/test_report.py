@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -6,11 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import helpers as fx
+
 from rl3d.stages.scoring import report
 from rl3d.stages.eval import metric_row
-
-sys.path.insert(0, str(Path(__file__).parent))
-import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
 
 CATS = ["spatial_structural", "organic_forms"]
 
@@ -248,7 +246,8 @@ def test_learning_summary_without_held_out_scores_says_so(tmp_path):
 
 def test_few_samples_are_flagged_and_n1_deltas_get_no_verdict(tmp_path):
     """A value from fewer than 8 samples is marked with a visible note; with n = 1 a delta is shown
-    but not called better or worse; the policies table shows each policy's RL step."""
+    but not called better or worse; the policies table shows each policy's SFT and RL step (an eval
+    record of before `sft_step` names the SFT step `step`)."""
     rows = []
     for p, v, n in (("A", 20.0, 1), ("B", 25.0, 1)):
         rows += [metric_row(p, c, "clip_score", v, n) for c in ["all", *CATS]]
@@ -260,8 +259,8 @@ def test_few_samples_are_flagged_and_n1_deltas_get_no_verdict(tmp_path):
     ctx = report.ReportContext("toy", "hand-made", "abc", CATS,
                                [{"name": "A", "policy_id": "a", "mode": "hi-grpo", "final_level": "fine", "step": 300,
                                  "rl_step": 0},
-                                {"name": "B", "policy_id": "b", "mode": "hi-grpo", "final_level": "fine", "step": 300,
-                                 "rl_step": 12}])
+                                {"name": "B", "policy_id": "b", "mode": "hi-grpo", "final_level": "fine",
+                                 "sft_step": 300, "rl_step": 12}])
     files = report.write_report(rows, tmp_path / "out", ctx)
     md, page = files["report_md"].read_text(), files["report_html"].read_text()
     assert "| A | hi-grpo (fine) | 300 | 0 |" in md and "| B | hi-grpo (fine) | 300 | 12 |" in md

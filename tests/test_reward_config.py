@@ -79,3 +79,69 @@ def test_paper_preset_without_models_says_what_is_missing(monkeypatch):
     hps = load_config("paper").terms("coarse")[0]
     with pytest.raises(InputError, match="term 'hps'.*checkpoint"):
         make_backend(hps)
+
+
+def test_each_backend_declares_its_needs_on_itself():
+    """The backends are the RewardBackend subclasses the files of stages/rewards/ declare; what the reward
+    stage and doctor ask of one (views, host worker processes) is its own class attribute."""
+    from rl3d.stages.rewards.config import backend_class, backend_names
+
+    assert backend_names() == ["clip", "geometry", "hps", "spec", "vlm"]
+    declared = {n: (backend_class(n).needs_views, backend_class(n).host_workers) for n in backend_names()}
+    assert declared == {"clip": (True, False), "geometry": (False, True), "hps": (True, False),
+                        "spec": (False, True), "vlm": (True, False)}
+    for module_not_backend in ("base", "config", "judge_prompts", "openai_client"):
+        with pytest.raises(InputError, match=f"unknown backend '{module_not_backend}' \\(known: clip, geometry"):
+            backend_class(module_not_backend)
+
+
+PROMPT_LENGTH_BACKEND = '''
+from rl3d.stages.checks.check import passed
+from rl3d.stages.rewards.base import RewardBackend, TermResult
+
+
+class PromptLengthBackend(RewardBackend):
+    name = "prompt_length"
+    host_workers = True
+
+    @classmethod
+    def default_options(cls, term_name):
+        return {"unit": "words"}
+
+    @classmethod
+    def doctor(cls, options, label, unset, timeout):
+        return [passed(label, f"counts {options['unit']}")]
+
+    def __init__(self, unit):
+        self.unit = unit
+
+    def score(self, items):
+        return [TermResult(value=float(len(it.prompt.split() if self.unit == "words" else it.prompt)))
+                for it in items]
+'''
+
+
+def test_a_new_backend_is_one_file_that_config_stage_and_doctor_find(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    import rl3d.stages.rewards as rewards_pkg
+    from rl3d.stages.doctor import check_rewards
+    from rl3d.stages.rewards.base import RewardItem
+    from rl3d.stages.rewards.config import backend_names, make_backend
+
+    (tmp_path / "prompt_length.py").write_text(PROMPT_LENGTH_BACKEND)
+    monkeypatch.setattr(rewards_pkg, "__path__", [*rewards_pkg.__path__, str(tmp_path)])  # as if in the folder
+    importlib.invalidate_caches()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[levels.single]]\nname = "length"\nbackend = "prompt_length"\naggregate = "none"\n')
+    try:
+        t = load_config(cfg).terms("single")[0]
+        assert t.options == {"unit": "words"}                        # its declared default option
+        assert "prompt_length" in backend_names()
+        items = [RewardItem("a", "a tall red chair", "single", [])]
+        assert make_backend(t).score(items)[0].value == 4.0
+        checks = check_rewards(str(cfg), timeout=1.0)
+        assert [c.line() for c in checks[1:]] == ["ok       reward single.length (prompt_length): counts words"]
+    finally:  # the module lives in tmp_path: no later test may find it
+        sys.modules.pop("rl3d.stages.rewards.prompt_length", None)

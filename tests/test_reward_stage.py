@@ -8,6 +8,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import samples_table
+
 from rl3d.cli.main import main
 from rl3d.formats import tables
 from rl3d.formats.codec import VoxelCodec
@@ -48,18 +50,6 @@ def grid_cube(y0=0):
     g = np.zeros((32, 32, 32), np.uint8)
     g[8:16, y0:y0 + 8, 8:16] = 3
     return g
-
-
-def samples_table(rows):
-    n = len(rows)
-    cols = {k: [r[k] for r in rows] for k in ("sample_id", "prompt_id", "sample_index", "level", "prompt",
-                                              "mesh_tokens", "status", "message")}
-    cols.update({"input_ids": [[1, 2]] * n, "prompt_len": [1] * n, "reasoning_start": [1] * n,
-                 "reasoning_end": [1] * n, "mesh_start": [1] * n, "mesh_end": [1] * n, "logprobs": [[0.0]] * n,
-                 "reasoning": [""] * n, "mesh_path": [""] * n, "policy_id": ["p"] * n, "policy_step": [0] * n,
-                 "seed": [0] * n})
-    types = dict(tables.SCHEMAS["samples"][1])
-    return pa.table({k: pa.array(v, types[k]) for k, v in cols.items()})
 
 
 @pytest.fixture(scope="module")

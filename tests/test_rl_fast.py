@@ -12,26 +12,25 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_rl_step import _batch, _metrics, _step  # noqa: E402
+from helpers import rl_batch, run_step, step_metrics
 
-from rl3d.cli.main import main  # noqa: E402
-from rl3d.formats import shards, tables  # noqa: E402
-from rl3d.formats.errors import InputError  # noqa: E402
-from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
-from rl3d.stages.policy.sampler import completion_logprobs, token_logprobs  # noqa: E402
-from rl3d.stages.policy.sequence import collate  # noqa: E402
-from rl3d.stages.rl.config import RLConfig  # noqa: E402
-from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics  # noqa: E402
-from rl3d.stages.rl.update import by_length  # noqa: E402
-from rl3d.stages.rl_step import TIMERS, make_optimizer, set_fused, use_fused_adamw  # noqa: E402
+from rl3d.cli.main import main
+from rl3d.formats import shards, tables
+from rl3d.formats.errors import InputError
+from rl3d.stages.policy.checkpoint import load_policy
+from rl3d.stages.policy.sampler import completion_logprobs, token_logprobs
+from rl3d.stages.policy.sequence import collate
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics
+from rl3d.stages.rl.update import by_length
+from rl3d.stages.rl_step import TIMERS, make_optimizer, set_fused, use_fused_adamw
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return _batch(tmp_path_factory.mktemp("rlfast"))
+    return rl_batch(tmp_path_factory.mktemp("rlfast"))
 
 
 def _weights(out):
@@ -72,19 +71,19 @@ def test_chunked_logprobs_equal_plain_log_softmax_with_and_without_grad(run):
 
 def test_recompute_on_fp32_cpu_has_no_mismatch_and_gives_the_stored_update(run, tmp_path):
     root, policy, _ = run
-    s_stored = _step(root, policy, tmp_path / "stored", beta=0.01, minibatch=6)
-    s_recomp = _step(root, policy, tmp_path / "recompute", beta=0.01, minibatch=6, old_logprobs="recompute")
+    s_stored = run_step(root, policy, tmp_path / "stored", beta=0.01, minibatch=6)
+    s_recomp = run_step(root, policy, tmp_path / "recompute", beta=0.01, minibatch=6, old_logprobs="recompute")
     for s, out in ((s_stored, "stored"), (s_recomp, "recompute")):
-        m = _metrics(tmp_path / out)
+        m = step_metrics(tmp_path / out)
         assert m["mismatch_abs_mean"] < 1e-5 and m["mismatch_abs_max"] < 1e-4, out
         assert m["mismatch_clip_frac"] == 0.0 and m["mismatch_tokens"] > 0
         assert s["mismatch_abs_max"] == m["mismatch_abs_max"]
     # stored measures the first minibatch (6 rows), recompute every kept row
-    assert _metrics(tmp_path / "recompute")["mismatch_tokens"] > _metrics(tmp_path / "stored")["mismatch_tokens"]
+    assert step_metrics(tmp_path / "recompute")["mismatch_tokens"] > step_metrics(tmp_path / "stored")["mismatch_tokens"]
     a, b = _weights(tmp_path / "stored"), _weights(tmp_path / "recompute")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
-    assert _metrics(tmp_path / "recompute")["loss"] == pytest.approx(_metrics(tmp_path / "stored")["loss"], abs=1e-5)
+    assert step_metrics(tmp_path / "recompute")["loss"] == pytest.approx(step_metrics(tmp_path / "stored")["loss"], abs=1e-5)
     meta = json.loads((tmp_path / "recompute" / "rl3d_policy.json").read_text())
     assert meta["rl_config"]["old_logprobs"] == "recompute"
     assert tables.table_config(tmp_path / "recompute" / "metrics")["rl"]["old_logprobs"] == "recompute"
@@ -112,7 +111,7 @@ def test_a_perturbed_stored_logprob_shows_in_the_mismatch(run, tmp_path, mode):
     cfg = RLConfig(lr=1e-3, micro_batch=4, beta=0.0, old_logprobs=mode)
     from rl3d.stages.rl_step import run_rl_step
     s = run_rl_step(policy, samples, root / "rewards", tmp_path / "out", cfg, run_metrics=str(tmp_path / "m.parquet"))
-    m = _metrics(tmp_path / "out")
+    m = step_metrics(tmp_path / "out")
     assert m["mismatch_abs_max"] == pytest.approx(1.0, abs=1e-4)
     assert m["mismatch_clip_frac"] == pytest.approx(1.0 / m["mismatch_tokens"])  # exp(-1) < 1 - 0.2
     assert m["mismatch_abs_mean"] == pytest.approx(1.0 / m["mismatch_tokens"], abs=1e-5)
@@ -146,12 +145,12 @@ def test_old_logprobs_flag_is_validated(run, tmp_path):
 
 def test_length_buckets_give_the_same_update_with_less_padding(run, tmp_path):
     root, policy, rows = run
-    _step(root, policy, tmp_path / "plain", beta=0.01, minibatch=6, micro_batch=2)
-    _step(root, policy, tmp_path / "buckets", beta=0.01, minibatch=6, micro_batch=2, length_buckets=True)
+    run_step(root, policy, tmp_path / "plain", beta=0.01, minibatch=6, micro_batch=2)
+    run_step(root, policy, tmp_path / "buckets", beta=0.01, minibatch=6, micro_batch=2, length_buckets=True)
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "buckets")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)  # float summation order only
-    ma, mb = _metrics(tmp_path / "plain"), _metrics(tmp_path / "buckets")
+    ma, mb = step_metrics(tmp_path / "plain"), step_metrics(tmp_path / "buckets")
     for k in ("loss", "kl", "pg_loss", "grad_norm", "tokens"):
         assert mb[k] == pytest.approx(ma[k], abs=1e-6), k
     # the order: by sequence length, stable among equals
@@ -166,8 +165,8 @@ def test_length_buckets_give_the_same_update_with_less_padding(run, tmp_path):
 
 def test_timers_are_in_the_metrics_and_the_summary(run, tmp_path):
     root, policy, _ = run
-    s = _step(root, policy, tmp_path / "t", beta=0.01, old_logprobs="recompute")
-    m = _metrics(tmp_path / "t")
+    s = run_step(root, policy, tmp_path / "t", beta=0.01, old_logprobs="recompute")
+    m = step_metrics(tmp_path / "t")
     for k in TIMERS:
         assert k in m and m[k] >= 0.0 and s[k] == m[k], k
     assert m["save_s"] > 0.0 and m["wall_s"] >= m["update_s"] + m["save_s"]
@@ -206,8 +205,8 @@ def test_adamw_is_fused_only_with_every_weight_on_cuda_and_keeps_its_kernel_over
 
 def test_gradient_checkpointing_gives_the_same_update(run, tmp_path):
     root, policy, _ = run
-    _step(root, policy, tmp_path / "plain", beta=0.01)
-    _step(root, policy, tmp_path / "ckpt", beta=0.01, gradient_checkpointing=True)
+    run_step(root, policy, tmp_path / "plain", beta=0.01)
+    run_step(root, policy, tmp_path / "ckpt", beta=0.01, gradient_checkpointing=True)
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
@@ -232,7 +231,7 @@ def test_two_process_ddp_with_length_buckets_matches_one_process_and_its_mismatc
            "-m", "rl3d.cli.main", "rl-step", *args, "--out", str(tmp_path / "two"),
            "--run-metrics", str(tmp_path / "m2.parquet")]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    m1, m2 = step_metrics(tmp_path / "one"), step_metrics(tmp_path / "two")
     assert m1["updates"] == m2["updates"] == 3
     for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k

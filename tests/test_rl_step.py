@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,68 +12,30 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import rl_batch, run_step, step_metrics
 
-from rl3d.cli.main import main  # noqa: E402
-from rl3d.formats import shards, tables  # noqa: E402
-from rl3d.formats.errors import InputError  # noqa: E402
-from rl3d.stages import gen  # noqa: E402
-from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
-from rl3d.stages.rl.config import RLConfig  # noqa: E402
-from rl3d.stages.rl.loss import warmup_lr  # noqa: E402
-from rl3d.stages.rl_step import run_rl_step  # noqa: E402
+from rl3d.cli.main import main
+from rl3d.formats import shards, tables
+from rl3d.formats.errors import InputError
+from rl3d.stages.policy.checkpoint import load_policy
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.loss import warmup_lr
+from rl3d.stages.rl_step import run_rl_step
 
 torch.set_num_threads(1)
-PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
-           {"prompt_id": "p-table", "prompt": "a tall blue table", "category": "c"}]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny policy, a hi-grpo samples table from it and a rewards table scoring each sample by the
     fraction of non-empty mesh blocks (any deterministic function with spread will do)."""
-    return _batch(tmp_path_factory.mktemp("rl"))
-
-
-def _batch(root, tied=False):
-    policy = make_tiny_policy(root / "policy", tied=tied)
-    loaded = load_policy(policy, device="cpu", dtype="float32")
-    rows = gen.generate(loaded, PROMPTS, "hi-grpo", group_size=3, seed=3,
-                        sampling=gen.Sampling(max_reasoning_tokens=6), batch_size=8)
-    samples = pa.Table.from_pylist(rows)
-    # provenance as gen and reward record it: rl-step checks both before it joins them
-    gen_config = {"prompts": "PROMPTS", "seed": 3}
-    shards.write_part(tables.with_metadata(samples, "samples", gen_config, loaded.policy_id), root / "gen",
-                      shards.Shard(0, 1))
-    rewards = [{"sample_id": r["sample_id"], "prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
-                "level": r["level"], "total": float(np.mean(np.asarray(r["mesh_tokens"]) != 0)) + 0.1 * r["sample_index"],
-                "status": "ok", "message": ""} for r in rows]
-    t = pa.Table.from_pylist(rewards).cast(pa.schema([("sample_id", pa.string()), ("prompt_id", pa.string()),
-                                                      ("sample_index", pa.int32()), ("level", pa.string()),
-                                                      ("total", pa.float64()), ("status", pa.string()),
-                                                      ("message", pa.string())]))
-    made_from = {"samples": tables.table_id("samples", gen_config, loaded.policy_id)}
-    shards.write_part(tables.with_metadata(t, "rewards", {"reward": "mesh fill"}, loaded.policy_id, made_from),
-                      root / "rewards", shards.Shard(0, 1))
-    return root, policy, rows
-
-
-def _step(root, policy, out, allow_off_policy=False, **kw):
-    cfg = RLConfig(**{"lr": 1e-3, "micro_batch": 4, **kw})
-    return run_rl_step(policy, root / "gen", root / "rewards", out, cfg, run_metrics=str(out.parent / "m.parquet"),
-                       allow_off_policy=allow_off_policy)
-
-
-def _metrics(out):
-    t = tables.read_table(out / "metrics", "metrics").to_pylist()
-    return {r["name"]: r["value"] for r in t}
+    return rl_batch(tmp_path_factory.mktemp("rl"))
 
 
 def test_first_update_has_ratio_one_and_loss_equals_negative_weighted_advantage(run, tmp_path):
     root, policy, rows = run
-    s = _step(root, policy, tmp_path / "a", beta=0.0)
-    m = _metrics(tmp_path / "a")
+    s = run_step(root, policy, tmp_path / "a", beta=0.0)
+    m = step_metrics(tmp_path / "a")
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # stored log-probs == recomputed
     assert m["clip_low_frac"] == 0.0 and m["clip_high_frac"] == 0.0
     assert "kl" not in m  # beta 0 loads no reference, so no KL is measured (not a 0 that looks measured)
@@ -91,33 +52,38 @@ def test_first_update_has_ratio_one_and_loss_equals_negative_weighted_advantage(
 def test_checkpoint_is_complete_and_loadable(run, tmp_path):
     root, policy, _ = run
     out = tmp_path / "ckpt"
-    _step(root, policy, out, beta=0.01)
+    run_step(root, policy, out, beta=0.01)
     for f in ("model.safetensors", "tokenizer.json", "rl3d_policy.json", "optimizer.pt", "rng_state.pt", "rl_step.json"):
         assert (out / f).exists(), f
     meta = json.loads((out / "rl3d_policy.json").read_text())
     assert meta["rl_step"] == 1 and meta["initial_policy"] == str(Path(policy).resolve())
-    assert _metrics(out)["kl"] == 0.0  # the first step's policy is its own reference
+    # the checkpoint is at RL step 1 (its id says so), and keeps the SFT step it started from (3)
+    assert meta["step"] == 1 and meta["sft_step"] == 3
+    assert step_metrics(out)["kl"] == 0.0  # the first step's policy is its own reference
     loaded = load_policy(out, device="cpu", dtype="float32")
-    assert loaded.meta["rl_step"] == 1
+    assert loaded.meta["rl_step"] == 1 and loaded.step == 1
+    assert loaded.policy_id.startswith(f"{out.resolve()}@") and loaded.policy_id.endswith("#step1")
     run_metrics = pq.read_table(tmp_path / "m.parquet").to_pylist()
     assert {r["name"] for r in run_metrics} >= {"loss", "kl", "entropy", "reward_mean_coarse", "grad_norm"}
     # a second step from the first: its reference is still the initial policy, so KL > 0 now
     # (on the first step's samples: another policy drew them, which rl-step refuses unless told)
     with pytest.raises(InputError, match="pass --allow-off-policy"):
-        _step(root, out, tmp_path / "ckpt2", beta=0.01)
-    samples_meta = _step(root, out, tmp_path / "ckpt2", beta=0.01, allow_off_policy=True)
-    assert samples_meta["step"] == 2 and _metrics(tmp_path / "ckpt2")["kl"] > 0
+        run_step(root, out, tmp_path / "ckpt2", beta=0.01)
+    samples_meta = run_step(root, out, tmp_path / "ckpt2", beta=0.01, allow_off_policy=True)
+    assert samples_meta["step"] == 2 and step_metrics(tmp_path / "ckpt2")["kl"] > 0
+    meta2 = json.loads((tmp_path / "ckpt2" / "rl3d_policy.json").read_text())
+    assert (meta2["step"], meta2["rl_step"], meta2["sft_step"]) == (2, 2, 3)
     assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1, 2}
 
 
 def test_rerun_is_skipped_and_interrupted_run_reproduces_uninterrupted(run, tmp_path):
     root, policy, _ = run
-    _step(root, policy, tmp_path / "x", beta=0.01, epochs=2, minibatch=6)
-    assert _step(root, policy, tmp_path / "x", beta=0.01, epochs=2, minibatch=6)["skipped"] is True
+    run_step(root, policy, tmp_path / "x", beta=0.01, epochs=2, minibatch=6)
+    assert run_step(root, policy, tmp_path / "x", beta=0.01, epochs=2, minibatch=6)["skipped"] is True
     # an interrupted run leaves only a temp dir; rerunning gives the uninterrupted parameters
     (tmp_path / ".y.rl-tmp").mkdir()
     (tmp_path / ".y.rl-tmp" / "model.safetensors").write_bytes(b"torn")
-    _step(root, policy, tmp_path / "y", beta=0.01, epochs=2, minibatch=6)
+    run_step(root, policy, tmp_path / "y", beta=0.01, epochs=2, minibatch=6)
     a, b = load_file(tmp_path / "x" / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     base = load_file(Path(policy) / "model.safetensors")
@@ -126,8 +92,8 @@ def test_rerun_is_skipped_and_interrupted_run_reproduces_uninterrupted(run, tmp_
 
 def test_clipping_engages_after_the_policy_moved(run, tmp_path):
     root, policy, _ = run
-    _step(root, policy, tmp_path / "c", beta=0.0, epochs=4, minibatch=4, lr=3e-2)
-    m = _metrics(tmp_path / "c")
+    run_step(root, policy, tmp_path / "c", beta=0.0, epochs=4, minibatch=4, lr=3e-2)
+    m = step_metrics(tmp_path / "c")
     assert m["updates"] == 12 and m["clip_low_frac"] + m["clip_high_frac"] > 0
 
 
@@ -138,12 +104,12 @@ def test_warmup_ramps_the_lr_across_steps():
 
 def test_warmup_continues_from_the_parent_checkpoint(run, tmp_path):
     root, policy, _ = run
-    _step(root, policy, tmp_path / "w1", beta=0.0, minibatch=6, warmup_updates=8)  # 12 samples: 2 updates
-    m1 = _metrics(tmp_path / "w1")
+    run_step(root, policy, tmp_path / "w1", beta=0.0, minibatch=6, warmup_updates=8)  # 12 samples: 2 updates
+    m1 = step_metrics(tmp_path / "w1")
     assert m1["optimizer_updates"] == 2 and m1["lr"] == pytest.approx(1e-3 * (1 + 2) / 2 / 8)
     assert json.loads((tmp_path / "w1" / "rl3d_policy.json").read_text())["optimizer_updates"] == 2
-    _step(root, tmp_path / "w1", tmp_path / "w2", beta=0.0, minibatch=6, warmup_updates=8, allow_off_policy=True)
-    m2 = _metrics(tmp_path / "w2")
+    run_step(root, tmp_path / "w1", tmp_path / "w2", beta=0.0, minibatch=6, warmup_updates=8, allow_off_policy=True)
+    m2 = step_metrics(tmp_path / "w2")
     assert m2["optimizer_updates"] == 4 and m2["lr"] == pytest.approx(1e-3 * (3 + 4) / 2 / 8)
     # AdamW's state carries over too: named by parameter, its step count continues from the parent
     o1, o2 = (torch.load(tmp_path / d / "optimizer.pt", weights_only=True)["state"] for d in ("w1", "w2"))
@@ -192,14 +158,14 @@ def test_two_process_ddp_matches_one_process(run, tmp_path):
 
     root, policy, _ = run
     one = tmp_path / "one"
-    _step(root, policy, one, minibatch=4)
+    run_step(root, policy, one, minibatch=4)
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rl3d.cli.main", "rl-step", "--policy", str(policy), "--samples", str(root / "gen"),
            "--rewards", str(root / "rewards"), "--out", str(two), "--lr", "1e-3", "--micro-batch", "4",
            "--minibatch", "4", "--device", "cpu", "--run-metrics", str(tmp_path / "m2.parquet"), "--quiet"]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = step_metrics(one), step_metrics(two)
     assert m1["updates"] == m2["updates"] == 3
     for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean", "entropy"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
@@ -240,7 +206,7 @@ def test_two_processes_with_fsdp_loading_and_uneven_splits_match_one_process(tmp
     import os
     import subprocess
 
-    root, policy, _ = _batch(tmp_path, tied=tied)
+    root, policy, _ = rl_batch(tmp_path, tied=tied)
     args = ["--policy", str(policy), "--samples", str(root / "gen"), "--rewards", str(root / "rewards"),
             "--lr", "1e-3", "--minibatch", "5", "--micro-batch", "2", "--beta", "0.05", "--device", "cpu", "--quiet"]
     r = CliRunner().invoke(main, ["rl-step", *args, "--out", str(tmp_path / "one")])
@@ -250,7 +216,7 @@ def test_two_processes_with_fsdp_loading_and_uneven_splits_match_one_process(tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
            "rl-step", *args, "--out", str(tmp_path / "two")]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    m1, m2 = step_metrics(tmp_path / "one"), step_metrics(tmp_path / "two")
     assert m1["updates"] == m2["updates"] == 3 and m2["skipped_updates"] == 0
     for k in ("loss", "pg_loss", "kl", "grad_norm", "ratio_mean"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
@@ -281,7 +247,7 @@ def test_rewards_of_another_run_do_not_join(run, tmp_path):
     root, policy, rows = run
     other = tmp_path / "other-rewards"
     t = tables.read_table(root / "rewards", "rewards")
-    made_from = {"samples": tables.table_id("samples", {"prompts": "PROMPTS", "seed": 4}, "another run")}
+    made_from = {"samples": tables.table_id("samples", {"prompts": "RL_PROMPTS", "seed": 4}, "another run")}
     shards.write_part(tables.with_metadata(t, "rewards", {"reward": "mesh fill"}, None, made_from), other,
                       shards.Shard(0, 1))
     with pytest.raises(InputError, match="was made from another samples table .* do not join"):
@@ -307,9 +273,9 @@ def test_cli_writes_tensorboard_scalars_beside_the_run_metrics(run, tmp_path):
 
 def test_kill_after_the_checkpoint_rename_loses_no_run_metrics(run, tmp_path):
     root, policy, rows = run
-    _step(root, policy, tmp_path / "a", beta=0.0)
+    run_step(root, policy, tmp_path / "a", beta=0.0)
     (tmp_path / "m.parquet").unlink()  # as if killed between the rename and the run-metrics append
-    assert _step(root, policy, tmp_path / "a", beta=0.0)["skipped"] is True
+    assert run_step(root, policy, tmp_path / "a", beta=0.0)["skipped"] is True
     assert {r["step"] for r in pq.read_table(tmp_path / "m.parquet").to_pylist()} == {1}
 
 
@@ -317,7 +283,7 @@ def test_an_existing_incomplete_out_fails_before_training(run, tmp_path):
     root, policy, rows = run
     (tmp_path / "p").mkdir()
     with pytest.raises(InputError, match="is not a complete rl-step checkpoint"):
-        _step(root, policy, tmp_path / "p")
+        run_step(root, policy, tmp_path / "p")
     assert not (tmp_path / ".p.rl-tmp").exists() and not (tmp_path / "m.parquet").exists()
 
 

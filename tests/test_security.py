@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,7 @@ from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.rewards.hps import _read_weights
 from rl3d.stages.policy.checkpoint import load_trainer_state, restore_rng, rng_state
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import make_tiny_policy
 
 PACKAGE = Path(__file__).resolve().parents[1]
 

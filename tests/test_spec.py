@@ -1,6 +1,7 @@
 """Spec checker: passes ground truth, fails perturbations; prompt parsing; reward backend."""
 import numpy as np
 
+from rl3d.formats.errors import InputError
 from rl3d.formats.voxels import color_id
 from rl3d.stages.rewards.base import RewardItem
 from rl3d.stages.rewards.spec import SpecBackend, check_spec, parse_prompt
@@ -127,5 +128,5 @@ def test_backend_all_or_nothing_score():
     assert fraction[0].value == everything[0].value == 1.0
     assert 0.5 < fraction[1].value < 1.0 and everything[1].value == 0.0
     assert everything[1].details["checks"] == fraction[1].details["checks"]
-    with pytest.raises(ValueError, match="score must be one of fraction, all"):
+    with pytest.raises(InputError, match="score must be one of fraction, all"):  # one line, exit 2
         SpecBackend(score="most")

@@ -2,20 +2,16 @@
 same tokens and log-probs for a fixed seed, the same top-k / top-p acceptance, the same row layout."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import make_tiny_policy
 
-from rl3d.stages.policy.checkpoint import load_policy  # noqa: E402
-from rl3d.stages.policy.sampler import Sampling, sample_sequences, sample_tokens  # noqa: E402
-from rl3d.stages.policy.sequence import build_prompt, encode_text  # noqa: E402
-from rl3d.stages.policy.static_sampler import (_sample_static, fast_keep_threshold, keep_threshold,  # noqa: E402
+from rl3d.stages.policy.checkpoint import load_policy
+from rl3d.stages.policy.sampler import Sampling, sample_sequences, sample_tokens
+from rl3d.stages.policy.sequence import build_prompt, encode_text
+from rl3d.stages.policy.static_sampler import (_sample_static, fast_keep_threshold, keep_threshold,
                                                sample_sequences_static, sample_tokens_fixed)
 
 torch.set_num_threads(1)

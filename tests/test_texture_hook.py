@@ -123,13 +123,11 @@ def test_placeholders_are_single_arguments():
 
 def test_gen_runs_the_hook_and_records_texture_statuses(tmp_path):
     """rl3d gen --texture-hook: textured GLBs beside the meshes, a status per row, a bad spec exits 2."""
-    from pathlib import Path
 
     import pyarrow.parquet as pq
     from click.testing import CliRunner
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_policy import make_tiny_policy
+    from helpers import make_tiny_policy
 
     from rl3d.cli.main import main
 

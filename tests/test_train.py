@@ -20,14 +20,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_policy import make_tiny_policy  # noqa: E402
+from helpers import make_tiny_policy
 
-from rl3d.cli.main import main  # noqa: E402
-from rl3d.formats import tables  # noqa: E402
-from rl3d.stages.rl.config import RLConfig  # noqa: E402
-from rl3d.stages.rl.loss import policy_loss  # noqa: E402
-from rl3d.stages.rl.update import tis_metrics, truncated_importance_weights  # noqa: E402
+from rl3d.cli.main import main
+from rl3d.formats import tables
+from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.loss import policy_loss
+from rl3d.stages.rl.update import tis_metrics, truncated_importance_weights
 
 torch.set_num_threads(1)
 PROMPTS = [{"prompt_id": "p-chair", "prompt": "a red chair", "category": "c"},
@@ -119,7 +118,7 @@ def test_step_one_writes_what_the_commands_write(setup, tmp_path, mode):
     # the update record and checkpoint name the run's policies: samples of the initial, weights of step 1
     assert tables.provenance(d / "gen").policy == tables.provenance(c / "gen").policy
     ck = json.loads((run / "checkpoints" / "step-000001" / "rl3d_policy.json").read_text())
-    assert ck["rl_step"] == 1 and ck["policy_id"].endswith("#step1")
+    assert ck["rl_step"] == ck["step"] == 1 and ck["policy_id"].endswith("#step1")
     assert json.loads((run / "train.json").read_text())["settings"]["mode"] == mode
 
 

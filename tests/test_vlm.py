@@ -1,9 +1,10 @@
 """VLM judge backend: rubric parsers, reply -> TermResult assembly, and the real transformers path
 on a tiny random-init Qwen2.5-VL saved in a temp dir (its replies are garbage -> parse_error)."""
-import json
 
 import pytest
 from PIL import Image
+
+from helpers import build_tiny_qwen_vl
 
 from rl3d.formats.errors import InputError
 from rl3d.stages.rewards import judge_prompts as jp
@@ -11,7 +12,6 @@ from rl3d.stages.rewards.base import RewardItem
 from rl3d.stages.rewards.vlm import JudgeReply, VLMJudgeBackend, load_view
 
 # ---- parsers ------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("reply,expected", [
     ("The object is a chair with a back.\nMATCH: yes", 1.0),
@@ -191,50 +191,6 @@ def test_load_view_resizes_longer_side(tmp_path):
 
 
 # ---- the real transformers path on a tiny random Qwen2.5-VL -----------------------------------
-
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-            "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-            "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_tiny_qwen_vl(d):
-    """A 0.3 M-parameter random Qwen2.5-VL with a character-level tokenizer and Qwen's special tokens."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
-    fast.save_pretrained(d)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16).save_pretrained(d)
-    (d / "chat_template.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-    ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-               vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=1024,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-                         bos_token_id=0, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
-                           window_size=56),
-        bos_token_id=0, eos_token_id=2, pad_token_id=0, **ids)
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(d)
-    return d
-
 
 @pytest.fixture(scope="module")
 def tiny_vl(tmp_path_factory):

@@ -3,7 +3,9 @@ metadata file (rl3d_policy.json) and the policy id that names it in every output
 
 A policy dir: transformers weights (safetensors), the tokenizer, the codec (a copy under codec/,
 "default", or a path to a ShapeLLM-Omni VQ-VAE checkpoint kept outside the dir) and
-rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}. Optional prompt and sampling
+rl3d_policy.json {codec, codec_hash, step, base, model_class, ...}. `step` is the step of the training
+that wrote the weights: sft's step for an sft checkpoint, the RL step (also `rl_step`) for an RL
+checkpoint, which keeps the SFT step it started from in `sft_step`. Optional prompt and sampling
 fields (request_template, chat_template, system_prompt, sampling): docs/checkpoints.md.
 """
 from __future__ import annotations
@@ -127,24 +129,54 @@ def prompt_format_for(meta: dict, tokenizer, source: str = POLICY_META) -> Promp
                         system_prompt=meta.get("system_prompt"))
 
 
-def load_policy(path: str | os.PathLike | None = None, device: str | None = None,
-                dtype: str | None = None) -> Policy:
-    """A policy checkpoint dir (None = the shipped default) -> model (eval mode), tokenizer, codec."""
-    hf_logging.disable_progress_bar()  # no weight-loading bars in CLI output
+@dataclass
+class PolicyDir:
+    """What a policy dir says before its model loads: rl3d_policy.json, the policy id (the weights
+    hashed once), the tokenizer and the prompt layout (read once). gen checks its prompts against
+    these before any output is touched, then hands them to load_policy for the model."""
+    path: Path
+    meta: dict
+    policy_id: str
+    tokenizer: object
+    prompt_format: PromptFormat
+
+
+def open_policy_dir(path: str | os.PathLike | None = None) -> PolicyDir:
+    """A policy dir (None = the shipped default) without its model: InputError on a missing or bad
+    rl3d_policy.json, tokenizer or prompt layout, or no weight files."""
     path = Path(path).resolve() if path is not None else default_policy_dir()
     meta = read_policy_meta(path)
-    dev, dt = resolve_device_dtype(device, dtype)
-    codec = load_codec_for(path, meta, device=str(dev))
     tokenizer = load_tokenizer(path)
     fmt = prompt_format_for(meta, tokenizer, str(path / POLICY_META))
-    cls = _model_class(meta.get("model_class"), path)
+    return PolicyDir(path, meta, policy_id(path, meta), tokenizer, fmt)
+
+
+def load_policy(path: str | os.PathLike | None = None, device: str | None = None,
+                dtype: str | None = None, opened: PolicyDir | None = None) -> Policy:
+    """A policy checkpoint dir (None = the shipped default) -> model (eval mode), tokenizer, codec.
+    `opened`: the dir as open_policy_dir read it (its tokenizer and id are used, not read again)."""
+    hf_logging.disable_progress_bar()  # no weight-loading bars in CLI output
+    d = opened or open_policy_dir(path)
+    dev, dt = resolve_device_dtype(device, dtype)
+    codec = load_codec_for(d.path, d.meta, device=str(dev))
+    cls, path = _model_class(d.meta.get("model_class"), d.path), str(d.path)
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
+        model = cls.from_pretrained(path, local_files_only=True, dtype=dt, trust_remote_code=remote_code_allowed())
     except Exception as e:
-        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+        raise InputError(f"{d.path}: cannot load the model ({type(e).__name__}: {e})") from None
     model.to(dev).eval()
-    special = special_ids(tokenizer, codec, model_vocab_size(model), source=str(path))
-    return Policy(model, tokenizer, codec, path, policy_id(path, meta), int(meta.get("step", 0)), meta, special, fmt)
+    special = special_ids(d.tokenizer, codec, model_vocab_size(model), source=str(d.path))
+    return Policy(model, d.tokenizer, codec, d.path, d.policy_id, int(d.meta.get("step", 0)), d.meta, special,
+                  d.prompt_format)
+
+
+def sft_step_of(meta: dict) -> int:
+    """The SFT step a policy's weights descend from: its `sft_step`, else its `step` when it is
+    no RL checkpoint (an sft output or a converted base), else 0 (an RL checkpoint of before
+    sft_step was recorded)."""
+    if "sft_step" in meta:
+        return int(meta["sft_step"])
+    return 0 if "rl_step" in meta else int(meta.get("step", 0))
 
 
 def policy_id(path: Path, meta: dict) -> str:
@@ -186,8 +218,12 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
     out/codec - except an external VQ-VAE checkpoint, which is referenced by its absolute path
     (never copied: the published file is 533 MB). `state_dict`: the weights to write when `model` holds only a shard of them (FSDP).
     Written into a temp dir renamed at the end, so a killed save leaves no torn dir. The one writer
-    of a policy dir: sft's final policy and trainer checkpoints and rl-step's checkpoints use it."""
+    of a policy dir: sft's final policy and trainer checkpoints and rl-step's checkpoints use it.
+    `step`: the training step the weights are at; an RL checkpoint (`extra` holds `rl_step`) is at its
+    RL step whatever `step` says, so its policy id ends in #step<rl_step> as the run names it."""
     out = Path(out)
+    if extra and "rl_step" in extra:
+        step = extra["rl_step"]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

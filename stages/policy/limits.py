@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl3d.formats.errors import InputError
-from rl3d.formats.codecs import codec_seq_len
-from rl3d.stages.policy.checkpoint import codec_path, prompt_format_for
-from rl3d.stages.policy.sequence import build_prompt, encode_text
-from rl3d.stages.policy.tokenizer import load_tokenizer
+from rl3d.stages.policy.sequence import PromptFormat, build_prompt, encode_text
 
 MESH_MARKERS = 3  # <mesh-start>, <mesh-end> and the end of the turn around the mesh block
 
@@ -51,18 +48,16 @@ def check_prompt_lengths(lengths: list[int], prompt_ids: list[str], completion: 
                              f"has {limits.max_positions}")
 
 
-def check_prompts_fit(policy_dir: str | Path, meta: dict, prompt_rows: list[dict], levels, max_reasoning: int,
-                      source: str) -> None:
+def check_prompts_fit(policy_dir: str | Path, tokenizer, fmt: PromptFormat, mesh_tokens: int, prompt_rows: list[dict],
+                      levels, max_reasoning: int, source: str) -> None:
     """gen's guard, before any output is touched: every prompt's longest level (the fine level carries
-    the coarse plan, up to max_reasoning tokens) plus reasoning and mesh must fit the positions."""
+    the coarse plan, up to max_reasoning tokens) plus reasoning and `mesh_tokens` (the codec's
+    sequence length) must fit the positions. `tokenizer` and `fmt`: the policy's, already loaded."""
     limits = model_limits(policy_dir)
     if limits.max_positions is None:
         return
-    tok = load_tokenizer(policy_dir)
-    seq_len = codec_seq_len(codec_path(Path(policy_dir), meta))
-    fmt = prompt_format_for(meta, tok)
-    lengths = [max(len(encode_text(tok, build_prompt(r["prompt"], lv, plan="", fmt=fmt)))
+    lengths = [max(len(encode_text(tokenizer, build_prompt(r["prompt"], lv, plan="", fmt=fmt)))
                    + (max_reasoning if lv == "fine" else 0)
                    for lv in levels) for r in prompt_rows]
-    check_prompt_lengths(lengths, [r["prompt_id"] for r in prompt_rows], max_reasoning + seq_len + MESH_MARKERS,
+    check_prompt_lengths(lengths, [r["prompt_id"] for r in prompt_rows], max_reasoning + mesh_tokens + MESH_MARKERS,
                          limits, source)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rl3d.stages.checks.check import Check, passed
+
 
 @dataclass
 class RewardItem:
@@ -34,10 +36,32 @@ class TermResult:
 
 
 class RewardBackend:
-    """Base class. Subclasses set `name`, take their options in __init__ (from the config's
-    term table) and implement score(). Models are loaded once, in __init__ or lazily."""
+    """Base class. A backend is one module stages/rewards/<name>.py holding one subclass whose `name`
+    is <name>: the config's `backend = "<name>"` finds it there (rewards/config.py), and what the
+    stages and `rl3d doctor` need to know of it are the class's own declarations below. Subclasses
+    take their options in __init__ (from the config's term table) and implement score(). Models are
+    loaded once, in __init__ or lazily."""
 
     name = "base"
+    # scores rendered views: a sample without whole renders gets "missing_renders" (or the render's
+    # status) instead of a call; a views-free backend is scored from the grid, mesh and prompt alone
+    needs_views = False
+    # a cheap, model-free function of the item (no GPU, no model load): the reward stage may score it
+    # in worker processes beside the model terms when there are enough samples
+    host_workers = False
+
+    @classmethod
+    def default_options(cls, term_name: str) -> dict:
+        """Options a term gets when its config table leaves them out (`term_name`: the term's column)."""
+        return {}
+
+    @classmethod
+    def doctor(cls, options: dict, label: str, unset: dict[str, list[str]], timeout: float) -> list[Check]:
+        """What `rl3d doctor` checks of a term with these options before a run, from headers only
+        (model dirs' config.json and safetensors headers, an endpoint's model list), never loading
+        weights. `label` names the term in each Check; `unset`: option -> the ${VAR}s it named that
+        are unset; `timeout`: seconds for a network request."""
+        return [passed(label, "not checked (this backend declares no doctor check)")]
 
     def score(self, items: list[RewardItem]) -> list[TermResult]:
         raise NotImplementedError

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.checks.check import Check, env_fix, passed, problem
+from rl3d.stages.checks.model_dir import check_model_dir, has_tokenizer_files
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.scoring.clip import METRICS, PREPROCESS, default_scorer_dir, load_scorer, view_scores
 
@@ -29,6 +31,28 @@ class ClipBackend(RewardBackend):
 
     name = "clip"
     needs_views = True
+
+    @classmethod
+    def doctor(cls, options: dict, label: str, unset: dict[str, list[str]], timeout: float) -> list[Check]:
+        """The shipped scorer is built, or option model is a CLIP dir with its tokenizer and image processor."""
+        if not options.get("model"):
+            if unset.get("model"):
+                return [problem(label, f"option model names {unset['model'][0]}, which is unset, so the shipped "
+                                       f"scorer would be used", env_fix(unset, ("model",)))]
+            d = default_scorer_dir()
+            return [passed(label, f"the shipped scorer {d}")] if (d / "config.json").is_file() else \
+                [problem(label, f"the shipped scorer {d} is not built", "run rl3d train-scorer, or set option model")]
+        d = Path(options["model"])
+        checks, _ = check_model_dir(d, label, "CLIPModel", "set option model to a local CLIP dir (config.json, "
+                                                           "safetensors, tokenizer, preprocessor_config.json)")
+        if d.is_dir() and checks[0].ok:
+            if not has_tokenizer_files(d):
+                checks.append(problem(label + " tokenizer", f"no tokenizer files in {d}",
+                                      "save the CLIP tokenizer into the dir"))
+            if not (d / "preprocessor_config.json").is_file():
+                checks.append(problem(label + " image processor", f"no preprocessor_config.json in {d}",
+                                      "save the CLIP image processor into the dir"))
+        return checks
 
     def __init__(self, model: str = "", metric: str = "clip_score", batch_size: int = 64, device: str = "auto",
                  preprocess: str = "auto"):

@@ -1,5 +1,7 @@
 """Reward configs: which terms score each level, with which backend, weight, view aggregation
-and scale; plus the backend registry (name -> class, imported lazily).
+and scale; and finding a backend by name: backend "<name>" is the RewardBackend subclass that
+stages/rewards/<name>.py declares (name = "<name>"), imported when a config first names it, so
+nothing else lists the backends and a geometry-only config never imports the model backends.
 
 A config is a TOML file (YAML too when pyyaml is installed) or the name of a shipped preset
 (stages/rewards/presets/<name>.toml). Layout:
@@ -10,7 +12,7 @@ A config is a TOML file (YAML too when pyyaml is installed) or the name of a shi
 
     [[levels.coarse]]               # one table per term; levels: coarse, fine, single
     name = "clip_score"             # column name in the rewards table
-    backend = "clip"                # registry name (see BACKENDS)
+    backend = "clip"                # a backend: stages/rewards/<backend>.py
     weight = 1.0                    # term value = weight * scale * raw
     scale = 0.01                    # a number or a fraction string such as "1/3"
     aggregate = "max"               # over views: max | mean | min | none (backend gives one value)
@@ -26,9 +28,11 @@ Every error names the file and the key path, e.g. `levels.fine[2].aggregate`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import os
+import pkgutil
 import re
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -36,21 +40,14 @@ from importlib.resources import files
 from pathlib import Path
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.rewards.base import RewardBackend
 
 LEVELS = ("coarse", "fine", "single")
 AGGREGATES = ("max", "mean", "min", "none")
 TERM_KEYS = {"name", "backend", "weight", "scale", "aggregate", "required", "options"}
 TOP_KEYS = {"name", "description", "codec", "levels"}
 
-# registry name -> (module, class, needs rendered views). Views-free backends are scored even
-# when a sample's renders are missing; view backends get status "missing_renders" instead.
-BACKENDS: dict[str, tuple[str, str, bool]] = {
-    "geometry": ("rl3d.stages.rewards.geometry", "GeometryBackend", False),
-    "clip": ("rl3d.stages.rewards.clip", "ClipBackend", True),
-    "hps": ("rl3d.stages.rewards.hps", "HPSBackend", True),
-    "spec": ("rl3d.stages.rewards.spec", "SpecBackend", False),
-    "vlm": ("rl3d.stages.rewards.vlm", "VLMJudgeBackend", True),
-}
+REWARDS_PACKAGE = "rl3d.stages.rewards"  # backend <name> is the RewardBackend of REWARDS_PACKAGE.<name>
 
 _TERM_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _RESERVED = {"sample_id", "prompt_id", "sample_index", "level", "total", "status", "message", "prompt"}
@@ -201,8 +198,10 @@ def _parse_term(t, key: str, bad) -> TermConfig:
     if not _TERM_NAME.match(name) or name in _RESERVED or name.endswith(("_raw", "_views", "_status", "_message")):
         bad(f"{key}.name", f"{name!r} is not a usable column name (lowercase letters, digits, _; "
                            f"not a reserved column or suffix)")
-    if backend not in BACKENDS:
-        bad(f"{key}.backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    try:
+        cls = backend_class(backend)
+    except InputError as e:
+        bad(f"{key}.backend", str(e))
     weight = _number(t.get("weight", 1.0), f"{key}.weight", bad)
     scale = _number(t.get("scale", 1.0), f"{key}.scale", bad)
     agg = t.get("aggregate", "max")
@@ -218,8 +217,7 @@ def _parse_term(t, key: str, bad) -> TermConfig:
         _check_env_refs(v, f"{key}.options.{k}", opts.get("api_key_env"), bad)
     # an option given as "${VAR}" with VAR unset is dropped, so the backend reports it as missing
     opts = {k: _expand(v) for k, v in opts.items() if not (isinstance(v, str) and _ENV.search(v) and not _expand(v))}
-    if backend == "geometry" and "metric" not in opts:  # a geometry term named after its metric
-        opts["metric"] = name
+    opts = {**cls.default_options(name), **opts}
     return TermConfig(name=name, backend=backend, weight=weight, scale=scale, aggregate=agg,
                       required=req, options=opts)
 
@@ -279,18 +277,41 @@ def _expand(v):
     return v
 
 
-def backend_class(name: str):
-    module, cls, _ = BACKENDS[name]
+def backend_class(name: str) -> type[RewardBackend]:
+    """The backend a config names: the RewardBackend subclass with this `name` in
+    stages/rewards/<name>.py, imported on first use. InputError when there is none, or its module
+    does not import (a missing optional dependency)."""
+    cls = _declared_backend(name)
+    if cls is None:
+        raise InputError(f"unknown backend {name!r} (known: {', '.join(backend_names())})")
+    return cls
+
+
+def backend_names() -> list[str]:
+    """Every backend stages/rewards/ declares, by importing each of its modules (for listings and
+    the unknown-backend message; a config's own backends are found by name alone)."""
+    names = []
+    for m in pkgutil.iter_modules(importlib.import_module(REWARDS_PACKAGE).__path__):
+        try:
+            if _declared_backend(m.name) is not None:
+                names.append(m.name)
+        except InputError:  # a backend whose module does not import here is not offered
+            continue
+    return sorted(names)
+
+
+def _declared_backend(name: str) -> type[RewardBackend] | None:
+    """The RewardBackend subclass named `name` that stages/rewards/<name>.py defines, else None."""
+    module = f"{REWARDS_PACKAGE}.{name}"
+    if not _TERM_NAME.match(name) or importlib.util.find_spec(module) is None:
+        return None
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
         raise InputError(f"reward backend {name!r} is not available ({module}: {e})") from None
-    return getattr(mod, cls)
-
-
-def needs_views(name: str, backend) -> bool:
-    """A backend may declare `needs_views`; else the registry's default for its name."""
-    return bool(getattr(backend, "needs_views", BACKENDS[name][2]))
+    found = [c for c in vars(mod).values() if isinstance(c, type) and issubclass(c, RewardBackend)
+             and c is not RewardBackend and c.__module__ == module and c.name == name]
+    return found[0] if found else None
 
 
 def make_backend(term: TermConfig):

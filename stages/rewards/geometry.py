@@ -14,6 +14,7 @@ from scipy import ndimage
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import read_glb
 from rl3d.formats.voxels import grid_to_faces
+from rl3d.stages.checks.check import Check, passed
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 
 _FACE_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
@@ -182,6 +183,15 @@ class GeometryBackend(RewardBackend):
 
     name = "geometry"
     needs_views = False
+    host_workers = True  # numpy on the grid: worth spreading over processes
+
+    @classmethod
+    def default_options(cls, term_name: str) -> dict:
+        return {"metric": term_name}  # a term named after its metric (watertight, symmetry, ...)
+
+    @classmethod
+    def doctor(cls, options: dict, label: str, unset: dict[str, list[str]], timeout: float) -> list[Check]:
+        return [passed(label, "no model needed")]
 
     def __init__(self, metric: str, **params):
         if metric not in METRICS:

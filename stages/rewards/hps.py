@@ -5,12 +5,16 @@ The checkpoint file (HPS_v2.1_compressed.pt) is given by the user; nothing is do
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from rl3d.formats.errors import InputError, first_line
+from rl3d.stages.checks.check import Check, env_fix, one_line, passed, problem
+from rl3d.stages.checks.model_dir import safetensors_header
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.policy.device import pick_device
 from rl3d.stages.scoring.clip import load_rgb, prepared_batches
@@ -18,11 +22,22 @@ from rl3d.stages.scoring.clip import load_rgb, prepared_batches
 _MODELS: dict[tuple, tuple] = {}
 
 
-def import_open_clip():
+def find_open_clip():
+    """(open_clip module or None, why not). Imported for real: an installed open_clip whose
+    torchvision does not match torch fails only when imported."""
+    if importlib.util.find_spec("open_clip") is None:
+        return None, "open_clip is not installed"
     try:
-        import open_clip
-    except ImportError:
-        raise InputError("the hps backend needs open_clip: pip install rl3d[hps]") from None
+        import open_clip  # lazy: heavy, and optional (rl3d[hps])
+    except Exception as e:
+        return None, f"open_clip is installed but does not import ({type(e).__name__}: {one_line(e)[:160]})"
+    return open_clip, ""
+
+
+def import_open_clip():
+    open_clip, why = find_open_clip()
+    if open_clip is None:
+        raise InputError(f"the hps backend needs open_clip ({why}): pip install rl3d[hps]")
     return open_clip
 
 
@@ -65,6 +80,40 @@ class HPSBackend(RewardBackend):
 
     name = "hps"
     needs_views = True
+
+    @classmethod
+    def doctor(cls, options: dict, label: str, unset: dict[str, list[str]], timeout: float) -> list[Check]:
+        """open_clip imports and knows the arch; the checkpoint is a whole torch zip or safetensors file."""
+        checks = []
+        open_clip, why = find_open_clip()
+        if open_clip is None:
+            checks.append(problem(f"{label} package", why, "pip install 'rl3d[hps]' (open_clip_torch, with the "
+                                                           "torchvision build that matches your torch)"))
+        arch = options.get("arch", "ViT-H-14")
+        if open_clip is not None and open_clip.get_model_config(arch) is None:
+            checks.append(problem(label, f"open_clip has no model config {arch!r}",
+                                  "set option arch to an open_clip model"))
+        ckpt = options.get("checkpoint", "")
+        if not ckpt:
+            fix = env_fix(unset, ("checkpoint",)) or "set option checkpoint"
+            return checks + [problem(label, "no HPS checkpoint given" + (f" ({unset['checkpoint'][0]} is unset)"
+                                                                          if unset.get("checkpoint") else ""),
+                                     fix + " (the path to HPS_v2.1_compressed.pt)")]
+        f = Path(ckpt)
+        if not f.is_file():
+            return checks + [problem(label, f"HPS checkpoint {f} does not exist",
+                                     "download HPS_v2.1_compressed.pt to that path, or point option checkpoint "
+                                     "(RL3D_HPS_CHECKPOINT) at it")]
+        try:
+            if f.suffix == ".safetensors":
+                n = len(safetensors_header(f))
+            else:  # a torch zip: its central directory sits at the end, so a cut file fails here
+                with zipfile.ZipFile(f) as z:
+                    n = sum(1 for name in z.namelist() if "/data/" in name)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            return checks + [problem(label, f"{f}: not a whole checkpoint ({one_line(e)})",
+                                     "download the file again (rl3d reads torch zip files or .safetensors)")]
+        return checks + [passed(label, f"{f} ({n} tensors), open_clip arch {arch}")]
 
     def __init__(self, checkpoint: str = "", arch: str = "ViT-H-14", batch_size: int = 32, device: str = "auto"):
         if not checkpoint:

@@ -14,7 +14,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from rl3d.formats.errors import InputError
 from rl3d.formats.voxels import COLOR_INDEX, PALETTE_NAMES, RESOLUTION
+from rl3d.stages.checks.check import Check, passed
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.shapes import FAMILIES
 from rl3d.stages.shapes import probes
@@ -281,10 +283,15 @@ class SpecBackend(RewardBackend):
 
     name = "spec"
     needs_views = False
+    host_workers = True  # the spec checks on the grid: worth spreading over processes
+
+    @classmethod
+    def doctor(cls, options: dict, label: str, unset: dict[str, list[str]], timeout: float) -> list[Check]:
+        return [passed(label, "no model needed")]
 
     def __init__(self, parse: bool = True, score: str = "fraction"):
         if score not in SPEC_SCORES:
-            raise ValueError(f"spec option score must be one of {', '.join(SPEC_SCORES)}, not {score!r}")
+            raise InputError(f"spec option score must be one of {', '.join(SPEC_SCORES)}, not {score!r}")
         self.parse = bool(parse)  # fall back to parse_prompt when the item carries no spec
         self.all_or_nothing = score == "all"
 

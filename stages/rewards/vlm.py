@@ -17,6 +17,9 @@ from pathlib import Path
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
+from rl3d.stages.checks.check import Check, env_fix, problem
+from rl3d.stages.checks.endpoint import check_endpoint
+from rl3d.stages.checks.model_dir import check_model_dir, has_tokenizer_files
 from rl3d.stages.policy.device import pick_device
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.rewards.judge_prompts import SYSTEM, JudgeParseError, Rubric, RUBRICS, get_rubric
@@ -193,6 +196,30 @@ class VLMJudgeBackend(RewardBackend):
     (transformers); max_new_tokens, views, image_size, weights (both)."""
 
     name = "vlm"
+    needs_views = True
+
+    @classmethod
+    def doctor(cls, options: dict, label: str, unset: dict[str, list[str]], timeout: float) -> list[Check]:
+        """A local judge dir (config, weights headers, tokenizer, processor) or an endpoint serving model_name."""
+        if options.get("model") and options.get("endpoint"):
+            return [problem(label, "both model and endpoint are set", "give exactly one of them")]
+        if options.get("model"):
+            d = Path(options["model"])
+            checks, _ = check_model_dir(d, label, "Qwen2_5_VLForConditionalGeneration",
+                                        "set option model to a local Qwen2.5-VL-style dir")
+            if d.is_dir() and checks[0].ok:
+                found = {"tokenizer": has_tokenizer_files(d),
+                         "preprocessor_config.json": (d / "preprocessor_config.json").is_file()}
+                missing = [n for n, present in found.items() if not present]
+                if missing:
+                    checks.append(problem(label + " processor", f"{d} lacks {', '.join(missing)}",
+                                          "copy the model's tokenizer and preprocessor files into the dir"))
+            return checks
+        if options.get("endpoint"):
+            return [check_endpoint(options["endpoint"], options.get("model_name"), options.get("api_key_env"), label,
+                                   timeout)]
+        fix = env_fix(unset, ("model", "endpoint")) or "set option model (a local dir) or endpoint (a base URL)"
+        return [problem(label, "no judge model: neither model nor endpoint is set", fix)]
 
     def __init__(self, rubric: str, model: str | None = None, endpoint: str | None = None,
                  model_name: str | None = None, api_key_env: str | None = None, timeout: float = 120.0,

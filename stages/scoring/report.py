@@ -220,7 +220,8 @@ def _n_text(n: dict, policies) -> str:
 
 
 def _policy_steps(p: dict) -> tuple[str, str]:
-    return str(p.get("step", "")), str(p.get("rl_step", ""))
+    """(SFT step, RL step); eval records of before sft_step name the SFT step "step"."""
+    return str(p.get("sft_step", p.get("step", ""))), str(p.get("rl_step", ""))
 
 
 def _markdown(rows, ctx: ReportContext, policies, metrics, charts, grid_png, curves, out: Path) -> str:
