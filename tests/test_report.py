@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from rl3d.stages.scoring import report
-from rl3d.stages.eval import metric_row
+from rl3d.stages.evaluation.rows import metric_row
 
 sys.path.insert(0, str(Path(__file__).parent))
 import eval_fixtures as fx  # noqa: E402  (shared fixtures of the eval tests)
