@@ -189,6 +189,7 @@ class DirJob(Job):
     what: str = "output"
     in_place: bool = False
     how_only: tuple[str, ...] = ()  # config keys that change how the output is made, not what it is
+    takes_empty_out = True  # an existing empty --out is taken as absent (False: refused like a non-empty one)
 
     def done(self, out: str | os.PathLike, shard: Shard = Shard(0, 1)) -> bool:
         return (Path(out) / self.marker).is_file()
@@ -213,6 +214,15 @@ class DirJob(Job):
     def writes_output(self) -> bool:
         """False in the processes of a multi-process launch that compute but do not write."""
         return True
+
+    def temp_dir(self, out: Path) -> Path:
+        """Where `build` writes before the rename: hidden, beside --out (readers and status know the name)."""
+        return out.with_name(f".{out.name}.{self.stage}.tmp")
+
+    def after(self, out: Path, fields: dict) -> dict:
+        """What follows the output landing whole, e.g. an append to a file outside it (after the rename, so
+        a kill before it leaves no output and nothing appended); returns the summary's fields."""
+        return fields
 
     def run(self, opts: StageOptions) -> dict:
         return run_dir_stage(self, opts)
@@ -240,19 +250,21 @@ def run_dir_stage(job: DirJob, opts: StageOptions) -> dict:
     if job.in_place:
         fields = job.build(out, opts, progress)
     else:
-        if not opts.overwrite and out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        empty = job.takes_empty_out and out.is_dir() and not any(out.iterdir())
+        if not opts.overwrite and out.exists() and not empty:
             # before any work, not after it
             raise InputError(f"{out}: exists and is not {job.what}; use --overwrite")
         fields = _build_and_rename(job, out, opts, progress)
+    fields = job.after(out, fields)
     return {**summary, "skipped": False, **fields, "seconds": round(time.time() - t0, 2)}
 
 
 def _build_and_rename(job: DirJob, out: Path, opts: StageOptions, progress: "Progress") -> dict:
-    """`build` into `.OUT.STAGE-tmp` beside --out, then the rename: the old output is removed only once
+    """`build` into `temp_dir(out)` beside --out, then the rename: the old output is removed only once
     the new one is whole, and a failed build leaves no temp dir (a killed one is swept by the rerun)."""
     if not job.writes_output():
         return job.build(None, opts, progress)
-    tmp = out.with_name(f".{out.name}.{job.stage}-tmp")
+    tmp = job.temp_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

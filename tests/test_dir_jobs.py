@@ -55,7 +55,7 @@ def test_codec_build_skips_refuses_another_config_and_overwrites(small_world, tm
 
 def test_codec_build_sweeps_a_killed_runs_temp_and_refuses_a_foreign_dir(small_world, tmp_path):
     out = tmp_path / "cb"
-    stale = tmp_path / ".cb.codec-build-tmp"  # what a killed build leaves: never taken for output
+    stale = tmp_path / ".cb.codec-build.tmp"  # what a killed build leaves: never taken for output
     stale.mkdir()
     (stale / "codebook.npz").write_bytes(b"half")
     assert invoke("codec", "build", "--n", "10", "--patterns", "3", "--eval-n", "0", "--out", str(out)).exit_code == 0
