@@ -52,11 +52,11 @@ def command():
 @handle_errors
 def build_cmd(n, patterns, eval_n, out, **kw):
     """Build a codebook of the P most frequent 4^3 patterns of synth train objects."""
-    from rl3d.stages import codec
+    from rl3d.stages.codec import CodecBuildJob, CodecBuildOptions
 
     started = time.time()
     opts = pop_common_options(kw, out=out)
-    result = codec.run_build(n, opts.seed, patterns, eval_n, out, overwrite=opts.overwrite, quiet=opts.quiet)
+    result = CodecBuildJob(CodecBuildOptions(n, patterns, eval_n, opts.seed)).run(opts)
     report(result, opts, stage="codec-build", started=started,
            line_keys=("vocab_size", "content_hash", "train.voxel_iou", "eval.voxel_iou", "eval.color_accuracy"))
 
@@ -95,11 +95,11 @@ def convert_cmd(src, out, **kw):
     """Convert ShapeLLM-Omni's published 3DVQVAE.bin (a torch pickle, read with weights_only=True: no
     code runs) to OUT_DIR/3DVQVAE.safetensors, checking every key and shape; prints the content hash
     that rl3d_policy.json's codec_hash records (docs/checkpoints.md)."""
-    from rl3d.stages import codec
+    from rl3d.stages.codec import CodecConvertJob
 
     started = time.time()
     opts = pop_common_options(kw, out=out)
-    report(codec.run_convert(src, out, overwrite=opts.overwrite), opts, stage="codec-convert", started=started,
+    report(CodecConvertJob(src).run(opts), opts, stage="codec-convert", started=started,
            line_keys=("checkpoint", "content_hash"))
 
 

@@ -75,7 +75,8 @@ def command(bench, policies, out, references, metric_list, samples_per_prompt, l
     decode failures. A metric whose inputs are missing is listed as skipped with the reason.
     See docs/eval.md.
     """
-    from rl3d.stages.eval import METRIC_GROUPS, EvalOptions, run_eval
+    from rl3d.stages.eval import EvalJob
+    from rl3d.stages.evaluation.options import METRIC_GROUPS, EvalOptions
     from rl3d.stages.policy import default_policy_dir
 
     started = time.time()
@@ -84,11 +85,11 @@ def command(bench, policies, out, references, metric_list, samples_per_prompt, l
     groups = METRIC_GROUPS if not metric_list else tuple(m.strip() for m in metric_list.split(",") if m.strip())
     if not groups:
         raise InputError("--metrics: empty list")
-    eval_opts = EvalOptions(bench=bench, policies=list(policies), out=out, references=references, metrics=groups,
+    eval_opts = EvalOptions(bench=bench, policies=list(policies), references=references, metrics=groups,
                             samples_per_prompt=samples_per_prompt, limit=limit, feature_model=feature_model,
                             clip_model=clip_model, seed=opts.seed, mode=mode, views=views, resolution=resolution,
                             supersample=supersample,
                             workers=workers, device=device, kd_subsets=kd_subsets, kd_subset_size=kd_subset_size,
-                            grid_prompts=grid_prompts, runs=list(runs), overwrite=opts.overwrite, quiet=opts.quiet)
-    report(run_eval(eval_opts), opts, stage="eval", started=started,
+                            grid_prompts=grid_prompts, runs=list(runs))
+    report(EvalJob(eval_opts).run(opts), opts, stage="eval", started=started,
            line_keys=("bench", "prompts", "policies", "metrics_ok", "metrics_skipped", "report_html"))

@@ -62,19 +62,18 @@ def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, de
     """
     started = time.time()
     # torch, transformers, accelerate: most of a step's start-up (startup_s in the metrics)
-    from rl3d.stages.contract import Progress
     from rl3d.stages.rl.config import RLConfig
-    from rl3d.stages.rl_step import run_rl_step
+    from rl3d.stages.rl_step import RLStepJob, StepOptions
 
     startup_s = time.time() - started
     opts = pop_common_options(kw, out=out)
     ds, min_std = parse_dynamic_sampling(dynamic_sampling)
     cfg = RLConfig(dynamic_sampling=ds, min_std=min_std, seed=opts.seed, **kw)
     run_metrics = run_metrics or str(Path(out).parent / "metrics.parquet")
-    summary = run_rl_step(policy_dir, samples, rewards, out, cfg, ref_dir=ref_dir, run_metrics=run_metrics,
-                          device=device, dtype=dtype, overwrite=opts.overwrite, lora_rank=lora_rank,
-                          allow_off_policy=allow_off_policy, tensorboard=tensorboard, allow_unverified=allow_unverified,
-                          progress=Progress(opts.quiet), startup_s=startup_s)
+    options = StepOptions(ref_dir=ref_dir, run_metrics=run_metrics, device=device, dtype=dtype, lora_rank=lora_rank,
+                          allow_off_policy=allow_off_policy, allow_unverified=allow_unverified,
+                          tensorboard=tensorboard, startup_s=startup_s)
+    summary = RLStepJob(policy_dir, samples, rewards, cfg, options).run(opts)
     report(summary, opts, stage="rl-step", started=started,
            line_keys=("step", "loss", "kl", "reward_mean_coarse", "reward_mean_fine", "reward_mean_single",
                       "kept_samples", "dropped_groups", "grad_norm"))

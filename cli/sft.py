@@ -69,9 +69,10 @@ def command(config_name, **kw):
     Resumes from OUT/checkpoints/ automatically; a run whose final/ exists is skipped. See
     docs/default_policy.md.
     """
-    from rl3d.stages.sft import SFTOptions, run_sft
+    from rl3d.stages.sft import SFTJob
+    from rl3d.stages.supervised.options import SFTOptions
 
     started = time.time()
-    opts = pop_common_options(kw, out=kw["out"])
-    summary = run_sft(SFTOptions(config=config_name, seed=opts.seed, overwrite=opts.overwrite, quiet=opts.quiet, **kw))
+    opts = pop_common_options(kw, out=kw.pop("out"))
+    summary = SFTJob(SFTOptions(config=config_name, seed=opts.seed, **kw)).run(opts)
     report(summary, opts, stage="sft", started=started, line_keys=("steps", "train_loss", "eval_loss", "final"))

@@ -39,17 +39,10 @@ def command(objects, renders, out, steps, batch_size, lr, device, **kw):
     Ship it by copying --out to assets/scorer/ (the `clip` reward backend's default model); see
     docs/rewards.md.
     """
-    from rl3d.stages import train_scorer
-    from rl3d.stages.contract import Progress
+    from rl3d.stages.train_scorer import ScorerOptions, TrainScorerJob
 
     started = time.time()
     opts = pop_common_options(kw, out=out)
-    progress = Progress(opts.quiet)
-    if (Path(out) / "scorer.json").is_file() and not opts.overwrite:  # scorer.json is written last
-        progress.log(f"train-scorer: {out} already holds a trained scorer, skipping (use --overwrite to retrain)")
-        result = {"skipped": True}
-    else:
-        result = train_scorer.train(objects, renders, out, steps=steps, batch_size=batch_size, lr=lr, seed=opts.seed,
-                                    device=device, log=progress.log)
-    report(result, opts, stage="train-scorer", started=started,
+    job = TrainScorerJob(objects, renders, ScorerOptions(steps, batch_size, lr, device, opts.seed))
+    report(job.run(opts), opts, stage="train-scorer", started=started,
            line_keys=("eval_top1_of_16", "train_top1_of_16", "final_loss"))

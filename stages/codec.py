@@ -3,18 +3,20 @@ quality; convert ShapeLLM-Omni's published 3DVQVAE.bin to the safetensors file r
 codec's content hash (the `codec_hash` of rl3d_policy.json).
 
 The codecs themselves are formats/codec.py (the embedded block codec) and formats/vqvae64.py (the
-64^3 VQ-VAE); this module only feeds them inputs and returns the command's summary.
+64^3 VQ-VAE); this module only feeds them inputs: build and convert write a directory (DirJobs of the stage contract),
+stats and hash write nothing and return the command's summary.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rl3d.formats.codec import STATS_FILE, VoxelCodec, grids_from_objects, grids_from_table, roundtrip_stats
 from rl3d.formats.codecs import VQVAE64, codec_kind
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import atomic_path
-from rl3d.stages.contract import Progress
+from rl3d.stages.contract import DirJob, Progress, StageOptions, read_json_record
 from rl3d.stages.shapes.world import generate_objects
 
 
@@ -23,26 +25,44 @@ def synth_grids(n: int, seed: int, split: str):
     return grids_from_objects(generate_objects(n, seed, split=split))
 
 
-def run_build(n: int, seed: int, patterns: int, eval_n: int, out: Path, overwrite: bool = False,
-              quiet: bool = False) -> dict:
-    """Build a codebook of the `patterns` most frequent 4^3 patterns of n synth train objects into
-    out; measure it on the train objects and on eval_n eval objects (0 = skip). A directory that
-    already holds a codebook (its codec.json is written last) is kept unless overwrite."""
-    t0 = time.time()
-    out = Path(out)
-    if (out / STATS_FILE).is_file() and not overwrite:
-        Progress(quiet).log(f"codec build: {out} already holds a codebook, skipping (use --overwrite to rebuild)")
-        return {"stage": "codec-build", "out": str(out), "skipped": True, "seconds": round(time.time() - t0, 2)}
-    train = synth_grids(n, seed, "train")
-    codec = VoxelCodec.build(train, patterns)
-    stats = {"train_objects": len(train), "seed": seed, "n_patterns": patterns,
-             "train": roundtrip_stats(codec, train)}
-    if eval_n > 0:
-        stats["eval"] = roundtrip_stats(codec, synth_grids(eval_n, seed, "eval"))
-    codec.stats = {"built_with": f"rl3d codec build --n {n} --seed {seed} --patterns {patterns}", **stats}
-    codec.save(out)
-    return {"stage": "codec-build", "out": str(out), "skipped": False, "vocab_size": codec.vocab_size,
-            "content_hash": codec.content_hash(), "seconds": round(time.time() - t0, 2), **stats}
+@dataclass
+class CodecBuildOptions:
+    n: int = 3000          # synth train objects to count patterns on
+    patterns: int = 1279   # codebook size P, in 4^3 patterns
+    eval_n: int = 300      # eval-split objects to measure on (0 = skip)
+    seed: int = 0
+
+
+class CodecBuildJob(DirJob):
+    """A codebook of the `patterns` most frequent 4^3 patterns of n synth train objects, measured on the
+    train objects and on eval_n eval objects. codec.json is written last; it records the job's config."""
+
+    stage, marker, what = "codec-build", STATS_FILE, "a codebook"
+
+    def __init__(self, options: CodecBuildOptions):
+        if options.n < 1 or options.patterns < 1 or options.eval_n < 0:
+            raise InputError(f"codec build: --n {options.n} and --patterns {options.patterns} must be >= 1, "
+                             f"--eval-n {options.eval_n} >= 0")
+        self.options = options
+
+    def config(self) -> dict:
+        return {"stage": self.stage, **asdict(self.options)}
+
+    def recorded_config(self, out: Path) -> dict | None:
+        return read_json_record(out / self.marker).get("config")
+
+    def build(self, into: Path, opts: StageOptions, progress: Progress) -> dict:
+        o = self.options
+        train = synth_grids(o.n, o.seed, "train")
+        codec = VoxelCodec.build(train, o.patterns)
+        stats = {"train_objects": len(train), "seed": o.seed, "n_patterns": o.patterns,
+                 "train": roundtrip_stats(codec, train)}
+        if o.eval_n > 0:
+            stats["eval"] = roundtrip_stats(codec, synth_grids(o.eval_n, o.seed, "eval"))
+        codec.stats = {"built_with": f"rl3d codec build --n {o.n} --seed {o.seed} --patterns {o.patterns}",
+                       "config": self.config(), **stats}
+        codec.save(into)
+        return {"vocab_size": codec.vocab_size, "content_hash": codec.content_hash(), **stats}
 
 
 def run_stats(data: Path | None, codec_path: Path | None, n: int, seed: int) -> dict:
@@ -64,25 +84,37 @@ def load_codec(path: Path | None) -> VoxelCodec:
         raise InputError(str(e)) from None
 
 
-def run_convert(src: Path, out: Path, overwrite: bool = False) -> dict:
-    """The published 3DVQVAE.bin (a torch pickle, read with weights_only=True) -> out/3DVQVAE.safetensors,
+class CodecConvertJob(DirJob):
+    """The published 3DVQVAE.bin (a torch pickle, read with weights_only=True) -> OUT/3DVQVAE.safetensors,
     its keys and shapes checked; the summary carries the content hash that rl3d_policy.json's codec_hash
-    records. An out dir already holding the file is kept unless overwrite."""
-    from rl3d.formats import vqvae64  # lazy: torch
+    records. In place: OUT may hold other files (the .bin itself); the one file is written atomically."""
 
-    t0 = time.time()
-    src, out = Path(src), Path(out)
-    if not src.is_file():
-        raise InputError(f"{src}: no such file (the published 3DVQVAE.bin)")
-    dst = out / vqvae64.CHECKPOINT_FILE
-    if dst.is_file() and not overwrite:
-        return {"stage": "codec-convert", "out": str(out), "skipped": True, "content_hash": vqvae64.file_hash(dst),
-                "seconds": round(time.time() - t0, 2)}
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst) as tmp:  # a killed conversion leaves no half-written checkpoint
-        vqvae64.convert_bin_checkpoint(src, tmp)
-    return {"stage": "codec-convert", "out": str(out), "skipped": False, "checkpoint": str(dst),
-            "content_hash": vqvae64.file_hash(dst), "seconds": round(time.time() - t0, 2)}
+    stage, what, in_place = "codec-convert", "the converted checkpoint", True
+
+    def __init__(self, src: Path):
+        from rl3d.formats.vqvae64 import CHECKPOINT_FILE  # lazy: torch
+
+        self.src = Path(src)
+        if not self.src.is_file():
+            raise InputError(f"{self.src}: no such file (the published 3DVQVAE.bin)")
+        self.marker = CHECKPOINT_FILE
+
+    def config(self) -> dict:
+        return {"stage": self.stage, "src": str(self.src)}
+
+    def skip(self, out: Path, progress: Progress) -> dict:
+        from rl3d.formats import vqvae64  # lazy: torch
+
+        return {"content_hash": vqvae64.file_hash(out / self.marker)}
+
+    def build(self, into: Path, opts: StageOptions, progress: Progress) -> dict:
+        from rl3d.formats import vqvae64  # lazy: torch
+
+        dst = into / self.marker
+        into.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:  # a killed conversion leaves no half-written checkpoint
+            vqvae64.convert_bin_checkpoint(self.src, tmp)
+        return {"checkpoint": str(dst), "content_hash": vqvae64.file_hash(dst)}
 
 
 def run_hash(path: Path) -> dict:

@@ -7,11 +7,17 @@ handles skip-if-complete, --overwrite, the atomic part write, the completion mar
 the table metadata and the summary that the CLI prints (or emits as --json). The click commands
 and `rl3d train` drive the same Job objects; the loop hands a Job its resident models (a loaded
 policy, a worker pool) instead of paths to load them from.
+
+A command whose output is one directory made whole (a codebook, a trained model, a checkpoint) is a
+`DirJob` driven by `run_dir_stage`: the same skip-if-done on the same config, --overwrite and summary,
+with the directory renamed into place instead of a part and a marker per shard.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -25,7 +31,7 @@ import pyarrow as pa
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
-from rl3d.formats.errors import RowsFailed
+from rl3d.formats.errors import InputError, RowsFailed
 from rl3d.formats.locks import writer_lock
 from rl3d.formats.shards import Shard
 
@@ -165,6 +171,113 @@ class Job:
 
     def run(self, opts: StageOptions) -> dict:
         return run_stage(self.stage, self.kind, opts, self.config(), self.produce, self.policy, self.made_from())
+
+
+class DirJob(Job):
+    """A command whose output is one directory made whole (a codebook, a scorer, a policy checkpoint)
+    rather than table shards: codec build and convert, train-scorer, sft, rl-step. `marker` is the
+    file inside it written last (its presence: complete), `what` names the output in messages, and
+    `build(into, opts, progress)` writes it and returns the summary's own fields. `run_dir_stage`
+    drives it: skip-if-done on the same config, --overwrite, the atomic rename, the summary.
+
+    in_place False: `build` writes into a fresh temp dir beside --out, renamed onto it at the end, so a
+    killed run leaves no --out (and a non-empty --out that is not complete is refused without
+    --overwrite). True: `build` writes into --out itself, each file atomically, and honours
+    opts.overwrite: a resumable run (sft's checkpoints) or one file among the user's (codec convert)."""
+
+    marker: str = ""
+    what: str = "output"
+    in_place: bool = False
+    how_only: tuple[str, ...] = ()  # config keys that change how the output is made, not what it is
+    takes_empty_out = True  # an existing empty --out is taken as absent (False: refused like a non-empty one)
+
+    def done(self, out: str | os.PathLike, shard: Shard = Shard(0, 1)) -> bool:
+        return (Path(out) / self.marker).is_file()
+
+    def recorded_config(self, out: Path) -> dict | None:
+        """The config the complete output in `out` was made with (None: it records none, taken as is)."""
+        return None
+
+    def check_done_config(self, out: Path) -> None:
+        """Refuse a complete output made with other settings: a changed setting never skips silently."""
+        recorded = self.recorded_config(out)
+        if isinstance(recorded, dict):
+            shards_io.check_same_config(out / self.marker, recorded, self.config(), self.how_only)
+
+    def skip(self, out: Path, progress: "Progress") -> dict:
+        """The skip summary's own fields (and any bookkeeping a kill after the rename left undone)."""
+        return {}
+
+    def build(self, into: Path, opts: StageOptions, progress: "Progress") -> dict:
+        raise NotImplementedError
+
+    def writes_output(self) -> bool:
+        """False in the processes of a multi-process launch that compute but do not write."""
+        return True
+
+    def temp_dir(self, out: Path) -> Path:
+        """Where `build` writes before the rename: hidden, beside --out (readers and status know the name)."""
+        return out.with_name(f".{out.name}.{self.stage}.tmp")
+
+    def after(self, out: Path, fields: dict) -> dict:
+        """What follows the output landing whole, e.g. an append to a file outside it (after the rename, so
+        a kill before it leaves no output and nothing appended); returns the summary's fields."""
+        return fields
+
+    def run(self, opts: StageOptions) -> dict:
+        return run_dir_stage(self, opts)
+
+
+def read_json_record(path: Path, what: str = "record") -> dict:
+    """A JSON object a DirJob wrote into its output (its marker); unreadable: an input error naming it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{path}: not a readable {what}; use --overwrite") from None
+    return record if isinstance(record, dict) else {}
+
+
+def run_dir_stage(job: DirJob, opts: StageOptions) -> dict:
+    """Run a DirJob under the contract; return its summary (stage, out, skipped, seconds, its fields)."""
+    progress = Progress(opts.quiet)
+    out = Path(opts.out)
+    t0 = time.time()
+    summary = {"stage": job.stage, "out": str(out)}
+    if not opts.overwrite and job.done(out):
+        job.check_done_config(out)
+        progress.log(f"{job.stage}: {out} already holds {job.what}, skipping (use --overwrite to redo)")
+        return {**summary, "skipped": True, **job.skip(out, progress), "seconds": round(time.time() - t0, 2)}
+    if job.in_place:
+        fields = job.build(out, opts, progress)
+    else:
+        empty = job.takes_empty_out and out.is_dir() and not any(out.iterdir())
+        if not opts.overwrite and out.exists() and not empty:
+            # before any work, not after it
+            raise InputError(f"{out}: exists and is not {job.what}; use --overwrite")
+        fields = _build_and_rename(job, out, opts, progress)
+    fields = job.after(out, fields)
+    return {**summary, "skipped": False, **fields, "seconds": round(time.time() - t0, 2)}
+
+
+def _build_and_rename(job: DirJob, out: Path, opts: StageOptions, progress: "Progress") -> dict:
+    """`build` into `temp_dir(out)` beside --out, then the rename: the old output is removed only once
+    the new one is whole, and a failed build leaves no temp dir (a killed one is swept by the rerun)."""
+    if not job.writes_output():
+        return job.build(None, opts, progress)
+    tmp = job.temp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fields = job.build(tmp, opts, progress)
+        if not (tmp / job.marker).is_file():
+            raise RuntimeError(f"{job.stage}: the build wrote no {job.marker}")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return fields
 
 
 def run_stage(stage: str, kind: str, opts: StageOptions, config: dict,

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
+from rl3d.stages.contract import DirJob, Progress, StageOptions, read_json_record
 from rl3d.stages.policy.device import pick_device
 from rl3d.stages.scoring.clip import ImageProcessor, load_rgb, pooled
 
@@ -166,7 +168,8 @@ def retrieval_accuracy(model, tok, pixels, view_owner: np.ndarray, prompts: list
 
 
 def train(objects, renders, out: Path, steps: int = 3000, batch_size: int = 256, lr: float = 5e-4,
-          seed: int = 0, device: str = "auto", log=print) -> dict:
+          seed: int = 0, device: str = "auto", log=print, record: dict | None = None) -> dict:
+    """Train a scorer and save it into `out` (scorer.json last, with `record` in it); its summary fields."""
     device = pick_device(device)
     rng = random.Random(seed)
     train_rows, eval_rows = load_pairs(objects, renders)
@@ -208,7 +211,7 @@ def train(objects, renders, out: Path, steps: int = 3000, batch_size: int = 256,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log(f"train-scorer: step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} "
                 f"({time.time() - t1:.0f}s)")
@@ -221,6 +224,42 @@ def train(objects, renders, out: Path, steps: int = 3000, batch_size: int = 256,
             "eval_views": len(eval_views), "final_loss": float(np.mean(losses[-50:])),
             "eval_top1_of_16": round(acc, 4), "train_top1_of_16": round(train_acc, 4),
             "train_seconds": round(time.time() - t1, 1), "objects": str(objects), "renders": str(renders)}
-    save_scorer(out, model.float().cpu(), tok, proc, info)
-    log(f"train-scorer: eval top-1 of 16 = {acc:.3f} (train {train_acc:.3f}); saved to {out}")
-    return {"out": str(out), **info}
+    save_scorer(out, model.float().cpu(), tok, proc, {**info, **(record or {})})
+    log(f"train-scorer: eval top-1 of 16 = {acc:.3f} (train {train_acc:.3f})")
+    return info
+
+
+@dataclass
+class ScorerOptions:
+    steps: int = 3000
+    batch_size: int = 256    # objects per step (one view each)
+    lr: float = 5e-4
+    device: str = "auto"     # where it trains: how, not what (left out of the config)
+    seed: int = 0
+
+
+class TrainScorerJob(DirJob):
+    """The default alignment scorer trained on an objects table and its renders, into one directory
+    (model, tokenizer, image processor, then scorer.json, which records the job's config)."""
+
+    stage, marker, what = "train-scorer", "scorer.json", "a trained scorer"
+
+    def __init__(self, objects, renders, options: ScorerOptions):
+        if options.steps < 1 or options.batch_size < 1 or not options.lr > 0:
+            raise InputError(f"train-scorer: --steps {options.steps} and --batch-size {options.batch_size} must be "
+                             f">= 1, --lr {options.lr} > 0")
+        self.objects, self.renders, self.options = objects, renders, options
+
+    def config(self) -> dict:
+        o = self.options
+        return {"stage": self.stage, "objects": str(Path(self.objects).resolve()),
+                "renders": str(Path(self.renders).resolve()), "steps": o.steps, "batch_size": o.batch_size,
+                "lr": o.lr, "seed": o.seed}
+
+    def recorded_config(self, out: Path) -> dict | None:
+        return read_json_record(out / self.marker).get("config")
+
+    def build(self, into: Path, opts: StageOptions, progress: Progress) -> dict:
+        o = self.options
+        return train(self.objects, self.renders, into, steps=o.steps, batch_size=o.batch_size, lr=o.lr, seed=o.seed,
+                     device=o.device, log=progress.log, record={"config": self.config()})

@@ -12,26 +12,11 @@ from click.testing import CliRunner
 from rl3d.formats import codec as codec_mod
 from rl3d.formats.codec import (MESH_END, MESH_START, CodecError, VoxelCodec, grids_from_objects,
                                 mesh_token_text, pack_bits, unpack_bits)
-from rl3d.formats.voxels import NUM_COLORS, color_accuracy, to_bytes, voxel_iou
+from rl3d.formats.voxels import color_accuracy, to_bytes, voxel_iou
+
+from helpers import random_shapes
 
 
-def random_shapes(n: int, seed: int = 0) -> np.ndarray:
-    """Boxes and vertical cylinders in random palette colours (stand-in for synth objects)."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.arange(32)] * 3, indexing="ij")
-    grids = np.zeros((n, 32, 32, 32), np.uint8)
-    for g in grids:
-        for _ in range(rng.integers(1, 4)):
-            if rng.random() < 0.5:
-                lo = rng.integers(0, 20, 3)
-                hi = lo + rng.integers(3, 13, 3)
-                m = (x >= lo[0]) & (x < hi[0]) & (y >= lo[1]) & (y < hi[1]) & (z >= lo[2]) & (z < hi[2])
-            else:
-                cx, cz = rng.integers(8, 24, 2)
-                r, y0, h = rng.integers(3, 9), rng.integers(0, 15), rng.integers(4, 17)
-                m = ((x - cx) ** 2 + (z - cz) ** 2 <= r * r) & (y >= y0) & (y < y0 + h)
-            g[m] = rng.integers(1, NUM_COLORS + 1)
-    return grids
 
 
 @pytest.fixture(scope="module")

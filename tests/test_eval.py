@@ -10,7 +10,8 @@ from click.testing import CliRunner
 import helpers as fx
 
 from rl3d.cli.main import main
-from rl3d.stages import eval as E
+from rl3d.stages.evaluation import measures as E
+from rl3d.stages.evaluation.options import METRIC_GROUPS
 from rl3d.stages.eval_sets import load_benchmark
 
 
@@ -32,7 +33,7 @@ def _samples(tmp_path):
 
 def test_compute_metrics_values_and_skip_reasons(tmp_path):
     cats = ["organic_forms", "rare_entities"]
-    rows, per = E.compute_metrics("A", _samples(tmp_path), cats, E.METRIC_GROUPS, E.Models(clip_reason="no CLIP"),
+    rows, per = E.compute_metrics("A", _samples(tmp_path), cats, METRIC_GROUPS, E.Models(clip_reason="no CLIP"),
                                   references=None)
     got = {(r["category"], r["metric"]): r for r in rows}
     assert got[("all", "decode_failure_rate")]["value"] == pytest.approx(0.25)

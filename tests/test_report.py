@@ -8,7 +8,7 @@ from PIL import Image
 import helpers as fx
 
 from rl3d.stages.scoring import report
-from rl3d.stages.eval import metric_row
+from rl3d.stages.evaluation.rows import metric_row
 
 CATS = ["spatial_structural", "organic_forms"]
 

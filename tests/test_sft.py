@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from rl3d.cli.main import main
 from rl3d.formats.codec import VoxelCodec
 from rl3d.formats.voxels import PALETTE_NAMES, coarsen_grid, to_bytes
-from rl3d.stages import sft
+from rl3d.stages.supervised import data as sft_data
 from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.policy.sequence import build_prompt, build_sequence
 from rl3d.stages.policy.tokenizer import build_tokenizer, mesh_token_offset, special_ids
@@ -66,21 +66,21 @@ def test_sequences_match_the_policy_layout_and_labels_are_completion_only(data):
     codec, rows = data["codec_obj"], data["rows"][:3]
     tok = build_tokenizer([r["plan"] for r in rows], codec, 300)
     sp = special_ids(tok, codec)
-    mesh = sft.mesh_targets({"n": 3, "voxels": pa.array([r["voxels"] for r in rows]), "mesh_tokens": None,
+    mesh = sft_data.mesh_targets({"n": 3, "voxels": pa.array([r["voxels"] for r in rows]), "mesh_tokens": None,
                              "source": "t"}, codec, ("coarse", "fine"))
     assert (mesh["coarse"][1] == codec.encode(coarsen_grid(data["grids"][1]))).all()
     assert (mesh["fine"][1] == codec.encode(data["grids"][1])).all()
     cols = {k: [r[k] for r in rows] for k in ("prompt", "plan", "detail")}
     for level in ("coarse", "fine", "single"):
-        prompts, reasonings = sft.level_texts(cols, level)
-        packed = sft.tokenize_sequences(tok, sp, prompts, reasonings, mesh["coarse" if level == "coarse" else "fine"])
+        prompts, reasonings = sft_data.level_texts(cols, level)
+        packed = sft_data.tokenize_sequences(tok, sp, prompts, reasonings, mesh["coarse" if level == "coarse" else "fine"])
         for i in range(3):
             want = build_sequence(tok, sp, prompts[i], reasonings[i],
                                   mesh["coarse" if level == "coarse" else "fine"][i])
             got = packed.ids[packed.offsets[i]:packed.offsets[i + 1]].tolist()
             assert got == want["input_ids"] and packed.prompt_lens[i] == want["prompt_len"]
     assert prompts[0] == build_prompt(rows[0]["prompt"], "single") and reasonings[0] == rows[0]["detail"]
-    batch = sft.collate(packed, [0, 2], tok.pad_token_id)
+    batch = sft_data.collate(packed, [0, 2], tok.pad_token_id)
     lab, ids, mask = batch["labels"].numpy(), batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     for b, i in enumerate([0, 2]):
         n, p = packed.lengths[i], packed.prompt_lens[i]
@@ -91,7 +91,7 @@ def test_sequences_match_the_policy_layout_and_labels_are_completion_only(data):
 def test_table_without_voxels_uses_mesh_tokens_and_decodes_for_coarse(data):
     codec, rows = data["codec_obj"], data["rows"][:2]
     toks = pa.array([r["mesh_tokens"] for r in rows], pa.list_(pa.int32()))
-    mesh = sft.mesh_targets({"n": 2, "voxels": None, "mesh_tokens": toks, "source": "t"}, codec, ("coarse", "fine"))
+    mesh = sft_data.mesh_targets({"n": 2, "voxels": None, "mesh_tokens": toks, "source": "t"}, codec, ("coarse", "fine"))
     assert (mesh["fine"][0] == np.asarray(rows[0]["mesh_tokens"])).all()
     decoded = codec.decode(np.asarray(rows[0]["mesh_tokens"]))
     assert (mesh["coarse"][0] == codec.encode(coarsen_grid(decoded))).all()
@@ -165,14 +165,14 @@ def test_missing_column_exits_2_naming_file_and_column(data, tmp_path):
 def test_process_pool_encoding_matches_serial(data, monkeypatch):
     rows = data["rows"]
     tbl = {"n": len(rows), "voxels": pa.array([r["voxels"] for r in rows]), "mesh_tokens": None, "source": "t"}
-    serial = sft.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=1)
-    monkeypatch.setattr(sft, "ENCODE_CHUNK", 3)
-    pooled = sft.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=2)
+    serial = sft_data.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=1)
+    monkeypatch.setattr(sft_data, "ENCODE_CHUNK", 3)
+    pooled = sft_data.mesh_targets(tbl, data["codec_obj"], ("coarse", "fine"), workers=2)
     assert all((serial[k] == pooled[k]).all() for k in serial)
 
 
 def test_resume_never_picks_a_checkpoint_a_kill_left_half_written(tmp_path):
-    from rl3d.stages.sft import STATE_FILE, latest_checkpoint
+    from rl3d.stages.supervised.checkpoints import STATE_FILE, latest_checkpoint
 
     for name in ("step-000001", "step-000002.tmp"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)

@@ -51,7 +51,7 @@ def test_saved_tokenizer_loads_identically_with_auto_tokenizer(tok, codec, tmp_p
     # a Qwen2 config beside the tokenizer makes AutoTokenizer rebuild it as Qwen2Tokenizer: it must agree
     from transformers import AutoTokenizer
 
-    from rl3d.stages.sft import build_model
+    from rl3d.stages.supervised.model import build_model
 
     build_model("tiny", len(tok), tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
