@@ -431,6 +431,12 @@ class TrainJob:
     def _policy_id(self, step: int) -> str:
         return resident_policy_id(self.run_dir, self.base_id, self.settings_hash, step)
 
+    def _policy_step(self, step: int) -> int:
+        """The step the samples record (gen's policy_step) for the policy after `step` updates: as
+        its id says, the RL step, and the initial policy's own step before any update (a resumed run
+        records what an uninterrupted one does)."""
+        return step if step else int(self.policy_meta.get("step", 0))
+
     def _sampling_copy(self, pid: str) -> Policy:
         """The policy gen samples with: a copy of the trained weights in the sampling dtype, in eval
         mode with the KV cache on (the trained model computes in float32 under autocast)."""
@@ -439,7 +445,8 @@ class TrainJob:
         model.config.use_cache = True
         for p in model.parameters():
             p.requires_grad_(False)
-        return dataclasses.replace(self.learner.policy, model=model, policy_id=pid)
+        return dataclasses.replace(self.learner.policy, model=model, policy_id=pid,
+                                   step=self._policy_step(self.learner.rl_step))
 
     def _sync_sampler(self) -> None:
         """The learner's weights into the sampling copy (a device-to-device copy, cast); never
@@ -452,7 +459,8 @@ class TrainJob:
             weights = learner.model.state_dict()
         with torch.no_grad():
             self.sampler.model.load_state_dict(weights, strict=False)
-        self.sampler = dataclasses.replace(self.sampler, policy_id=self._policy_id(learner.rl_step))
+        self.sampler = dataclasses.replace(self.sampler, policy_id=self._policy_id(learner.rl_step),
+                                           step=self._policy_step(learner.rl_step))
 
     def _checkpoint(self, step: int) -> None:
         if step <= self.saved_step or step != self.learner.rl_step:

@@ -19,7 +19,8 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
-from rl3d.stages.policy.checkpoint import carried_meta, load_plain_state, restore_rng, rng_state, save_policy
+from rl3d.stages.policy.checkpoint import (carried_meta, load_plain_state, restore_rng, rng_state, save_policy,
+                                          sft_step_of)
 
 SETTINGS_FILE = "train.json"
 CHECKPOINTS = "checkpoints"
@@ -103,8 +104,8 @@ def save_checkpoint(run: Path, step: int, model, weights, opt_state, policy, met
     shutil.rmtree(tmp, ignore_errors=True)
     extra = {**carried_meta(meta), "initial_policy": initial, "rl_step": step,
              "optimizer_updates": state["optimizer_updates"], "policy_id": state["policy_id"],
-             "sft_step": meta.get("sft_step", meta.get("step", 0) if "rl_step" not in meta else 0)}
-    save_policy(tmp, model, policy.tokenizer, policy.codec, step=meta.get("step", 0), base=meta.get("base"),
+             "sft_step": sft_step_of(meta)}
+    save_policy(tmp, model, policy.tokenizer, policy.codec, step=step, base=meta.get("base"),
                 extra=extra, state_dict=weights)
     if opt_state is not None:
         torch.save(opt_state, tmp / "optimizer.pt")
