@@ -10,7 +10,7 @@ mesh ~ 160k). Each row reasons for `--max-reasoning` tokens (a random-init model
     python benchmarks/bench_sampler.py --shapes 0.5b,1.5b,7b --batches 8,64,256 [--real-vocab-7b]
     python benchmarks/bench_sampler.py --shapes tiny --batches 4 --device cpu   # a check that it runs
     python benchmarks/bench_sampler.py --shapes default --batches 256,1024 --mesh-tokens 512 --baselines '' \
-        --profile --profile-batch 1024                  # the embedded default policy, its own vocabulary
+        --max-reasoning 128 --profile --profile-batch 1024   # the embedded default policy, its own vocabulary
 
 The baselines are slow, so they are timed over their first `--baseline-tokens` new tokens (a per-token
 rate: their step cost is launch-bound and grows with length, so this flatters them); the fixed-shape
@@ -33,7 +33,7 @@ from bench_gen import ConstraintProcessor  # the same masks for transformers gen
 from rl3d.stages.policy.sampler import (Sampling, completion_logprobs, left_padded, position_ids_from_mask,
                                         sample_sequences)
 from rl3d.stages.policy.sequence import collate, sequence_spans
-from rl3d.stages.policy.static_sampler import OPEN_ROWS_SHARE, _DecodeLoop, _sample_static, sample_sequences_static
+from rl3d.stages.policy.static_sampler import _DecodeLoop, sample_sequences_static
 from rl3d.stages.policy.tokenizer import SpecialIds
 
 SHAPES = {  # Qwen2.5 dimensions
@@ -146,7 +146,7 @@ def step_profile(model, sp, prompt_ids, seq_len, sampling, device, out_dir):
     B, P = ids.shape
     with torch.no_grad():
         loop = _DecodeLoop(model, sp, ids, att, position_ids_from_mask(att[:, :P]), torch.arange(B, device=dev),
-                           seq_len, sampling, steps, max(1, B // OPEN_ROWS_SHARE))
+                           seq_len, sampling, steps)
         for _ in range(3):
             loop.step()
         sync(device)
@@ -176,8 +176,6 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-batch", type=int, default=64, help="the batch --profile profiles")
     ap.add_argument("--no-static", action="store_true", help="time only the baselines")
-    ap.add_argument("--sorted-baseline", action="store_true",
-                    help="also time the fixed-shape sampler with every row's vocabulary sorted each step")
     ap.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
     args = ap.parse_args()
     dev = args.device
@@ -235,16 +233,6 @@ def main():
                 rates["static"] = tokens / sec
                 label = "static + CUDA graph" if torch.device(dev).type == "cuda" else "static (no graph on CPU)"
                 report(B, f"{label} (whole rows)", tokens, sec, rates, dev, args.json, shape)
-                if args.sorted_baseline:  # the threshold from a sort of every row (before the top-k shortcut)
-                    attempt, sec = timed(lambda: _sample_static(model, sp, pids, seeds, args.mesh_tokens, sampling, None,
-                                                                16, None, max(1, B // OPEN_ROWS_SHARE)), dev)
-                    print(f"      the shortcut's first try: {sec:.2f}s, "
-                          f"{'every step kept' if attempt is not None else 'a step had too many open rows: sampled again'}")
-                    sorted_rows, sec = timed(lambda: sample_sequences_static(model, sp, pids, seeds, args.mesh_tokens,
-                                                                            sampling, open_rows=B), dev)
-                    same = sum(a["tokens"] == b["tokens"] for a, b in zip(rows, sorted_rows))
-                    report(B, f"{label}, every row sorted", tokens, sec, rates, dev, args.json, shape)
-                    print(f"      rows identical to the shortcut's: {same}/{B}")
             if B == 64 or B == min(int(b) for b in args.batches.split(",")):
                 agree_b = min(B, 16)
                 ref = sample_sequences(model, sp, pids[:agree_b], seeds[:agree_b], args.mesh_tokens, sampling)

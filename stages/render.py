@@ -262,11 +262,9 @@ def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions) 
 
 def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, workers: int,
                     resident_pool=None) -> list[dict]:
-    """torch backend: `workers` processes read and prepare meshes (framing, colour tables; threads
-    instead when workers <= 1) while this process renders batches of many meshes at once on the
-    device and as many threads encode and write the PNGs (Pillow encodes without the GIL; handing
-    the views to processes instead pickled ~5 MB a mesh through a pipe in this thread). Rows keep
-    input order."""
+    """torch backend: `workers` processes read and prepare meshes (framing, colour tables) and
+    encode and write the PNGs (threads instead when workers <= 1), while this process renders
+    batches of many meshes at once on the device. Rows keep input order."""
     from rl3d.stages.raycast.torch_renderer import meshes_per_batch
 
     az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
@@ -274,7 +272,6 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
     pool = _pool_or_new(resident_pool, workers) if resident_pool is not None or workers > 1 else \
         ThreadPoolExecutor(WRITER_THREADS)
-    writer = ThreadPoolExecutor(max(WRITER_THREADS, workers), thread_name_prefix="rl3d-png")
     todo = iter(jobs)
     reads: deque = deque()      # (job, future of prepare_job), in input order
     writes: deque = deque()     # futures of write_job not yet known to be done
@@ -294,7 +291,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 refill()
             yield part
 
-    with pool as pool, writer:
+    with pool as pool:
         for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
             ready = [(job, rows, p) for job, rows, p in part if p is not None]
             views = iter(_render_prepared([p for *_, p in ready], az, el, opts) if ready else [])
@@ -305,7 +302,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 if res is None:
                     results.append(rows)
                     continue
-                writes.append(writer.submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
+                writes.append(pool.submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
                 results.append(writes[-1])
             while len(writes) > 2 * per_batch + max(workers, WRITER_THREADS):  # bounds the images held
                 writes.popleft().result()

@@ -11,8 +11,7 @@ from helpers import make_tiny_policy
 from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.policy.sampler import Sampling, sample_sequences, sample_tokens
 from rl3d.stages.policy.sequence import build_prompt, encode_text
-from rl3d.stages.policy.static_sampler import (_sample_static, fast_keep_threshold, keep_threshold,
-                                               sample_sequences_static, sample_tokens_fixed)
+from rl3d.stages.policy.static_sampler import keep_threshold, sample_sequences_static, sample_tokens_fixed
 
 torch.set_num_threads(1)
 
@@ -49,50 +48,6 @@ def test_keep_threshold_is_the_smallest_kept_weight():
     assert keep_threshold(w, total, 0, 0.5, 6).tolist() == pytest.approx([0.5, 0.25])
     assert keep_threshold(w, total, 2, 1.0, 6).tolist() == pytest.approx([0.3, 0.25])
     assert keep_threshold(w, total, 3, 0.6, 6).tolist() == pytest.approx([0.3, 0.25])
-
-
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.95), (0, 0.5), (8, 0.95), (50, 0.9), (50, 1.0), (3, 1.0)])
-def test_fast_keep_threshold_equals_the_sort_where_it_keeps_a_step(top_k, top_p):
-    """Peaked rows (a trained policy's) close among the 32 largest weights, flat ones do not: the
-    shortcut's threshold equals the whole sort's wherever it reports no overflow, and it overflows
-    exactly when more rows are open than it may sort."""
-    g = torch.Generator().manual_seed(top_k)
-    scale = torch.tensor([30.0] * 48 + [0.1] * 16)[:, None]  # 48 peaked rows, 16 nearly uniform
-    masked = torch.randn(64, 300, generator=g) * scale
-    masked[:, -37:] = -float("inf")
-    w = torch.exp(masked - masked.max(-1, keepdim=True).values)
-    total = w.sum(-1)
-    want = keep_threshold(w, total, top_k, top_p, 300)
-    n_open = 0 if 0 < top_k <= 32 else 16 if top_p < 1.0 else 64  # top-k alone past 32: no row closes
-    for open_rows in (0, 4, 16, 64):
-        thr, over = fast_keep_threshold(w, total, top_k, top_p, 300, open_rows)
-        assert bool(over) == (n_open > open_rows)
-        if not over:
-            assert torch.equal(thr, want)
-        elif n_open == 16:  # the closed rows are right all the same
-            assert torch.equal(thr[:48], want[:48])
-
-
-def test_static_sampler_shortcut_equals_the_plain_sampler(tmp_path):
-    """A peaked policy (its head scaled up) samples with the shortcut (no batch sampled twice) and
-    still draws the plain sampler's tokens; a policy too flat for one open row falls back to sorting
-    every row, with the same result."""
-    pol = load_policy(make_tiny_policy(tmp_path / "policy"), device="cpu", dtype="float32")
-    prompt_ids = [encode_text(pol.tokenizer, build_prompt(p, "coarse")) for p in ("a red chair", "a green box")] * 4
-    seeds, M, sampling = list(range(8)), pol.codec.seq_len, Sampling(max_reasoning_tokens=6, top_p=0.9)
-    head = pol.model.get_output_embeddings().weight
-    original = head.detach().clone()
-    for scale, shortcut in ((40.0, True), (0.01, False)):
-        with torch.no_grad():
-            head.copy_(original * scale)
-        want = sample_sequences(pol.model, pol.special, prompt_ids, seeds, M, sampling)
-        fast = _sample_static(pol.model, pol.special, prompt_ids, seeds, M, sampling, None, 4, None, 1)
-        assert (fast is not None) == shortcut
-        got = sample_sequences_static(pol.model, pol.special, prompt_ids, seeds, M, sampling, sync_every=4,
-                                      open_rows=1)
-        assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-5)
 
 
 @pytest.mark.parametrize("sampling", [Sampling(max_reasoning_tokens=6), Sampling(max_reasoning_tokens=4, top_p=1.0),
