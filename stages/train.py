@@ -43,7 +43,7 @@ from rl3d.stages.loop import swap
 from rl3d.stages.loop.checkpoints import (RESUMABLE, checkpoint_dir, latest_checkpoint, load_state,
                                           record_settings, resident_policy_id, save_checkpoint, step_dir)
 from rl3d.stages.loop.feed import PromptFeed
-from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, policy_id, read_policy_meta
+from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_policy, policy_id, read_policy_meta
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.render import RenderJob, worker_pool
 from rl3d.stages.reward import RewardJob, host_pool
@@ -126,9 +126,6 @@ class TrainJob:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be >= {low}")
         if o.overlap not in (0, 1):
             raise InputError(f"--overlap {o.overlap}: expected 0 or 1")
-        if o.lora_rank:
-            raise InputError("rl3d train: --lora-rank is not supported by the resident loop yet "
-                             "(its checkpoints and sampling copy need merged adapters); run LoRA steps with rl3d rl-step")
         if o.eval_every and not o.eval_bench:
             raise InputError("--eval-every needs --eval-bench NAME")
         o.rl = dataclasses.replace(o.rl, algo=ALGO_OF_MODE[o.mode], seed=o.seed)
@@ -181,9 +178,15 @@ class TrainJob:
 
         # 2. everything that stays loaded: the learner, its sampling copy, the worker pools
         t0 = time.time()
-        learner = Learner(start_dir, o.rl, ref_dir=o.ref or str(self.policy_dir), device=o.device, dtype=o.dtype,
-                          progress=Progress(quiet=True))
+        # a LoRA run trains one adapter on the initial policy: its checkpoints hold the adapter
+        learner = Learner(self.policy_dir if o.lora_rank else start_dir, o.rl, ref_dir=o.ref or str(self.policy_dir),
+                          device=o.device, dtype=o.dtype, progress=Progress(quiet=True), lora_rank=o.lora_rank,
+                          lora_from=last[1] if (o.lora_rank and last) else None)
         self.learner, acc = learner, learner.acc
+        from accelerate.utils import DistributedType
+        if o.lora_rank and acc.distributed_type == DistributedType.FSDP:
+            raise InputError("--lora-rank under FSDP: not supported by rl3d train (use DDP: a LoRA policy's "
+                             "trained weights are small enough to replicate)")
         self.main = acc.is_main_process
         if self.main:
             record_settings(self.run_dir, settings, o.allow_changes)
@@ -441,7 +444,12 @@ class TrainJob:
         """The policy gen samples with: a copy of the trained weights in the sampling dtype, in eval
         mode with the KV cache on (the trained model computes in float32 under autocast)."""
         dev, dt = resolve_device_dtype(self.opts.device, self.opts.dtype)
-        model = copy.deepcopy(self.learner.model).to(dtype=dt).eval()
+        if self.opts.lora_rank:  # the initial policy with the adapter's deltas merged in
+            model = load_policy(self.policy_dir, device=str(dev), dtype=str(dt).removeprefix("torch.")).model
+            model.load_state_dict(self.learner.merged_weights(), strict=False)
+        else:
+            model = copy.deepcopy(self.learner.model).to(dtype=dt)
+        model.eval()
         model.config.use_cache = True
         for p in model.parameters():
             p.requires_grad_(False)
@@ -453,7 +461,9 @@ class TrainJob:
         while the copy samples (overlap joins its thread first)."""
         learner = self.learner
         from accelerate.utils import DistributedType
-        if learner.acc.distributed_type == DistributedType.FSDP:
+        if self.opts.lora_rank:
+            weights = learner.merged_weights()
+        elif learner.acc.distributed_type == DistributedType.FSDP:
             weights = learner.full_state()[0]
         else:
             weights = learner.model.state_dict()
@@ -465,16 +475,24 @@ class TrainJob:
     def _checkpoint(self, step: int) -> None:
         if step <= self.saved_step or step != self.learner.rl_step:
             return
-        learner = self.learner
-        weights, opt_state = learner.full_state()
+        learner, o = self.learner, self.opts
+        adapter = None
+        if o.lora_rank:  # the adapter every time; the merged policy where a command will load it
+            adapter_weights, opt_state = learner.lora_state()
+            adapter = (learner.model, adapter_weights)
+            wanted = step == o.steps or (o.eval_every and step % o.eval_every == 0)
+            weights = learner.merged_weights() if wanted else None
+        else:
+            weights, opt_state = learner.full_state()
         if self.main:
             state = {"step": step, "optimizer_updates": learner.optimizer_updates,
                      "policy_id": self._policy_id(step), "settings_hash": self.settings_hash,
                      "prompts": self.feed.position(step + 1), "saved_at": time.time()}
             protect = self.opts.eval_every
-            save_checkpoint(self.run_dir, step, learner.model_to_save(), weights, opt_state, learner.policy,
+            model = learner.model.get_base_model() if o.lora_rank else learner.model_to_save()
+            save_checkpoint(self.run_dir, step, model, weights, opt_state, learner.policy,
                             learner.meta, learner.initial, state, keep=self.opts.keep_checkpoints,
-                            protect=(lambda s: s % protect == 0) if protect else None)
+                            protect=(lambda s: s % protect == 0) if protect else None, adapter=adapter)
         self._barrier()
         self.saved_step = step
 

@@ -388,3 +388,38 @@ def test_overwrite_starts_the_run_over_and_then_drops_the_old_one(setup, tmp_pat
     assert json.loads(res.stdout.strip().splitlines()[-1])["steps_run"] == 1
     assert not (run / "marker-of-the-old-run").exists() and (run / "checkpoints" / "step-000001").is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the set-aside copy is gone
+
+
+def test_lora_run_checkpoints_the_adapter_and_resumes_to_the_same_policy(setup, tmp_path):
+    """--lora-rank trains an adapter on the initial policy: a checkpoint holds the adapter and its
+    optimizer state (no base weights), the last step also a merged policy dir every command loads;
+    a run stopped after step 1 and resumed equals an uninterrupted one, and the adapter moved the
+    policy away from the initial weights."""
+    pytest.importorskip("peft")
+    root, policy, prompts = setup
+    lora = ["--lora-rank", "4", "--save-every", "1"]
+    whole = tmp_path / "whole"
+    res = _cli(_train_args(policy, prompts, whole, 2, *lora))
+    assert res.exit_code == 0, res.output
+    first, last = whole / "checkpoints" / "step-000001", whole / "checkpoints" / "step-000002"
+    assert (first / "adapter" / "adapter_model.safetensors").is_file() and (first / "optimizer.pt").is_file()
+    assert not (first / "model.safetensors").exists()  # no merged write on a step nobody loads
+    assert (last / "adapter" / "adapter_config.json").is_file() and (last / "model.safetensors").is_file()
+    adapter = load_file(first / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    from rl3d.stages.policy.checkpoint import load_policy
+
+    merged = load_policy(last, device="cpu", dtype="float32")  # a policy dir, loaded as the commands do
+    assert merged.policy_id.endswith("#step2")
+    base = load_file(Path(policy) / "model.safetensors")
+    moved = load_file(last / "model.safetensors")
+    assert any(not torch.equal(base[k], moved[k]) for k in base if k in moved)
+
+    resumed = tmp_path / "resumed"
+    for steps in (1, 2):
+        res = _cli(_train_args(policy, prompts, resumed, steps, *lora))
+        assert res.exit_code == 0, res.output
+    _weights_close(whole / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    for stage in ("gen", "rewards"):
+        for ra, rb in zip(_sorted(whole / "step-000002" / stage), _sorted(resumed / "step-000002" / stage)):
+            _close(ra, rb)

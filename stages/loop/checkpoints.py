@@ -19,6 +19,7 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
+from rl3d.stages.rl.learner import ADAPTER_DIR, save_adapter
 from rl3d.stages.policy.checkpoint import (carried_meta, load_plain_state, restore_rng, rng_state, save_policy,
                                           sft_step_of)
 
@@ -94,19 +95,26 @@ def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
 
 
 def save_checkpoint(run: Path, step: int, model, weights, opt_state, policy, meta: dict, initial: str,
-                    state: dict, keep: int = 0, protect=None) -> Path:
+                    state: dict, keep: int = 0, protect=None, adapter=None) -> Path:
     """The policy after `step` updates as a complete policy dir (loadable by every command) with the
     optimizer and RNG states and the loop's state, written beside and renamed into place. `keep`:
     how many of the newest to keep (0 = all); `protect(step)` True keeps one regardless (a held-out
-    evaluation may be reading it)."""
+    evaluation may be reading it). A LoRA run: `adapter` = (peft model, adapter weights), written to
+    adapter/ with the adapter's optimizer state; the complete (merged) policy dir only where
+    `weights` are given (a held-out evaluation's step, the run's last)."""
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    extra = {**carried_meta(meta), "initial_policy": initial, "rl_step": step,
-             "optimizer_updates": state["optimizer_updates"], "policy_id": state["policy_id"],
-             "sft_step": sft_step_of(meta)}
-    save_policy(tmp, model, policy.tokenizer, policy.codec, step=step, base=meta.get("base"),
-                extra=extra, state_dict=weights)
+    if adapter is None or weights is not None:
+        extra = {**carried_meta(meta), "initial_policy": initial, "rl_step": step,
+                 "optimizer_updates": state["optimizer_updates"], "policy_id": state["policy_id"],
+                 "sft_step": sft_step_of(meta)}
+        save_policy(tmp, model, policy.tokenizer, policy.codec, step=step, base=meta.get("base"),
+                    extra=extra, state_dict=weights)
+    else:
+        tmp.mkdir(parents=True)
+    if adapter is not None:
+        save_adapter(*adapter, tmp / ADAPTER_DIR)
     if opt_state is not None:
         torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng_state.pt")

@@ -49,7 +49,7 @@ class Learner:
     initial policy unless `ref_dir`) is loaded at the first update that needs it."""
 
     def __init__(self, policy_dir, cfg: RLConfig, ref_dir=None, device=None, dtype=None, lora_rank: int = 0,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, lora_from=None):
         self.cfg, self.lora_rank, self.progress = cfg, lora_rank, progress or Progress(quiet=True)
         torch.manual_seed(cfg.seed)
         device_type = resolve_device_dtype(device)[0].type
@@ -63,6 +63,8 @@ class Learner:
         freeze_vision(model)  # text-only policy: a VLM's vision tower and projector stay fixed
         if lora_rank:
             model = with_lora(model, lora_rank)
+            if lora_from is not None:  # a LoRA run's checkpoint: its adapter on the base policy
+                load_adapter(model, Path(lora_from) / ADAPTER_DIR)
         if cfg.gradient_checkpointing:  # the newer name where transformers has it (the old one warns)
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
@@ -74,8 +76,9 @@ class Learner:
         opt = make_optimizer(model, cfg, self.fused)
         # the temperature is set per update from the samples (CompletionLogprobs.temperature)
         self.scorer, self.opt = acc.prepare(CompletionLogprobs(model, self.special, 1.0), opt)
-        parent_opt = Path(policy_dir) / "optimizer.pt"
-        if parent_opt.exists() and not lora_rank:
+        # a policy dir's optimizer.pt is the full model's: a LoRA learner takes only its own checkpoint's
+        parent_opt = Path(lora_from or policy_dir) / "optimizer.pt"
+        if parent_opt.exists() and (not lora_rank or lora_from is not None):
             processes.load_optimizer_state(self.scorer, self.opt, load_optimizer_state(parent_opt))
             set_fused(self.opt, self.fused)  # the parent's state carries its own run's kernel choice
         self.ref_scorer = None
@@ -165,6 +168,19 @@ class Learner:
         shard); (None, None) for LoRA, whose adapter is merged on save."""
         return (None, None) if self.lora_rank else processes.full_state(self.scorer, self.opt)
 
+    def lora_state(self) -> tuple[dict, dict]:
+        """(adapter weights, optimizer state) as full CPU tensors: what a LoRA run checkpoints (the
+        frozen base is the initial policy's, never written again)."""
+        from peft import get_peft_model_state_dict
+
+        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        return weights, processes.optimizer_state(self.scorer, self.opt)
+
+    def merged_weights(self) -> dict:
+        """The LoRA policy's weights keyed as the plain model's, each adapted layer's delta added to
+        its base weight (the adapter itself stays apart and trainable)."""
+        return merged_state_dict(self.model)
+
     def model_to_save(self):
         model = self.model
         return model.merge_and_unload() if self.lora_rank else model
@@ -238,6 +254,56 @@ def with_lora(model, rank: int):
     vision = {"exclude_modules": rf"(.*\.)?({'|'.join(VISION_MODULES)})\..*"} if has_vision else {}
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, **vision)
     return get_peft_model(model, cfg)
+
+
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's adapter (peft's files) beside its optimizer state
+
+
+def save_adapter(model, weights: dict, out: Path) -> None:
+    """A peft model's adapter as peft writes it (adapter_config.json, adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(str(out))
+    save_file(weights, str(out / "adapter_model.safetensors"))
+
+
+def load_adapter(model, adapter: Path) -> None:
+    """An adapter written by save_adapter into a model wrapped by with_lora (same rank and targets)."""
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = adapter / "adapter_model.safetensors"
+    try:
+        state = load_file(str(f), device=str(next(model.parameters()).device))
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{f}: cannot read the LoRA adapter ({type(e).__name__}: {e})") from None
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise InputError(f"{f}: not this run's adapter (no {missing[0]}; another --lora-rank or policy?)")
+
+
+def merged_state_dict(model) -> dict:
+    """A peft LoRA model's weights keyed as its base model's, with every adapted layer's delta
+    (peft's get_delta_weight) added to its base weight; the model is left as it was."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {name: sum(m.get_delta_weight(a) for a in m.active_adapters)
+              for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    with torch.no_grad():
+        for key, value in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            plain = key.replace(".base_layer.", ".")
+            owner = plain.rsplit(".", 1)[0]
+            if key.endswith(".base_layer.weight") and owner in deltas:
+                value = value + deltas[owner].to(value.dtype)
+            out[plain] = value
+    return out
 
 
 def step_metrics(samples, adv_rows, adv_stats, kept, stats: UpdateStats, timings, step: int, cfg, rewards) -> dict:

@@ -8,7 +8,7 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
                                                      set_optimizer_state_dict)
 
 
@@ -60,6 +60,12 @@ def full_state(scorer, opt) -> tuple[dict, dict]:
     weights, opt_state = get_state_dict(scorer, getattr(opt, "optimizer", opt),
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k.removeprefix("model."): v for k, v in weights.items()}, opt_state
+
+
+def optimizer_state(scorer, opt) -> dict:
+    """full_state's optimizer half alone (a LoRA run's checkpoint: the base weights are not saved)."""
+    return get_optimizer_state_dict(scorer, getattr(opt, "optimizer", opt),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(scorer, opt, state: dict) -> None:
