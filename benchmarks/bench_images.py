@@ -67,7 +67,7 @@ def main() -> None:
                            arrays), ""))
     import torch
 
-    from rl3d.stages.scoring.clip import device_preprocessing, load_scorer
+    from rl3d.stages.scoring.clip_scorer import device_preprocessing, load_scorer
 
     processor = load_scorer(device="cpu").image_processor
     pixels = device_preprocessing(processor)

@@ -85,7 +85,7 @@ def unbatched_config(src: str, dst: Path) -> Path:
 def run_once(samples, renders, config, out: Path, batch: int) -> tuple[float, dict]:
     from rl3d.stages import reward
     from rl3d.stages.contract import StageOptions
-    from rl3d.stages.scoring import clip
+    from rl3d.stages.scoring import clip_scorer as clip
 
     reward._BACKEND_CACHE.clear()  # fresh backends and embedding caches: cold start each run
     clip._SCORERS.clear()
@@ -103,7 +103,7 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from rl3d.stages.rewards.config import load_config
+    from rl3d.stages.rewards.reward_config import load_config
 
     args.resolution = args.resolution or (512 if torch.cuda.is_available() else 128)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

@@ -38,7 +38,7 @@ from rl3d.formats import shards, tables
 from rl3d.stages.contract import Progress
 from rl3d.stages.policy.checkpoint import default_policy_dir, load_codec_for, read_policy_meta, save_policy
 from rl3d.stages.policy.tokenizer import load_tokenizer, special_ids
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl_step import run_rl_step
 
 # (hidden, layers, heads, kv heads, intermediate); 0.5b and 1.5b are Qwen2.5-0.5B / 1.5B's decoders

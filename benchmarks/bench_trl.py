@@ -47,8 +47,8 @@ from rl3d.formats.tables import read_table  # noqa: E402
 from rl3d.stages.policy.checkpoint import load_codec_for, prompt_format_for, read_policy_meta  # noqa: E402
 from rl3d.stages.policy.sequence import build_prompt  # noqa: E402
 from rl3d.stages.policy.tokenizer import load_tokenizer, special_ids  # noqa: E402
-from rl3d.stages.rewards.config import load_config  # noqa: E402
-from rl3d.stages.rl.config import RLConfig  # noqa: E402
+from rl3d.stages.rewards.reward_config import load_config  # noqa: E402
+from rl3d.stages.rl.rl_config import RLConfig  # noqa: E402
 
 # rl-step's defaults, given to TRL too
 _RL = RLConfig()

@@ -62,7 +62,7 @@ def command(policy_dir, samples, rewards, out, dynamic_sampling, run_metrics, de
     """
     started = time.time()
     # torch, transformers, accelerate: most of a step's start-up (startup_s in the metrics)
-    from rl3d.stages.rl.config import RLConfig
+    from rl3d.stages.rl.rl_config import RLConfig
     from rl3d.stages.rl_step import RLStepJob, StepOptions
 
     startup_s = time.time() - started

@@ -124,7 +124,7 @@ def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_
     """
     started = time.time()
     from rl3d.stages.contract import Progress
-    from rl3d.stages.rl.config import RLConfig
+    from rl3d.stages.rl.rl_config import RLConfig
     from rl3d.stages.train import TrainJob, TrainOptions
 
     opts = pop_common_options(kw, out=out)

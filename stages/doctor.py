@@ -17,7 +17,7 @@ from rl3d.formats import vqvae64
 from rl3d.stages.checks.check import Check, one_line, passed, problem
 from rl3d.stages.checks.model_dir import (TOKENIZER_FILES, check_model_dir, has_tokenizer_files, load_tokenizer_only,
                                           raw_model_config)
-from rl3d.stages.rewards import config as reward_config
+from rl3d.stages.rewards import reward_config
 
 POLICY_META = "rl3d_policy.json"  # as stages/policy/checkpoint.py writes it
 PUBLISHED_VQVAE = "3DVQVAE.bin"  # ShapeLLM-Omni's VQ-VAE as published: a torch pickle, converted by rl3d codec convert

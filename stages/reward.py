@@ -35,7 +35,7 @@ from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
 from rl3d.stages.contract import Job, Progress, StageOptions, process_pool, status_counts, timed, usable_cores
 from rl3d.stages.rewards.base import RewardItem, TermResult
-from rl3d.stages.rewards.config import RewardConfig, TermConfig, backend_class, load_config, make_backend
+from rl3d.stages.rewards.reward_config import RewardConfig, TermConfig, backend_class, load_config, make_backend
 
 OK_STATES = ("ok", "not_applicable")
 MAX_WORKERS = 16

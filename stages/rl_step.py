@@ -22,7 +22,7 @@ from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import DirJob, Progress, StageOptions, read_json_record
 from rl3d.stages.policy.checkpoint import carried_meta, policy_id, read_policy_meta, rng_state, save_policy, sft_step_of
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs
 from rl3d.stages.rl.learner import (TIMERS, Learner, make_optimizer, read_batch, set_fused,  # noqa: F401
                                     summary_fields, update_tables, use_fused_adamw)

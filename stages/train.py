@@ -47,8 +47,8 @@ from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_polic
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.render import RenderJob, worker_pool
 from rl3d.stages.reward import RewardJob, host_pool
-from rl3d.stages.rewards.config import load_config
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rewards.reward_config import load_config
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs
 from rl3d.stages.rl.learner import Learner, read_batch, summary_fields, update_tables
 from rl3d.stages.scoring.run_metrics import append_run_metrics, write_tensorboard

@@ -26,7 +26,7 @@ from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import DirJob, Progress, StageOptions, read_json_record
 from rl3d.stages.policy.device import pick_device
-from rl3d.stages.scoring.clip import ImageProcessor, load_rgb, pooled
+from rl3d.stages.scoring.clip_scorer import ImageProcessor, load_rgb, pooled
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 IMAGE_SIZE = 128

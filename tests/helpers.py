@@ -434,7 +434,7 @@ def rl_batch(root, tied=False):
 
 def run_step(root, policy, out, allow_off_policy=False, **kw):
     """One rl-step of `policy` on rl_batch's tables into `out` (run metrics beside it, m.parquet)."""
-    from rl3d.stages.rl.config import RLConfig
+    from rl3d.stages.rl.rl_config import RLConfig
     from rl3d.stages.rl_step import run_rl_step
 
     cfg = RLConfig(**{"lr": 1e-3, "micro_batch": 4, **kw})

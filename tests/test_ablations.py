@@ -412,7 +412,7 @@ def test_nucleus_frozen_counts_tokens_top_p_could_not_vary():
 
 
 def test_ablation_reward_files_load():
-    from rl3d.stages.rewards.config import load_config
+    from rl3d.stages.rewards.reward_config import load_config
 
     files = sorted((ROOT / "examples/ablations/rewards").glob("*.toml"))
     assert {f.stem for f in files} >= {"clip", "spec", "geometry", "clip-spec", "all-right-bonus"}

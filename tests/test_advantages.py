@@ -110,7 +110,7 @@ def test_train_levels_keeps_one_level_and_leaves_its_advantages_unchanged():
 
 
 def test_train_levels_is_checked():
-    from rl3d.stages.rl.config import RLConfig
+    from rl3d.stages.rl.rl_config import RLConfig
 
     with pytest.raises(InputError, match="--train-levels 'both': expected one of all, coarse, fine"):
         RLConfig(train_levels="both").check()
@@ -127,7 +127,7 @@ def test_a_mistyped_mode_fails_instead_of_changing_the_update(name, typo):
     """Through the Python API too: RLConfig refuses an unknown mode when built (not only in check()),
     and compute_advantages refuses the modes it reads (it used to treat any algo but "hi-grpo" as grpo
     and any adv_std but "group" as none)."""
-    from rl3d.stages.rl.config import MODES, RLConfig
+    from rl3d.stages.rl.rl_config import MODES, RLConfig
 
     expected = f"--{name.replace('_', '-')} '{typo}': expected one of {', '.join(MODES[name])}"
     with pytest.raises(InputError, match=expected):
@@ -145,7 +145,7 @@ def test_the_cli_offers_exactly_the_modes():
     import click
 
     from rl3d.cli.rl_step import command
-    from rl3d.stages.rl.config import MODES
+    from rl3d.stages.rl.rl_config import MODES
 
     choices = {p.name: tuple(p.type.choices) for p in command.params if isinstance(p.type, click.Choice)}
     for name, values in MODES.items():

@@ -31,7 +31,7 @@ def direct(model_dir, prompt, paths):
     """cos(text, image) computed by hand from the saved model and processors."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-    from rl3d.stages.scoring.clip import load_rgb
+    from rl3d.stages.scoring.clip_scorer import load_rgb
 
     m = CLIPModel.from_pretrained(str(model_dir)).eval()
     tok, proc = AutoTokenizer.from_pretrained(str(model_dir)), CLIPImageProcessorPil.from_pretrained(str(model_dir))
@@ -102,7 +102,7 @@ def test_hps_without_open_clip_names_the_extra(tmp_path, monkeypatch):
 def test_background_image_preparation_keeps_the_embeddings(tiny, monkeypatch):
     """Images decoded and preprocessed in background threads (any task size, batches split across
     tasks) give the same embeddings as encoding each image alone on the spot."""
-    from rl3d.stages.scoring import clip
+    from rl3d.stages.scoring import clip_scorer as clip
 
     model_dir, imgs = tiny
     paths = imgs * 5 + ["/no/such/view.png"]
@@ -121,7 +121,7 @@ def test_hps_features_match_per_view_text_encoding(tiny):
     """HPS encodes each distinct prompt once and prepares images in background threads: the cosines
     equal the per-view computation (a stub open_clip model: no extra needed)."""
     from rl3d.stages.rewards.hps import HPSBackend
-    from rl3d.stages.scoring.clip import load_rgb
+    from rl3d.stages.scoring.clip_scorer import load_rgb
 
     torch.manual_seed(0)
     img_w, txt_w = torch.randn(3 * 8 * 8, 5), torch.randn(50, 5)
@@ -152,7 +152,7 @@ def test_device_preprocessing_is_within_a_grey_level_of_the_image_processor(tmp_
     grey levels; a non-square image is resized on its shortest edge and centre-cropped the same way."""
     from transformers import CLIPImageProcessorPil
 
-    from rl3d.stages.scoring.clip import device_preprocessing
+    from rl3d.stages.scoring.clip_scorer import device_preprocessing
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     pixels = device_preprocessing(proc)

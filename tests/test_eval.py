@@ -51,7 +51,7 @@ def test_compute_metrics_values_and_skip_reasons(tmp_path):
 
 
 def test_compute_metrics_kd_fd_clip_with_references(tmp_path):
-    from rl3d.stages.scoring.clip import ClipScorer
+    from rl3d.stages.scoring.clip_scorer import ClipScorer
     from rl3d.stages.scoring.metrics import FeatureModel
 
     d = fx.make_tiny_clip(tmp_path / "clip")

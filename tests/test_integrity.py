@@ -27,7 +27,7 @@ from rl3d.formats.locks import lock_path
 from rl3d.stages.contract import StageOptions
 from rl3d.stages.raycast import images
 from rl3d.stages.render import RenderOptions, run_render
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl_step import DONE_FILE, run_rl_step
 
 TAG = "00000-of-00001"
@@ -274,7 +274,7 @@ def test_the_summary_counts_failed_rows(objs, tmp_path):
 
 @pytest.mark.parametrize("value", ["http://host/${RL3D_SECRET}", "${HOME}", "x${RL3D_SECRET}", "${RL3D_KEY}"])
 def test_a_reward_config_never_expands_the_environment_into_a_request(monkeypatch, value):
-    from rl3d.stages.rewards.config import parse_config
+    from rl3d.stages.rewards.reward_config import parse_config
 
     monkeypatch.setenv("RL3D_SECRET", "s3cret")
     monkeypatch.setenv("RL3D_KEY", "k3y")
@@ -310,7 +310,7 @@ def test_rl_settings_out_of_range_are_refused(field, value):
 
 @pytest.mark.parametrize("key,value", [("weight", 1e308), ("scale", "1e308"), ("weight", -1e7)])
 def test_a_term_weight_beyond_the_range_is_refused(key, value):
-    from rl3d.stages.rewards.config import parse_config
+    from rl3d.stages.rewards.reward_config import parse_config
 
     raw = {"levels": {"single": [{"name": "symmetry", "backend": "geometry", "aggregate": "none", key: value}]}}
     with pytest.raises(InputError, match=rf"my.toml: levels.single\[0\].{key}: .* is outside"):
@@ -347,7 +347,7 @@ def test_render_refuses_a_float_sample_index(objs, tmp_path):
 
 
 def test_a_reward_config_nested_too_deeply_is_one_line(tmp_path):
-    from rl3d.stages.rewards.config import load_config
+    from rl3d.stages.rewards.reward_config import load_config
 
     deep = tmp_path / "deep.toml"
     deep.write_text("a = " + "[" * 1000 + "]" * 1000 + "\n")

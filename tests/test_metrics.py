@@ -6,7 +6,7 @@ import helpers as fx
 
 from rl3d.formats.errors import InputError
 from rl3d.stages.scoring import metrics
-from rl3d.stages.scoring.clip import ClipScorer
+from rl3d.stages.scoring.clip_scorer import ClipScorer
 
 
 def test_kd_hand_computed_three_points():

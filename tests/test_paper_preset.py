@@ -21,7 +21,7 @@ from helpers import (TINY_HPS_ARCH, build_tiny_clip, build_tiny_hps, build_tiny_
 
 from rl3d.cli.main import main
 from rl3d.formats import tables
-from rl3d.stages.rewards.config import preset_path
+from rl3d.stages.rewards.reward_config import preset_path
 
 # options the tiny replicas need on top of the preset's (arch of the tiny open_clip; short judge replies)
 TINY = {"hps": {"arch": TINY_HPS_ARCH, "device": "cpu"},

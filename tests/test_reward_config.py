@@ -2,7 +2,7 @@
 import pytest
 
 from rl3d.formats.errors import InputError
-from rl3d.stages.rewards.config import load_config, parse_config, preset_names
+from rl3d.stages.rewards.reward_config import load_config, parse_config, preset_names
 
 
 def term(**kw):
@@ -73,7 +73,7 @@ def test_files_toml_yaml_and_unknown(tmp_path):
 
 
 def test_paper_preset_without_models_says_what_is_missing(monkeypatch):
-    from rl3d.stages.rewards.config import make_backend
+    from rl3d.stages.rewards.reward_config import make_backend
 
     monkeypatch.delenv("RL3D_HPS_CHECKPOINT", raising=False)
     hps = load_config("paper").terms("coarse")[0]
@@ -84,7 +84,7 @@ def test_paper_preset_without_models_says_what_is_missing(monkeypatch):
 def test_each_backend_declares_its_needs_on_itself():
     """The backends are the RewardBackend subclasses the files of stages/rewards/ declare; what the reward
     stage and doctor ask of one (views, host worker processes) is its own class attribute."""
-    from rl3d.stages.rewards.config import backend_class, backend_names
+    from rl3d.stages.rewards.reward_config import backend_class, backend_names
 
     assert backend_names() == ["clip", "geometry", "hps", "spec", "vlm"]
     declared = {n: (backend_class(n).needs_views, backend_class(n).host_workers) for n in backend_names()}
@@ -128,7 +128,7 @@ def test_a_new_backend_is_one_file_that_config_stage_and_doctor_find(tmp_path, m
     import rl3d.stages.rewards as rewards_pkg
     from rl3d.stages.doctor import check_rewards
     from rl3d.stages.rewards.base import RewardItem
-    from rl3d.stages.rewards.config import backend_names, make_backend
+    from rl3d.stages.rewards.reward_config import backend_names, make_backend
 
     (tmp_path / "prompt_length.py").write_text(PROMPT_LENGTH_BACKEND)
     monkeypatch.setattr(rewards_pkg, "__path__", [*rewards_pkg.__path__, str(tmp_path)])  # as if in the folder

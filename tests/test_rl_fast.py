@@ -20,7 +20,7 @@ from rl3d.formats.errors import InputError
 from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.policy.sampler import completion_logprobs, token_logprobs
 from rl3d.stages.policy.sequence import collate
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.loss import logprob_mismatch, mismatch_metrics
 from rl3d.stages.rl.update import by_length
 from rl3d.stages.rl_step import TIMERS, make_optimizer, set_fused, use_fused_adamw

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.loss import policy_loss, token_weights
 
 torch.manual_seed(0)

@@ -18,7 +18,7 @@ from rl3d.cli.main import main
 from rl3d.formats import shards, tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.policy.checkpoint import load_policy
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.loss import warmup_lr
 from rl3d.stages.rl_step import run_rl_step
 

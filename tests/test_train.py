@@ -24,7 +24,7 @@ from helpers import make_tiny_policy
 
 from rl3d.cli.main import main
 from rl3d.formats import tables
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.loss import policy_loss
 from rl3d.stages.rl.update import tis_metrics, truncated_importance_weights
 

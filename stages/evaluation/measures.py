@@ -15,7 +15,7 @@ from rl3d.stages.evaluation.options import FEATURE_GROUPS, EvalOptions
 from rl3d.stages.evaluation.rows import ALL, metric_row, skipped
 from rl3d.stages.rewards import geometry
 from rl3d.stages.rewards.spec import check_spec
-from rl3d.stages.scoring.clip import ClipScorer, default_scorer_dir
+from rl3d.stages.scoring.clip_scorer import ClipScorer, default_scorer_dir
 from rl3d.stages.scoring.metrics import (KD_SCALE, FeatureModel, frechet_distance, kernel_distance, mean_rbf_kernel,
                                          mean_std, model_fingerprint, pairwise_iou_mean, rate)
 

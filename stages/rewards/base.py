@@ -37,7 +37,7 @@ class TermResult:
 
 class RewardBackend:
     """Base class. A backend is one module stages/rewards/<name>.py holding one subclass whose `name`
-    is <name>: the config's `backend = "<name>"` finds it there (rewards/config.py), and what the
+    is <name>: the config's `backend = "<name>"` finds it there (rewards/reward_config.py), and what the
     stages and `rl3d doctor` need to know of it are the class's own declarations below. Subclasses
     take their options in __init__ (from the config's term table) and implement score(). Models are
     loaded once, in __init__ or lazily."""

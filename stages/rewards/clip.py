@@ -1,5 +1,5 @@
 """The `clip` reward backend: prompt vs each rendered view through the one CLIP scorer
-(stages/scoring/clip.py, shared with the eval's CLIP score). Default model: the scorer shipped in
+(stages/scoring/clip_scorer.py, shared with the eval's CLIP score). Default model: the scorer shipped in
 rl3d/assets/scorer, trained by `rl3d train-scorer`.
 
 Metrics (per view; the stage aggregates views):
@@ -18,7 +18,7 @@ from rl3d.formats.errors import InputError
 from rl3d.stages.checks.check import Check, env_fix, passed, problem
 from rl3d.stages.checks.model_dir import check_model_dir, has_tokenizer_files
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
-from rl3d.stages.scoring.clip import METRICS, PREPROCESS, default_scorer_dir, load_scorer, view_scores
+from rl3d.stages.scoring.clip_scorer import METRICS, PREPROCESS, default_scorer_dir, load_scorer, view_scores
 
 
 class ClipBackend(RewardBackend):

@@ -17,7 +17,7 @@ from rl3d.stages.checks.check import Check, env_fix, one_line, passed, problem
 from rl3d.stages.checks.model_dir import safetensors_header
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
 from rl3d.stages.policy.device import pick_device
-from rl3d.stages.scoring.clip import load_rgb, prepared_batches
+from rl3d.stages.scoring.clip_scorer import load_rgb, prepared_batches
 
 _MODELS: dict[tuple, tuple] = {}
 

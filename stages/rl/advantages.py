@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rl3d.formats.errors import InputError
-from rl3d.stages.rl.config import check_modes
+from rl3d.stages.rl.rl_config import check_modes
 
 POLICY_FAILURES = ("decode_error",)  # sample statuses caused by the sampled tokens themselves
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.policy.limits import model_limits
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 
 
 MAX_TOTAL = 1e6  # a reward total beyond this is an overflow or a unit error, never a score

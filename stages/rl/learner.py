@@ -26,7 +26,7 @@ from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
 from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.inputs import learned_nothing
 from rl3d.stages.rl.loss import diagnostics, mismatch_metrics
 from rl3d.stages.rl.update import (UpdateStats, recompute_old_logprobs, reference_logprobs,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 
 # what policy_loss reports of each micro-batch besides its rows' losses
 DIAGNOSTICS = ("pg", "kl", "clip_low_frac", "clip_high_frac", "ratio_mean")

@@ -10,7 +10,7 @@ import torch
 
 from rl3d.stages.policy.sequence import KIND_MESH, KIND_PAD, KIND_REASONING, LEVELS, collate, completion_kinds
 from rl3d.stages.rl import processes
-from rl3d.stages.rl.config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.loss import diagnostics, logprob_mismatch, mismatch_metrics, policy_loss, token_weights, warmup_lr
 
 

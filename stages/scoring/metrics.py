@@ -10,7 +10,7 @@ Distribution metrics compare features of generated renders with features of refe
     identical features, towards 0 apart); kept apart from KD so numbers can sit beside the published table.
   - FD: the Frechet distance between Gaussians fitted to the two feature sets (FID's formula).
 Per-sample metrics: CLIP score (mean over views of 100 * max(cos, 0), from the one CLIP scorer in
-scoring/clip.py), spec accuracy, geometry rates and decode failures are aggregated by
+scoring/clip_scorer.py), spec accuracy, geometry rates and decode failures are aggregated by
 `rate`/`mean_std`; diversity is the mean pairwise voxel IoU of one prompt's samples (lower = more
 diverse).
 
@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPModel
 
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
-from rl3d.stages.scoring.clip import load_rgb_or_fail, pooled
+from rl3d.stages.scoring.clip_scorer import load_rgb_or_fail, pooled
 
 KD_SCALE = 100.0  # KD is reported x100, like KID in the paper's tables
 
