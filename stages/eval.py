@@ -33,7 +33,7 @@ from rl3d.stages.evaluation.measures import (Sample, compute_metrics, load_model
                                              reference_feature_matrix)
 from rl3d.stages.evaluation.options import FEATURE_GROUPS, EvalOptions
 from rl3d.stages.evaluation.rows import metrics_table
-from rl3d.stages.gen import MODES, GenJob, GenOptions
+from rl3d.stages.gen import SAMPLED_MODES, GenJob, GenOptions
 from rl3d.stages.policy.checkpoint import read_policy_meta, sft_step_of
 from rl3d.stages.render import RenderJob
 from rl3d.stages.scoring.report import ReportContext, pick_grid, write_report
@@ -124,7 +124,7 @@ class EvalJob(Job):
         """gen + render for one policy (resumable stage dirs) -> its final-level samples and info."""
         o = self.options
         mode = resolve_mode(policy_dir, o.mode)
-        final = MODES[mode][-1]
+        final = SAMPLED_MODES[mode][-1]
         pdir = Path(opts.out) / name
         progress.log(f"eval {name}: gen ({mode}, final level {final!r}) into {pdir / 'gen'}")
         # sampling=None: as the policy's rl3d_policy.json says (e.g. a mesh-only policy's reasoning budget 0),

@@ -33,7 +33,7 @@ from rl3d.stages.policy.sampler_engines import SAMPLERS, choose_sampler
 from rl3d.stages.policy.tokenizer import describe_mesh_ids
 from rl3d.stages.texturing import parse_hook, texture_meshes
 
-MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the modes gen samples, and their levels
+SAMPLED_MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the modes gen samples, and their levels
 
 
 # ---- rollouts -> sample rows ---------------------------------------------------------------------
@@ -44,8 +44,8 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     """Rollouts for prompt rows (dicts with prompt_id, prompt and optional category/spec): G samples
     per prompt and level, coarse before fine. With out_dir, decodable meshes are written to
     out_dir/_meshes/<sample_id>.glb (mesh_path relative to out_dir); without, mesh_path stays None."""
-    if mode not in MODES:
-        raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode not in SAMPLED_MODES:
+        raise InputError(f"--mode {mode!r}: expected one of {', '.join(SAMPLED_MODES)}")
     if group_size < 1 or batch_size < 1:
         raise InputError("--group-size and --batch-size must be >= 1")
     sampling.check()
@@ -54,9 +54,9 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     jobs = [(r, k) for r in prompt_rows for k in range(group_size)]
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
-    meter = GenMeter(progress, len(jobs) * len(MODES[mode]))
+    meter = GenMeter(progress, len(jobs) * len(SAMPLED_MODES[mode]))
     with MeshWriter(out_dir, coloured=policy.codec.resolution == 32) as write_mesh:
-        for level in MODES[mode]:
+        for level in SAMPLED_MODES[mode]:
             meter.level = level
             texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
                      for r, k in jobs]
@@ -252,8 +252,8 @@ class GenJob(Job):
     def __init__(self, prompts_path: str | Path, options: GenOptions = GenOptions(), seed: int = 0,
                  policy_dir: str | Path | None = None, policy: Policy | None = None):
         o = self.options = options
-        if o.mode not in MODES:
-            raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(MODES)}")
+        if o.mode not in SAMPLED_MODES:
+            raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(SAMPLED_MODES)}")
         if o.group_size < 1 or (o.batch_size is not None and o.batch_size < 1):
             raise InputError("--group-size and --batch-size must be >= 1")
         if o.sampler not in SAMPLERS:
@@ -275,7 +275,7 @@ class GenJob(Job):
         sampling.check()
         self.sampling = sampling
         _, dt = resolve_device_dtype(o.device, o.dtype)
-        self.levels = levels = MODES[o.mode]
+        self.levels = levels = SAMPLED_MODES[o.mode]
         config = {
             "stage": "gen", "prompts": str(Path(prompts_path).resolve()), "policy_id": pid, "mode": o.mode,
             "levels": list(levels), "group_size": o.group_size, "seed": self.seed, "dtype": str(dt),

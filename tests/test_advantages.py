@@ -127,9 +127,9 @@ def test_a_mistyped_mode_fails_instead_of_changing_the_update(name, typo):
     """Through the Python API too: RLConfig refuses an unknown mode when built (not only in check()),
     and compute_advantages refuses the modes it reads (it used to treat any algo but "hi-grpo" as grpo
     and any adv_std but "group" as none)."""
-    from rl3d.stages.rl.rl_config import MODES, RLConfig
+    from rl3d.stages.rl.rl_config import UPDATE_MODES, RLConfig
 
-    expected = f"--{name.replace('_', '-')} '{typo}': expected one of {', '.join(MODES[name])}"
+    expected = f"--{name.replace('_', '-')} '{typo}': expected one of {', '.join(UPDATE_MODES[name])}"
     with pytest.raises(InputError, match=expected):
         RLConfig(**{name: typo})
     cfg = RLConfig()
@@ -145,9 +145,9 @@ def test_the_cli_offers_exactly_the_modes():
     import click
 
     from rl3d.cli.rl_step import command
-    from rl3d.stages.rl.rl_config import MODES
+    from rl3d.stages.rl.rl_config import UPDATE_MODES
 
     choices = {p.name: tuple(p.type.choices) for p in command.params if isinstance(p.type, click.Choice)}
-    for name, values in MODES.items():
+    for name, values in UPDATE_MODES.items():
         if name != "dynamic_sampling":  # a free-form option: off | zero-std | min-std:X, parsed then checked
             assert choices[name] == values, name

@@ -29,7 +29,7 @@ def chair():
 def test_solid_cube_is_perfect():
     c = box(empty(), 8, 16, 0, 8, 8, 16)
     occ = c > 0
-    for name, fn in g.METRICS.items():
+    for name, fn in g.GEOMETRY_METRICS.items():
         assert fn(occ)[0] == pytest.approx(1.0), name
 
 

@@ -80,7 +80,7 @@ def test_sequences_match_the_policy_layout_and_labels_are_completion_only(data):
             got = packed.ids[packed.offsets[i]:packed.offsets[i + 1]].tolist()
             assert got == want["input_ids"] and packed.prompt_lens[i] == want["prompt_len"]
     assert prompts[0] == build_prompt(rows[0]["prompt"], "single") and reasonings[0] == rows[0]["detail"]
-    batch = sft_data.collate(packed, [0, 2], tok.pad_token_id)
+    batch = sft_data.collate_packed(packed, [0, 2], tok.pad_token_id)
     lab, ids, mask = batch["labels"].numpy(), batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     for b, i in enumerate([0, 2]):
         n, p = packed.lengths[i], packed.prompt_lens[i]

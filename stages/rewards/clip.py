@@ -18,7 +18,7 @@ from rl3d.formats.errors import InputError
 from rl3d.stages.checks.check import Check, env_fix, passed, problem
 from rl3d.stages.checks.model_dir import check_model_dir, has_tokenizer_files
 from rl3d.stages.rewards.base import RewardBackend, RewardItem, TermResult
-from rl3d.stages.scoring.clip_scorer import METRICS, PREPROCESS, default_scorer_dir, load_scorer, view_scores
+from rl3d.stages.scoring.clip_scorer import CLIP_METRICS, PREPROCESS, default_scorer_dir, load_scorer, view_scores
 
 
 class ClipBackend(RewardBackend):
@@ -56,8 +56,8 @@ class ClipBackend(RewardBackend):
 
     def __init__(self, model: str = "", metric: str = "clip_score", batch_size: int = 64, device: str = "auto",
                  preprocess: str = "auto"):
-        if metric not in METRICS:
-            raise InputError(f"unknown clip metric {metric!r} (known: {', '.join(METRICS)})")
+        if metric not in CLIP_METRICS:
+            raise InputError(f"unknown clip metric {metric!r} (known: {', '.join(CLIP_METRICS)})")
         if preprocess not in PREPROCESS:
             raise InputError(f"unknown clip preprocess {preprocess!r} (known: {', '.join(PREPROCESS)})")
         self.preprocess = preprocess

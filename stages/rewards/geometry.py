@@ -144,7 +144,7 @@ def non_degenerate(occ: np.ndarray, min_voxels: int = 8) -> tuple[float, dict]:
     return 1.0, {"voxels": n, "extent": [int(e) for e in extent]}
 
 
-METRICS = {
+GEOMETRY_METRICS = {
     "largest_component": largest_component,
     "floating_parts": floating_parts,
     "ground_contact": ground_contact,
@@ -194,11 +194,11 @@ class GeometryBackend(RewardBackend):
         return [passed(label, "no model needed")]
 
     def __init__(self, metric: str, **params):
-        if metric not in METRICS:
-            raise InputError(f"unknown geometry metric {metric!r} (known: {', '.join(METRICS)})")
+        if metric not in GEOMETRY_METRICS:
+            raise InputError(f"unknown geometry metric {metric!r} (known: {', '.join(GEOMETRY_METRICS)})")
         self.metric = metric
         self.params = params
-        self.fn = METRICS[metric]
+        self.fn = GEOMETRY_METRICS[metric]
         try:  # fail at config time, not per row, on a misspelt parameter
             self.fn(np.ones((2, 2, 2), bool), **params)
         except TypeError as e:

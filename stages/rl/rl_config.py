@@ -9,7 +9,7 @@ from rl3d.formats.errors import InputError
 OLD_LOGPROBS = ("stored", "recompute")
 TRAIN_LEVELS = ("all", "coarse", "fine")
 # every string mode of an update and its values, the one list the checks read (the CLI's choices match it)
-MODES = {
+UPDATE_MODES = {
     "algo": ("hi-grpo", "grpo"),
     "loss_agg": ("token", "sequence", "dr-grpo"),
     "ratio": ("token", "sequence"),
@@ -22,11 +22,11 @@ MODES = {
 
 
 def check_modes(**modes: str) -> None:
-    """InputError for a mode value that is not one of MODES[name] ("--adv-std 'grup': expected one of
+    """InputError for a mode value that is not one of UPDATE_MODES[name] ("--adv-std 'grup': expected one of
     group, none"), so a typo through the Python API fails instead of silently changing the update."""
     for name, value in modes.items():
-        if value not in MODES[name]:
-            raise InputError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(MODES[name])}")
+        if value not in UPDATE_MODES[name]:
+            raise InputError(f"--{name.replace('_', '-')} {value!r}: expected one of {', '.join(UPDATE_MODES[name])}")
 
 
 # (setting, lowest, highest) of the numbers an update consumes: anything outside is a typo or an overflow
@@ -69,7 +69,7 @@ class RLConfig:
     tis_cap: float = 0.0             # truncated importance sampling cap C (needs old_logprobs recompute); 0 = off
 
     def __post_init__(self):
-        check_modes(**{name: getattr(self, name) for name in MODES})
+        check_modes(**{name: getattr(self, name) for name in UPDATE_MODES})
 
     def check(self) -> "RLConfig":
         """Settings under which a step cannot train are an error, not a step that learned nothing."""
@@ -80,7 +80,7 @@ class RLConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v) and not (f.name == "tis_cap" and v == math.inf):
                 raise InputError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
-        check_modes(**{name: getattr(self, name) for name in MODES})  # also after a field was set later
+        check_modes(**{name: getattr(self, name) for name in UPDATE_MODES})  # also after a field was set later
         if self.train_levels != "all" and self.algo != "hi-grpo":
             raise InputError(f"--train-levels {self.train_levels}: only --algo hi-grpo has levels to choose from")
         if self.tis_cap < 0:

@@ -36,7 +36,7 @@ try:
 except ImportError:  # transformers 4.x: the PIL-based processor is the plain one
     from transformers import CLIPImageProcessor as ImageProcessor
 
-METRICS = ("clip_score", "pickscore", "cosine")
+CLIP_METRICS = ("clip_score", "pickscore", "cosine")
 PREPROCESS = ("auto", "device", "pil")
 _SCORERS: dict[tuple[str, str], "ClipScorer"] = {}
 PREP_IMAGES = 8      # images decoded and preprocessed per background task
@@ -161,7 +161,7 @@ def device_preprocessing(processor):
 
 
 def view_scores(cos: np.ndarray, metric: str, logit_scale: float) -> np.ndarray:
-    """Per-view score of one metric (METRICS) from cosine similarities."""
+    """Per-view score of one metric (CLIP_METRICS) from cosine similarities."""
     if metric == "clip_score":
         return np.maximum(100.0 * cos, 0.0)
     if metric == "pickscore":

@@ -1,7 +1,7 @@
 """The one list of eval metrics: name, direction, report order, label and number format.
 
 The eval writes `higher_is_better` into its metrics table from here; the report orders, labels and
-formats its tables and charts from here. A new metric gets one `Metric` line in METRICS (in the
+formats its tables and charts from here. A new metric gets one `Metric` line in REPORTED_METRICS (in the
 order the report should show it). Per-attribute rows ("spec_accuracy:color") take the direction of
 their base metric and are labelled by their full name.
 """
@@ -28,7 +28,7 @@ class Metric:
         return format_value(v)
 
 
-METRICS = (
+REPORTED_METRICS = (
     Metric("clip_score", "CLIP score", True),
     Metric("kd_x100", "KD x100", False),
     Metric("fd", "FD", False),
@@ -44,7 +44,7 @@ METRICS = (
     Metric("diversity_iou", "diversity (pairwise IoU, lower = more diverse)", None),
     Metric("decode_failure_rate", "decode failures", False),
 )
-BY_NAME = {m.name: m for m in METRICS}
+BY_NAME = {m.name: m for m in REPORTED_METRICS}
 
 
 def direction(metric: str) -> bool | None:
@@ -61,5 +61,5 @@ def label(metric: str) -> str:
 def metric_order(names) -> list[str]:
     """Registry order first, then unknown names sorted (per-attribute rows among them)."""
     names = list(dict.fromkeys(names))
-    known = [m.name for m in METRICS if m.name in names]
+    known = [m.name for m in REPORTED_METRICS if m.name in names]
     return known + sorted(m for m in names if m not in known)

@@ -209,7 +209,7 @@ def _segment_positions(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.repeat(starts, lens) + (np.arange(total) - seg_start)
 
 
-def collate(packed: Packed, idx, pad_id: int):
+def collate_packed(packed: Packed, idx, pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding)."""
     idx = np.asarray(idx)
     lens = packed.lengths[idx]

@@ -8,7 +8,7 @@ from pathlib import Path
 from rl3d.formats.errors import InputError
 from rl3d.stages.policy.sequence import MODE_LEVELS
 
-MODES = tuple(MODE_LEVELS)  # hi-grpo, flat, both
+SFT_MODES = tuple(MODE_LEVELS)  # hi-grpo, flat, both
 
 QWEN2_COMMON = dict(max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
                attention_dropout=0.0, hidden_act="silu", initializer_range=0.02, use_cache=True)
@@ -60,8 +60,8 @@ class SFTOptions:
 
     def check(self) -> None:
         """Refuse unknown names and contradicting options before anything is read or written."""
-        if self.mode not in MODES:
-            raise InputError(f"--mode: unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.mode not in SFT_MODES:
+            raise InputError(f"--mode: unknown mode {self.mode!r} (choose from {', '.join(SFT_MODES)})")
         if (self.init is None) == (self.config is None):
             raise InputError("sft: give exactly one of --init DIR (fine-tune a checkpoint) or --config NAME (from scratch)")
         if self.config is not None and self.config not in CONFIGS:

@@ -21,7 +21,7 @@ from rl3d.stages.policy.checkpoint import freeze_vision, prompt_format_for
 from rl3d.stages.policy.tokenizer import special_ids
 from rl3d.stages.supervised.checkpoints import (RUN_CONFIG, check_run_config, clear_outputs, export_policy,
                                                 latest_checkpoint, policy_meta, restore_trainer_state, save_checkpoint)
-from rl3d.stages.supervised.data import Packed, build_datasets, collate, read_sft_rows, step_indices
+from rl3d.stages.supervised.data import Packed, build_datasets, collate_packed, read_sft_rows, step_indices
 from rl3d.stages.supervised.metrics import Metrics, last_train_loss
 from rl3d.stages.supervised.model import (build_optimizer, completion_loss, inherited_prompt_meta, initial_model,
                                           mesh_id_table, policy_codec, set_special_ids)
@@ -135,7 +135,7 @@ def step_batches(train: Packed, step: int, per_step: int, opts: SFTOptions, acc,
     """This process's micro-batches of one optimizer step (CPU tensors)."""
     idx = step_indices(step, len(train), per_step, opts.seed)
     mine = idx[acc.process_index::acc.num_processes]
-    return [collate(train, mine[i:i + opts.batch_size], pad_id) for i in range(0, len(mine), opts.batch_size)]
+    return [collate_packed(train, mine[i:i + opts.batch_size], pad_id) for i in range(0, len(mine), opts.batch_size)]
 
 
 def train_record(window: np.ndarray, scheduler, grad_norm, tokens_per_s: float, epoch: float) -> dict:
@@ -152,7 +152,7 @@ def evaluate(model, evals: Packed, acc, batch_size: int, pad_id: int, is_mesh: t
     mine = np.arange(acc.process_index, len(evals), acc.num_processes)
     with torch.no_grad():
         for s in range(0, len(mine), batch_size):
-            batch = {k: v.to(acc.device) for k, v in collate(evals, mine[s:s + batch_size], pad_id).items()}
+            batch = {k: v.to(acc.device) for k, v in collate_packed(evals, mine[s:s + batch_size], pad_id).items()}
             sums += completion_loss(model, batch, is_mesh)[1]
     sums = acc.reduce(sums, "sum").cpu().numpy()
     model.train()
