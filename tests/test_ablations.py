@@ -16,7 +16,7 @@ from PIL import Image
 from rl3d.cli.main import main as cli
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
-from rl3d.stages.scoring.ablations import load_experiment, summarize
+from rl3d.stages.experiments.ablations import load_experiment, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["common.sh", "paradigm.sh", "algorithm.sh", "rewards.sh", "scaling.sh", "attributes.sh"]
@@ -314,7 +314,7 @@ def test_a_run_scored_on_some_of_the_benchmarks_is_named_with_those_left(tmp_pat
 
 
 def test_decode_failures_are_a_metric_of_their_own():
-    from rl3d.stages.scoring.ablations import sample_value
+    from rl3d.stages.experiments.ablations import sample_value
 
     assert sample_value({"status": "ok", "clip_score": 50.0}, "mesh_decoded") == 1.0
     failed = {"status": "decode_error", "clip_score": None}  # other metrics leave a failed sample out
@@ -385,7 +385,7 @@ def test_refuses_a_baseline_of_other_weights_and_other_prompt_sets(tmp_path):
 
 
 def test_group_spread_finds_where_the_signal_is():
-    from rl3d.stages.scoring.ablations import group_spread
+    from rl3d.stages.experiments.ablations import group_spread
 
     def row(pid, i, total, spec_raw, color_ok):
         checks = [{"attribute": "color.body", "passed": color_ok}, {"attribute": "params.count", "passed": True}]
@@ -401,7 +401,7 @@ def test_group_spread_finds_where_the_signal_is():
 
 
 def test_nucleus_frozen_counts_tokens_top_p_could_not_vary():
-    from rl3d.stages.scoring.ablations import nucleus_frozen
+    from rl3d.stages.experiments.ablations import nucleus_frozen
 
     # prompt of 2 tokens, 2 reasoning tokens, <mesh-start> + 3 mesh tokens; top_p 0.9
     row = {"level": "fine", "prompt_len": 2, "reasoning_start": 2, "reasoning_end": 4, "mesh_start": 4,
