@@ -28,7 +28,7 @@ def timed(fn, repeats: int, sync, warmup: bool) -> float:
 
 
 def main():
-    from rl3d.formats.vqvae64 import VQVAE3D, VQVAE64Codec
+    from rl3d.stages.codecs.vqvae64 import VQVAE3D, VQVAE64Codec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")

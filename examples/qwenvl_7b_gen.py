@@ -25,7 +25,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from rl3d.formats.codec import MESH_END, MESH_START, mesh_token_text
-from rl3d.formats.vqvae64 import VQVAE3D, VQVAE64Codec, VQVAE64Config, make_block_replica
+from rl3d.formats.vqvae64 import VQVAE64Config
+from rl3d.stages.codecs.vqvae64 import VQVAE3D, VQVAE64Codec, make_block_replica
 from rl3d.stages.policy.sampler import resolve_sampling, row_seed
 from rl3d.stages.policy.sampler_engines import choose_sampler
 from rl3d.stages.policy.sequence import MODE_LEVELS, PromptFormat, build_prompt, encode_text

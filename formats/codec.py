@@ -114,8 +114,14 @@ def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int) -> np.ndarra
 
 
 class VoxelCodec:
+    """The embedded block codec (a formats.codecs.Codec): numpy only, so it is its own format class."""
+    kind = "voxel"
     resolution = RESOLUTION
     block = BLOCK
+    seq_len = (RESOLUTION // BLOCK) ** 3
+    coloured = True    # each token carries a palette colour
+    network = False
+    external = False   # small: a policy keeps a copy under codec/
 
     def __init__(self, patterns: np.ndarray, stats: dict | None = None):
         patterns = np.asarray(patterns, np.uint64)
@@ -123,13 +129,40 @@ class VoxelCodec:
             raise ValueError("codebook needs a non-empty 1-D array of uint64 patterns")
         self.patterns = patterns
         self.stats = dict(stats or {})
-        self.seq_len = (self.resolution // self.block) ** 3
         self.vocab_size = 1 + len(patterns) * NUM_COLORS
         self._occ = unpack_bits(patterns)  # bool[P, 64] decode lookup
 
     @property
     def n_patterns(self) -> int:
         return len(self.patterns)
+
+    # ---- the format (formats/codecs.py) ----
+    @classmethod
+    def recognises(cls, path: str | os.PathLike | None) -> bool:
+        """Any path: the block codec is the format a path names when no other recognises it, so a
+        wrong path gets its "codebook not found" error."""
+        return True
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None, device: str | None = None) -> "VoxelCodec":
+        """The codebook at `path` (None = shipped); InputError naming the path when missing or
+        unreadable. `device` is accepted for the Codec interface: the block codec is numpy."""
+        try:
+            return cls.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"codec {path or '(shipped)'}: {e}") from None
+
+    @classmethod
+    def seq_len_at(cls, path: str | os.PathLike | None) -> int:
+        return cls.open(path).seq_len  # the codebook is small: read and checked
+
+    @classmethod
+    def header(cls, path: str | os.PathLike | None) -> dict:
+        try:
+            codec = cls.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(str(e)) from None
+        return {"kind": cls.kind, "vocab_size": codec.vocab_size, "content_hash": codec.content_hash()}
 
     # ---- persistence ----
     @classmethod

@@ -3,7 +3,7 @@ quality; convert ShapeLLM-Omni's published 3DVQVAE.bin to the safetensors file r
 codec's content hash (the `codec_hash` of rl3d_policy.json).
 
 The codecs themselves are formats/codec.py (the embedded block codec) and formats/vqvae64.py (the
-64^3 VQ-VAE); this module only feeds them inputs: build and convert write a directory (DirJobs of the stage contract),
+64^3 VQ-VAE's checkpoint file; its network is stages/codecs/vqvae64.py); this module only feeds them inputs: build and convert write a directory (DirJobs of the stage contract),
 stats and hash write nothing and return the command's summary.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rl3d.formats.codec import STATS_FILE, VoxelCodec, grids_from_objects, grids_from_table, roundtrip_stats
-from rl3d.formats.codecs import VQVAE64, codec_kind
+from rl3d.formats import vqvae64
+from rl3d.formats.codecs import codec_format
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import atomic_path
 from rl3d.stages.contract import DirJob, Progress, StageOptions, read_json_record
@@ -92,24 +93,18 @@ class CodecConvertJob(DirJob):
     stage, what, in_place = "codec-convert", "the converted checkpoint", True
 
     def __init__(self, src: Path):
-        from rl3d.formats.vqvae64 import CHECKPOINT_FILE  # lazy: torch
-
         self.src = Path(src)
         if not self.src.is_file():
             raise InputError(f"{self.src}: no such file (the published 3DVQVAE.bin)")
-        self.marker = CHECKPOINT_FILE
+        self.marker = vqvae64.CHECKPOINT_FILE
 
     def config(self) -> dict:
         return {"stage": self.stage, "src": str(self.src)}
 
     def skip(self, out: Path, progress: Progress) -> dict:
-        from rl3d.formats import vqvae64  # lazy: torch
-
         return {"content_hash": vqvae64.file_hash(out / self.marker)}
 
     def build(self, into: Path, opts: StageOptions, progress: Progress) -> dict:
-        from rl3d.formats import vqvae64  # lazy: torch
-
         dst = into / self.marker
         into.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst) as tmp:  # a killed conversion leaves no half-written checkpoint
@@ -121,13 +116,7 @@ def run_hash(path: Path) -> dict:
     """The content hash of a codec: a VQ-VAE checkpoint (a dir holding 3DVQVAE.safetensors, or the file;
     keys and shapes checked by header, then the file hashed whole) or an embedded codebook dir."""
     t0 = time.time()
-    if codec_kind(path) == VQVAE64:
-        from rl3d.formats import vqvae64  # lazy: torch
-
-        f, config = vqvae64.check_checkpoint(path)
-        kind, digest, vocab = "vqvae64", vqvae64.file_hash(f), config.num_embeddings
-    else:
-        codec = load_codec(path)
-        kind, digest, vocab = "voxel", codec.content_hash(), codec.vocab_size
-    return {"stage": "codec-hash", "out": None, "skipped": False, "codec": str(path), "kind": kind,
-            "vocab_size": vocab, "content_hash": digest, "seconds": round(time.time() - t0, 2)}
+    header = codec_format(path).header(path)  # a VQ-VAE by header and a whole-file hash: no network built
+    return {"stage": "codec-hash", "out": None, "skipped": False, "codec": str(path), "kind": header["kind"],
+            "vocab_size": header["vocab_size"], "content_hash": header["content_hash"],
+            "seconds": round(time.time() - t0, 2)}

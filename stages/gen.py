@@ -17,7 +17,7 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
-from rl3d.formats.codecs import VQVAE64, codec_kind, codec_seq_len
+from rl3d.formats.codecs import codec_format, codec_seq_len
 from rl3d.formats.errors import InputError
 from rl3d.formats.glb import write_glb
 from rl3d.formats.occupancy import occupancy_to_mesh
@@ -55,7 +55,7 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
     meter = GenMeter(progress, len(jobs) * len(SAMPLED_MODES[mode]))
-    with MeshWriter(out_dir, coloured=policy.codec.resolution == 32) as write_mesh:
+    with MeshWriter(out_dir, coloured=policy.codec.coloured) as write_mesh:
         for level in SAMPLED_MODES[mode]:
             meter.level = level
             texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
@@ -283,7 +283,7 @@ class GenJob(Job):
             "request": meta.get("request_template") or REQUEST, "instructions": {lv: INSTRUCTIONS[lv] for lv in levels},
         }
         codec_file = codec_path(path, meta)
-        if codec_kind(codec_file) == VQVAE64:  # outside the policy dir: reward decodes the tokens with it
+        if codec_format(codec_file).external:  # outside the policy dir: reward decodes the tokens with it
             config["codec"] = str(codec_file.resolve())
         if o.sampler != "auto":  # only when chosen: default outputs unchanged (stats name the engine auto picked)
             config["sampler"] = o.sampler

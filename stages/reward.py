@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats import tables
-from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.shards import Shard
 from rl3d.formats.voxels import from_bytes
+from rl3d.stages.codecs import load_codec
 from rl3d.stages.contract import Job, Progress, StageOptions, process_pool, status_counts, timed, usable_cores
 from rl3d.stages.rewards.base import RewardItem, TermResult
 from rl3d.stages.rewards.reward_config import RewardConfig, TermConfig, backend_class, load_config, make_backend
@@ -121,7 +121,7 @@ def decode_grids(rows: dict[str, list], kind: str, codec_path: str) -> tuple[lis
                 errors[i] = f"voxels: {e}"
         return grids, errors
 
-    codec = load_codec(codec_path or None)  # the block codec or the 64^3 VQ-VAE (formats/codecs.py)
+    codec = load_codec(codec_path or None)  # the block codec or the 64^3 VQ-VAE (stages/codecs)
     good = [i for i, t in enumerate(rows["mesh_tokens"])
             if rows["status"][i] == "ok" and t is not None and len(t) == codec.seq_len]
     for i, t in enumerate(rows["mesh_tokens"]):

@@ -110,7 +110,7 @@ def qwen_like_tokenizer(n_mesh: int | None, skip: tuple[int, ...] = (), with_end
 
 def save_codec(out: Path):
     """The 16-code block replica of the VQ-VAE (published key names, channels 2), saved as a checkpoint dir."""
-    from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+    from rl3d.stages.codecs.vqvae64 import VQVAE64Codec, make_block_replica
 
     codec = VQVAE64Codec(make_block_replica())
     codec.save(out)
@@ -122,7 +122,7 @@ def save_replica(out: Path, codec_dir: Path, tok, seed: int = 0) -> Path:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from rl3d.formats.vqvae64 import VQVAE64Codec
+    from rl3d.stages.codecs.vqvae64 import VQVAE64Codec
     from rl3d.stages.policy.checkpoint import POLICY_META
 
     torch.manual_seed(seed)

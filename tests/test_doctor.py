@@ -245,7 +245,7 @@ def test_policy_with_the_64_vqvae_codec(models, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+    from rl3d.stages.codecs.vqvae64 import VQVAE64Codec, make_block_replica
 
     vq = tmp_path / "vq"
     shutil.copytree(models["policy"], vq)
@@ -319,7 +319,7 @@ def _vqvae_policy(models, tmp_path):
     """The tiny policy with a 64^3 VQ-VAE replica (codebook 16) as its codec, referenced by path."""
     from types import SimpleNamespace
 
-    from rl3d.formats.vqvae64 import VQVAE64Codec, make_block_replica
+    from rl3d.stages.codecs.vqvae64 import VQVAE64Codec, make_block_replica
 
     d = tmp_path / "vl"
     shutil.copytree(models["policy"], d)

@@ -20,7 +20,7 @@ from rl3d.cli.main import main
 from rl3d.formats import tables
 from rl3d.formats.codec import MESH_END, MESH_START, mesh_token_text
 from rl3d.formats.errors import InputError
-from rl3d.formats.vqvae64 import VQVAE64Codec
+from rl3d.stages.codecs.vqvae64 import VQVAE64Codec
 from rl3d.stages.policy.checkpoint import POLICY_META, load_policy
 from rl3d.stages.policy.sampler import CompletionLogprobs, resolve_sampling
 from rl3d.stages.policy.sequence import collate

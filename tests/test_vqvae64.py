@@ -16,8 +16,8 @@ from rl3d.formats.occupancy import (NEUTRAL_RGBA, ROT_X_90, gltf_to_vq_frame, gl
                                     mesh_to_vq_occupancy, normalise_vertices, occupancy_to_mesh,
                                     voxelise_mesh, vq_to_gltf_frame, vq_to_gltf_points, write_occupancy_glb)
 from rl3d.formats.voxels import voxel_iou
-from rl3d.formats.vqvae64 import (CHECKPOINT_FILE, CONFIG_FILE, VQVAE3D, VQVAE64Codec, VQVAE64Config,
-                                  expected_shapes, key_table_markdown, make_block_replica, pixel_shuffle_3d)
+from rl3d.formats.vqvae64 import CHECKPOINT_FILE, CONFIG_FILE, VQVAE64Config, expected_shapes, key_table_markdown
+from rl3d.stages.codecs.vqvae64 import VQVAE3D, VQVAE64Codec, make_block_replica, pixel_shuffle_3d
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "codec.md"
 SMALL = VQVAE64Config(channels=(4, 8, 16), num_embeddings=32)
@@ -63,6 +63,45 @@ def test_published_key_table():
     assert shapes["Decoder.out_layer.2.weight"] == (1, 32, 3, 3, 3)
     assert shapes["vq.embeddings.weight"] == (8192, 32)
     assert not any("skip_connection" in k for k in shapes)  # every ResBlock keeps its width
+
+
+@pytest.mark.parametrize("config", [VQVAE64Config(), SMALL,
+                                    VQVAE64Config(channels=(2, 4, 8), num_res_blocks=1, num_res_blocks_middle=3)])
+def test_the_network_holds_exactly_the_file_contract(config):
+    """formats/vqvae64.py spells the checkpoint's tensors out without torch; the module must match it."""
+    with torch.device("meta"):
+        model = VQVAE3D(config)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == list(expected_shapes(config).items())
+
+
+def test_formats_check_a_checkpoint_without_torch(tmp_path):
+    """The on-disk layer reads headers and hashes with torch never imported (doctor, codec hash, gen's
+    length check); only loading the network brings it in."""
+    import subprocess
+    import sys
+
+    out = save_small(tmp_path / "vq")
+    code = ("import sys\n"
+            "from rl3d.formats.codecs import codec_format, codec_seq_len\n"
+            f"fmt = codec_format({str(out)!r})\n"
+            f"h = fmt.header({str(out)!r})\n"
+            f"print(fmt.kind, h['vocab_size'], codec_seq_len({str(out)!r}), fmt.coloured, fmt.external, "
+            "'torch' in sys.modules)\n")
+    got = subprocess.run([sys.executable, "-c", code], check=True, text=True, stdout=subprocess.PIPE).stdout.split()
+    assert got == ["vqvae64", "32", "1024", "False", "True", "False"]
+
+
+def test_codecs_declare_what_callers_ask(tmp_path):
+    from rl3d.formats.codec import VoxelCodec
+    from rl3d.stages.codecs import load_codec
+
+    block = load_codec(None)
+    assert isinstance(block, VoxelCodec) and block.coloured and not block.external and block.seq_len == 512
+    out = save_small(tmp_path / "vq")
+    vq = load_codec(out)
+    assert isinstance(vq, VQVAE64Codec) and not vq.coloured and vq.external and vq.seq_len == 1024
+    assert vq.content_hash() == vq.header(out)["content_hash"]
+    assert not VQVAE64Codec(make_block_replica()).external  # built in memory: no file to reference yet
 
 
 def test_docs_list_every_key():

@@ -26,10 +26,10 @@ import transformers
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.utils import logging as hf_logging
 
-from rl3d.formats.codecs import is_external, load_codec
 from rl3d.formats.errors import InputError, first_line
 from rl3d.formats.model_dirs import remote_code_allowed
 from rl3d.formats.reads import require_regular
+from rl3d.stages.codecs import load_codec
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.sequence import REQUEST, PromptFormat
 from rl3d.stages.policy.tokenizer import SpecialIds, load_tokenizer, special_ids, strip_loader_keys
@@ -239,7 +239,7 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out / "model.safetensors")) from None
     strip_loader_keys(tokenizer)  # a loaded-and-resaved tokenizer writes the bytes it was saved with
     tokenizer.save_pretrained(str(tmp))
-    if codec_ref is None and is_external(codec):
+    if codec_ref is None and codec.external:
         codec_ref = str(Path(codec.source).resolve())
     elif codec_ref is None:
         codec.save(tmp / "codec")

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from rl3d.formats.codecs import load_codec
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
+from rl3d.stages.codecs import load_codec
 from rl3d.stages.policy.checkpoint import POLICY_META, carried_meta, model_class_for, read_policy_meta
 from rl3d.stages.policy.tokenizer import SpecialIds, add_mesh_tokens, build_tokenizer, load_tokenizer
 from rl3d.stages.supervised.options import QWEN2_COMMON, CONFIGS, SFTOptions
@@ -47,7 +47,7 @@ def policy_codec(opts: SFTOptions):
         if meta.get("codec") not in (None, "default"):
             path = Path(opts.init) / meta["codec"]
     try:
-        return load_codec(path)  # the block codec, or a 64^3 VQ-VAE checkpoint (formats/codecs.py)
+        return load_codec(path)  # the block codec, or a 64^3 VQ-VAE checkpoint (stages/codecs)
     except InputError as e:
         raise InputError(f"--codec: {e}") from None
 
