@@ -24,9 +24,10 @@ PY=$(dirname "$(command -v rl3d 2>/dev/null || echo "$HERE/.venv/bin/rl3d")")/py
 [ -x "$PY" ] || PY=python3
 
 mkdir -p "$RUN"
-# Measured with these defaults, setup excluded, on the 2-core dev box: 4 min 3 s with the cores quiet;
+# Measured with these defaults, setup excluded, on the 2-core dev box: 5 min 17 s with the cores quiet
+# (2026-12-07; rl-step is about 55 s a step there, gen about 37 s);
 # while other jobs kept the cores busy, step 1 alone took 9 min (load 1.5-5.4) and 12 min (load 4-7).
-echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: 4 min on a quiet 2-core CPU (measured)," \
+echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: about 5 min on a quiet 2-core CPU (measured)," \
      "several times that while other jobs load the cores. Every stage prints its progress at least every 10 s;" \
      "rerun to resume after an interruption."
 policy=$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")

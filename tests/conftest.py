@@ -4,6 +4,5 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as rl3d.stages sets it: test files import torch first
 
 # Shared test builders live in tests/helpers.py (pyproject puts tests/ on the path: `from helpers import ...`).
