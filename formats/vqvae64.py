@@ -90,33 +90,35 @@ def _res_block(name: str, c: int) -> list[tuple[str, tuple[int, ...]]]:
             *_conv(f"{name}.conv1", c, c, 3), *_conv(f"{name}.conv2", c, c, 3)]
 
 
+def _levels(prefix: str, channels: tuple[int, ...], res_blocks: int, resample) -> list:
+    """`prefix`.blocks: per level its residual blocks, then (between levels) `resample(name, c, next_c)`,
+    numbered in one sequence as the module's ModuleList numbers them."""
+    out, i = [], 0
+    for level, c in enumerate(channels):
+        for _ in range(res_blocks):
+            out += _res_block(f"{prefix}.blocks.{i}", c)
+            i += 1
+        if level < len(channels) - 1:
+            out += resample(f"{prefix}.blocks.{i}.conv", c, channels[level + 1])
+            i += 1
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(config: VQVAE64Config) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The checkpoint's tensors, spelled out from the config (the file contract, without building
     the torch module; tests/test_vqvae64.py checks it against the module's state dict)."""
     ch, lat = config.channels, config.latent_channels
+    rev = tuple(reversed(ch))
     out = _conv("Encoder.input_layer", ch[0], 1, 3)
-    i = 0
-    for level, c in enumerate(ch):
-        for _ in range(config.num_res_blocks):
-            out += _res_block(f"Encoder.blocks.{i}", c)
-            i += 1
-        if level < len(ch) - 1:
-            out += _conv(f"Encoder.blocks.{i}.conv", ch[level + 1], c, 2)  # stride-2 downsample
-            i += 1
+    # downsample: a stride-2 conv
+    out += _levels("Encoder", ch, config.num_res_blocks, lambda name, c, nxt: _conv(name, nxt, c, 2))
     out += [kv for j in range(config.num_res_blocks_middle) for kv in _res_block(f"Encoder.middle_block.{j}", ch[-1])]
     out += _norm("Encoder.out_layer.0", ch[-1]) + _conv("Encoder.out_layer.2", 2 * lat, ch[-1], 3)
-    rev = tuple(reversed(ch))
     out += _conv("Decoder.input_layer", rev[0], lat, 3)
     out += [kv for j in range(config.num_res_blocks_middle) for kv in _res_block(f"Decoder.middle_block.{j}", rev[0])]
-    i = 0
-    for level, c in enumerate(rev):
-        for _ in range(config.num_res_blocks):
-            out += _res_block(f"Decoder.blocks.{i}", c)
-            i += 1
-        if level < len(rev) - 1:
-            out += _conv(f"Decoder.blocks.{i}.conv", rev[level + 1] * 8, c, 3)  # upsample: conv then 3D pixel shuffle
-            i += 1
+    # upsample: conv to 8x the channels, then a 3D pixel shuffle
+    out += _levels("Decoder", rev, config.num_res_blocks, lambda name, c, nxt: _conv(name, nxt * 8, c, 3))
     out += _norm("Decoder.out_layer.0", rev[-1]) + _conv("Decoder.out_layer.2", 1, rev[-1], 3)
     out.append(("vq.embeddings.weight", (config.num_embeddings, config.embedding_dim)))
     return tuple(out)

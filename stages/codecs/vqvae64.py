@@ -89,17 +89,22 @@ def _out_layer(channels: int, out: int) -> nn.Sequential:
     return nn.Sequential(ChannelLayerNorm(channels), nn.SiLU(), nn.Conv3d(channels, out, 3, padding=1))
 
 
+def _levels(channels: tuple[int, ...], res_blocks: int, resample) -> nn.ModuleList:
+    """Per level its residual blocks, then (between levels) `resample(c, next_c)`, in one list."""
+    blocks: list[nn.Module] = []
+    for i, c in enumerate(channels):
+        blocks += [ResBlock3d(c) for _ in range(res_blocks)]
+        if i < len(channels) - 1:
+            blocks.append(resample(c, channels[i + 1]))
+    return nn.ModuleList(blocks)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VQVAE64Config):
         super().__init__()
         ch = cfg.channels
         self.input_layer = nn.Conv3d(1, ch[0], 3, padding=1)
-        blocks = []
-        for i, c in enumerate(ch):
-            blocks += [ResBlock3d(c) for _ in range(cfg.num_res_blocks)]
-            if i < len(ch) - 1:
-                blocks.append(Downsample3d(c, ch[i + 1]))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = _levels(ch, cfg.num_res_blocks, Downsample3d)
         self.middle_block = nn.Sequential(*[ResBlock3d(ch[-1]) for _ in range(cfg.num_res_blocks_middle)])
         self.out_layer = _out_layer(ch[-1], 2 * cfg.latent_channels)  # mean and log-variance
         self.latent_channels = cfg.latent_channels
@@ -118,12 +123,7 @@ class Decoder(nn.Module):
         ch = tuple(reversed(cfg.channels))
         self.input_layer = nn.Conv3d(cfg.latent_channels, ch[0], 3, padding=1)
         self.middle_block = nn.Sequential(*[ResBlock3d(ch[0]) for _ in range(cfg.num_res_blocks_middle)])
-        blocks = []
-        for i, c in enumerate(ch):
-            blocks += [ResBlock3d(c) for _ in range(cfg.num_res_blocks)]
-            if i < len(ch) - 1:
-                blocks.append(Upsample3d(c, ch[i + 1]))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = _levels(ch, cfg.num_res_blocks, Upsample3d)
         self.out_layer = _out_layer(ch[-1], 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

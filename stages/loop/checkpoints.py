@@ -19,9 +19,9 @@ import torch
 
 from rl3d.formats import shards as shards_io
 from rl3d.formats.errors import InputError
-from rl3d.stages.rl.learner import ADAPTER_DIR, save_adapter
 from rl3d.stages.policy.checkpoint import (carried_meta, load_plain_state, restore_rng, rng_state, save_policy,
                                           sft_step_of)
+from rl3d.stages.rl.learner import ADAPTER_DIR, save_adapter
 
 SETTINGS_FILE = "train.json"
 CHECKPOINTS = "checkpoints"

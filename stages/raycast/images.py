@@ -11,7 +11,7 @@ from rl3d.formats.shards import atomic_path
 from rl3d.stages.raycast.shading import parse_color
 
 
-# zlib level 1: a third of level 6's encoding time for files ~1.8x larger (a 512 px view: ~9 KB instead
+# zlib level 1: about half of level 6's encoding time for files ~1.8x larger (a 512 px view: ~9 KB instead
 # of ~5 KB); PNG is lossless at every level, so the pixels read back are the same
 PNG_LEVEL = 1
 

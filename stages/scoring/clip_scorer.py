@@ -255,12 +255,7 @@ class ClipScorer:
         """Per path its preprocessed pixels float32[3, S, S], or None when it does not read
         (runs in background threads: the processor works image by image, so any grouping of the
         images gives the same pixels)."""
-        images = []
-        for p in paths:
-            try:
-                images.append(load_rgb(p))
-            except (OSError, ValueError):
-                images.append(None)
+        images = self._loaded(paths)
         ok = [im for im in images if im is not None]
         px = iter(self.image_processor(images=ok, return_tensors="np")["pixel_values"] if ok else [])
         return [None if im is None else next(px) for im in images]
@@ -273,23 +268,30 @@ class ClipScorer:
             out = np.full((len(pixels), self.model.config.projection_dim), np.nan, np.float32)
             ok = [i for i, p in enumerate(pixels) if p is not None]
             if ok:
-                px = torch.from_numpy(np.stack([pixels[i] for i in ok]))
-                with torch.inference_mode():
-                    feats = pooled(self.model.get_image_features(pixel_values=px.to(self.device))).float()
-                out[ok] = torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+                out[ok] = self._embeddings(torch.from_numpy(np.stack([pixels[i] for i in ok])))
             yield paths[done:done + len(pixels)], out
             done += len(pixels)
 
-
-    def _decoded(self, paths: list[str]) -> list:
-        """Per path its RGB pixels uint8[H, W, 3] (load_rgb), or None when it does not read (background threads)."""
-        out = []
+    @staticmethod
+    def _loaded(paths: list[str]) -> list:
+        """Per path its RGB image (load_rgb), or None when it does not read."""
+        images = []
         for p in paths:
             try:
-                out.append(np.asarray(load_rgb(p)))
+                images.append(load_rgb(p))
             except (OSError, ValueError):
-                out.append(None)
-        return out
+                images.append(None)
+        return images
+
+    def _decoded(self, paths: list[str]) -> list:
+        """Per path its RGB pixels uint8[H, W, 3], or None when it does not read (background threads)."""
+        return [None if im is None else np.asarray(im) for im in self._loaded(paths)]
+
+    def _embeddings(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """L2-normalised image embeddings of preprocessed pixels (any device)."""
+        with torch.inference_mode():
+            feats = pooled(self.model.get_image_features(pixel_values=pixel_values.to(self.device))).float()
+        return torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
 
     def _encode_on_device(self, paths: list[str], batch_size: int):
         """_encode_images with only the decoding in background threads: resizing, cropping and
@@ -303,9 +305,7 @@ class ClipScorer:
                     by_size.setdefault(im.shape, []).append(i)
             for idx in by_size.values():
                 px = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
-                with torch.inference_mode():
-                    feats = pooled(self.model.get_image_features(pixel_values=self.device_pixels(px))).float()
-                out[idx] = torch.nn.functional.normalize(feats, dim=-1).cpu().numpy()
+                out[idx] = self._embeddings(self.device_pixels(px))
             yield paths[done:done + len(images)], out
             done += len(images)
 
