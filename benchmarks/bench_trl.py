@@ -1,26 +1,37 @@
-"""One flat GRPO iteration of rl3d against TRL's GRPOTrainer on the same model, G and lengths, same run.
+"""Flat GRPO iterations of rl3d against TRL's GRPOTrainer on the same model, G and lengths, same run.
 
 Builds a random-init Qwen2 of a named shape with the shipped policy's tokenizer (bench_rl_step's
-`random_policy`), then:
+`random_policy`) and synth prompts (`rl3d synth`, untimed), then times three arms:
 
-- rl3d: the real commands, each timed whole as bench_iteration.sh does: `rl3d synth` (untimed),
-  `rl3d gen --mode flat -G G` (sampler auto), `rl3d reward` with the flat preset's geometry terms
-  (the cheapest real rewards: no renders, no scorer model), `rl3d rl-step --algo grpo`. Each stage
-  is a fresh process, so its seconds include start-up, model loading and (rl-step) the checkpoint.
-- TRL: `trl.GRPOTrainer` in this process on the same model dir and the same prompt texts (the
-  template rl3d gen wraps them in), num_generations G, max_completion_length = rl3d's mean
-  completion length, temperature 1, top-p 0.95, beta and clipping as rl-step's defaults, no vLLM.
-  One trainer step = P prompts x G completions and one optimizer update (micro-batch x gradient
-  accumulation = P x G, as rl-step's --minibatch 0). Its reward is a Python function (the fraction
-  of mesh tokens in the completion): this is a throughput benchmark, not a learning comparison.
-  Steps are timed by a callback; the first is a warm-up and not counted when --steps >= 2.
+- rl3d commands (--skip-commands leaves it out): one iteration as bench_iteration.sh runs it, each
+  command timed whole: `rl3d gen --mode flat -G G --no-meshes` (sampler auto), `rl3d reward` with
+  the flat preset's geometry terms (the cheapest real rewards: no renders, no scorer model),
+  `rl3d rl-step --algo grpo`. Each stage is a fresh process, so its seconds include start-up,
+  model loading and (rl-step) the checkpoint.
+- rl3d train (--skip-train leaves it out): the resident loop, `rl3d train --mode flat` (GRPO) for
+  --steps steps on the same policy and prompts (--prompts-per-step P: all of them every step), the
+  same G, reward TOML, micro-batch, beta and --minibatch 0. Its warm step is the mean of steps
+  2..N of the command's own step timing (`steady_seconds_per_step` of its --json summary; the
+  per-phase seconds are its `phase_seconds`), and each step's completion tokens are counted in
+  RUN/step-NNNNNN/gen's samples table. It runs with --no-meshes, as the commands' gen does: no
+  GLBs and no render stage (the geometry terms read the voxel grid the tokens decode to). Model loading and the final checkpoint (--save-every = --steps) fall outside the steps.
+- TRL (--skip-trl leaves it out): `trl.GRPOTrainer` in this process on the same model dir and the
+  same prompt texts (the template rl3d gen wraps them in), num_generations G,
+  max_completion_length = rl3d's mean completion length (the commands' sample, else the train
+  run's), temperature 1, top-p 0.95, beta and clipping as rl-step's defaults, no vLLM. One trainer
+  step = P prompts x G completions and one optimizer update (micro-batch x gradient accumulation
+  = P x G, as rl-step's --minibatch 0). Its reward is a Python function (the fraction of mesh
+  tokens in the completion): this is a throughput benchmark, not a learning comparison. Steps are
+  timed by a callback; the first is a warm-up and not counted when --steps >= 2.
 
-Prints a table of seconds per phase and completion tokens/s end to end, and the ratio rl3d / TRL.
+Prints a table of seconds per phase and completion tokens/s, and the ratios rl3d commands / TRL
+(cold commands against TRL's warm step) and rl3d train / TRL (warm step against warm step, the
+figure of the 0.5B goal: >= 1.5).
 
     python benchmarks/bench_trl.py --shape tiny --device cpu --prompts 2 -G 2     # CPU check, minutes
-    python benchmarks/bench_trl.py --shape 0.5b --device cuda --prompts 64 -G 8   # the GPU figure
+    python benchmarks/bench_trl.py --shape 0.5b --device cuda --prompts 64 -G 8 --skip-commands  # the GPU figure
 
-Needs TRL (an optional, benchmark-only dependency): pip install trl datasets
+Needs TRL for its arm (an optional, benchmark-only dependency): pip install trl datasets
 """
 from __future__ import annotations
 
@@ -82,9 +93,7 @@ def rl3d(*argv: str) -> tuple[float, dict]:
 
 
 def run_rl3d(root: Path, policy: Path, args) -> dict:
-    """synth (untimed) -> gen -> reward -> rl-step; seconds per stage, completions and their tokens."""
-    rl3d("synth", "--n", str(args.prompts), "--seed", "1001", "--split", "train", "--no-meshes",
-         "--out", str(root / "prompts"))
+    """gen -> reward -> rl-step on root/prompts; seconds per stage, completions and their tokens."""
     gen_s, gen = rl3d("gen", "--prompts", str(root / "prompts"), "--policy", str(policy), "--mode", "flat",
                       "-G", str(args.group), "--seed", "1", "--device", args.device, "--out", str(root / "gen"),
                       # no GLBs: TRL writes none, and a random-init model's meshes are noise grids whose
@@ -103,6 +112,39 @@ def run_rl3d(root: Path, policy: Path, args) -> dict:
             "rl_step_s": step_s, "rl_step_timers": {k: step.get(k) for k in
                                                      ("startup_s", "model_load_s", "ref_s", "update_s", "save_s")},
             "total_s": total, "tok_per_s": tokens / total}
+
+
+# ---- rl3d train: the resident loop on the same policy, prompts and rewards ------------------------
+
+def run_train(root: Path, policy: Path, args) -> dict:
+    """`rl3d train --mode flat` for --steps steps; seconds per step and phase from its --json summary,
+    completion tokens per step from each step's samples table."""
+    run = root / "train"
+    _, out = rl3d("train", "--prompts", str(root / "prompts"), "--policy", str(policy), "--out", str(run),
+                  "--mode", "flat", "--steps", str(args.steps), "--prompts-per-step", str(args.prompts),
+                  "-G", str(args.group), "--rewards", str(write_reward_config(root / "reward.toml")),
+                  "--no-meshes",
+                  "--beta", str(BETA), "--micro-batch", str(args.micro_batch), "--minibatch", "0",
+                  "--save-every", str(args.steps), "--keep-checkpoints", "1", "--device", args.device)
+    phases = out["phase_seconds"]  # phase -> seconds of each step, in step order
+    steps = []
+    for i in range(out["steps_run"]):
+        rows = read_table(run / f"step-{i + 1:06d}" / "gen", "samples",
+                          columns=["input_ids", "prompt_len"]).to_pylist()
+        steps.append({"step": i + 1, "completions": len(rows),
+                      "tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in rows),
+                      **{k: v[i] for k, v in phases.items()}, "phases_s": sum(v[i] for v in phases.values())})
+    warm = steps[1:] or steps  # the first step warms up (allocator, kernels, the worker pools' first jobs)
+    step_s = out["steady_seconds_per_step"] or out["seconds_per_step"]  # the loop's own wall seconds a step
+
+    def mean(key: str) -> float:
+        return sum(s[key] for s in warm) / len(warm)
+
+    tokens = mean("tokens")
+    return {"steps": steps, "counted_steps": len(warm), "warmup_s": steps[0]["phases_s"] if len(steps) > 1 else None,
+            "model_load_s": out["model_load_s"], "run_s": out["seconds"], "completions": mean("completions"),
+            "tokens": tokens, "phase_s": {k: mean(k) for k in phases}, "step_s": step_s,
+            "tok_per_s": tokens / step_s, "meshes": False}
 
 
 # ---- TRL: GRPOTrainer on the same model and prompts ------------------------------------------------
@@ -202,65 +244,110 @@ def run_trl(root: Path, policy: Path, texts: list[str], max_completion: int, arg
 
 # ---- the report --------------------------------------------------------------------------------------
 
-def print_report(r: dict, t: dict, args) -> float:
-    timers = r["rl_step_timers"]
-    startup = (timers["startup_s"] or 0) + (timers["model_load_s"] or 0)
-    which = ("one step, warm-up included" if t["warmup_s"] is None else
-             "step 2" if args.steps == 2 else f"mean of steps 2..{args.steps}")
-    rows = [
-        ("rl3d", f"gen (whole command; in-process {r['gen_in_process_s']:.2f} s, sampler {r['sampler']})",
-         r["gen_s"], r["tokens"] / r["gen_s"]),
-        ("rl3d", "reward (whole command)", r["reward_s"], None),
-        ("rl3d", f"rl-step (whole command; start-up + load {startup:.2f}, reference {timers['ref_s']:.2f}, "
-                 f"update {timers['update_s']:.2f}, save {timers['save_s']:.2f})", r["rl_step_s"], None),
-        ("rl3d", "iteration", r["total_s"], r["tok_per_s"]),
-        ("TRL", "trainer built (model + reference load; not counted)", t["build_s"], None),
-    ]
-    if t["warmup_s"] is not None:
-        rows.append(("TRL", "step 1 (warm-up; not counted)", t["warmup_s"], None))
-    rows += [("TRL", f"generate ({which})", t["generate_s"], t["tokens"] / t["generate_s"]),
-             ("TRL", "rewards + reference log-probs", t["score_and_ref_s"], None),
-             ("TRL", "update (loss, backward, optimizer)", t["update_s"], None),
-             ("TRL", f"step ({which})", t["step_s"], t["tok_per_s"])]
+def counted(steps: int, warmup: bool) -> str:
+    """Which steps a warm figure averages."""
+    return "one step, warm-up included" if not warmup else "step 2" if steps == 2 else f"mean of steps 2..{steps}"
+
+
+def print_report(r: dict | None, tr: dict | None, t: dict | None, args) -> dict:
+    """The table and the summary lines; returns the ratios (None where an arm was skipped)."""
+    rows = []
+    if r:
+        timers = r["rl_step_timers"]
+        startup = (timers["startup_s"] or 0) + (timers["model_load_s"] or 0)
+        rows += [
+            ("rl3d commands", f"gen (whole command; in-process {r['gen_in_process_s']:.2f} s, sampler "
+                              f"{r['sampler']}, no GLBs)", r["gen_s"], r["tokens"] / r["gen_s"]),
+            ("rl3d commands", "reward (whole command)", r["reward_s"], None),
+            ("rl3d commands", f"rl-step (whole command; start-up + load {startup:.2f}, reference "
+                              f"{timers['ref_s']:.2f}, update {timers['update_s']:.2f}, save {timers['save_s']:.2f})",
+             r["rl_step_s"], None),
+            ("rl3d commands", "iteration (cold)", r["total_s"], r["tok_per_s"])]
+    if tr:
+        which = counted(args.steps, tr["warmup_s"] is not None)
+        ph = tr["phase_s"]
+        rows.append(("rl3d train", "models loaded (not counted)", tr["model_load_s"], None))
+        if tr["warmup_s"] is not None:
+            rows.append(("rl3d train", "step 1 (warm-up; not counted)", tr["warmup_s"], None))
+        rows += [("rl3d train", f"gen ({which}; --no-meshes)", ph["gen"],
+                  tr["tokens"] / ph["gen"] if ph.get("gen") else None),
+                 ("rl3d train", "reward", ph.get("reward", 0.0), None),
+                 ("rl3d train", "update (reference, loss, backward, optimizer; + prompts, weight sync)",
+                  ph.get("update", 0.0) + ph.get("prompts", 0.0) + ph.get("sync", 0.0), None),
+                 ("rl3d train", f"step ({which}; the loop's own step timing)", tr["step_s"], tr["tok_per_s"])]
+    if t:
+        which = counted(args.steps, t["warmup_s"] is not None)
+        rows.append(("TRL", "trainer built (model + reference load; not counted)", t["build_s"], None))
+        if t["warmup_s"] is not None:
+            rows.append(("TRL", "step 1 (warm-up; not counted)", t["warmup_s"], None))
+        rows += [("TRL", f"generate ({which})", t["generate_s"], t["tokens"] / t["generate_s"]),
+                 ("TRL", "rewards + reference log-probs", t["score_and_ref_s"], None),
+                 ("TRL", "update (loss, backward, optimizer)", t["update_s"], None),
+                 ("TRL", f"step ({which})", t["step_s"], t["tok_per_s"])]
     print("| side | phase | seconds | completion tok/s |")
     print("|---|---|---:|---:|")
-    for side, phase, s, rate in rows:
-        print(f"| {side} | {phase} | {s:.2f} | {'' if rate is None else f'{rate:,.0f}'} |")
-    ratio = r["tok_per_s"] / t["tok_per_s"]
-    print(f"rl3d flat GRPO iteration: {r['completions']} completions, {r['tokens']} completion tokens in "
-          f"{r['total_s']:.2f} s = {r['tok_per_s']:,.0f} completion tok/s end to end (gen + reward + rl-step "
-          f"commands, start-up, loading and the checkpoint included)")
-    print(f"TRL GRPOTrainer: {t['completions']:.0f} completions, {t['tokens']:.0f} completion tokens "
-          f"(max_completion_length {t['max_completion_length']}) in {t['step_s']:.2f} s a step = "
-          f"{t['tok_per_s']:,.0f} completion tok/s ({which}; in-process, no saving)")
-    print(f"ratio rl3d/TRL: {ratio:.2f}")
-    return ratio
+    for side, phase, sec, rate in rows:
+        print(f"| {side} | {phase} | {sec:.2f} | {'' if rate is None else f'{rate:,.0f}'} |")
+    if r:
+        print(f"rl3d commands, one flat GRPO iteration: {r['completions']} completions, {r['tokens']} completion "
+              f"tokens in {r['total_s']:.2f} s = {r['tok_per_s']:,.0f} completion tok/s end to end (gen + reward + "
+              f"rl-step commands, start-up, loading and the checkpoint included)")
+    if tr:
+        print(f"rl3d train --mode flat: {tr['completions']:.0f} completions, {tr['tokens']:.0f} completion tokens "
+              f"in {tr['step_s']:.2f} s a step = {tr['tok_per_s']:,.0f} completion tok/s "
+              f"({counted(args.steps, tr['warmup_s'] is not None)}; loading and the final checkpoint not "
+              f"included)")
+    if t:
+        print(f"TRL GRPOTrainer: {t['completions']:.0f} completions, {t['tokens']:.0f} completion tokens "
+              f"(max_completion_length {t['max_completion_length']}) in {t['step_s']:.2f} s a step = "
+              f"{t['tok_per_s']:,.0f} completion tok/s ({counted(args.steps, t['warmup_s'] is not None)}; "
+              f"in-process, no saving)")
+    ratios = {"commands_over_trl": r["tok_per_s"] / t["tok_per_s"] if r and t else None,
+              "train_over_trl": tr["tok_per_s"] / t["tok_per_s"] if tr and t else None}
+    if ratios["commands_over_trl"] is not None:
+        print(f"ratio rl3d commands / TRL (completion tok/s, cold commands against TRL's warm step): "
+              f"{ratios['commands_over_trl']:.2f}")
+    if ratios["train_over_trl"] is not None:
+        print(f"ratio rl3d train / TRL (completion tok/s, warm step against warm step; the 0.5B goal is >= 1.5): "
+              f"{ratios['train_over_trl']:.2f}")
+    return ratios
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["tiny", "0.5b"], default="tiny")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--prompts", type=int, default=2, help="Prompts P per iteration / TRL step.")
+    ap.add_argument("--prompts", type=int, default=2, help="Prompts P per iteration / step.")
     ap.add_argument("-G", "--group", type=int, default=2, help="Completions per prompt (>= 2, as TRL needs).")
-    ap.add_argument("--steps", type=int, default=2, help="TRL steps; with 2 or more the first is a warm-up.")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="Steps of rl3d train and of TRL; with 2 or more the first is a warm-up and not counted.")
     ap.add_argument("--micro-batch", type=int, default=None,
-                    help="Sequences per forward pass, both sides (default: rl-step's 8, at most P x G).")
+                    help="Sequences per forward pass, every arm (default: rl-step's 8, at most P x G).")
+    ap.add_argument("--skip-commands", action="store_true", help="Leave out the arm of single rl3d commands.")
+    ap.add_argument("--skip-train", action="store_true", help="Leave out the rl3d train arm.")
+    ap.add_argument("--skip-trl", action="store_true", help="Leave out the TRL arm (no trl / datasets needed).")
     ap.add_argument("--keep", type=Path, default=None, metavar="DIR", help="Work in DIR and keep it.")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="Also write a JSON summary.")
     args = ap.parse_args()
-    try:
-        import datasets  # noqa: F401  (TRL's dataset type)
-        import trl
-    except ImportError:
-        print("bench_trl: TRL is not installed (an optional, benchmark-only dependency); install it with: "
-              "pip install trl datasets", file=sys.stderr)
-        sys.exit(2)
+    trl_version = None
+    if not args.skip_trl:
+        try:
+            import datasets  # noqa: F401  (TRL's dataset type)
+            import trl
+        except ImportError:
+            print("bench_trl: TRL is not installed (an optional, benchmark-only dependency); install it with: "
+                  "pip install trl datasets, or leave its arm out with --skip-trl", file=sys.stderr)
+            sys.exit(2)
+        trl_version = trl.__version__
     n = args.prompts * args.group
     args.micro_batch = args.micro_batch or min(8, n)
     if args.group < 2 or args.prompts < 1 or args.steps < 1 or n % args.micro_batch:
         print(f"bench_trl: need -G >= 2, --prompts >= 1, --steps >= 1 and --micro-batch dividing P x G = {n}",
               file=sys.stderr)
+        sys.exit(2)
+    if args.skip_commands and args.skip_train:
+        print("bench_trl: --skip-commands and --skip-train leave no rl3d arm (TRL's completion length is "
+              "rl3d's)", file=sys.stderr)
         sys.exit(2)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_trl: --device cuda, but torch sees no CUDA device", file=sys.stderr)
@@ -275,23 +362,35 @@ def main():
             torch.cuda.empty_cache()
         card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         print(f"# shape {args.shape} ({n_params / 1e6:.1f}M parameters, random init), {args.prompts} prompts x "
-              f"G={args.group} = {n} completions a step, micro-batch {args.micro_batch}, one update a step; "
-              f"{card}, torch {torch.__version__}, trl {trl.__version__}")
-        r = run_rl3d(root, policy, args)
-        mean_len = round(r["tokens"] / r["completions"])
-        texts = prompt_texts(root / "prompts", policy)
-        print(f"# {RL3D_REWARD}\n# {TRL_REWARD}\n# TRL prompts: the {len(texts)} synth prompts in rl3d gen's "
-              f"template; TRL samples freely up to max_completion_length = rl3d's mean completion length "
-              f"({mean_len}); rl3d's sampler forces the mesh span and the end\n"
-              f"# weights: TRL {'bf16' if args.device == 'cuda' else 'fp32'}; rl3d gen bf16 on CUDA, rl-step fp32 "
-              f"weights with bf16 autocast on CUDA (fp32 on CPU)")
-        t = run_trl(root, policy, texts, mean_len, args)
-        ratio = print_report(r, t, args)
+              f"G={args.group} = {n} completions a step, micro-batch {args.micro_batch}, one update a step, "
+              f"{args.steps} step(s) of rl3d train and TRL; {card}, torch {torch.__version__}, "
+              f"trl {trl_version or '(skipped)'}")
+        rl3d("synth", "--n", str(args.prompts), "--seed", "1001", "--split", "train", "--no-meshes",
+             "--out", str(root / "prompts"))
+        r = None if args.skip_commands else run_rl3d(root, policy, args)
+        tr = None if args.skip_train else run_train(root, policy, args)
+        mean_len = round(r["tokens"] / r["completions"] if r else
+                         sum(s["tokens"] for s in tr["steps"]) / sum(s["completions"] for s in tr["steps"]))
+        print(f"# {RL3D_REWARD}")
+        if tr:
+            print("# rl3d train: --rewards the same TOML, --no-meshes (no GLBs, no render stage)")
+        t = None
+        if not args.skip_trl:
+            texts = prompt_texts(root / "prompts", policy)
+            print(f"# {TRL_REWARD}\n# TRL prompts: the {len(texts)} synth prompts in rl3d gen's template; TRL "
+                  f"samples freely up to max_completion_length = rl3d's mean completion length ({mean_len}, "
+                  f"{'the commands' if r else 'rl3d train'}); rl3d's sampler forces the mesh span and the end\n"
+                  f"# weights: TRL {'bf16' if args.device == 'cuda' else 'fp32'}; rl3d gen bf16 on CUDA, "
+                  f"rl-step / train fp32 weights with bf16 autocast on CUDA (fp32 on CPU)")
+            t = run_trl(root, policy, texts, mean_len, args)
+        ratios = print_report(r, tr, t, args)
         if args.json:
             args.json.write_text(json.dumps({"shape": args.shape, "parameters": n_params, "device": card,
-                                             "prompts": args.prompts, "group": args.group,
-                                             "micro_batch": args.micro_batch, "rl3d": r, "trl": t,
-                                             "ratio": ratio}, indent=2, default=str))
+                                             "torch": torch.__version__, "trl_version": trl_version,
+                                             "prompts": args.prompts, "group": args.group, "steps": args.steps,
+                                             "micro_batch": args.micro_batch, "rl3d": r, "rl3d_train": tr,
+                                             "trl": t, "ratio": ratios["commands_over_trl"],
+                                             "ratio_train": ratios["train_over_trl"]}, indent=2, default=str))
 
 
 if __name__ == "__main__":

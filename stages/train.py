@@ -47,7 +47,7 @@ from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_polic
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.render import RenderJob, worker_pool
 from rl3d.stages.reward import RewardJob, host_pool
-from rl3d.stages.rewards.reward_config import load_config
+from rl3d.stages.rewards.reward_config import backend_class, load_config
 from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.inputs import check_step_inputs
 from rl3d.stages.rl.learner import Learner, read_batch, summary_fields, update_tables
@@ -74,6 +74,7 @@ class TrainOptions:
     supersample: int = 2
     gen_batch_size: int | None = None   # sequences sampled together (None: gen's default; samples unchanged)
     render_backend: str = "auto"
+    meshes: bool = True                 # False: no GLBs and no render stage (rewards that read no views)
     rewards: str | None = None          # preset name or TOML; None: "default" (hi-grpo) or "flat"
     seed: int = 0
     sampling_preset: str | None = None
@@ -100,6 +101,8 @@ class TrainOptions:
         d = asdict(self)
         d.pop("allow_changes")
         d.pop("overwrite")
+        if self.meshes:  # recorded only when off: runs made before the option resume unchanged
+            d.pop("meshes")
         d["out"] = str(Path(self.out).resolve())
         d["prompts"] = self.prompts if self.prompts == "synth" else str(Path(self.prompts).resolve())
         d["policy"] = str(Path(self.policy).resolve()) if self.policy else str(default_policy_dir())
@@ -134,7 +137,15 @@ class TrainJob:
             o.rl = dataclasses.replace(o.rl, old_logprobs="recompute", tis_cap=o.rl.tis_cap or 2.0)
         o.rl.check()
         o.rewards = o.rewards or ("default" if o.mode == "hi-grpo" else "flat")
-        load_config(o.rewards)  # a bad preset or TOML fails before any work
+        reward_config = load_config(o.rewards)  # a bad preset or TOML fails before any work
+        if not o.meshes:
+            viewed = [t.name for lv in reward_config.levels for t in reward_config.terms(lv)
+                      if backend_class(t.backend).needs_views]
+            if viewed:
+                raise InputError(f"--no-meshes: reward term {viewed[0]!r} of {o.rewards} scores rendered views "
+                                 f"(renders need the GLBs); drop the flag or use terms that read the voxel grid")
+            if "render" in o.stages:
+                raise InputError("--no-meshes with --stage render: a render command needs the GLBs")
         o.stages = swap.parse_swaps(o.stages)
         self.run_dir = Path(o.out)
         self.policy_dir = Path(o.policy).resolve() if o.policy else default_policy_dir()
@@ -145,7 +156,7 @@ class TrainJob:
         self.gen_options = GenOptions(mode=o.mode, group_size=o.group_size, sampling=None, batch_size=o.gen_batch_size,
                                       device=o.device,
                                       dtype=o.dtype, sampling_preset=o.sampling_preset,
-                                      sampling_overrides=o.sampling_overrides)
+                                      sampling_overrides=o.sampling_overrides, meshes=o.meshes)
         self.stop: str | None = None
         self.phase_totals: dict[str, list[float]] = {}  # phase -> seconds of each step run
         self.evals: list[tuple[int, subprocess.Popen]] = []
@@ -327,6 +338,8 @@ class TrainJob:
         stream.synchronize()
 
     def _render(self, step: int, d: Path) -> None:
+        if not self.opts.meshes:  # no GLBs to render; the reward reads no views (checked at start)
+            return
         if "render" in self.opts.stages:
             self._swapped("render", step, d)
             return
@@ -338,7 +351,7 @@ class TrainJob:
             self._swapped("reward", step, d)
             return
         # renders of a swapped command carry no provenance: the loop checked their rows (loop.swap)
-        job = RewardJob(d / "gen", d / "renders", self.opts.rewards, pool=self.reward_pool,
+        job = RewardJob(d / "gen", d / "renders" if self.opts.meshes else None, self.opts.rewards, pool=self.reward_pool,
                         allow_unverified="render" in self.opts.stages)
         job.run(StageOptions(out=d / "rewards", shard=self.shard, quiet=True))
 
@@ -537,7 +550,8 @@ class TrainJob:
     def _pools(self):
         """Worker pools kept for the whole run (spawned once: each worker imports rl3d once)."""
         cores = usable_cores()
-        render = worker_pool(self.opts.render_backend) if cores > 1 and "render" not in self.opts.stages else None
+        render = (worker_pool(self.opts.render_backend) if cores > 1 and self.opts.meshes
+                  and "render" not in self.opts.stages else None)
         reward = host_pool() if cores > 2 and "reward" not in self.opts.stages else None
         return render, reward
 

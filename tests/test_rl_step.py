@@ -242,6 +242,34 @@ def test_lora_step_merges_the_adapter_into_a_plain_checkpoint(run, tmp_path):
     assert load_policy(out, device="cpu", dtype="float32").model is not None
 
 
+def test_lora_reference_is_the_base_with_the_adapter_off(run):
+    """A LoRA learner scores the reference with its own frozen base (no second copy loaded): the
+    same log-probs as the initial policy read from disk, while the adapted policy's differ."""
+    pytest.importorskip("peft")
+    from rl3d.stages.policy.sampler import CompletionLogprobs
+    from rl3d.stages.rl.learner import BaseLogprobs, Learner, read_batch
+    from rl3d.stages.rl.update import reference_logprobs
+
+    root, policy, _ = run
+    learner = Learner(policy, RLConfig(lr=1e-2, micro_batch=4), device="cpu", lora_rank=4)
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # the adapter has moved: the policy is no longer its base
+    samples = [s for s in read_batch(root / "gen", root / "rewards")[0] if s["status"] == "ok"][:4]
+    ref = learner.reference()
+    assert isinstance(ref, BaseLogprobs)
+    plain = CompletionLogprobs(load_policy(policy, device="cpu", dtype="float32").model.eval(), learner.special, 1.0)
+    trained = CompletionLogprobs(learner.model, learner.special, 1.0)
+    got = {}
+    for label, scorer in (("ref", ref), ("plain", plain), ("trained", trained)):
+        rows = [dict(s) for s in samples]
+        reference_logprobs(rows, scorer, learner.special, learner.acc, 4, False)
+        got[label] = torch.cat([torch.as_tensor(r["ref_logp"]) for r in rows])
+    assert torch.allclose(got["ref"], got["plain"], atol=1e-5)
+    assert not torch.allclose(got["trained"], got["plain"], atol=1e-3)
+
+
 def test_rewards_of_another_run_do_not_join(run, tmp_path):
     """Sample ids repeat from run to run: step 1's rewards must not train on step 2's rollouts."""
     root, policy, rows = run

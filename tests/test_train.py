@@ -347,6 +347,28 @@ def test_bad_settings_fail_before_anything_is_written(setup, tmp_path):
     assert res.exit_code == 2 and "none.txt" in res.output
 
 
+def test_no_meshes_skips_glbs_and_renders_and_refuses_view_terms(setup, tmp_path):
+    """--no-meshes: gen writes no GLBs, no render stage runs, and the voxel-grid terms still score
+    every sample; a reward that scores views is refused before anything is written."""
+    root, policy, prompts = setup
+    res = _cli(_train_args(policy, prompts, tmp_path / "refused", 1, "--no-meshes"))
+    assert res.exit_code == 2 and "--no-meshes: reward term 'clip_score'" in res.output, res.output
+    assert not (tmp_path / "refused").exists()
+    toml = tmp_path / "geometry.toml"
+    toml.write_text('name = "geometry"\ndescription = "voxel-grid terms"\n'
+                    '[[levels.coarse]]\nname = "ground_contact"\nbackend = "geometry"\nweight = 1.0\n'
+                    '[[levels.fine]]\nname = "stability"\nbackend = "geometry"\nweight = 1.0\n')
+    run = tmp_path / "run"
+    res = _cli(_train_args(policy, prompts, run, 1, "--no-meshes", "--rewards", str(toml)))
+    assert res.exit_code == 0, res.output
+    step = run / "step-000001"
+    assert not (step / "renders").exists() and not list((step / "gen").glob("_meshes/*"))
+    rewards = _sorted(step / "rewards")
+    assert len(rewards) == 8 and all(r["status"] == "ok" and r["total"] is not None for r in rewards)
+    assert (step / "update").is_dir()
+    assert json.loads((run / "train.json").read_text())["settings"]["meshes"] is False
+
+
 def test_two_processes_write_the_one_process_tables_and_update(setup, tmp_path):
     """DDP on CPU (gloo): each process samples, renders and scores its shard of the step's prompts
     into the same folders; the union is the one-process output and the update matches it."""

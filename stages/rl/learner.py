@@ -44,9 +44,10 @@ class UpdateResult:
 
 
 class Learner:
-    """One policy in training. `policy_dir` is loaded in float32 (bf16 autocast on CUDA); its
-    optimizer.pt, when there is one, continues the parent's AdamW state. The reference (the run's
-    initial policy unless `ref_dir`) is loaded at the first update that needs it."""
+    """One policy in training. `policy_dir` is loaded in float32 (bf16 autocast on CUDA; a LoRA
+    run's frozen base in bf16 there); its optimizer.pt, when there is one, continues the parent's
+    AdamW state. The reference (the run's initial policy unless `ref_dir`) is loaded at the first
+    update that needs it, or is the LoRA base itself with its adapter off."""
 
     def __init__(self, policy_dir, cfg: RLConfig, ref_dir=None, device=None, dtype=None, lora_rank: int = 0,
                  progress: Progress | None = None, lora_from=None):
@@ -57,7 +58,10 @@ class Learner:
         self.acc = acc = Accelerator(mixed_precision="bf16" if self.use_bf16 else "no", cpu=device_type == "cpu")
         # under a distributed launch each process owns one GPU (acc.device); "cuda" alone would mean cuda:0
         on = str(acc.device) if acc.num_processes > 1 or device is None else device
-        self.policy = policy = load_policy(policy_dir, device=on, dtype="float32")
+        # LoRA trains only the adapter (peft keeps it in float32): its frozen base needs no fp32 master
+        # copy, which at 7B would be 33 GB instead of 17
+        base_dtype = "bfloat16" if (lora_rank and self.use_bf16) else "float32"
+        self.policy = policy = load_policy(policy_dir, device=on, dtype=base_dtype)
         self.meta = meta = policy.meta
         model = policy.model
         freeze_vision(model)  # text-only policy: a VLM's vision tower and projector stay fixed
@@ -82,6 +86,8 @@ class Learner:
             processes.load_optimizer_state(self.scorer, self.opt, load_optimizer_state(parent_opt))
             set_fused(self.opt, self.fused)  # the parent's state carries its own run's kernel choice
         self.ref_scorer = None
+        # a LoRA run's reference is its own base with the adapter switched off: no second copy
+        self.reference_is_base = bool(lora_rank) and Path(self.initial).resolve() == Path(policy_dir).resolve()
         self.rl_step = int(meta.get("rl_step", 0))  # the step the loaded weights are at
         self.optimizer_updates = int(meta.get("optimizer_updates", 0))  # the warm-up continues across steps
 
@@ -92,6 +98,8 @@ class Learner:
 
     def reference(self) -> CompletionLogprobs:
         """The frozen reference; it needs no fp32 master weights: bf16 where the step computes in bf16."""
+        if self.ref_scorer is None and self.reference_is_base:
+            self.ref_scorer = BaseLogprobs(self.model, self.special, 1.0)
         if self.ref_scorer is None:
             ref_model = load_policy(self.initial, device=str(self.policy.device),
                                     dtype="bfloat16" if self.use_bf16 else "float32").model.eval()
@@ -242,6 +250,14 @@ def set_fused(opt, fused: bool) -> None:
             state = inner.state.get(p, {})
             if "step" in state:
                 state["step"] = state["step"].to(dtype=torch.float32, device=p.device if fused else "cpu")
+
+
+class BaseLogprobs(CompletionLogprobs):
+    """Log-probs of a peft model with its adapter disabled: the frozen base it wraps."""
+
+    def forward(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return super().forward(*args, **kwargs)
 
 
 def with_lora(model, rank: int):

@@ -1,0 +1,177 @@
+"""`rl3d train --lora-rank 16` at ShapeLLM-Omni's 7B shape on one GPU: seconds a step, memory, checkpoints.
+
+Builds a random-init policy directory of the published shape (nothing downloaded):
+Qwen2_5_VLForConditionalGeneration with Qwen2.5-VL-7B's text config and vision tower in bf16, the
+159,859-row vocabulary laid out as ShapeLLM-Omni's (mesh ids 151665..159856, then <mesh-start>,
+<mesh-end>; examples/qwenvl_7b_gen.py), the 64^3 VQ-VAE at the published size with random weights as
+its codec, and an rl3d_policy.json naming them. Then runs the real command on it,
+
+    rl3d train --prompts synth --policy P --lora-rank 16 --gradient-checkpointing --steps N ...
+
+and prints seconds a step (each phase), peak GPU memory (sampled with nvidia-smi), and what each
+checkpoint holds on disk: a LoRA run writes the adapter and its optimizer state every step, and a
+merged 15 GB policy only at the last step.
+
+    python benchmarks/bench_train_7b.py                              # 7B shape, 10 steps (a GPU)
+    python benchmarks/bench_train_7b.py --tiny --device cpu --steps 2  # the same path at toy size
+
+A random-init policy never picks <mesh-start> by itself, so each sequence spends the whole reasoning
+budget, then the 1,024 mesh tokens the codec needs: every step samples the longest sequences it can.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))  # the 7B shape and tokenizer layout of qwenvl_7b_gen.py
+
+import torch  # noqa: E402
+from qwenvl_7b_gen import QWEN_TEXT_IDS, TEXT_7B, TEXT_TINY, VISION_7B, VISION_TINY, qwen_layout_tokenizer  # noqa: E402
+
+from rl3d.formats.vqvae64 import VQVAE64Config  # noqa: E402
+from rl3d.stages.codecs.vqvae64 import VQVAE3D, VQVAE64Codec, make_block_replica  # noqa: E402
+from rl3d.stages.policy.checkpoint import POLICY_META  # noqa: E402
+
+
+def build_policy(out: Path, tiny: bool, device: str) -> dict:
+    """A random-init policy dir of the 7B shape (or a toy one): weights in bf16 on CUDA."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    t0 = time.time()
+    n_text, n_mesh = (300, 16) if tiny else (QWEN_TEXT_IDS, 8192)
+    tok = qwen_layout_tokenizer(n_text, n_mesh)
+    text, vision = (TEXT_TINY, VISION_TINY) if tiny else (TEXT_7B, VISION_7B)
+    cfg = Qwen2_5_VLConfig(text_config=dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id, bos_token_id=None, **text),
+                           vision_config=vision)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    torch.set_default_dtype(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    codec = VQVAE64Codec(make_block_replica() if tiny else VQVAE3D(VQVAE64Config()))
+    codec.save(out / "codec")
+    codec = VQVAE64Codec.load(out / "codec")
+    meta = {"model_class": "Qwen2_5_VLForConditionalGeneration", "codec": "codec",
+            "codec_hash": codec.content_hash(), "chat_template": True, "sampling": "shapellm", "step": 0,
+            "base": "random-init Qwen2.5-VL-7B shape (benchmarks/bench_train_7b.py)"}
+    (out / POLICY_META).write_text(json.dumps(meta))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"parameters": n_params, "vocab_rows": len(tok), "build_s": round(time.time() - t0, 1),
+            "policy_gb": round(dir_bytes(out) / 1e9, 2)}
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+class GpuMemory:
+    """Peak used memory of GPU 0 as nvidia-smi reports it (every process on the card), sampled."""
+
+    def __init__(self, period_s: float = 0.5):
+        self.peak_mib, self.period_s = 0, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+                self.peak_mib = max(self.peak_mib, int(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(self.period_s)
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
+def checkpoints(run: Path) -> list[dict]:
+    """What each kept checkpoint holds: its files and their size."""
+    out = []
+    for c in sorted((run / "checkpoints").glob("step-*")):
+        files = sorted(str(f.relative_to(c)) for f in c.rglob("*") if f.is_file())
+        out.append({"checkpoint": c.name, "mb": round(dir_bytes(c) / 1e6, 1),
+                    "merged_policy": any(f.endswith(".safetensors") and not f.startswith("adapter") for f in files),
+                    "files": files})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (a CPU check of the same path)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts a step (fresh synth prompts each step)")
+    ap.add_argument("-G", "--group-size", type=int, default=4)
+    ap.add_argument("--mode", default="hi-grpo", choices=["hi-grpo", "flat"])
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--max-reasoning-tokens", type=int, default=32)
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the policy and the run in this folder")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    a = ap.parse_args()
+    root = a.keep or Path(tempfile.mkdtemp(prefix="bench-train-7b-"))
+    root.mkdir(parents=True, exist_ok=True)
+    res: dict = {"settings": {k: str(v) for k, v in vars(a).items()},
+                 "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"}
+    policy = root / "policy"
+    if not (policy / POLICY_META).exists():
+        res["policy"] = build_policy(policy, a.tiny, a.device)
+        print(f"policy: {json.dumps(res['policy'])}", file=sys.stderr, flush=True)
+    run = root / "run"
+    argv = [sys.executable, "-m", "rl3d.cli.main", "train", "--prompts", "synth", "--policy", str(policy),
+            "--out", str(run), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts),
+            "-G", str(a.group_size), "--mode", a.mode, "--lora-rank", str(a.lora_rank), "--gradient-checkpointing",
+            "--micro-batch", str(a.micro_batch), "--max-reasoning-tokens", str(a.max_reasoning_tokens),
+            "--views", str(a.views), "--resolution", str(a.resolution), "--save-every", "1", "--lr", "1e-5",
+            "--device", a.device, "--json"]
+    print("$ rl3d " + " ".join(argv[3:]), file=sys.stderr, flush=True)
+    t0 = time.time()
+    with GpuMemory() as mem:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    res["wall_s"] = round(time.time() - t0, 1)
+    if proc.returncode != 0:
+        print(f"rl3d train failed (exit {proc.returncode})", file=sys.stderr)
+        sys.exit(proc.returncode)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["train"] = summary
+    res["peak_gpu_mib"] = mem.peak_mib or None
+    res["checkpoints"] = checkpoints(run)
+    print(json.dumps({k: summary.get(k) for k in ("steps", "seconds_per_step", "steady_seconds_per_step",
+                                                   "phase_seconds")}))
+    print(f"{a.steps} steps in {res['wall_s']} s (model loading included); peak GPU memory "
+          f"{res['peak_gpu_mib']} MiB ({res['device']})")
+    for c in res["checkpoints"]:
+        print(f"  {c['checkpoint']}: {c['mb']} MB, merged policy {'yes' if c['merged_policy'] else 'no'}")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2, default=str))
+    if not a.keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
