@@ -31,7 +31,7 @@ def sh(args: list[str], env: dict) -> dict:
 
 
 def commands(run: Path, prompts: Path, a, env: dict) -> list[dict]:
-    """The pipeline, step after step, as examples/demo.sh runs it; seconds per phase per step."""
+    """The pipeline, step after step, as examples/Makefile runs it; seconds per phase per step."""
     from rl3d.stages.policy import default_policy_dir
 
     policy = a.policy or str(default_policy_dir())

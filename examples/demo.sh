@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The Hi-GRPO loop on the embedded default, step after step:
-#   gen -> render -> reward -> rl-step, each step in RUN/step-NNNNNN/, then an eval of the result.
-# Resumable: every stage skips work already complete, so rerunning after a failure continues.
+# The Hi-GRPO loop on the embedded default: `rl3d train` runs STEPS iterations of
+# gen -> render -> reward -> update in one process (each step's tables in RUN/step-NNNNNN/, the same
+# folders the single commands write; examples/Makefile runs those commands one by one), then
+# `rl3d eval` scores the initial and the trained policy on held-out prompts.
+# Resumable: rerun after a failure and it continues where it stopped.
 # Usage: examples/demo.sh [RUN_DIR]   (env: STEPS, PROMPTS_N, GROUP, LR, VIEWS, RES, SEED)
 set -euo pipefail
 RUN=${1:-runs/demo}
@@ -24,30 +26,19 @@ PY=$(dirname "$(command -v rl3d 2>/dev/null || echo "$HERE/.venv/bin/rl3d")")/py
 [ -x "$PY" ] || PY=python3
 
 mkdir -p "$RUN"
-# Measured with these defaults, setup excluded, on the 2-core dev box: 5 min 17 s with the cores quiet
-# (2026-12-07; rl-step is about 55 s a step there, gen about 37 s);
-# while other jobs kept the cores busy, step 1 alone took 9 min (load 1.5-5.4) and 12 min (load 4-7).
-echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: about 5 min on a quiet 2-core CPU (measured)," \
+# Measured with these defaults, setup excluded, on the 2-core dev box with the cores quiet: 4 min 32 s
+# (2026-12-07: train 3 min 3 s, of which the update ~45 s a step and gen ~39 s; eval 66 s). The same
+# steps as single commands (examples/Makefile) took 5 min 17 s with the eval.
+echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: about 4.5 min on a quiet 2-core CPU (measured)," \
      "several times that while other jobs load the cores. Every stage prints its progress at least every 10 s;" \
      "rerun to resume after an interruption."
-policy=$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
-echo "[demo] initial policy: $policy"
+initial=$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
+echo "[demo] initial policy: $initial"
 $RL3D synth --n "$PROMPTS_N" --seed 7 --split train --out "$RUN/prompts" --quiet
-
-for i in $(seq 1 "$STEPS"); do
-  step=$(printf 'step-%06d' "$i")
-  d="$RUN/$step"
-  echo "[demo] $step"
-  $RL3D gen --prompts "$RUN/prompts" --policy "$policy" --out "$d/gen" --group-size "$GROUP" \
-            --mode hi-grpo --seed $((SEED + i))
-  $RL3D render --samples "$d/gen" --out "$d/renders" --views "$VIEWS" --resolution "$RES"
-  $RL3D reward --samples "$d/gen" --renders "$d/renders" --config default --out "$d/rewards"
-  $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
-                --lr "$LR" --seed "$SEED" --run-metrics "$RUN/metrics.parquet"
-  policy="$d/policy"
-done
-
+$RL3D train --prompts "$RUN/prompts" --prompts-per-step "$PROMPTS_N" --policy "$initial" --out "$RUN" \
+            --steps "$STEPS" --save-every "$STEPS" -G "$GROUP" --mode hi-grpo --views "$VIEWS" --resolution "$RES" \
+            --rewards default --lr "$LR" --seed "$SEED"
+final=$(printf '%s/checkpoints/step-%06d' "$RUN" "$STEPS")
 $RL3D eval --bench synth-reasoning --limit "$BENCH_LIMIT" --samples-per-prompt 1 \
-           --policy "$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")" \
-           --policy "$policy" --run "$RUN" --out "$RUN/eval"
-echo "[demo] done: report at $RUN/eval/report.html, run metrics at $RUN/metrics.parquet"
+           --policy "$initial" --policy "$final" --run "$RUN" --out "$RUN/eval"
+echo "[demo] done: report at $RUN/eval/report.html, run metrics at $RUN/metrics.parquet, steps in $RUN/step-*/"
