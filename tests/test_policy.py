@@ -137,3 +137,36 @@ def test_the_policy_library_has_no_import_circle():
 
     assert "sequence" in deps["tokenizer"] and not deps["sequence"]
     assert [m for m in deps if reaches(m, m)] == []
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kind_head_logprobs_equal_the_masked_full_log_softmax(temperature):
+    """Logits over each kind's allowed rows only (a run of ids as a slice, scattered text ids as an
+    index) give the masked full-row log-softmax: forced positions exactly 0, a forbidden target -inf,
+    padding 0, and the same gradients."""
+    from rl3d.stages.policy.sampler import kind_head_logprobs, token_logprobs
+    from rl3d.stages.policy.sequence import KIND_PAD, KIND_REASONING, SpecialIds, allowed_mask
+
+    torch.manual_seed(0)
+    sp = SpecialIds(mesh_ids=torch.arange(10, 18), mesh_start=18, mesh_end=19, eos=1, pad=0,
+                    text_ids=torch.tensor([2, 3, 4, 5, 6, 7, 8, 9, 20, 22]), vocab_size=24)
+    head = torch.nn.Linear(16, 24, bias=True)
+    kinds = torch.randint(0, KIND_PAD + 1, (3, 40))
+    allowed = allowed_mask(sp)
+    targets = torch.stack([torch.multinomial(allowed[k].float(), 1).squeeze(0) for k in kinds.reshape(-1)]).view(3, 40)
+    reasoning = (kinds == KIND_REASONING).nonzero()[0]
+    targets[reasoning[0], reasoning[1]] = 12  # a mesh id where text is expected: forbidden
+    h = torch.randn(3, 40, 16, requires_grad=True)
+    want = token_logprobs(head(h), kinds, targets, sp, temperature)
+    got = kind_head_logprobs(h, head, kinds, targets, sp, temperature, budget=50)
+    assert got[reasoning[0], reasoning[1]] == float("-inf") == want[reasoning[0], reasoning[1]]
+    forced = (kinds == KIND_FORCE_START) | (kinds == KIND_FORCE_END) | (kinds == KIND_FORCE_EOS)
+    assert forced.any() and (got[forced] == 0).all()
+    assert (got[kinds == KIND_PAD] == 0).all()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-6, rtol=1e-6)
+    params = [h, head.weight, head.bias]
+    g_want = torch.autograd.grad(want[finite].sum(), params)
+    g_got = torch.autograd.grad(got[finite].sum(), params)
+    for a, c in zip(g_want, g_got):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)

@@ -65,8 +65,8 @@ def test_chunked_logprobs_equal_plain_log_softmax_with_and_without_grad(run):
     params = [p for p in pol.model.parameters() if p.requires_grad]
     g_plain = torch.autograd.grad(plain.sum(), params)
     g_chunked = torch.autograd.grad(grad_chunked.sum(), params)
-    for a, c in zip(g_plain, g_chunked):
-        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    for a, c in zip(g_plain, g_chunked):  # equal up to float summation order (the head's rows per kind)
+        assert (c - a).abs().max() <= 1e-5 * a.abs().max() + 1e-7
 
 
 def test_recompute_on_fp32_cpu_has_no_mismatch_and_gives_the_stored_update(run, tmp_path):

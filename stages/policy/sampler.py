@@ -354,9 +354,10 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     input_ids/attention_mask [B, L] (any padding; a row's tokens are contiguous), prompt_lens [B],
     kinds [B, T] from completion_kinds/collate. Returns (float32 [B, T] log-probs, bool [B, T] mask of
     real completion tokens); padded positions are 0. logprobs[b, j] is the log-prob of token
-    prompt_len_b + j of row b. Differentiable: the output head, masking and log_softmax run in chunks
-    of `chunk_size` positions under activation checkpointing when grad is on, so only hidden states
-    of the completion are kept, never [B, T, V] logits.
+    prompt_len_b + j of row b. Differentiable: the output head and log_softmax run in chunks (about
+    `chunk_size` positions' full rows of logits) under activation checkpointing when grad is on, so
+    only hidden states of the completion are kept, never [B, T, V] logits. A plain linear head
+    computes each position's logits over the ids its kind allows only (kind_head_logprobs).
     """
     B, L = input_ids.shape
     T = kinds.shape[1]
@@ -365,10 +366,16 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     cols = first[:, None] + prompt_lens[:, None].to(first.device) + torch.arange(T, device=first.device)[None]
     targets = input_ids.gather(1, cols.clamp(max=L - 1))
     pred_cols = (cols - 1).clamp(0, L - 1)  # the position whose output predicts each target
-    if _uses_plain_head(model):
+    head = model.get_output_embeddings() if _uses_plain_head(model) else None
+    if type(head) is torch.nn.Linear:  # a plain head (not an adapter's): its rows per kind
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                                      use_cache=False).last_hidden_state
-        head = model.get_output_embeddings()
+        h = hidden.gather(1, pred_cols[..., None].expand(-1, -1, hidden.shape[-1]))
+        lp = kind_head_logprobs(h, head, kinds, targets, special, temperature, budget=chunk_size * B * special.vocab_size)
+        return lp, kinds != KIND_PAD
+    if head is not None:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                     use_cache=False).last_hidden_state
     else:  # heads with soft-capping: take the model's own logits for the completion positions
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False).logits
         head = torch.nn.Identity()
@@ -386,3 +393,46 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
             out.append(chunk_lp(*args))
     lp = torch.cat(out, 1) if out else h.new_zeros((B, 0), dtype=torch.float32)
     return lp.float(), kinds != KIND_PAD
+
+
+def kind_head_logprobs(h: torch.Tensor, head: torch.nn.Linear, kinds: torch.Tensor, targets: torch.Tensor,
+                       special: SpecialIds, temperature: float, budget: int) -> torch.Tensor:
+    """float32 [B, T] log-probs of `targets` from hidden states h [B, T, H], each position's kind
+    computing logits over the ids it may emit only: a mesh position needs the head's mesh rows (8,192
+    of ShapeLLM-Omni's 159,859; 512 of the shipped policy's 21,489), a forced position one row (its
+    log-prob is exactly 0). The same values as log_softmax over the masked full row, whose forbidden
+    logits add exp(-inf) = 0, without computing them. Rows go in chunks of about `budget` logits,
+    recomputed in the backward pass when grad is on, so no [B, T, V] logits are ever held."""
+    B, T, H = h.shape
+    flat_h, flat_k, flat_t = h.reshape(B * T, H), kinds.reshape(-1), targets.reshape(-1)
+    rows_of, values = [], []
+    grad = torch.is_grad_enabled() and h.requires_grad
+    for kind in torch.unique(flat_k).tolist():
+        if kind == KIND_PAD:
+            continue
+        rows = (flat_k == kind).nonzero().squeeze(1)
+        cols, position = special.kind_columns(kind, h.device)
+        weight = head.weight[cols] if isinstance(cols, slice) else head.weight.index_select(0, cols)
+        bias = None if head.bias is None else (head.bias[cols] if isinstance(cols, slice) else head.bias[cols])
+        column = position[flat_t[rows]]
+        step = max(1, budget // weight.shape[0])
+        for s in range(0, rows.numel(), step):
+            args = (flat_h.index_select(0, rows[s:s + step]), weight, bias, column[s:s + step])
+            fn = _restricted_logprobs
+            values.append(torch.utils.checkpoint.checkpoint(fn, *args, temperature, use_reentrant=False)
+                          if grad else fn(*args, temperature))
+            rows_of.append(rows[s:s + step])
+    out = h.new_zeros(B * T, dtype=torch.float32)
+    if values:
+        out = out.index_put((torch.cat(rows_of),), torch.cat(values))
+    return out.view(B, T)
+
+
+def _restricted_logprobs(h: torch.Tensor, weight: torch.Tensor, bias, column: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """log_softmax over the given head rows at each target's column (-inf where it has none)."""
+    logits = torch.nn.functional.linear(h, weight, bias).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = torch.log_softmax(logits, 1).gather(1, column.clamp(min=0)[:, None]).squeeze(1)
+    return lp.masked_fill(column < 0, float("-inf"))

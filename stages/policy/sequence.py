@@ -137,6 +137,21 @@ class SpecialIds:
             self._bias[key] = allowed_mask(self).to(device).float().log().to(dtype)  # True -> 0, False -> -inf
         return self._bias[key]
 
+    def kind_columns(self, kind: int, device) -> tuple[slice | torch.Tensor, torch.Tensor]:
+        """The vocabulary ids a kind may emit, as a slice when they are one run of ids (mesh tokens
+        usually are) else an int64 index, and int64[V]: each id's column among them (-1: forbidden).
+        Log-probs need the head's rows for these ids only (cached per device)."""
+        key = ("columns", kind, str(device))
+        if key not in self._bias:
+            allowed = allowed_mask(self)[kind]
+            ids = allowed.nonzero().squeeze(1)
+            position = torch.cumsum(allowed.long(), 0) - 1
+            position[~allowed] = -1
+            contiguous = ids.numel() > 0 and int(ids[-1] - ids[0]) + 1 == ids.numel()
+            cols = slice(int(ids[0]), int(ids[-1]) + 1) if contiguous else ids.to(device)
+            self._bias[key] = (cols, position.to(device))
+        return self._bias[key]
+
     def codec_lookup(self) -> torch.Tensor:
         """int64[V]: vocabulary id -> codec id (or -1 for non-mesh ids)."""
         lut = torch.full((self.vocab_size,), -1, dtype=torch.long)
