@@ -459,7 +459,7 @@ class TrainJob:
         dev, dt = resolve_device_dtype(self.opts.device, self.opts.dtype)
         if self.opts.lora_rank:  # the initial policy with the adapter's deltas merged in
             model = load_policy(self.policy_dir, device=str(dev), dtype=str(dt).removeprefix("torch.")).model
-            model.load_state_dict(self.learner.merged_weights(), strict=False)
+            self.learner.copy_merged_into(model)
         else:
             model = copy.deepcopy(self.learner.model).to(dtype=dt)
         model.eval()
@@ -475,13 +475,14 @@ class TrainJob:
         learner = self.learner
         from accelerate.utils import DistributedType
         if self.opts.lora_rank:
-            weights = learner.merged_weights()
-        elif learner.acc.distributed_type == DistributedType.FSDP:
-            weights = learner.full_state()[0]
+            learner.copy_merged_into(self.sampler.model)
         else:
-            weights = learner.model.state_dict()
-        with torch.no_grad():
-            self.sampler.model.load_state_dict(weights, strict=False)
+            if learner.acc.distributed_type == DistributedType.FSDP:
+                weights = learner.full_state()[0]
+            else:
+                weights = learner.model.state_dict()
+            with torch.no_grad():
+                self.sampler.model.load_state_dict(weights, strict=False)
         self.sampler = dataclasses.replace(self.sampler, policy_id=self._policy_id(learner.rl_step),
                                            step=self._policy_step(learner.rl_step))
 

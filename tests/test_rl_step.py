@@ -242,6 +242,10 @@ def test_lora_step_merges_the_adapter_into_a_plain_checkpoint(run, tmp_path):
     assert load_policy(out, device="cpu", dtype="float32").model is not None
 
 
+def plain_weights(policy) -> dict:
+    return load_policy(policy, device="cpu", dtype="float32").model.state_dict()
+
+
 def test_lora_reference_is_the_base_with_the_adapter_off(run):
     """A LoRA learner scores the reference with its own frozen base (no second copy loaded): the
     same log-probs as the initial policy read from disk, while the adapted policy's differ."""
@@ -268,6 +272,14 @@ def test_lora_reference_is_the_base_with_the_adapter_off(run):
         got[label] = torch.cat([torch.as_tensor(r["ref_logp"]) for r in rows])
     assert torch.allclose(got["ref"], got["plain"], atol=1e-5)
     assert not torch.allclose(got["trained"], got["plain"], atol=1e-3)
+    # the sampling copy: the merged weights copied in place, tensor by tensor
+    copy = load_policy(policy, device="cpu", dtype="float32").model
+    learner.copy_merged_into(copy)
+    merged = learner.merged_weights()
+    state = copy.state_dict()
+    assert merged.keys() == state.keys()
+    assert all(torch.equal(state[k], merged[k]) for k in merged)
+    assert any(not torch.equal(state[k], w) for k, w in plain_weights(policy).items())
 
 
 def test_rewards_of_another_run_do_not_join(run, tmp_path):

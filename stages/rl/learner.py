@@ -184,6 +184,11 @@ class Learner:
         weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
         return weights, processes.optimizer_state(self.scorer, self.opt)
 
+    def copy_merged_into(self, model) -> None:
+        """The LoRA policy's merged weights into `model` (the sampling copy), without a second copy
+        of all of them."""
+        copy_merged(self.model, model)
+
     def merged_weights(self) -> dict:
         """The LoRA policy's weights keyed as the plain model's, each adapted layer's delta added to
         its base weight (the adapter itself stays apart and trainable)."""
@@ -304,22 +309,36 @@ def load_adapter(model, adapter: Path) -> None:
 def merged_state_dict(model) -> dict:
     """A peft LoRA model's weights keyed as its base model's, with every adapted layer's delta
     (peft's get_delta_weight) added to its base weight; the model is left as it was."""
+    return dict(merged_tensors(model))
+
+
+def merged_tensors(model):
+    """(name, tensor) of merged_state_dict one at a time: each adapted weight's merged copy exists
+    only while it is used (at 7B, all of them at once would be 13 GB more on the GPU)."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    deltas = {name: sum(m.get_delta_weight(a) for a in m.active_adapters)
-              for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    out = {}
+    adapted = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     with torch.no_grad():
         for key, value in base.state_dict().items():
             if ".lora_" in key:
                 continue
             plain = key.replace(".base_layer.", ".")
             owner = plain.rsplit(".", 1)[0]
-            if key.endswith(".base_layer.weight") and owner in deltas:
-                value = value + deltas[owner].to(value.dtype)
-            out[plain] = value
-    return out
+            if key.endswith(".base_layer.weight") and owner in adapted:
+                m = adapted[owner]
+                value = value + sum(m.get_delta_weight(a) for a in m.active_adapters).to(value.dtype)
+            yield plain, value
+
+
+def copy_merged(model, into) -> None:
+    """The LoRA model's merged weights copied into `into` (a plain model of the base's layout, any
+    dtype), one tensor at a time."""
+    target = into.state_dict()
+    with torch.no_grad():
+        for name, value in merged_tensors(model):
+            if name in target:  # as load_state_dict(strict=False): keys only one layout has are left
+                target[name].copy_(value)
 
 
 def step_metrics(samples, adv_rows, adv_stats, kept, stats: UpdateStats, timings, step: int, cfg, rewards) -> dict:
