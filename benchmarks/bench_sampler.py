@@ -21,6 +21,7 @@ plain sampler's and a training-style recomputation (bf16), and where a step's GP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -160,6 +161,25 @@ def step_profile(model, sp, prompt_ids, seq_len, sampling, device, out_dir):
     return table
 
 
+@contextlib.contextmanager
+def transformers_decode_attention():
+    """The baseline "static-sdpa": the static sampler as it was before policy/attention.py, with
+    transformers' own sdpa in the decode step (a copy of the cache per query head when the mask is
+    given, in transformers < 5.25) and the whole cache read every step."""
+    from transformers import AttentionInterface
+
+    from rl3d.stages.policy import attention, static_sampler
+
+    attention.install_decode_attention()  # records transformers' function
+    AttentionInterface.register("sdpa", attention._sdpa)
+    installer, static_sampler.install_decode_attention = static_sampler.install_decode_attention, lambda: None
+    try:
+        yield
+    finally:
+        static_sampler.install_decode_attention = installer
+        AttentionInterface.register("sdpa", attention.decode_sdpa)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="0.5b")
@@ -170,7 +190,9 @@ def main():
     ap.add_argument("--mesh-tokens", type=int, default=1024)
     ap.add_argument("--max-reasoning", type=int, default=64)
     ap.add_argument("--baseline-tokens", type=int, default=128)
-    ap.add_argument("--baselines", default="generate,plain", help="comma list of generate,plain ('' = none)")
+    ap.add_argument("--baselines", default="generate,plain",
+                    help="comma list of generate,plain,static-sdpa ('' = none); static-sdpa: whole rows of the "
+                         "static sampler with transformers' decode attention and the whole cache read")
     ap.add_argument("--sampling", default="default", choices=["default", "shapellm"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
@@ -212,6 +234,16 @@ def main():
                 n = args.baseline_tokens
                 if torch.device(dev).type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                if name == "static-sdpa":
+                    with transformers_decode_attention():
+                        sample_sequences_static(model, sp, pids[:min(B, 8)], seeds[:min(B, 8)], 8, sampling,
+                                                kv_block=1 << 30)  # warm-up
+                        rows_b, sec = timed(lambda: sample_sequences_static(model, sp, pids, seeds, args.mesh_tokens,
+                                                                            sampling, kv_block=1 << 30), dev)
+                    tokens = sum(len(r["tokens"]) for r in rows_b)
+                    rates["plain"] = tokens / sec  # the column "vs plain" compares against this arm
+                    report(B, "static-sdpa (whole rows)", tokens, sec, rates, dev, args.json, shape)
+                    continue
                 if name == "generate":
                     torch.manual_seed(0)
                     with torch.no_grad():

@@ -11,7 +11,8 @@ from helpers import make_tiny_policy
 from rl3d.stages.policy.checkpoint import load_policy
 from rl3d.stages.policy.sampler import Sampling, sample_sequences, sample_tokens
 from rl3d.stages.policy.sequence import build_prompt, encode_text
-from rl3d.stages.policy.static_sampler import keep_threshold, sample_sequences_static, sample_tokens_fixed
+from rl3d.stages.policy.attention import decode_sdpa, install_decode_attention, kv_limit
+from rl3d.stages.policy.static_sampler import cache_read, keep_threshold, sample_sequences_static, sample_tokens_fixed
 
 torch.set_num_threads(1)
 
@@ -59,7 +60,8 @@ def test_static_sampler_equals_the_plain_sampler(loaded, sampling):
     seeds = [11, 12, 13, 14, 15, 16, 17, 18]
     M = loaded.codec.seq_len
     want = sample_sequences(loaded.model, loaded.special, prompt_ids, seeds, M, sampling)
-    got = sample_sequences_static(loaded.model, loaded.special, prompt_ids, seeds, M, sampling, sync_every=3)
+    got = sample_sequences_static(loaded.model, loaded.special, prompt_ids, seeds, M, sampling, sync_every=3,
+                                  kv_block=4)  # the cache read in blocks of 4 positions, up to the full length
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert a["tokens"] == b["tokens"]
@@ -109,3 +111,40 @@ def test_gen_sampler_option_gives_the_same_samples(tmp_path):
     res = CliRunner().invoke(main, ["gen", "--prompts", str(prompts), "--sampler", "fast", "--out",
                                     str(tmp_path / "x")])
     assert res.exit_code == 2 and "fast" in res.output
+
+
+def test_decode_attention_equals_transformers_sdpa():
+    """One query token per row, 4 query heads over 2 key/value heads, left padding and a cache not
+    yet written past position 9: the packed heads and the read cut to 12 positions give
+    transformers' values (which copy each key/value head per query head and read all 20)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    install_decode_attention()
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 3, 4, 2, 20, 8
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, 1), (Hkv, S), (Hkv, S)))
+    k[:, :, 10:] = 0  # not written yet, as in a static cache
+    v[:, :, 10:] = 0
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    mask[:, :, :, :10] = True
+    mask[1, :, :, :3] = False  # row 1 left-padded by 3
+    module = torch.nn.Module()
+    module.num_key_value_groups = H // Hkv
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+    for limit in (None, 12, 10, S):
+        with kv_limit(limit):
+            got, _ = decode_sdpa(module, q, k, v, mask, scaling=D ** -0.5)
+        assert got.shape == (B, 1, H, D)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # more than one query token (prefill, training) is transformers' own path, whole
+    q2 = torch.randn(B, H, 5, D, generator=g)
+    mask2 = torch.ones(B, 1, 5, S, dtype=torch.bool)
+    with kv_limit(8):
+        got2, _ = decode_sdpa(module, q2, k, v, mask2)
+    torch.testing.assert_close(got2, sdpa_attention_forward(module, q2, k, v, mask2)[0])
+
+
+def test_cache_read_covers_every_written_position():
+    assert [cache_read(5, t, 40, block=8) for t in (0, 2, 3, 10, 34)] == [8, 8, 16, 16, 40]
+    for t in range(35):
+        assert 5 + t + 1 <= cache_read(5, t, 40, block=8) <= 40

@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from transformers import DynamicCache, StaticCache
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.policy.attention import install_decode_attention
 from rl3d.stages.policy.device import no_cudnn_attention
 from rl3d.stages.policy.sequence import KIND_FORCE_START, KIND_MESH, KIND_PAD, KIND_REASONING
 from rl3d.stages.policy.tokenizer import SpecialIds
@@ -195,7 +196,8 @@ def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], se
     completion: reasoning, <mesh-start>, seq_len mesh ids, <mesh-end>, eos), `logprobs` (float32,
     same length), `n_reasoning`, `truncated` (the budget forced <mesh-start>). `on_step(n)`, when
     given, is called after each step with the number of tokens it sampled (progress of a long batch)."""
-    no_cudnn_attention()  # it copied the whole KV cache every step (policy/device.py)
+    no_cudnn_attention()
+    install_decode_attention()  # no copy of the KV cache per token (policy/attention.py)
     dev = next(model.parameters()).device
     B = len(prompt_ids)
     P = max(len(p) for p in prompt_ids)

@@ -4,8 +4,9 @@ sampler.sample_sequences runs a Python loop whose every token costs a few hundre
 a host synchronisation (are all rows done?) and a data-dependent rejection loop: at a 0.5B policy the
 GPU idles most of each step. Here one step (mask, sample, advance the row state machines, one decoder
 forward over a static KV cache) touches only preallocated tensors of fixed shape and never reads a
-value back to the host, so on CUDA it is captured once per batch and replayed: one launch per token.
-The loop checks for finished rows every `sync_every` steps only.
+value back to the host, so on CUDA it is captured and replayed: one launch per token. It is captured
+once per 128 positions of KV cache filled, each graph's attention reading only that far
+(policy/attention.py). The loop checks for finished rows every `sync_every` steps only.
 
 Exactness: the draws are the same counter-based uniforms as the plain sampler and the top-k / top-p
 cut accepts exactly the same tokens (a token is kept when its weight is at least the smallest kept
@@ -23,6 +24,7 @@ import inspect
 import torch
 from transformers import StaticCache
 
+from rl3d.stages.policy.attention import install_decode_attention, kv_limit
 from rl3d.stages.policy.device import no_cudnn_attention
 from rl3d.stages.policy.sampler import (MAX_ATTEMPTS, Sampling, block_weights, cache_kwarg, drawn_logprob,
                                         finish_rows, inverse_cdf, left_padded, masked_logits,
@@ -132,9 +134,10 @@ class _DecodeLoop:
         return bool((self.state != DONE).any())
 
 
-def graph_of(step) -> torch.cuda.CUDAGraph:
+def graph_of(step, pool=None) -> torch.cuda.CUDAGraph:
     """Capture `step` as a CUDA graph. Capturing needs one eager run on a side stream first (lazy
-    initialisations, allocator warm-up); that run is a real step, so the caller counts it."""
+    initialisations, allocator warm-up); that run is a real step, so the caller counts it. Graphs
+    replayed one after another may share a memory `pool` (another graph's pool())."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -143,20 +146,30 @@ def graph_of(step) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
     # thread_local: another thread of this process may use the GPU meanwhile (rl3d train --overlap 1
     # samples on a thread while the main one renders, scores and trains)
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         step()
     return graph
+
+
+KV_BLOCK = 128  # decode attention reads the cache in blocks of this many positions: one graph each
+
+
+def cache_read(P: int, t: int, total: int, block: int = KV_BLOCK) -> int:
+    """Cache positions step t's attention reads: those written so far (the P prompt columns and t + 1
+    tokens, the new one included), rounded up to a whole block."""
+    return min(total, -(-(P + t + 1) // block) * block)
 
 
 @torch.no_grad()
 def sample_sequences_static(model, special: SpecialIds, prompt_ids: list[list[int]], seeds: list[int], seq_len: int,
                             sampling: Sampling, cuda_graph: bool | None = None, sync_every: int = 16,
-                            on_step=None) -> list[dict]:
+                            on_step=None, kv_block: int = KV_BLOCK) -> list[dict]:
     """sampler.sample_sequences (same arguments, same rows) as fixed-shape steps; on CUDA (or with
     cuda_graph=True) the step is captured as a CUDA graph and replayed. `on_step(n)` is called at
     each check for finished rows with the token positions computed since the last call (every row
     computes every step here)."""
-    no_cudnn_attention()  # it copied the whole KV cache every step (policy/device.py)
+    no_cudnn_attention()
+    install_decode_attention()  # no copy of the cache per token, and only its filled blocks read (policy/attention.py)
     dev = next(model.parameters()).device
     use_graph = dev.type == "cuda" if cuda_graph is None else cuda_graph
     steps = sampling.max_reasoning_tokens + 1 + seq_len
@@ -165,12 +178,19 @@ def sample_sequences_static(model, special: SpecialIds, prompt_ids: list[list[in
                        torch.as_tensor(seeds, dtype=torch.long, device=dev), seq_len, sampling, steps)
     # torch.compile of the step was tried and measured slower (docs/performance.md): its copies of the
     # mutated KV-cache buffers cost more than the fused kernels save
-    run, t = loop.step, 0
-    if use_graph:
-        run, t = graph_of(loop.step).replay, 1
-    rows, reported = len(prompt_ids), 0
+    P = ids.shape[1]
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}  # cache positions read -> the step captured for them
+    rows, reported, t = len(prompt_ids), 0, 0
     while t < steps:
-        run()
+        read = cache_read(P, t, P + steps, kv_block)
+        with kv_limit(read):
+            if not use_graph:
+                loop.step()
+            elif read in graphs:
+                graphs[read].replay()
+            else:  # the capture's eager run is step t itself
+                first = next(iter(graphs.values()), None)
+                graphs[read] = graph_of(loop.step, pool=first.pool() if first is not None else None)
         t += 1
         if t % sync_every == 0:
             if on_step is not None:
