@@ -105,6 +105,9 @@ def _load_toml(ctx, param, value):
 @click.option("--eval-limit", default=None, type=int, help="Prompts per category for --eval-every.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write each step's metrics and phase seconds as TensorBoard scalars into this log dir.")
+@click.option("--profile-step", default=0, show_default=True, type=int, metavar="K",
+              help="Profile step K's main thread: RUN/profile/step-K.txt (Python functions by cumulative and own "
+                   "time) and .pstats (0 = none).")
 @click.option("--allow-changes", is_flag=True,
               help="Resume with settings other than RUN/train.json's (recorded there as a change).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
@@ -117,7 +120,7 @@ def _load_toml(ctx, param, value):
 @handle_errors
 def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
             dynamic_sampling, ref_dir, stages, device, dtype, lora_rank, save_every, keep_checkpoints, overlap,
-            eval_every, eval_bench, eval_limit, tensorboard, allow_changes, steps, prompts_per_step, mode,
+            eval_every, eval_bench, eval_limit, tensorboard, profile_step, allow_changes, steps, prompts_per_step, mode,
             group_size, views, resolution, supersample, meshes, gen_batch_size, render_backend, rewards, **kw):
     """Run N iterations of sample -> render -> score -> update in one process, with the policy,
     reference, optimizer, codec, renderer and reward models loaded once.
@@ -148,7 +151,7 @@ def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_
         render_backend=render_backend, rewards=rewards, seed=opts.seed, sampling_preset=sampling_preset,
         sampling_overrides=overrides, rl=rl, lora_rank=lora_rank, ref=ref_dir, save_every=save_every,
         keep_checkpoints=keep_checkpoints, overlap=overlap, stages=stage_specs, eval_every=eval_every,
-        eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, device=device, dtype=dtype,
+        eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, profile_step=profile_step, device=device, dtype=dtype,
         allow_changes=allow_changes, quiet=opts.quiet, overwrite=opts.overwrite)
     if config is not None and not Path(config).is_file():
         raise InputError(f"{config}: no such settings file")

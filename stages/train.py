@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from rl3d.stages.loop import swap
 from rl3d.stages.loop.checkpoints import (RESUMABLE, checkpoint_dir, latest_checkpoint, load_state,
                                           record_settings, resident_policy_id, save_checkpoint, step_dir)
 from rl3d.stages.loop.feed import PromptFeed
+from rl3d.stages.loop.profile import profiled
 from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_policy, policy_id, read_policy_meta
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.render import RenderJob, worker_pool
@@ -90,6 +92,7 @@ class TrainOptions:
     eval_bench: str | None = None
     eval_limit: int | None = None
     tensorboard: str | None = None
+    profile_step: int = 0               # > 0: profile that step into RUN/profile (loop.profile)
     device: str | None = None
     dtype: str | None = None
     allow_changes: bool = False
@@ -124,7 +127,7 @@ class TrainJob:
         if o.mode not in ALGO_OF_MODE:
             raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(ALGO_OF_MODE)}")
         for name, low in (("steps", 1), ("group_size", 1), ("save_every", 1), ("keep_checkpoints", 0),
-                          ("eval_every", 0)):
+                          ("eval_every", 0), ("profile_step", 0)):
             if getattr(o, name) < low:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(o, name)}: must be >= {low}")
         if o.overlap not in (0, 1):
@@ -220,7 +223,8 @@ class TrainJob:
         try:
             for step in range(start_step + 1, o.steps + 1):
                 t_step = time.time()
-                replayed, line = self._step(step, progress)
+                with profiled(self.run_dir, step) if step == o.profile_step and self.main else nullcontext():
+                    replayed, line = self._step(step, progress)
                 if replayed:
                     stats["steps_replayed"] += 1
                 else:

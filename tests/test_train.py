@@ -445,3 +445,26 @@ def test_lora_run_checkpoints_the_adapter_and_resumes_to_the_same_policy(setup, 
     for stage in ("gen", "rewards"):
         for ra, rb in zip(_sorted(whole / "step-000002" / stage), _sorted(resumed / "step-000002" / stage)):
             _close(ra, rb)
+
+
+def test_profile_step_writes_the_python_profile_of_that_step(setup, tmp_path):
+    """--profile-step K: step K's main-thread Python profile (text and pstats) under RUN/profile; a
+    setting a resume may change."""
+    import pstats
+
+    root, policy, prompts = setup
+    toml = tmp_path / "geometry.toml"
+    toml.write_text('name = "geometry"\ndescription = "voxel-grid terms"\n'
+                    '[[levels.coarse]]\nname = "ground_contact"\nbackend = "geometry"\nweight = 1.0\n'
+                    '[[levels.fine]]\nname = "stability"\nbackend = "geometry"\nweight = 1.0\n')
+    run = tmp_path / "run"
+    res = _cli(_train_args(policy, prompts, run, 2, "--no-meshes", "--rewards", str(toml), "--profile-step", "2"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (run / "profile").iterdir()) == ["step-000002.pstats", "step-000002.txt"]
+    text = (run / "profile" / "step-000002.txt").read_text()
+    assert "step 2" in text and "(_step)" in text and "(run_updates)" in text and "(produce)" in text
+    assert pstats.Stats(str(run / "profile" / "step-000002.pstats")).total_tt > 0
+    res = _cli(_train_args(policy, prompts, run, 3, "--no-meshes", "--rewards", str(toml), "--profile-step", "0"))
+    assert res.exit_code == 0, res.output
+    res = _cli(_train_args(policy, prompts, run, 3, "--profile-step", "-1"))
+    assert res.exit_code == 2 and "--profile-step -1: must be >= 0" in res.output

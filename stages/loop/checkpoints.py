@@ -80,7 +80,7 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
 # settings a resume may change without --allow-changes: where the run folder is, how long to run
 # and how to report, not what the steps compute
 RESUMABLE = ("out", "gen_batch_size", "steps", "quiet", "tensorboard", "eval_every", "eval_bench", "eval_limit", "keep_checkpoints",
-             "save_every")
+             "save_every", "profile_step")
 
 
 def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
