@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from transformers import DynamicCache, StaticCache
 
 from rl3d.formats.errors import InputError
-from rl3d.stages.policy.attention import install_decode_attention
+from rl3d.stages.policy.attention import install_decode_attention, kv_limit
 from rl3d.stages.policy.device import no_cudnn_attention
 from rl3d.stages.policy.sequence import KIND_FORCE_START, KIND_MESH, KIND_PAD, KIND_REASONING
 from rl3d.stages.policy.tokenizer import SpecialIds
@@ -244,8 +244,9 @@ def sample_sequences(model, special: SpecialIds, prompt_ids: list[list[int]], se
             break
         att[:, P + t] = active.long()
         last = last + 1
-        out = model(input_ids=tok[:, None], attention_mask=att[:, :P + t + 1], position_ids=last[:, None],
-                    use_cache=True, **{ck: cache})
+        with kv_limit(P + t + 1):  # a static cache is read only as far as it is written
+            out = model(input_ids=tok[:, None], attention_mask=att[:, :P + t + 1], position_ids=last[:, None],
+                        use_cache=True, **{ck: cache})
         logits = out.logits[:, -1]
         if getattr(out, ck, None) is not None:
             cache = getattr(out, ck)
