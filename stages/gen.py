@@ -6,6 +6,7 @@ composition or sharding) is stages/policy/sampler.py; the sequence layout is sta
 """
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from rl3d.stages.policy.checkpoint import Policy, codec_path, load_policy, open_
 from rl3d.stages.policy.device import resolve_device_dtype
 from rl3d.stages.policy.limits import check_prompts_fit
 from rl3d.stages.policy.sampler import Sampling, resolve_sampling, row_seed, sample_sequences
-from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_text, sequence_spans
+from rl3d.stages.policy.sequence import INSTRUCTIONS, MODE_LEVELS, REQUEST, build_prompt, encode_texts, sequence_spans
 from rl3d.stages.policy.sampler_engines import SAMPLERS, choose_sampler
 from rl3d.stages.policy.tokenizer import describe_mesh_ids
 from rl3d.stages.texturing import parse_hook, texture_meshes
@@ -40,7 +41,7 @@ SAMPLED_MODES = {mode: MODE_LEVELS[mode] for mode in ("flat", "hi-grpo")}  # the
 
 def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", group_size: int = 8,
              seed: int = 0, sampling: Sampling = Sampling(), batch_size: int = 64, out_dir: str | Path | None = None,
-             progress: Progress | None = None, sampler: str = "auto") -> list[dict]:
+             progress: Progress | None = None, sampler: str = "auto", mesh_pool=None) -> list[dict]:
     """Rollouts for prompt rows (dicts with prompt_id, prompt and optional category/spec): G samples
     per prompt and level, coarse before fine. With out_dir, decodable meshes are written to
     out_dir/_meshes/<sample_id>.glb (mesh_path relative to out_dir); without, mesh_path stays None."""
@@ -55,7 +56,7 @@ def generate(policy: Policy, prompt_rows: list[dict], mode: str = "hi-grpo", gro
     plans: dict[tuple[str, int], str] = {}
     rows: list[dict] = []
     meter = GenMeter(progress, len(jobs) * len(SAMPLED_MODES[mode]))
-    with MeshWriter(out_dir, coloured=policy.codec.coloured) as write_mesh:
+    with MeshWriter(out_dir, coloured=policy.codec.coloured, pool=mesh_pool) as write_mesh:
         for level in SAMPLED_MODES[mode]:
             meter.level = level
             texts = [build_prompt(r["prompt"], level, plan=plans.get((r["prompt_id"], k)), fmt=policy.prompt_format)
@@ -108,16 +109,20 @@ class GenMeter:
 
 
 class MeshWriter:
-    """Writes each decodable sample's GLB on worker threads while the next batch samples: meshing
-    takes ~20 ms a sample on one core (1024 samples: ~20 s, most of a GPU gen's wall time when done
-    in line), and the mesh building and export run in numpy and zlib, which release the GIL.
+    """Writes each decodable sample's GLB on workers while the next batch samples: meshing takes
+    ~20 ms a sample on one core (1024 samples: ~20 s, most of a GPU gen's wall time when done in
+    line). Threads by default; `pool`, a process pool the caller keeps (rl3d train's), takes the
+    writes out of this process: trimesh's Python work holds the GIL, and on threads it slowed the
+    sampler's own loop (a GPU profile of rl3d train: gen 14.4 s a step, its sampling ~4.5 s).
     Called with (grid, sample_id), it returns the mesh_path at once (None without an out_dir); on
     leaving the block every write has finished, and the first failed one raises."""
 
-    def __init__(self, out_dir: str | Path | None, coloured: bool = True, workers: int | None = None):
+    def __init__(self, out_dir: str | Path | None, coloured: bool = True, workers: int | None = None, pool=None):
         self.out = Path(out_dir) if out_dir is not None else None
         self.coloured = coloured
-        self.pool = ThreadPoolExecutor(workers or min(8, usable_cores())) if self.out is not None else None
+        self.own_pool = pool is None
+        self.pool = None if self.out is None else \
+            (pool if pool is not None else ThreadPoolExecutor(workers or min(8, usable_cores())))
         self.pending: list = []
 
     def __call__(self, grid: np.ndarray, sample_id: str) -> str | None:
@@ -137,7 +142,10 @@ class MeshWriter:
         if exc_type is not None:
             for f in self.pending:
                 f.cancel()
-        self.pool.shutdown(wait=True)
+        if self.own_pool:
+            self.pool.shutdown(wait=True)
+        else:
+            concurrent.futures.wait(self.pending)
         if exc_type is None:
             for f in self.pending:
                 f.result()  # the first failed write raises here
@@ -146,7 +154,7 @@ class MeshWriter:
 def _sample_chunk(policy: Policy, chunk, texts, level, seed, sampling: Sampling, write_mesh,
                   sample_fn=sample_sequences, on_step=None) -> list[dict]:
     tok, special, codec = policy.tokenizer, policy.special, policy.codec
-    prompt_ids = [encode_text(tok, t) for t in texts]
+    prompt_ids = encode_texts(tok, texts)
     seeds = [row_seed(seed, r["prompt_id"], k, level) for r, k in chunk]
     done = sample_fn(policy.model, special, prompt_ids, seeds, codec.seq_len, sampling, on_step=on_step)
     sequences = [prompt_ids[i] + d["tokens"] for i, d in enumerate(done)]
@@ -250,8 +258,9 @@ class GenJob(Job):
     stage, kind = "gen", "samples"
 
     def __init__(self, prompts_path: str | Path, options: GenOptions = GenOptions(), seed: int = 0,
-                 policy_dir: str | Path | None = None, policy: Policy | None = None):
+                 policy_dir: str | Path | None = None, policy: Policy | None = None, mesh_pool=None):
         o = self.options = options
+        self.mesh_pool = mesh_pool  # a process pool for the GLB writes (MeshWriter); None: threads
         if o.mode not in SAMPLED_MODES:
             raise InputError(f"--mode {o.mode!r}: expected one of {', '.join(SAMPLED_MODES)}")
         if o.group_size < 1 or (o.batch_size is not None and o.batch_size < 1):
@@ -326,7 +335,7 @@ class GenJob(Job):
                      f"{policy.policy_id}")
         stats["sampler"] = choose_sampler(o.sampler, policy.device)[0]
         out = generate(policy, rows, o.mode, o.group_size, self.seed, self.sampling, batch,
-                       self.out if o.meshes else None, progress, o.sampler)
+                       self.out if o.meshes else None, progress, o.sampler, self.mesh_pool)
         stats["seconds_generate"] = round(time.time() - t0, 3)
         if self.hook is not None:  # an external texturing stage (e.g. TRELLIS stage 2) paints each mesh
             out = texture_meshes(out, self.hook, self.out, o.texture_timeout)

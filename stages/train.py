@@ -327,7 +327,9 @@ class TrainJob:
         m = shards_io.read_manifest(d / "gen") if (d / "gen").is_dir() else None
         if self.opts.overlap and m is not None and m.get("complete"):
             return  # sampled one version back before a resume; _check_batch checks whose samples they are
-        job = GenJob(d / "prompts", self.gen_options, seed=self.opts.seed + step, policy=sampler)
+        # the GLBs are written by the render workers: on this process's threads they slowed the sampler
+        job = GenJob(d / "prompts", self.gen_options, seed=self.opts.seed + step, policy=sampler,
+                     mesh_pool=self.render_pool)
         job.run(StageOptions(out=d / "gen", shard=self.shard, seed=self.opts.seed + step, quiet=True))
 
     def _gen_on_own_stream(self, step: int, sampler: Policy) -> None:

@@ -74,6 +74,11 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """encode_text of each text, in one call (a fast tokenizer encodes the batch in Rust, in parallel)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+
 # ---- the layout of one sequence ----------------------------------------------------------------
 
 def mesh_block(special: SpecialIds, mesh_tokens) -> np.ndarray:
