@@ -106,7 +106,7 @@ def _load_toml(ctx, param, value):
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write each step's metrics and phase seconds as TensorBoard scalars into this log dir.")
 @click.option("--profile-step", default=0, show_default=True, type=int, metavar="K",
-              help="Profile step K's main thread: RUN/profile/step-K.txt (Python functions by cumulative and own "
+              help="Profile step K with cProfile: RUN/profile/step-K.txt (Python functions by cumulative and own "
                    "time) and .pstats (0 = none).")
 @click.option("--allow-changes", is_flag=True,
               help="Resume with settings other than RUN/train.json's (recorded there as a change).")

@@ -1,10 +1,14 @@
 """`rl3d train --profile-step K`: where step K's time goes, for people reading a slow run.
 
-Writes RUN/profile/step-NNNNNN.txt (the main thread's Python functions by cumulative time, then by
-their own time) and .pstats (the same profile, for pstats or snakeviz). On a GPU the main thread
-waits where it reads a result back (`.item()`, `.cpu()`, `.tolist()`, synchronize), so a function's
-cumulative time includes the device work queued before it. Work on other threads and in worker
-processes (render and reward pools, the overlapped sampler) shows only as the main thread's waits.
+Writes RUN/profile/step-NNNNNN.txt (Python functions by cumulative time, then by their own time)
+and .pstats (the same profile, for pstats or snakeviz). Which threads it sees depends on Python:
+up to 3.11 cProfile follows the main thread only; from 3.12 it is built on sys.monitoring and counts
+every thread of the process (gen's mesh writers, the CLIP term's image readers, the overlapped
+sampler), each call's wall time included, so a second can be counted on several threads and time
+spent waiting for the GIL shows in whatever function waited. On a GPU a thread waits where it reads
+a result back (`.item()`, `.cpu()`, `.tolist()`, synchronize), so a function's cumulative time
+includes the device work queued before it. Worker processes (the render and reward pools) show only
+as waits for their results.
 torch's own profiler is left to the kernel-level benchmarks (bench_sampler, bench_rl_step --profile):
 aggregating its events took ~90 s for one CPU step of the tiny test policy.
 """

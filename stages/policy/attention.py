@@ -1,9 +1,9 @@
 """Attention of the sampler's decode step: one new token per row over a KV cache.
 
-transformers' `sdpa` attention (up to 5.24 at least) expands grouped key/value heads to one copy per
+transformers' `sdpa` attention before 5.25 (5.17 on our GPU image) expands grouped key/value heads to one copy per
 query head (`repeat_kv`) whenever a padding mask is given, which sampling always gives: a copy of
-each layer's whole cache for every token sampled, 57% of the shipped policy's decode step at batch
-1,024 on an H100 (two copies a layer), and 7x the cache at ShapeLLM-Omni's 28 query / 4 key heads.
+each layer's whole cache for every token sampled (57% of the shipped policy's decode step at batch
+1,024 on an H100: two copies a layer), 7x the cache at ShapeLLM-Omni's 28 query / 4 key heads.
 With one query token per row, the query heads of a group can stand in for query positions instead,
 so the kernel reads each key/value head once and nothing is copied.
 
@@ -12,8 +12,10 @@ positions not yet written included (masked). Under `kv_limit(n)` the decode atte
 first n positions; the static sampler captures one CUDA graph per 128 positions of cache filled.
 
 Both change no value: the masked positions left out had weight exactly 0, and each head attends the
-same keys. Everything else (prefill, training, masks with per-head entries, dropout) goes to
-transformers' own function unchanged.
+same keys. Measured on one H100 (benchmarks/bench_sampler.py --baselines static-sdpa): the shipped
+policy's sampler 2.0x faster at batch 512 and 2.3x at 1,024, the 16 rows checked token-identical
+to the plain loop. Everything else (prefill, training, masks with per-head entries, dropout) goes
+to transformers' own function unchanged.
 """
 from __future__ import annotations
 

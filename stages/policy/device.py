@@ -46,7 +46,8 @@ def no_cudnn_attention() -> None:
     row is (pytorch/pytorch#196678): a micro-batch of width 704 made every gradient NaN and the
     update was skipped; which micro-batches hit such a width depends on how a minibatch is split,
     so one process and N processes skipped different updates.
-    Sampling: a decode step over a static KV cache under cuDNN copied each layer's keys and values
-    whole (two copies of the cache a layer, 57% of a step's GPU time at batch 1,024)."""
+    Sampling: turned off there too, for one rule per process. (The two copies of each layer's KV
+    cache per decode step that a profile once put on cuDNN were transformers' repeat_kv: see
+    policy/attention.py; the sampler's speed did not change with this switch.)"""
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
