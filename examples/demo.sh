@@ -27,9 +27,10 @@ PY=$(dirname "$(command -v rl3d 2>/dev/null || echo "$HERE/.venv/bin/rl3d")")/py
 
 mkdir -p "$RUN"
 # Measured with these defaults, setup excluded, from a fresh clone on the 2-core dev box with the cores
-# quiet: 3 min 59 s (2026-12-07: train 2 min 46 s, of which the update ~40 s a step and gen ~35 s; eval
-# 54 s). The same steps as single commands (examples/Makefile) took 5 min 17 s with the eval.
-echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: about 4 min on a quiet 2-core CPU (measured)," \
+# quiet, 2026-12-07: 3 min 59 s, then 4 min 24 s and 4 min 35 s in later runs (train ~3 min, of which
+# the update ~45 s a step and gen ~37 s; eval ~60 s). The same steps as single commands
+# (examples/Makefile) took 5 min 17 s with the eval.
+echo "[demo] $STEPS steps of $PROMPTS_N prompts x G=$GROUP, then an eval: about 4.5 min on a quiet 2-core CPU (measured)," \
      "several times that while other jobs load the cores. Every stage prints its progress at least every 10 s;" \
      "rerun to resume after an interruption."
 initial=$($PY -c "from rl3d.stages.policy import default_policy_dir; print(default_policy_dir())")
