@@ -113,7 +113,7 @@ class MeshWriter:
     ~20 ms a sample on one core (1024 samples: ~20 s, most of a GPU gen's wall time when done in
     line). Threads by default; `pool`, a process pool the caller keeps (rl3d train's), takes the
     writes out of this process: trimesh's Python work holds the GIL, and on threads it slowed the
-    sampler's own loop (a GPU profile of rl3d train: gen 14.4 s a step, its sampling ~4.5 s).
+    sampler's own loop (a GPU profile of rl3d train: gen 14.4 s a step, its sampling ~5 s).
     Called with (grid, sample_id), it returns the mesh_path at once (None without an out_dir); on
     leaving the block every write has finished, and the first failed one raises."""
 
