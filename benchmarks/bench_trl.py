@@ -36,6 +36,7 @@ Needs TRL for its arm (an optional, benchmark-only dependency): pip install trl 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -204,13 +205,16 @@ def run_trl(root: Path, policy: Path, texts: list[str], max_completion: int, arg
         return [sum(t in mesh_ids for t in c) / max(len(c), 1) for c in completion_ids]
 
     n = len(texts) * args.group
+    # transformers renamed the field (gradient_checkpointing before 5.2x, activation_checkpointing after)
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    no_checkpointing = {next(k for k in ("activation_checkpointing", "gradient_checkpointing") if k in fields): False}
     config = GRPOConfig(
         output_dir=str(root / "trl"), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=n // args.micro_batch, num_generations=args.group,
         max_completion_length=max_completion, temperature=1.0, top_p=0.95, top_k=0, beta=BETA,
         epsilon=CLIP_LOW, epsilon_high=CLIP_HIGH, loss_type="dapo", scale_rewards="group", num_iterations=1,
         learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0, use_vllm=False,
-        activation_checkpointing=False, bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no",
+        **no_checkpointing, bf16=cuda, use_cpu=not cuda, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, log_completions=False, seed=0,
         model_init_kwargs={"dtype": torch.bfloat16 if cuda else torch.float32})
     t0 = time.time()
@@ -239,7 +243,7 @@ def run_trl(root: Path, policy: Path, texts: list[str], max_completion: int, arg
             "completions": mean("completions"), "tokens": tokens, "max_completion_length": max_completion,
             "generate_s": gen_s, "score_and_ref_s": gas_s - gen_s, "update_s": step_s - gas_s,
             "step_s": step_s, "tok_per_s": tokens / step_s, "trl_metrics": trainer.state.log_history[-1:],
-            "gradient_checkpointing": bool(trainer.args.activation_checkpointing), "dtype": str(trainer.model.dtype)}
+            "gradient_checkpointing": bool(getattr(trainer.args, next(iter(no_checkpointing)))), "dtype": str(trainer.model.dtype)}
 
 
 # ---- the report --------------------------------------------------------------------------------------
