@@ -364,8 +364,16 @@ def exit_with_parent(parent: int) -> None:
     A SIGKILLed stage (Slurm preemption, the OOM killer) otherwise leaves its idle workers blocked
     for good on the call queue. A daemon thread polls the parent pid (a reparented worker sees
     another one); Linux's PR_SET_PDEATHSIG is not used because it fires when the thread that
-    started the worker ends, which in a pool need not be the parent's end."""
+    started the worker ends, which in a pool need not be the parent's end.
+
+    The worker ignores SIGINT, SIGTERM and SIGUSR1: they reach a whole process group (Ctrl-C,
+    `timeout`, Slurm's scancel and --signal without B:), and a worker that died of one would break
+    its pool under the parent, which handles the signal (rl3d train checkpoints and stops)."""
+    import signal
     import threading
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
     def watch():
         while os.getppid() == parent:

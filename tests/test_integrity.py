@@ -507,6 +507,20 @@ def test_pool_workers_exit_when_their_stage_is_killed(tmp_path):
     assert not left, f"workers {left} outlived their killed stage"
 
 
+def test_pool_workers_outlive_the_signals_their_stage_handles():
+    """SIGINT, SIGTERM and SIGUSR1 sent to a whole process group (timeout, scancel, Ctrl-C) leave
+    the workers alive and the pool usable: the stage decides what happens."""
+    from rl3d.stages.contract import process_pool
+
+    with process_pool(2) as pool:
+        pids = {pool.submit(os.getpid).result() for _ in range(8)}
+        for pid in pids:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                os.kill(pid, sig)
+        assert sum(pool.submit(abs, -i).result() for i in range(8)) == 28
+        assert all(_alive(p) for p in pids)
+
+
 def test_render_pool_is_a_process_pool(objs, tmp_path, monkeypatch):
     """render's pool (the one the issue saw outlive three kills) is a process_pool."""
     from rl3d.stages import contract, render
