@@ -237,10 +237,23 @@ def read_table(path: str | os.PathLike, kind: str, columns: list[str] | None = N
 
 
 def absolute_media(table: pa.Table, base: Path) -> pa.Table:
+    """Relative media paths made absolute against `base` (the table's folder), resolved once: a
+    path that climbs out with ".." is resolved whole, any other is joined to it (resolving every
+    row cost ~0.1 ms each, ~1 s for a renders table of 6,144 views and their sheets)."""
+    root = str(Path(base).resolve())
+
+    def absolute(v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if os.path.isabs(v):
+            return v
+        if ".." in Path(v).parts:
+            return str((Path(base) / v).resolve())
+        return os.path.normpath(os.path.join(root, v))
+
     for name in MEDIA_COLUMNS:
         if name in table.column_names:
-            vals = [None if v is None or v == "" else str((base / v).resolve()) if not os.path.isabs(v) else v
-                    for v in table.column(name).to_pylist()]
+            vals = [absolute(v) for v in table.column(name).to_pylist()]
             table = table.set_column(table.column_names.index(name), name, pa.array(vals, pa.string()))
     return table
 

@@ -47,6 +47,7 @@ from rl3d.stages.loop.feed import PromptFeed
 from rl3d.stages.loop.profile import profiled
 from rl3d.stages.policy.checkpoint import Policy, default_policy_dir, load_policy, policy_id, read_policy_meta
 from rl3d.stages.policy.device import resolve_device_dtype
+from rl3d.stages.raycast import held_views
 from rl3d.stages.render import RenderJob, worker_pool
 from rl3d.stages.reward import RewardJob, host_pool
 from rl3d.stages.rewards.reward_config import backend_class, load_config
@@ -349,7 +350,10 @@ class TrainJob:
         if "render" in self.opts.stages:
             self._swapped("render", step, d)
             return
-        job = RenderJob(d / "gen", **self.render_opts, device=self.opts.device, pool=self.render_pool)
+        held_views.release()  # a step whose reward never ran (killed, swapped) holds nothing further
+        # the views stay in memory for this step's CLIP term: decoding the PNGs again was most of its time
+        job = RenderJob(d / "gen", **self.render_opts, device=self.opts.device, pool=self.render_pool,
+                        hold_views=True)
         job.run(StageOptions(out=d / "renders", shard=self.shard, quiet=True))
 
     def _reward(self, step: int, d: Path) -> None:
@@ -359,7 +363,10 @@ class TrainJob:
         # renders of a swapped command carry no provenance: the loop checked their rows (loop.swap)
         job = RewardJob(d / "gen", d / "renders" if self.opts.meshes else None, self.opts.rewards, pool=self.reward_pool,
                         allow_unverified="render" in self.opts.stages)
-        job.run(StageOptions(out=d / "rewards", shard=self.shard, quiet=True))
+        try:
+            job.run(StageOptions(out=d / "rewards", shard=self.shard, quiet=True))
+        finally:
+            held_views.release()
 
     def _swapped(self, stage: str, step: int, d: Path) -> None:
         """A user's command in place of a resident stage (main process; the others wait)."""

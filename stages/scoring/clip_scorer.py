@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from rl3d.formats.errors import InputError
 from rl3d.formats.model_dirs import from_local_dir
 from rl3d.stages.policy.device import pick_device
+from rl3d.stages.raycast import held_views
 
 try:
     from transformers import CLIPImageProcessorPil as ImageProcessor
@@ -274,18 +275,33 @@ class ClipScorer:
 
     @staticmethod
     def _loaded(paths: list[str]) -> list:
-        """Per path its RGB image (load_rgb), or None when it does not read."""
+        """Per path its RGB image (load_rgb, or the pixels this process rendered into it and still
+        holds: held_views), or None when it does not read."""
         images = []
         for p in paths:
+            if (px := held_views.held(p)) is not None:
+                images.append(Image.fromarray(np.asarray(px)))
+                continue
             try:
                 images.append(load_rgb(p))
             except (OSError, ValueError):
                 images.append(None)
         return images
 
-    def _decoded(self, paths: list[str]) -> list:
-        """Per path its RGB pixels uint8[H, W, 3], or None when it does not read (background threads)."""
-        return [None if im is None else np.asarray(im) for im in self._loaded(paths)]
+    @staticmethod
+    def _decoded(paths: list[str]) -> list:
+        """Per path its RGB pixels uint8[H, W, 3] (held or decoded), or None when it does not read
+        (background threads)."""
+        out = []
+        for p in paths:
+            if (px := held_views.held(p)) is not None:
+                out.append(np.asarray(px))
+                continue
+            try:
+                out.append(np.asarray(load_rgb(p)))
+            except (OSError, ValueError):
+                out.append(None)
+        return out
 
     def _embeddings(self, pixel_values: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings of preprocessed pixels (any device)."""
