@@ -4,6 +4,22 @@ from __future__ import annotations
 import click
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.rl.micro_batch import parse_micro_batch
+
+
+class MicroBatch(click.ParamType):
+    """--micro-batch: a number of sequences or "auto" (stages/rl/micro_batch.py)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_micro_batch(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r}: expected a number of sequences or auto", param, ctx)
+
+
+MICRO_BATCH = MicroBatch()
 
 
 def update_options(f):
@@ -36,8 +52,10 @@ UPDATE_OPTIONS = [
     click.option("--epochs", type=int, default=1, show_default=True, help="Passes over the samples in this step."),
     click.option("--minibatch", type=int, default=0, show_default=True,
                   help="Sequences per optimizer step (0 = the whole batch, one update per epoch)."),
-    click.option("--micro-batch", type=int, default=8, show_default=True,
-                  help="Sequences per forward pass (gradient accumulation; the update is the same)."),
+    click.option("--micro-batch", type=MICRO_BATCH, default="auto", show_default=True,
+                  help="Sequences per forward pass (gradient accumulation; the update is the same). auto: 8 on a "
+                       "CPU; on a GPU the most (a power of two, at most 256) whose estimated activations fill "
+                       "half the memory the weights and optimizer leave."),
     click.option("--lr", type=float, default=1e-6, show_default=True, help="Learning rate (AdamW)."),
     click.option("--warmup-updates", type=click.IntRange(min=0), default=0, show_default=True,
                   help="Linear LR warm-up over the run's first N optimizer updates (counted across steps)."),

@@ -241,3 +241,53 @@ def test_two_process_ddp_with_length_buckets_matches_one_process_and_its_mismatc
     moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
     apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
     assert moved > 0 and apart < 1e-2 * moved
+
+
+# ---- --micro-batch auto -------------------------------------------------------------------------
+
+def test_micro_batch_auto_is_8_on_a_cpu_and_trains_the_same(run, tmp_path):
+    root, policy, _ = run
+    run_step(root, policy, tmp_path / "eight", micro_batch=8)
+    run_step(root, policy, tmp_path / "auto", micro_batch="auto")
+    a, b = _weights(tmp_path / "eight"), _weights(tmp_path / "auto")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_batch_auto_on_a_gpu_fills_half_the_memory_left(monkeypatch):
+    """The size from the card's total memory, the model's shape and the longest sequence: a power
+    of two, at most 256, at least 1; more with activation checkpointing."""
+    from types import SimpleNamespace
+
+    from rl3d.stages.rl import micro_batch as mb
+
+    model = torch.nn.Linear(1000, 1000)  # 1M weights: 16 MB with gradient and AdamW state
+    model.config = SimpleNamespace(hidden_size=256, num_hidden_layers=6, intermediate_size=704, vocab_size=21489)
+    per_token = mb.activation_bytes_per_token(model.config, False)
+    assert per_token == 6 * (28 * 256 + 8 * 704) + 12 * 21489
+    assert mb.activation_bytes_per_token(model.config, True) < per_token
+
+    def card(gib):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib << 30))
+
+    card(80)
+    room = 0.5 * ((80 << 30) - mb.state_bytes(model))
+    want = int(room // (800 * per_token))
+    got = mb.auto_rows(model, torch.device("cuda"), 800, False)
+    assert got == 1 << (want.bit_length() - 1) and got <= want < 2 * got
+    assert mb.auto_rows(model, torch.device("cuda"), 10, False) == mb.MAX_ROWS
+    assert mb.auto_rows(model, torch.device("cuda"), 800, True) >= got
+    assert mb.auto_rows(model, torch.device("cuda"), 800, False, reference_bytes=60 << 30) < got
+    card(1)
+    assert mb.auto_rows(model, torch.device("cuda"), 100_000, False) == 1
+    assert mb.auto_rows(model, torch.device("cpu"), 800, False) == mb.CPU_ROWS
+
+
+def test_micro_batch_option_takes_a_number_or_auto():
+    assert RLConfig(micro_batch="auto").check().micro_batch == "auto"
+    with pytest.raises(InputError, match="--micro-batch 0: must be >= 1 or auto"):
+        RLConfig(micro_batch=0).check()
+    with pytest.raises(InputError, match="--micro-batch many: must be >= 1 or auto"):
+        RLConfig(micro_batch="many").check()
+    r = CliRunner().invoke(main, ["rl-step", "--policy", "p", "--samples", "s", "--rewards", "r", "--out", "o",
+                                  "--micro-batch", "many"])
+    assert r.exit_code == 2 and "expected a number of sequences or auto" in r.output

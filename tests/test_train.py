@@ -235,8 +235,8 @@ def test_a_resume_with_other_settings_is_refused(three_steps, tmp_path):
     args = _train_args(policy, prompts, run, 3, "--save-every", "2", "--keep-checkpoints", "0", "--lr", "5e-4")
     res = _cli(args)
     assert res.exit_code == 2
-    assert res.output.count("\n") == 1 and "train.json" in res.output and "rl:" in res.output \
-        and "--allow-changes" in res.output
+    assert res.output.count("\n") == 1 and "train.json" in res.output and "rl.lr: " in res.output \
+        and "--allow-changes" in res.output and "rl.beta" not in res.output  # only what changed
     res = _cli(args + ["--allow-changes", "--steps", "4"])  # one more step, at the new learning rate
     assert res.exit_code == 0, res.output
     assert json.loads((run / "train.json").read_text())["changes"][-1]["to"]["rl"]["lr"] == 5e-4

@@ -61,7 +61,7 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
         changed = sorted(k for k in set(current) | set(settings)
                          if k not in RESUMABLE and current.get(k) != settings.get(k))
         if changed and not allow_changes:
-            shown = ", ".join(f"{k}: {current.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
+            shown = ", ".join(_change(k, current.get(k), settings.get(k)) for k in changed[:4])
             raise InputError(f"{path}: the run was started with other settings ({shown}); "
                              f"resume with the same ones, or pass --allow-changes")
         if not write:
@@ -75,6 +75,14 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         shards_io.atomic_write_json(path, {"settings": settings})
+
+
+def _change(key: str, old, new) -> str:
+    """One changed setting for a person; of a group of settings (the update's), only the ones that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return ", ".join(f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    return f"{key}: {old!r} -> {new!r}"
 
 
 # settings a resume may change without --allow-changes: where the run folder is, how long to run

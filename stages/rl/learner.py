@@ -7,6 +7,7 @@ log-probs -> (recomputed old log-probs, with the truncated importance weights of
 epochs x minibatches of optimizer steps -> metrics."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
 from rl3d.stages.rl import processes
 from rl3d.stages.rl.advantages import compute_advantages
+from rl3d.stages.rl.micro_batch import AUTO, auto_rows
 from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.inputs import learned_nothing
 from rl3d.stages.rl.loss import diagnostics, mismatch_metrics
@@ -121,6 +123,7 @@ class Learner:
             dynamic_sampling=cfg.dynamic_sampling, min_std=cfg.min_std, failed_rewards=cfg.failed_rewards,
             failed_penalty=cfg.failed_penalty, train_levels=cfg.train_levels)
         kept = kept_samples(samples, adv_rows)
+        cfg = self._sized(cfg, kept)
         progress.log(f"rl-step: {len(kept)} of {len(samples)} samples train ({adv_stats['groups']} groups, "
                      f"{adv_stats['dropped_failed'] + adv_stats['dropped_no_spread']} dropped)")
         # log-probs must use the temperature the samples were drawn with (gen records it per row)
@@ -170,6 +173,18 @@ class Learner:
         metrics["optimizer_updates"] = self.optimizer_updates
         metrics["warnings"] = "; ".join(warnings)
         return UpdateResult(metrics, adv_rows, warnings)
+
+    def _sized(self, cfg: RLConfig, kept: list[dict]) -> RLConfig:
+        """cfg with micro_batch "auto" made a number for this batch (micro_batch.py)."""
+        if cfg.micro_batch != AUTO:
+            return cfg
+        longest = max((len(r["input_ids"]) for r in kept), default=1)
+        # a separate reference model takes memory too (loaded in bf16 on CUDA)
+        reference = 0 if (self.reference_is_base or cfg.beta == 0) else \
+            sum(p.numel() for p in self.model.parameters()) * (2 if self.use_bf16 else 4)
+        rows = auto_rows(self.model, self.acc.device, longest, cfg.gradient_checkpointing, reference)
+        self.progress.log(f"rl-step: micro-batch auto: {rows} sequences a forward pass (longest {longest} tokens)")
+        return dataclasses.replace(cfg, micro_batch=rows)
 
     def full_state(self) -> tuple[dict | None, dict | None]:
         """Full CPU weights and optimizer state, gathered by every process (under FSDP each holds a

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, fields
 
 from rl3d.formats.errors import InputError
+from rl3d.stages.rl.micro_batch import AUTO
 
 OLD_LOGPROBS = ("stored", "recompute")
 TRAIN_LEVELS = ("all", "coarse", "fine")
@@ -50,7 +51,7 @@ class RLConfig:
     std_eps: float = 1e-4
     epochs: int = 1
     minibatch: int = 0               # sequences per optimizer step; 0 = the whole batch
-    micro_batch: int = 8             # sequences per forward pass (gradient accumulation; exact)
+    micro_batch: int | str = 8       # sequences per forward pass (gradient accumulation; exact); "auto": micro_batch.py
     lr: float = 1e-6
     warmup_updates: int = 0          # linear LR warm-up over the run's first N optimizer updates
     weight_decay: float = 0.0
@@ -74,8 +75,12 @@ class RLConfig:
     def check(self) -> "RLConfig":
         """Settings under which a step cannot train are an error, not a step that learned nothing."""
         for name, low in (("epochs", 1), ("micro_batch", 1), ("minibatch", 0), ("warmup_updates", 0)):
-            if getattr(self, name) < low:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= {low}")
+            v = getattr(self, name)
+            if name == "micro_batch" and v == AUTO:
+                continue
+            if isinstance(v, str) or v < low:
+                raise InputError(f"--{name.replace('_', '-')} {v}: must be >= {low}"
+                                 + (f" or {AUTO}" if name == "micro_batch" else ""))
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v) and not (f.name == "tis_cap" and v == math.inf):

@@ -1,0 +1,63 @@
+"""How many sequences one forward pass of the update takes when --micro-batch is "auto".
+
+Micro-batching is gradient accumulation over weights fixed for the whole minibatch, so the update
+is the same for any size (up to float summation order); only speed and memory depend on it. On a
+GPU the embedded default's update is launch-bound at 8 rows: an H100 took 9.0 s a step of 1,024
+sequences at 8 and 2.8 s at 128 (same machine). On a CPU larger micro-batches were slower (the
+demo's update: 65 / 75 / 86 s at 8 / 32 / 64), so "auto" there is CPU_ROWS.
+
+On a GPU, "auto" takes the largest power of two (at most MAX_ROWS) whose activations, estimated
+from the model's shape and the batch's longest sequence, fill at most MEMORY_SHARE of the device
+memory that the weights, gradients and optimizer state leave. A deterministic estimate from the
+card's total memory, not its free memory: the same card and batch always give the same size."""
+from __future__ import annotations
+
+import torch
+
+AUTO = "auto"
+CPU_ROWS = 8
+MAX_ROWS = 256
+MEMORY_SHARE = 0.5
+OPTIMIZER_BYTES = 12   # a trained fp32 weight's gradient (4) and AdamW's two moments (8)
+LOGIT_BYTES = 12       # a head row a token: logits, log-softmax and their gradient
+
+
+def activation_bytes_per_token(config, checkpointing: bool) -> int:
+    """Bytes the backward keeps per token: per layer ~28 x hidden + 8 x intermediate (16-bit
+    activations of attention and a gated MLP, fp32 norm inputs), or only each layer's 16-bit input
+    plus one layer's worth with activation checkpointing; plus the output head's logits."""
+    text = getattr(config, "text_config", None) or config
+    hidden = int(getattr(text, "hidden_size", 0) or 4096)
+    layers = int(getattr(text, "num_hidden_layers", 0) or 32)
+    inner = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+    vocab = int(getattr(text, "vocab_size", 0) or getattr(config, "vocab_size", 0) or 32000)
+    per_layer = 28 * hidden + 8 * inner
+    kept = (2 * hidden * layers + per_layer) if checkpointing else per_layer * layers
+    return kept + LOGIT_BYTES * vocab
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Weights as stored, plus gradient and AdamW state for the trained ones."""
+    return sum(p.numel() * (p.element_size() + (OPTIMIZER_BYTES if p.requires_grad else 0))
+               for p in model.parameters())
+
+
+def auto_rows(model: torch.nn.Module, device: torch.device, longest: int, checkpointing: bool,
+              reference_bytes: int = 0) -> int:
+    """The micro-batch "auto" gives for a batch whose longest sequence has `longest` tokens."""
+    if torch.device(device).type != "cuda":
+        return CPU_ROWS
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    room = MEMORY_SHARE * (total - state_bytes(model) - reference_bytes)
+    per_row = max(1, longest) * activation_bytes_per_token(model.config, checkpointing)
+    rows = int(room // per_row)
+    if rows < 1:
+        return 1
+    return min(MAX_ROWS, 1 << (rows.bit_length() - 1))
+
+
+def parse_micro_batch(value) -> int | str:
+    """--micro-batch: "auto" or a positive number of sequences (checked by RLConfig.check)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return int(value)
