@@ -34,7 +34,6 @@ from rl3d.stages.raycast.cameras import DEFAULT_ELEVATION, DEFAULT_FOV, check_fr
 from rl3d.stages.raycast.renderer import (angle_tuples, check_supersample, prepare_mesh, render_views,
                                           resolve_engine)
 from rl3d.stages.raycast.shading import parse_color
-from rl3d.stages.raycast.shared_arrays import SharedBatch, resolved, usable
 
 COPY_COLUMNS = ("prompt_id", "level", "sample_index", "prompt")
 WRITER_THREADS = 4        # PNG writers beside the caster when no worker processes are used
@@ -153,11 +152,9 @@ def prepare_job(job: dict, opts: RenderOptions):
 
 
 def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: RenderOptions) -> list[dict]:
-    """Write a rendered job's PNGs (views, optional depth/normals, sheet) and fill in the rows' paths.
-    `res`'s arrays may be SharedArray handles (the torch backend's worker processes map them)."""
+    """Write a rendered job's PNGs (views, optional depth/normals, sheet) and fill in the rows' paths."""
     if res is None:
         return rows
-    res = {k: resolved(v) for k, v in res.items()}
     az, el = [r["azimuth"] for r in rows], [r["elevation"] for r in rows]
     rel = Path(shards_io.IMAGES) / _safe_dir_name(job["sample_id"])
     for i, r in enumerate(rows):
@@ -241,15 +238,14 @@ def _render_batch(args) -> list[dict]:
     return [r for job in jobs for r in render_one(job, out, opts)]
 
 
-def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions, host=None) -> list:
+def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions) -> list:
     """Views of prepared meshes from the torch renderer, in batches; a batch that fails is
-    rendered again mesh by mesh, so that one bad mesh fails alone (its entry is the exception).
-    `host`: render_batch's allocator for the arrays."""
+    rendered again mesh by mesh, so that one bad mesh fails alone (its entry is the exception)."""
     from rl3d.stages.raycast import torch_renderer  # torch: imported only for this backend (see renderer.py)
 
     def batch(part):
         return torch_renderer.render_batch(part, az, el, opts.resolution, opts.fov, opts.device, opts.supersample,
-                                           with_depth=opts.depth, with_normals=opts.normals, host=host)
+                                           with_depth=opts.depth, with_normals=opts.normals)
     try:
         return batch(prepared)
     except Exception as e:
@@ -264,35 +260,29 @@ def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions, 
     return out
 
 
-def _batch_bytes(meshes: int, opts: RenderOptions) -> int:
-    """Host bytes of one render_batch of `meshes`: rgb and mask always, depth and normals when asked."""
-    per_pixel = 3 + 1 + (4 if opts.depth else 0) + (12 if opts.normals else 0)
-    return meshes * opts.views * opts.resolution ** 2 * per_pixel + 4 * 64 * meshes
-
-
 def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, workers: int,
-                    resident_pool=None, hold: bool = False, shared: bool = True) -> list[dict]:
+                    resident_pool=None, hold: bool = False) -> list[dict]:
     """torch backend: `workers` processes read and prepare meshes (framing, colour tables) and
     encode and write the PNGs (threads instead when workers <= 1), while this process renders
-    batches of many meshes at once on the device. Rows keep input order.
+    batches of many meshes at once on the device. Rows keep input order. `hold`: keep each written
+    view in memory for a later stage of this process (held_views).
 
-    With worker processes, each batch's views go to them through a file in shared memory
-    (shared_arrays; `shared` False, or too little room in /dev/shm: pickled). `hold`: keep each
-    written view in memory for a later stage of this process (held_views)."""
+    The views reach the writer processes pickled. Handing them over through /dev/shm instead was
+    measured on an H100 (rl3d train's default step, 4.8 GB of views): render took 11.7 s both ways,
+    so the simpler path stays (docs/performance.md)."""
     from rl3d.stages.raycast.torch_renderer import meshes_per_batch
 
     az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
     per_batch = min(len(jobs), meshes_per_batch(len(az), opts.resolution * opts.supersample, opts.device))
     keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
-    processes = resident_pool is not None or workers > 1
-    pool = _pool_or_new(resident_pool, workers) if processes else ThreadPoolExecutor(WRITER_THREADS)
-    shared = shared and processes and usable(_batch_bytes(per_batch, opts))
+    pool = _pool_or_new(resident_pool, workers) if resident_pool is not None or workers > 1 else \
+        ThreadPoolExecutor(WRITER_THREADS)
     todo = iter(jobs)
     reads: deque = deque()      # (job, future of prepare_job), in input order
     writes: deque = deque()     # futures of write_job not yet known to be done
     results: list = []          # per job, in input order: its rows or the future of its write
-    batches: deque = deque()    # (SharedBatch, its write futures), oldest first
-    rgb: dict[int, object] = {}  # job index -> its views, while held for held_views
+    rgb: dict[int, object] = {}  # job index -> its views, to be held (held_views), within its room
+    room = held_views.room() if hold else 0
 
     def refill():  # a few batches read ahead of the caster
         while len(reads) < 3 * per_batch and (job := next(todo, None)) is not None:
@@ -308,42 +298,25 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 refill()
             yield part
 
-    def release_written(wait: bool) -> None:  # remove the files of batches whose writes have all finished
-        while batches and (wait or all(f.done() for f in batches[0][1])):
-            batch, futures = batches.popleft()
-            for f in futures:
-                f.exception()  # waits; a failed write is raised below, from its result
-            batch.close()
-
-    try:
-        with pool as pool:
-            for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
-                ready = [(job, rows, p) for job, rows, p in part if p is not None]
-                batch = SharedBatch(_batch_bytes(len(ready), opts)) if shared and ready else None
-                if batch is not None:
-                    batches.append((batch, []))
-                views = iter(_render_prepared([p for *_, p in ready], az, el, opts, batch and batch.alloc)
-                             if ready else [])
-                for job, rows, p in part:
-                    res = next(views) if p is not None else None
-                    if isinstance(res, Exception):
-                        rows, res = fail_rows(rows, "render_error", error_message(res)), None
-                    if res is None:
-                        results.append(rows)
-                        continue
-                    payload = {k: batch.handle(res[k]) if batch else res[k] for k in keep}
-                    writes.append(pool.submit(write_job, job, rows, payload, out, opts))
-                    if batch is not None:
-                        batches[-1][1].append(writes[-1])
-                    if hold:
-                        rgb[len(results)] = res["rgb"]
-                    results.append(writes[-1])
-                while len(writes) > 2 * per_batch + max(workers, WRITER_THREADS):  # bounds the images held
-                    writes.popleft().result()
-                release_written(wait=False)
-            written = [x.result() if hasattr(x, "result") else x for x in results]
-    finally:
-        release_written(wait=True)
+    with pool as pool:
+        for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
+            ready = [(job, rows, p) for job, rows, p in part if p is not None]
+            views = iter(_render_prepared([p for *_, p in ready], az, el, opts) if ready else [])
+            for job, rows, p in part:
+                res = next(views) if p is not None else None
+                if isinstance(res, Exception):
+                    rows, res = fail_rows(rows, "render_error", error_message(res)), None
+                if res is None:
+                    results.append(rows)
+                    continue
+                writes.append(pool.submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
+                if res["rgb"].nbytes <= room:
+                    rgb[len(results)] = res["rgb"]
+                    room -= res["rgb"].nbytes
+                results.append(writes[-1])
+            while len(writes) > 2 * per_batch + max(workers, WRITER_THREADS):  # bounds the images held
+                writes.popleft().result()
+        written = [x.result() if hasattr(x, "result") else x for x in results]
     root = os.path.realpath(out)  # as the next stage's read_table makes the paths absolute
     for j, views in rgb.items():
         for r in written[j]:

@@ -65,6 +65,11 @@ def held(path: str | os.PathLike) -> np.ndarray | None:
     return entry[1]
 
 
+def room() -> int:
+    """Bytes that may still be held."""
+    return max(0, MAX_BYTES - _bytes)
+
+
 def count() -> int:
     return len(_HELD)
 

@@ -91,23 +91,14 @@ def _shade(prepared: list, keys, with_depth: bool, with_normals: bool) -> dict:
     return views
 
 
-def _to_host(t: torch.Tensor, host) -> np.ndarray:
-    if host is None:
-        return t.cpu().numpy()
-    a = host(tuple(t.shape), torch.empty((), dtype=t.dtype).numpy().dtype)
-    torch.from_numpy(a).copy_(t)
-    return a
-
-
 def render_batch(prepared: list, az: tuple, el: tuple, resolution: int, fov: float, device: str,
                  supersample: int = 1, with_depth: bool = True, with_normals: bool | None = None,
-                 max_pairs: int | None = None, host=None) -> list[dict]:
+                 max_pairs: int | None = None) -> list[dict]:
     """Render prepared meshes (renderer.prepare_mesh with these angles and fov) on `device`, as
     many at once as meshes_per_batch allows. Per mesh, numpy: rgb uint8[V,H,W,3], mask bool[V,H,W],
     depth float32[V,H,W] (None unless with_depth) and normal float32[V,H,W,3] (None unless
     with_normals; default: when the meshes were prepared with normals) - renderer.render_views'
-    arrays, bit for bit. `host(shape, dtype)`: where the arrays are copied to from the device (a
-    shared-memory batch, say); default fresh memory."""
+    arrays, bit for bit."""
     if with_normals is None:
         with_normals = all(p.normals is not None for p in prepared)
     size = int(resolution) * supersample
@@ -122,6 +113,6 @@ def render_batch(prepared: list, az: tuple, el: tuple, resolution: int, fov: flo
             del keys
             if supersample > 1:
                 views = downsample(views, supersample)
-            arrays = {k: None if v is None else _to_host(v, host) for k, v in views.items()}
-        out += [{k: None if v is None else v[i] for k, v in arrays.items()} for i in range(len(part))]
+            host = {k: None if v is None else v.cpu().numpy() for k, v in views.items()}
+        out += [{k: None if v is None else v[i] for k, v in host.items()} for i in range(len(part))]
     return out
