@@ -71,6 +71,9 @@ def _load_toml(ctx, param, value):
 @click.option("--meshes/--no-meshes", default=True, show_default=True,
               help="Write each step's GLBs and render them. --no-meshes: neither (as rl3d gen --no-meshes), for "
                    "rewards that read the voxel grid only (geometry, spec); refused with a view-scoring term.")
+@click.option("--sheet/--no-sheet", default=True, show_default=True,
+              help="Render each mesh's contact sheet (sheet.png) for people, as rl3d render does; --no-sheet saves "
+                   "about a third of render's PNG writing.")
 @click.option("--gen-batch-size", default=None, type=int, show_default="256 on CUDA, 64 on CPU",
               help="Sequences sampled together (as rl3d gen --batch-size; does not change the samples).")
 @click.option("--render-backend", type=click.Choice(["auto", "open3d", "torch"]), default="auto", show_default=True,
@@ -121,7 +124,7 @@ def _load_toml(ctx, param, value):
 def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
             dynamic_sampling, ref_dir, stages, device, dtype, lora_rank, save_every, keep_checkpoints, overlap,
             eval_every, eval_bench, eval_limit, tensorboard, profile_step, allow_changes, steps, prompts_per_step, mode,
-            group_size, views, resolution, supersample, meshes, gen_batch_size, render_backend, rewards, **kw):
+            group_size, views, resolution, supersample, meshes, sheet, gen_batch_size, render_backend, rewards, **kw):
     """Run N iterations of sample -> render -> score -> update in one process, with the policy,
     reference, optimizer, codec, renderer and reward models loaded once.
 
@@ -147,7 +150,7 @@ def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_
     options = TrainOptions(
         prompts=str(prompts), out=Path(out), policy=policy_dir, steps=steps, prompts_per_step=prompts_per_step,
         mode=mode, group_size=group_size, views=views, resolution=resolution, supersample=supersample, meshes=meshes,
-        gen_batch_size=gen_batch_size,
+        sheet=sheet, gen_batch_size=gen_batch_size,
         render_backend=render_backend, rewards=rewards, seed=opts.seed, sampling_preset=sampling_preset,
         sampling_overrides=overrides, rl=rl, lora_rank=lora_rank, ref=ref_dir, save_every=save_every,
         keep_checkpoints=keep_checkpoints, overlap=overlap, stages=stage_specs, eval_every=eval_every,

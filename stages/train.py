@@ -78,6 +78,7 @@ class TrainOptions:
     gen_batch_size: int | None = None   # sequences sampled together (None: gen's default; samples unchanged)
     render_backend: str = "auto"
     meshes: bool = True                 # False: no GLBs and no render stage (rewards that read no views)
+    sheet: bool = True                  # False: render writes no contact sheets (as rl3d render --no-sheet)
     rewards: str | None = None          # preset name or TOML; None: "default" (hi-grpo) or "flat"
     seed: int = 0
     sampling_preset: str | None = None
@@ -105,8 +106,9 @@ class TrainOptions:
         d = asdict(self)
         d.pop("allow_changes")
         d.pop("overwrite")
-        if self.meshes:  # recorded only when off: runs made before the option resume unchanged
-            d.pop("meshes")
+        for flag in ("meshes", "sheet"):  # recorded only when off: runs made before the option resume unchanged
+            if d[flag]:
+                d.pop(flag)
         d["out"] = str(Path(self.out).resolve())
         d["prompts"] = self.prompts if self.prompts == "synth" else str(Path(self.prompts).resolve())
         d["policy"] = str(Path(self.policy).resolve()) if self.policy else str(default_policy_dir())
@@ -156,7 +158,7 @@ class TrainJob:
         self.policy_meta = read_policy_meta(self.policy_dir)
         self.feed = PromptFeed(o.prompts, o.prompts_per_step, o.seed)
         self.render_opts = dict(views=o.views, resolution=o.resolution, supersample=o.supersample,
-                                backend=o.render_backend)
+                                backend=o.render_backend, sheet=o.sheet)
         self.gen_options = GenOptions(mode=o.mode, group_size=o.group_size, sampling=None, batch_size=o.gen_batch_size,
                                       device=o.device,
                                       dtype=o.dtype, sampling_preset=o.sampling_preset,

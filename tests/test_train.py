@@ -369,6 +369,20 @@ def test_no_meshes_skips_glbs_and_renders_and_refuses_view_terms(setup, tmp_path
     assert json.loads((run / "train.json").read_text())["settings"]["meshes"] is False
 
 
+def test_no_sheet_renders_the_views_only(setup, three_steps, tmp_path):
+    """--no-sheet: the renders table has no sheet_path and no sheet.png is written (rl3d render
+    --no-sheet's output); recorded in train.json only when off."""
+    root, policy, prompts = setup
+    run = tmp_path / "run"
+    res = _cli(_train_args(policy, prompts, run, 1, "--no-sheet"))
+    assert res.exit_code == 0, res.output
+    renders = run / "step-000001" / "renders"
+    assert "sheet_path" not in pq.read_schema(sorted(renders.glob("part-*.parquet"))[0]).names
+    assert list(renders.glob("_images/*/view-00.png")) and not list(renders.glob("_images/*/sheet.png"))
+    assert json.loads((run / "train.json").read_text())["settings"]["sheet"] is False
+    assert "sheet" not in json.loads((three_steps[2] / "train.json").read_text())["settings"]
+
+
 def test_two_processes_write_the_one_process_tables_and_update(setup, tmp_path):
     """DDP on CPU (gloo): each process samples, renders and scores its shard of the step's prompts
     into the same folders; the union is the one-process output and the update matches it."""
