@@ -181,10 +181,36 @@ def test_a_resume_replays_recorded_steps_after_the_last_checkpoint(three_steps, 
     assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["skipped"] is True
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
+def test_a_run_carried_as_its_newest_checkpoint_alone_continues_the_same(three_steps, tmp_path):
+    """A run moved to a machine that shares no disk with the last one: train.json, metrics.parquet
+    and the newest checkpoint (what docs/train.md says to carry) are enough to go on, and the result
+    equals the uninterrupted run."""
+    policy, prompts, ref = three_steps
+    run = tmp_path / "moved"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(ref / "train.json", run / "train.json")
+    m = pq.read_table(ref / "metrics.parquet")
+    pq.write_table(m.filter(pc.less_equal(m.column("step"), 2)), run / "metrics.parquet")
+    shutil.copytree(ref / "checkpoints" / "step-000002", run / "checkpoints" / "step-000002")
+    res = _cli(_train_args(policy, prompts, run, 3, "--save-every", "2", "--keep-checkpoints", "0", "--json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["steps_run"] == 1
+    _weights_close(ref / "checkpoints" / "step-000003", run / "checkpoints" / "step-000003")
+    ma, mb = pq.read_table(ref / "metrics.parquet").to_pylist(), pq.read_table(run / "metrics.parquet").to_pylist()
+    for s in (1, 2, 3):
+        la = [r["value"] for r in ma if r["step"] == s and r["name"] == "loss"]
+        lb = [r["value"] for r in mb if r["step"] == s and r["name"] == "loss"]
+        assert len(lb) == 1 and math.isclose(la[0], lb[0], rel_tol=1e-6, abs_tol=1e-9), s
+    for stage in ("prompts", "gen", "rewards"):
+        assert [r.get("sample_id", r.get("prompt_id")) for r in _sorted(ref / "step-000003" / stage)] == \
+            [r.get("sample_id", r.get("prompt_id")) for r in _sorted(run / "step-000003" / stage)]
+    assert not (run / "step-000001").exists()
+
+
+def _spawn(args: list[str], new_group: bool = False) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "rl3d.cli.main", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_group)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout=600.0):
@@ -209,14 +235,20 @@ def test_kill_9_then_train_again_equals_an_uninterrupted_run(three_steps, tmp_pa
     _same_run(ref, run)
 
 
-def test_sigterm_checkpoints_and_exits_0_then_the_run_continues(three_steps, tmp_path):
+@pytest.mark.parametrize("to", ["the loop", "its process group"])
+def test_sigterm_checkpoints_and_exits_0_then_the_run_continues(three_steps, tmp_path, to):
+    """SIGTERM to the loop, or to its whole process group (timeout, scancel): the worker processes
+    live on, the loop checkpoints and exits 0."""
     policy, prompts, ref = three_steps
     run = tmp_path / "run"
     args = _train_args(policy, prompts, run, 3, "--save-every", "2", "--keep-checkpoints", "0", "--json")
-    proc = _spawn(args)
+    proc = _spawn(args, new_group=to == "its process group")
     _wait_for(run / "step-000002" / "gen" / "_manifest.json", proc)
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
+    if to == "the loop":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert time.time() - t0 < 60  # one stage and a checkpoint (docs/train.md)
