@@ -27,13 +27,17 @@ def glb_dir(tmp_path):
     return d
 
 
-def test_held_views_are_the_written_pixels_until_the_file_changes(glb_dir, tmp_path, monkeypatch):
+def rendered(glb_dir, out, monkeypatch, resolution=24, hold=True) -> list[str]:
+    """The image paths of an in-loop render (torch backend, worker processes; held_views cleared first)."""
     monkeypatch.setattr(render, "MIN_JOBS_FOR_PROCESSES", 2)
     held_views.release()
-    out = tmp_path / "renders"
-    render.RenderJob(glb_dir, views=2, resolution=24, backend="torch", device="cpu", workers=2,
-                     hold_views=True).run(StageOptions(out=out, quiet=True))
-    paths = [r["image_path"] for r in read_table(out, "renders").to_pylist() if r["status"] == "ok"]
+    render.RenderJob(glb_dir, views=2, resolution=resolution, backend="torch", device="cpu", workers=2,
+                     hold_views=hold).run(StageOptions(out=out, quiet=True))
+    return [r["image_path"] for r in read_table(out, "renders").to_pylist() if r["status"] == "ok"]
+
+
+def test_held_views_are_the_written_pixels_until_the_file_changes(glb_dir, tmp_path, monkeypatch):
+    paths = rendered(glb_dir, tmp_path / "renders", monkeypatch)
     assert len(paths) == 6 and held_views.count() == 6
     for p in paths:
         assert np.array_equal(held_views.held(p), np.asarray(load_rgb(p)))
@@ -45,10 +49,7 @@ def test_held_views_are_the_written_pixels_until_the_file_changes(glb_dir, tmp_p
 
 
 def test_not_held_without_asking(glb_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(render, "MIN_JOBS_FOR_PROCESSES", 2)
-    held_views.release()
-    render.RenderJob(glb_dir, views=2, resolution=24, backend="torch", device="cpu",
-                     workers=2).run(StageOptions(out=tmp_path / "r", quiet=True))
+    assert len(rendered(glb_dir, tmp_path / "r", monkeypatch, hold=False)) == 6
     assert held_views.count() == 0
 
 
@@ -68,12 +69,7 @@ def test_the_cap_on_held_memory(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("preprocess", ["pil", "device"])
 def test_clip_embeddings_of_held_views_equal_the_decoded_files(glb_dir, tmp_path, monkeypatch, preprocess):
-    monkeypatch.setattr(render, "MIN_JOBS_FOR_PROCESSES", 2)
-    held_views.release()
-    out = tmp_path / "renders"
-    render.RenderJob(glb_dir, views=2, resolution=48, backend="torch", device="cpu", workers=2,
-                     hold_views=True).run(StageOptions(out=out, quiet=True))
-    paths = [r["image_path"] for r in read_table(out, "renders").to_pylist() if r["status"] == "ok"]
+    paths = rendered(glb_dir, tmp_path / "renders", monkeypatch, resolution=48)
     decodes = []
     monkeypatch.setattr("rl3d.stages.scoring.clip_scorer.load_rgb", lambda p: decodes.append(p) or load_rgb(p))
     from_memory = ClipScorer(default_scorer_dir(), "cpu").image_embeddings(paths, 4, preprocess)
@@ -86,12 +82,8 @@ def test_clip_embeddings_of_held_views_equal_the_decoded_files(glb_dir, tmp_path
 
 def test_render_holds_no_more_than_the_room_left(glb_dir, tmp_path, monkeypatch):
     """Views past the cap are not even kept while rendering: the rest is read from disk."""
-    monkeypatch.setattr(render, "MIN_JOBS_FOR_PROCESSES", 2)
-    held_views.release()
     one_mesh = 2 * 24 * 24 * 3  # 2 views of 24 px
     monkeypatch.setattr(held_views, "MAX_BYTES", one_mesh + 10)
-    out = tmp_path / "renders"
-    render.RenderJob(glb_dir, views=2, resolution=24, backend="torch", device="cpu", workers=2,
-                     hold_views=True).run(StageOptions(out=out, quiet=True))
+    rendered(glb_dir, tmp_path / "renders", monkeypatch)
     assert held_views.count() == 2 and held_views.room() == 10
     held_views.release()
