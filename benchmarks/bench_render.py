@@ -15,6 +15,7 @@ Goal on one H100/H200: >= 500 views/s at 512 px for the torch batched renderer.
     python benchmarks/bench_render.py                          # GPU: 64 meshes, 6 views, 512 px
     python benchmarks/bench_render.py --meshes 4 --resolution 48 --device cpu   # a small CPU check
     python benchmarks/bench_render.py --stage                   # also the render command end to end
+    python benchmarks/bench_render.py --profile                 # and where one batched render's time goes
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sphere", action="store_true", help="render the ~50k-triangle lumpy sphere instead")
     ap.add_argument("--stage", action="store_true", help="also time the render command end to end")
+    ap.add_argument("--profile", action="store_true",
+                    help="print torch's profile of one batched render: its kernels (on a GPU) and host calls")
     a = ap.parse_args()
 
     from rl3d.stages.raycast import torch_renderer
@@ -128,6 +131,26 @@ def main():
     print(f"\nbatched images identical to the baseline: {same}; mesh preparation (CPU, numpy; in the render "
           f"command's worker processes): {1000 * prep_s / n:.1f} ms/mesh")
     print("goal: >= 500 views/s at 512 px on one H100/H200 (torch batched)")
+    if a.profile:
+        print_profile(batched, sync, cuda)
+
+
+def print_profile(fn, sync, cuda: bool, rows: int = 25) -> None:
+    """torch's profiler over one call of `fn`: operators by their own device time (GPU) or CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    table = prof.key_averages()
+    for key in (("self_device_time_total", "self_cuda_time_total") if cuda else ()) + ("self_cpu_time_total",):
+        try:
+            print(f"\none batched render, by {key}:\n" + table.table(sort_by=key, row_limit=rows))
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
 
 
 def stage_seconds(meshes, views: int, res: int, k: int, device: str) -> float:
