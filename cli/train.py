@@ -91,6 +91,9 @@ def _load_toml(ctx, param, value):
 @click.option("--save-every", default=10, show_default=True, type=int,
               help="Checkpoint (weights, optimizer, RNG, data position) every K steps, at the last step and on "
                    "SIGTERM / SIGUSR1.")
+@click.option("--time-limit", default=0.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Stop at the first stage boundary this long after the start: checkpoint and exit 0, as on "
+                   "SIGTERM (0 = none). Leave room for one stage and a checkpoint in a job's wall time.")
 @click.option("--keep-checkpoints", default=2, show_default=True, type=int,
               help="Newest checkpoints kept (0 = all); those of --eval-every steps are always kept.")
 @click.option("--overlap", type=click.IntRange(0, 1), default=0, show_default=True,
@@ -123,7 +126,7 @@ def _load_toml(ctx, param, value):
 @handle_errors
 def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
             dynamic_sampling, ref_dir, stages, device, dtype, lora_rank, save_every, keep_checkpoints, overlap,
-            eval_every, eval_bench, eval_limit, tensorboard, profile_step, allow_changes, steps, prompts_per_step, mode,
+            eval_every, eval_bench, eval_limit, tensorboard, profile_step, time_limit, allow_changes, steps, prompts_per_step, mode,
             group_size, views, resolution, supersample, meshes, sheet, gen_batch_size, render_backend, rewards, **kw):
     """Run N iterations of sample -> render -> score -> update in one process, with the policy,
     reference, optimizer, codec, renderer and reward models loaded once.
@@ -154,7 +157,7 @@ def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_
         render_backend=render_backend, rewards=rewards, seed=opts.seed, sampling_preset=sampling_preset,
         sampling_overrides=overrides, rl=rl, lora_rank=lora_rank, ref=ref_dir, save_every=save_every,
         keep_checkpoints=keep_checkpoints, overlap=overlap, stages=stage_specs, eval_every=eval_every,
-        eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, profile_step=profile_step, device=device, dtype=dtype,
+        eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, profile_step=profile_step, time_limit=time_limit, device=device, dtype=dtype,
         allow_changes=allow_changes, quiet=opts.quiet, overwrite=opts.overwrite)
     if config is not None and not Path(config).is_file():
         raise InputError(f"{config}: no such settings file")

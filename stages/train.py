@@ -95,6 +95,7 @@ class TrainOptions:
     eval_limit: int | None = None
     tensorboard: str | None = None
     profile_step: int = 0               # > 0: profile that step into RUN/profile (loop.profile)
+    time_limit: float = 0.0             # > 0: stop (checkpoint, exit 0) at the first stage boundary past it
     device: str | None = None
     dtype: str | None = None
     allow_changes: bool = False
@@ -177,7 +178,7 @@ class TrainJob:
     def run(self, progress: Progress | None = None) -> dict:
         o = self.opts
         progress = progress or Progress(o.quiet)
-        t_start = time.time()
+        t_start = self.t_start = time.time()
         old_run = self._set_aside() if o.overwrite else None
         settings = o.settings()
         fixed = {k: v for k, v in settings.items() if k not in RESUMABLE}
@@ -586,7 +587,10 @@ class TrainJob:
             signal.signal(s, h)
 
     def _check_stop(self) -> None:
-        """Stop at a stage boundary once a stop signal arrived (in any process of a launch)."""
+        """Stop at a stage boundary once a stop signal arrived or --time-limit passed (in any process
+        of a launch)."""
+        if self.stop is None and self.opts.time_limit > 0 and time.time() - self.t_start >= self.opts.time_limit:
+            self.stop = "time limit"
         flag = self.stop is not None
         if self.learner.acc.num_processes > 1:
             t = torch.tensor([1.0 if flag else 0.0], device=self.learner.acc.device)

@@ -260,6 +260,20 @@ def test_sigterm_checkpoints_and_exits_0_then_the_run_continues(three_steps, tmp
     _same_run(ref, run)
 
 
+def test_time_limit_stops_at_the_first_stage_boundary_past_it(setup, tmp_path):
+    """--time-limit: a stop as on SIGTERM (exit 0, "stopped" in the summary), by the clock; resumable,
+    so a later call may pass another limit."""
+    root, policy, prompts = setup
+    run = tmp_path / "run"
+    res = _cli(_train_args(policy, prompts, run, 3, "--time-limit", "0.001", "--json"))
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["stopped"] == "time limit" and summary["step"] == 0 and summary["steps_run"] == 0
+    assert (run / "step-000001" / "prompts").is_dir() and not (run / "step-000001" / "gen").exists()
+    res = _cli(_train_args(policy, prompts, run, 3, "--time-limit", "0.002", "--json"))
+    assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["stopped"] == "time limit"
+
+
 def test_a_resume_with_other_settings_is_refused(three_steps, tmp_path):
     policy, prompts, ref = three_steps
     run = tmp_path / "run"

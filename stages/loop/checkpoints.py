@@ -88,7 +88,7 @@ def _change(key: str, old, new) -> str:
 # settings a resume may change without --allow-changes: where the run folder is, how long to run
 # and how to report, not what the steps compute
 RESUMABLE = ("out", "gen_batch_size", "steps", "quiet", "tensorboard", "eval_every", "eval_bench", "eval_limit", "keep_checkpoints",
-             "save_every", "profile_step")
+             "save_every", "profile_step", "time_limit")
 
 
 def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
