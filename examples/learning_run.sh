@@ -6,6 +6,9 @@
 #   PROMPTS=64 LR=1e-4 MINIBATCH=64 MICRO=32 SHARDS=4 EVAL_ASYNC=1 STEPS=10 bash examples/learning_run.sh
 # Resumable: rerun to continue (finished stages and steps are skipped). Meant for one GPU; on CPU,
 # shrink PROMPTS / GROUP / EVAL_N.
+# ENGINE=train runs the steps in one resident `rl3d train` (its checkpoints RUN/checkpoints/step-N
+# are the policies scored; training prompts are its `--prompts synth`, seeded by GEN_SEED, so
+# PROMPT_SEED and SHARDS do not apply to training); the default, ENGINE=steps, one command a stage.
 set -euo pipefail
 RUN=${RUN:-runs/learn}
 STEPS=${STEPS:-12}
@@ -47,6 +50,7 @@ TOP_P=${TOP_P:-}              # gen nucleus mass (default: the policy's, 0.95)
 PROMPT_SEED=${PROMPT_SEED:-1000}  # step i trains on synth train prompts of seed PROMPT_SEED + i
 GEN_SEED=${GEN_SEED:-0}       # step i samples with seed GEN_SEED + i (the training seed of an arm)
 HELDOUT=${HELDOUT:-1}         # 0: no held-out scoring here (the ablations score with rl3d eval)
+ENGINE=${ENGINE:-steps}       # steps: a command per stage and step; train: one resident rl3d train
 log() { echo "[learn] $(date +%T) $*"; }
 # A stop between stages leaves nothing half-written, so a time-limited job (Slurm, a preemptible GPU node)
 # can end early and the rerun continues; a finished stage is skipped and costs only start-up.
@@ -91,7 +95,33 @@ score_checkpoint() {  # score_checkpoint POLICY NAME, beside training when EVAL_
   if [ "$HELDOUT" = 0 ]; then return; fi
   if [ "$EVAL_ASYNC" = 1 ]; then score "$@" & scoring+=($!); else score "$@"; fi
 }
+update=(--lambda "$LAMBDA" --loss-agg "$LOSS_AGG" --ratio "$RATIO" --clip-low "$CLIP_LOW" --clip-high "$CLIP_HIGH"
+        --dynamic-sampling "$DYNAMIC" --train-levels "$TRAIN_LEVELS" --lr "$LR" --warmup-updates "$WARMUP"
+        --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --micro-batch "$MICRO" --beta "$BETA"
+        --failed-rewards "$FAILED" --failed-penalty "$FAILED_PENALTY")
+evaluated() { [ $(($1 % EVAL_EVERY)) -eq 0 ] || [ "$1" -eq "$STEPS" ]; }
 if [ "$BASELINE" = 1 ]; then score_checkpoint "$policy0" step-000000; fi
+if [ "$ENGINE" = train ]; then
+  check_time
+  limit=(); [ "$STOP_AFTER" -gt 0 ] && limit=(--time-limit "$((STOP_AFTER - SECONDS))")
+  log "rl3d train: $STEPS steps"
+  $RL3D train --prompts synth --policy "$policy0" --out "$RUN" --steps "$STEPS" --prompts-per-step "$PROMPTS" \
+    -G "$GROUP" --mode "$MODE" --views "$VIEWS" --resolution "$RES" --no-sheet --rewards "$REWARDS" --seed "$GEN_SEED" \
+    --gen-batch-size "$BATCH" --save-every "$EVAL_EVERY" --keep-checkpoints 0 ${sampling[@]+"${sampling[@]}"} \
+    "${update[@]}" ${limit[@]+"${limit[@]}"} --quiet
+  for i in $(seq 1 "$STEPS"); do
+    step=$(printf 'step-%06d' "$i")
+    if evaluated "$i" && [ -f "$RUN/checkpoints/$step/train_state.json" ]; then
+      score_checkpoint "$RUN/checkpoints/$step" "$step"
+    fi
+  done
+  for pid in ${scoring[@]+"${scoring[@]}"}; do wait "$pid"; done
+  if [ ! -f "$RUN/checkpoints/$(printf 'step-%06d' "$STEPS")/train_state.json" ]; then
+    log "time budget of ${STOP_AFTER}s used; rerun to continue"; exit 3
+  fi
+  "$RL3D" learning-summary heldout "$RUN"
+  exit 0
+fi
 policy=$policy0
 for i in $(seq 1 "$STEPS"); do
   step=$(printf 'step-%06d' "$i"); d="$RUN/$step"
@@ -107,13 +137,10 @@ for i in $(seq 1 "$STEPS"); do
     sharded $RL3D reward --samples "$d/gen" --renders "$d/renders" --config "$REWARDS" --out "$d/rewards" --quiet
     log "$step rl-step"
     $RL3D rl-step --policy "$policy" --samples "$d/gen" --rewards "$d/rewards" --out "$d/policy" \
-      --lr "$LR" --warmup-updates "$WARMUP" --kl-max "$KL_MAX" --minibatch "$MINIBATCH" --micro-batch "$MICRO" --beta "$BETA" \
-      --failed-rewards "$FAILED" --failed-penalty "$FAILED_PENALTY" --run-metrics "$RUN/metrics.parquet" \
-      --algo "$algo" --lambda "$LAMBDA" --loss-agg "$LOSS_AGG" --ratio "$RATIO" --clip-low "$CLIP_LOW" \
-      --clip-high "$CLIP_HIGH" --dynamic-sampling "$DYNAMIC" --train-levels "$TRAIN_LEVELS" --quiet
+      --algo "$algo" "${update[@]}" --run-metrics "$RUN/metrics.parquet" --quiet
   fi
   policy="$d/policy"
-  if [ $((i % EVAL_EVERY)) -eq 0 ] || [ "$i" -eq "$STEPS" ]; then
+  if evaluated "$i"; then
     score_checkpoint "$policy" "$step"
   fi
 done

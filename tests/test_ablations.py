@@ -34,6 +34,13 @@ case $1 in
   gen|render|reward) mkdir -p "$out/_shards"; touch "$out/_shards/00000-of-00001.json";;
   rl-step) mkdir -p "$out"; touch "$out/rl_step.json";;
   eval) mkdir -p "$out"; touch "$out/report.md";;
+  train) steps=""; save=""; prev=""  # a checkpoint every --save-every steps and at the last
+    for a in "$@"; do [ "$prev" = --steps ] && steps=$a; [ "$prev" = --save-every ] && save=$a; prev=$a; done
+    for ((n = 1; n <= steps; n++)); do
+      if [ $((n % save)) -eq 0 ] || [ "$n" -eq "$steps" ]; then
+        mkdir -p "$out/checkpoints/step-$(printf %06d "$n")"; touch "$out/checkpoints/step-$(printf %06d "$n")/train_state.json"
+      fi
+    done;;
 esac
 """
 
@@ -84,6 +91,36 @@ def test_learning_run_defaults_are_the_recipe(tmp_path):
     assert "--config default" in next(x for x in c if x.startswith("reward") and "step-000001" in x)
     rl = next(x for x in c if x.startswith("rl-step"))
     assert "--algo hi-grpo --lambda 1.0 --loss-agg token --ratio token --clip-low 0.2 --clip-high 0.28" in rl
+
+
+def test_learning_run_with_the_train_engine_is_one_rl3d_train_and_scores_its_checkpoints(tmp_path):
+    env = stub_env(tmp_path, RUN=str(tmp_path / "run"), STEPS="3", EVAL_EVERY="2", EVAL_SEEDS="101", POLICY0="start",
+                   ENGINE="train", GEN_SEED="20000", MODE="flat", BETA="0", STOP_AFTER="500")
+    subprocess.run(["bash", str(ROOT / "examples/learning_run.sh")], env=env, check=True, capture_output=True)
+    c = calls(tmp_path)
+    train = [x for x in c if x.startswith("train")]
+    assert len(train) == 1 and not any(x.startswith(("rl-step", "synth --n 32")) for x in c)
+    for flag in ("--prompts synth", "--policy start", "--steps 3", "--seed 20000", "--mode flat", "--beta 0",
+                 "--save-every 2", "--keep-checkpoints 0", "--no-sheet", "--rewards flat", "--time-limit "):
+        assert flag in train[0], flag
+    scored = [x.split("--policy ")[1].split()[0] for x in c if x.startswith("gen")]
+    run = tmp_path / "run"
+    assert scored == ["start", f"{run}/checkpoints/step-000002", f"{run}/checkpoints/step-000003"]
+    n = len(c)
+    subprocess.run(["bash", str(ROOT / "examples/learning_run.sh")], env=env, check=True, capture_output=True)
+    assert [x.split()[0] for x in calls(tmp_path)[n:]] == ["synth", "train", "learning-summary"]
+
+
+def test_an_experiment_with_the_train_engine_scores_the_loop_checkpoints(tmp_path):
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1", STEPS="2", ARMS="base",
+                   BENCHES="synth-reasoning", ENGINE="train")
+    subprocess.run(["bash", str(ROOT / "examples/ablations/algorithm.sh")], env=env, check=True, capture_output=True)
+    c = calls(tmp_path)
+    assert sum(x.startswith("train") for x in c) == 1 and not any(x.startswith("rl-step") for x in c)
+    assert any(x.startswith("eval") and "arms/base/seed-1/checkpoints/step-000002 " in x for x in c)
+    assert json.loads((tmp_path / "exp/experiment.json").read_text())["settings"]["ENGINE"] == "train"
+    subprocess.run(["bash", str(ROOT / "examples/ablations/algorithm.sh")], env=env, check=True, capture_output=True)
+    assert calls(tmp_path) == c  # trained and scored: nothing reruns
 
 
 def test_dry_run_lists_every_arm_and_its_eval(tmp_path):

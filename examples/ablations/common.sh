@@ -35,6 +35,7 @@ EVAL_RES=${EVAL_RES:-128}
 EVAL_SUPERSAMPLE=${EVAL_SUPERSAMPLE:-1}
 EVAL_SEED=${EVAL_SEED:-101}       # one sampling seed for every policy: the comparison is paired by prompt
 STOP_AFTER=${STOP_AFTER:-0}       # seconds for this call; 0 = no limit
+export ENGINE=${ENGINE:-steps}     # learning_run.sh's: steps (a command per stage) or train (one rl3d train)
 DRY_RUN=${DRY_RUN:-0}
 JOBS=${JOBS:-1}                   # runs at once (a seed of an arm, or a baseline's evaluation)
 GPUS=${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ' || true)}
@@ -86,6 +87,8 @@ settings = {"STEPS": $STEPS, "PROMPTS": $PROMPTS, "GROUP": $GROUP, "LR": $LR, "M
             "WARMUP": $WARMUP, "KL_MAX": $KL_MAX, "BETA": $BETA, "VIEWS": $VIEWS, "RES": $RES, "FAILED": "$FAILED",
             "BENCHES": "$BENCHES", "BENCH_LIMIT": "$BENCH_LIMIT", "EVAL_SAMPLES": $EVAL_SAMPLES,
             "EVAL_VIEWS": $EVAL_VIEWS, "EVAL_RES": $EVAL_RES, "EVAL_SUPERSAMPLE": $EVAL_SUPERSAMPLE, "EVAL_SEED": $EVAL_SEED}
+if "$ENGINE" != "steps":  # rl3d train draws its own training prompts: another experiment (folders before it had none)
+    settings["ENGINE"] = "$ENGINE"
 new = {"experiment": experiment, "start_weights": weights_hash(Path(start)), "settings": settings,
        "command_env": {"SEEDS": "$SEEDS", "MICRO": $MICRO, "SHARDS": $SHARDS, "BATCH": $BATCH}}
 if out == "/dev/null":
@@ -161,7 +164,7 @@ arm() {
     if [ "$DRY_RUN" = 1 ]; then
       echo "arm $name seed $s: RUN=$run GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STEPS=$STEPS PROMPTS=$PROMPTS" \
         "GROUP=$GROUP LR=$LR MINIBATCH=$MINIBATCH MICRO=$MICRO SHARDS=$SHARDS WARMUP=$WARMUP KL_MAX=$KL_MAX BETA=$BETA" \
-        "VIEWS=$VIEWS RES=$RES BATCH=$BATCH FAILED=$FAILED ${knobs[*]} bash examples/learning_run.sh"
+        "VIEWS=$VIEWS RES=$RES BATCH=$BATCH FAILED=$FAILED ENGINE=$ENGINE ${knobs[*]} bash examples/learning_run.sh"
       score_run "$run" "$eval_at" "$mode"
     else
       mkdir -p "$run"
@@ -200,7 +203,7 @@ train_and_score() {
   score_run "$run" "$eval_at" "$mode"
 }
 # score_while_training RUN "STEPS" MODE TRAINER: score each of STEPS as soon as its checkpoint is
-# written (rl_step.json comes last), while the TRAINER process lives; what is left when it ends is
+# written (complete_run), while the TRAINER process lives; what is left when it ends is
 # scored after training (score_run skips what is scored)
 score_while_training() {
   local n
@@ -223,7 +226,7 @@ set_aside_packed() {
 score_run() {  # score_run RUN "STEPS" MODE: rl3d eval of the run's checkpoint at each of STEPS
   local n
   for n in $2; do
-    eval_policy "$1/step-$(printf %06d "$n")/policy" "$1/eval/step-$(printf %06d "$n")" "$3"
+    eval_policy "$(checkpoint_of "$1" "$n")" "$1/eval/step-$(printf %06d "$n")" "$3"
   done
 }
 
@@ -263,7 +266,14 @@ reap_job() {  # wait for one job to end, free its slot, keep the worst exit (a f
   if [ "$rc" != 0 ] && { [ "$JOB_RC" = 0 ] || [ "$JOB_RC" = 3 ]; }; then JOB_RC=$rc; fi
 }
 
-complete_run() { [ -f "$1/step-$(printf %06d "$2")/policy/rl_step.json" ]; }
+checkpoint_of() {  # checkpoint_of RUN N: the policy a run holds after step N
+  if [ "$ENGINE" = train ]; then echo "$1/checkpoints/step-$(printf %06d "$2")"
+  else echo "$1/step-$(printf %06d "$2")/policy"; fi
+}
+complete_run() {  # the checkpoint's last file: rl-step's record, or rl3d train's state
+  if [ "$ENGINE" = train ]; then [ -f "$(checkpoint_of "$1" "$2")/train_state.json" ]
+  else [ -f "$(checkpoint_of "$1" "$2")/rl_step.json" ]; fi
+}
 all_scored() {  # all_scored RUN "STEPS": every benchmark's report of every step to score exists
   local n bench
   for n in $2; do for bench in $BENCHES; do
