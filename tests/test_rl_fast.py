@@ -291,3 +291,33 @@ def test_micro_batch_option_takes_a_number_or_auto():
     r = CliRunner().invoke(main, ["rl-step", "--policy", "p", "--samples", "s", "--rewards", "r", "--out", "o",
                                   "--micro-batch", "many"])
     assert r.exit_code == 2 and "expected a number of sequences or auto" in r.output
+
+
+MIN_SCRIPT = """
+import os, sys
+from types import SimpleNamespace
+import torch.distributed as dist
+from rl3d.stages.rl.processes import min_over_processes
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+got = min_over_processes(SimpleNamespace(num_processes=2, device="cpu"), [64, 16][rank])
+open(os.path.join(sys.argv[1], f"rank{rank}"), "w").write(str(got))
+dist.destroy_process_group()
+"""
+
+
+def test_processes_agree_on_the_smallest_auto_micro_batch(tmp_path):
+    """Each process sizes "auto" for its own card; all take the smallest, so their micro-batches pair up."""
+    import os
+    import subprocess
+    from types import SimpleNamespace
+
+    from rl3d.stages.rl.processes import min_over_processes
+
+    assert min_over_processes(SimpleNamespace(num_processes=1), 7) == 7
+    script = tmp_path / "min.py"
+    script.write_text(MIN_SCRIPT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script), str(tmp_path)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["16", "16"]

@@ -183,6 +183,8 @@ class Learner:
         reference = 0 if (self.reference_is_base or cfg.beta == 0) else \
             sum(p.numel() for p in self.model.parameters()) * (2 if self.use_bf16 else 4)
         rows = auto_rows(self.model, self.acc.device, longest, cfg.gradient_checkpointing, reference)
+        # every process must cut the same micro-batches (their backward passes pair up): the smallest card's
+        rows = processes.min_over_processes(self.acc, rows)
         self.progress.log(f"rl-step: micro-batch auto: {rows} sequences a forward pass (longest {longest} tokens)")
         return dataclasses.replace(cfg, micro_batch=rows)
 

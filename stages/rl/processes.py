@@ -23,6 +23,15 @@ def micro_batch_count(n_rows: int, micro_batch: int, acc) -> int:
     return math.ceil(math.ceil(n_rows / acc.num_processes) / micro_batch)
 
 
+def min_over_processes(acc, value: int) -> int:
+    """The smallest of every process's value (the same on all of them afterwards)."""
+    if acc.num_processes == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=acc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def sum_over_processes(acc, values: dict[str, float]) -> dict[str, float]:
     """Each process's diagnostics of its share of a minibatch, summed over processes (DDP); every
     process passes the same keys."""
