@@ -56,6 +56,7 @@ class RenderOptions:
     backend: str = "open3d"      # resolved: "open3d" or "torch"
     device: str | None = None    # torch backend only; not part of the output's config
     supersample: int = 2         # k x k rays per pixel (anti-aliasing); 1 = one ray per pixel centre
+    skip_back_faces: bool = True  # torch backend: no casting against a solid's faces turned away
 
 
 def _safe_dir_name(sample_id: str) -> str:
@@ -130,7 +131,7 @@ def render_job(job: dict, opts: RenderOptions) -> tuple[list[dict], dict | None]
     try:
         res = render_views(mesh, az, el, opts.resolution, opts.fov, opts.background, framing=opts.framing,
                            with_normals=opts.normals, backend=opts.backend, device=opts.device,
-                           supersample=opts.supersample)
+                           supersample=opts.supersample, skip_back_faces=opts.skip_back_faces)
     except Exception as e:  # empty mesh, degenerate geometry
         return fail_rows(rows, "render_error", error_message(e)), None
     return rows, res
@@ -146,7 +147,7 @@ def prepare_job(job: dict, opts: RenderOptions):
     az, el = view_angles(opts.views, opts.preset, opts.elevation)
     try:
         return rows, prepare_mesh(mesh, az, el, opts.fov, opts.background, framing=opts.framing,
-                                  with_normals=opts.normals)
+                                  with_normals=opts.normals, skip_back_faces=opts.skip_back_faces)
     except Exception as e:  # empty mesh, degenerate geometry
         return fail_rows(rows, "render_error", error_message(e)), None
 
@@ -350,7 +351,7 @@ class RenderJob(Job):
                  resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
                  normals: bool = False, sheet: bool = True, framing: str = "object",
                  workers: int | None = None, backend: str = "auto", device: str | None = None,
-                 supersample: int = 2, pool=None, hold_views: bool = False):
+                 supersample: int = 2, pool=None, hold_views: bool = False, skip_back_faces: bool = True):
         if resolution < 8 or resolution > 4096:
             raise InputError(f"--resolution {resolution}: expected 8..4096")
         if not 1.0 <= fov <= 150.0:
@@ -362,17 +363,19 @@ class RenderJob(Job):
         backend, device = resolve_engine(backend, device)
         self.ropts = ropts = RenderOptions(views, preset, float(elevation), int(resolution), str(background),
                                            float(fov), bool(depth), bool(normals), bool(sheet), str(framing), backend,
-                                           device, int(supersample))
+                                           device, int(supersample), bool(skip_back_faces))
         self.samples, self.pool, self.hold_views = samples, pool, hold_views
         self.jobs = jobs = read_jobs(samples)
         if workers is None:
             workers = default_workers(backend)
         self.workers = workers
         # the backend changes edge pixels, so it is part of the config; the device is not. Supersample 1
-        # renders as before supersampling existed: left out, its config hash is the old one.
+        # renders as before supersampling existed: left out, its config hash is the old one. Skipping
+        # back faces changes a few pixels of the torch caster's and nothing of open3d's.
         self._config = {"samples": str(Path(samples).resolve()),
                         **{k: v for k, v in asdict(ropts).items()
-                           if k != "device" and not (k == "supersample" and v == 1)}}
+                           if k != "device" and not (k == "supersample" and v == 1)
+                           and not (k == "skip_back_faces" and backend != "torch")}}
         copied = [c for c in COPY_COLUMNS if any(c in j for j in jobs)]  # same schema in every shard
         if any("textured_path" in j for j in jobs):
             copied.append("mesh_source")
@@ -449,7 +452,7 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
                resolution: int = 512, background="white", fov: float = DEFAULT_FOV, depth: bool = False,
                normals: bool = False, sheet: bool = True, framing: str = "object",
                workers: int | None = None, backend: str = "auto", device: str | None = None,
-               supersample: int = 2) -> dict:
+               supersample: int = 2, skip_back_faces: bool = True) -> dict:
     """Render every mesh of `samples` (table or GLB dir) owned by opts.shard into opts.out.
 
     open3d backend: `workers` processes render meshes in parallel (default min(2, cores)).
@@ -457,4 +460,4 @@ def run_render(samples, opts, views: int = 6, preset: str = "default", elevation
     context) while `workers` processes (default cores - 1, at most 16; threads for fewer than
     MIN_JOBS_FOR_PROCESSES meshes) read the meshes and write the PNGs."""
     return RenderJob(samples, views, preset, elevation, resolution, background, fov, depth, normals, sheet, framing,
-                     workers, backend, device, supersample).run(opts)
+                     workers, backend, device, supersample, skip_back_faces=skip_back_faces).run(opts)

@@ -120,3 +120,54 @@ def test_a_failing_batch_is_retried_mesh_by_mesh(monkeypatch):
     opts = render.RenderOptions(views=2, resolution=16, backend="torch", device="cpu")
     out = render._render_prepared(prepared, az, el, opts)
     assert isinstance(out[1], RuntimeError) and out[0]["rgb"].shape == (2, 16, 16, 3) and out[2]["rgb"].any()
+
+
+# ---- a solid's faces turned away from the camera are skipped ------------------------------------
+
+def test_solid_winding_of_closed_open_and_inside_out_meshes():
+    from rl3d.stages.raycast.renderer import solid_winding
+
+    voxels, _, sphere = meshes()
+    assert solid_winding(voxels.vertices, voxels.faces) == 1   # a vertex per face corner: matched by position
+    assert solid_winding(sphere.vertices, sphere.faces) == 1
+    assert solid_winding(sphere.vertices, sphere.faces[:, ::-1]) == -1
+    assert solid_winding(sphere.vertices, sphere.faces[1:]) == 0   # a hole
+    plane = trimesh.creation.box().faces[:2]
+    assert solid_winding(trimesh.creation.box().vertices, plane) == 0
+    assert solid_winding(np.zeros((0, 3)), np.zeros((0, 3), int)) == 0
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_skipping_back_faces_halves_the_pairs_and_keeps_the_images(monkeypatch, k):
+    """The same rgb, depth and normals with and without skipping (inside-out meshes too), from
+    about half the (ray, triangle) pairs."""
+    import dataclasses
+
+    tested = []
+    real = torch_engine._pair_keys
+    monkeypatch.setattr(torch_engine, "_pair_keys", lambda d, f, ids: tested.append(len(ids)) or real(d, f, ids))
+    az, el = angle_tuples(*view_angles(4))
+    ms = meshes()
+    ms.append(trimesh.Trimesh(ms[2].vertices, ms[2].faces[:, ::-1], face_colors=ms[2].visual.face_colors,
+                              process=False))
+    solid = [prepare_mesh(m, az, el, 40.0, "#102030") for m in ms]
+    assert [p.solid for p in solid] == [1, 1, 1, -1]
+    every = [dataclasses.replace(p, solid=0) for p in solid]
+    a = torch_renderer.render_batch(every, az, el, 48, 40.0, "cpu", k)
+    all_pairs, tested[:] = sum(tested), []
+    b = torch_renderer.render_batch(solid, az, el, 48, 40.0, "cpu", k)
+    assert sum(tested) < 0.6 * all_pairs
+    for x, y in zip(a, b):
+        for c in ("rgb", "depth", "mask", "normal"):
+            assert np.array_equal(x[c], y[c]), c
+
+
+def test_all_faces_is_another_render_config_on_torch_only(tmp_path):
+    d = tmp_path / "glbs"
+    d.mkdir()
+    write_glb(meshes()[0], d / "m.glb")
+    torch_a = render.RenderJob(d, views=1, resolution=16, backend="torch", device="cpu").config()
+    torch_b = render.RenderJob(d, views=1, resolution=16, backend="torch", device="cpu", skip_back_faces=False).config()
+    assert torch_a["skip_back_faces"] is True and torch_b["skip_back_faces"] is False
+    if engines.open3d_available():
+        assert "skip_back_faces" not in render.RenderJob(d, views=1, resolution=16, backend="open3d").config()

@@ -41,12 +41,15 @@ class PreparedMesh:
     table: np.ndarray            # shaded face colours RGBA uint8[V, F + 1, 4]; the last entry is the background
     normals: np.ndarray | None   # camera-space face normals float32[V, F, 3] (with_normals only)
     scale: float                 # framed units per mesh unit (depth is divided back); 1.0 for framing "cube"
+    solid: int = 0               # the surface of a solid wound outward (1) or inward (-1), else 0 (solid_winding)
 
 
 def prepare_mesh(mesh, azimuths, elevations, fov: float = DEFAULT_FOV, background="white", *,
-                 framing: str = "object", with_normals: bool = True) -> PreparedMesh:
+                 framing: str = "object", with_normals: bool = True, skip_back_faces: bool = True) -> PreparedMesh:
     """A trimesh mesh -> PreparedMesh: framing (framing "object" moves and scales the mesh so that
-    every mesh shares the same cameras), face normals in each camera, shaded colour tables."""
+    every mesh shares the same cameras), face normals in each camera, shaded colour tables, and
+    whether it bounds a solid (the torch caster then skips faces turned away; skip_back_faces
+    False: never)."""
     check_framing(framing)
     verts, faces, colours = mesh_arrays(mesh)
     az, el = angle_tuples(azimuths, elevations)
@@ -57,7 +60,44 @@ def prepare_mesh(mesh, azimuths, elevations, fov: float = DEFAULT_FOV, backgroun
         verts = ((verts - centre) * scale).astype(np.float32)
     cam = shading.camera_normals(verts, faces, right, up, fwd)
     table = shading.colour_table(colours, shading.face_shades(cam), background)
-    return PreparedMesh(verts, faces, table, cam if with_normals else None, float(scale))
+    return PreparedMesh(verts, faces, table, cam if with_normals else None, float(scale),
+                        solid_winding(verts, faces) if skip_back_faces else 0)
+
+
+def _by_position(verts) -> np.ndarray:
+    """Per vertex the index of the first vertex at the same position (float32 bits; a -0.0 beside a
+    0.0 stays apart, which only makes a solid look open)."""
+    bits = np.ascontiguousarray(np.asarray(verts, np.float32)).view(np.uint32).reshape(-1, 3)
+    order = np.lexsort((bits[:, 2], bits[:, 1], bits[:, 0]))
+    ranked = bits[order]
+    new = np.ones(len(ranked), bool)
+    new[1:] = (ranked[1:] != ranked[:-1]).any(1)
+    ids = np.empty(len(ranked), np.int64)
+    ids[order] = np.cumsum(new) - 1
+    return ids
+
+
+def solid_winding(verts, faces) -> int:
+    """1 where the triangles bound a solid wound outward (counter-clockwise seen from outside, as
+    glTF's front faces), -1 where wound inward, 0 where they bound none: some edge is crossed more
+    often in one direction than in the other (an open or inconsistently wound surface), or the
+    enclosed volume is ~0. Voxel meshes bound solids though voxels meeting at an edge make them
+    non-manifold. A ray from outside a solid enters it first through a face turned towards it, so
+    the caster may skip the faces turned away (torch_engine.cast_meshes)."""
+    f = np.asarray(faces, np.int64)
+    if len(f) == 0:
+        return 0
+    f = _by_position(verts)[f]  # meshes written with a vertex per face corner (flat colours) share none
+    a, b = f.reshape(-1), np.roll(f, -1, axis=1).reshape(-1)
+    n = int(f.max()) + 1
+    if not np.array_equal(np.sort(a * n + b), np.sort(b * n + a)):  # each edge as often both ways
+        return 0
+    v = np.asarray(verts, np.float64)[np.asarray(faces, np.int64)]
+    volume = np.einsum("ij,ij->i", v[:, 0], np.cross(v[:, 1], v[:, 2])).sum() / 6.0
+    extent = float(np.ptp(v.reshape(-1, 3), axis=0).max()) if len(v) else 0.0
+    if not abs(volume) > 1e-9 * max(extent, 1e-12) ** 3:
+        return 0
+    return 1 if volume > 0 else -1
 
 
 def angle_tuples(azimuths, elevations) -> tuple[tuple, tuple]:
@@ -160,7 +200,8 @@ def shade_hits(prepared: PreparedMesh, hits: Hits, k: int = 1) -> dict:
 
 def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float = DEFAULT_FOV,
                  background="white", *, framing: str = "object", with_normals: bool = True,
-                 backend: str = "auto", device: str | None = None, supersample: int = 1) -> dict:
+                 backend: str = "auto", device: str | None = None, supersample: int = 1,
+                 skip_back_faces: bool = True) -> dict:
     """Render all views of one mesh with one batched ray cast.
 
     framing "object": cameras look at the centre of the mesh's bounding box from the distance
@@ -172,7 +213,9 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     shading is shared. Many meshes at once on a device: torch_renderer.render_batch.
     supersample k > 1 anti-aliases: k x k rays per pixel (the image rendered k times larger),
     resolved by `downsample`; 1 (the default here) casts one ray through each pixel's centre.
-    Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
+    skip_back_faces (torch): a solid's faces turned away from a camera are not cast against
+    (about 2x faster; solid_winding; the same images but for a few pixels in a million where a ray
+    slips between two faces of a closed surface). Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
     normal float32[V,H,W,3] (camera space, 0 where empty; None unless with_normals) and mask
     bool[V,H,W].
     """
@@ -180,7 +223,8 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     k = check_supersample(supersample)
     backend, device = resolve_engine(backend, device)
     az, el = angle_tuples(azimuths, elevations)
-    prepared = prepare_mesh(mesh, az, el, fov, background, framing=framing, with_normals=with_normals)
+    prepared = prepare_mesh(mesh, az, el, fov, background, framing=framing, with_normals=with_normals,
+                            skip_back_faces=skip_back_faces)
     if backend == "torch":
         return _torch_renderer().render_batch([prepared], az, el, int(resolution), float(fov), device, k)[0]
     hits = cast_camera_rays(prepared.verts, prepared.faces, az, el, int(resolution) * k, float(fov), backend, device)

@@ -289,12 +289,14 @@ def _pair_keys(d, f, ids):
     return torch.where(hit, key, _KEY_MISS)
 
 
-def cast_meshes(meshes, cams: PinholeCameras, max_pairs: int | None = None):
+def cast_meshes(meshes, cams: PinholeCameras, max_pairs: int | None = None, solids=None):
     """Nearest-hit keys int64[B, V, S, S] (t bits << 32 | triangle id inside its mesh; _KEY_MISS
     where no triangle is hit) of every camera ray against each of `meshes` [(verts float32[N, 3],
     faces [F, 3])], all at once: the pixels of each (view, triangle)'s box are tested in steps of
     at most `max_pairs` (ray, triangle) pairs. Two host synchronisations (the pair count), none
-    per step. keys_to_hits turns keys into t and triangle ids."""
+    per step. keys_to_hits turns keys into t and triangle ids. `solids`: per mesh its
+    renderer.solid_winding; a solid's faces turned away from a camera are not tested in that view
+    (about half the pairs), since a ray from outside meets a face turned towards it first."""
     dev = cams.dirs.device
     nv, s = cams.eye.shape[0], cams.size
     keys = torch.full((len(meshes) * nv * s * s,), _KEY_MISS, dtype=torch.int64, device=dev)
@@ -302,6 +304,9 @@ def cast_meshes(meshes, cams: PinholeCameras, max_pairs: int | None = None):
         tri, mesh_of, local = _mesh_batch(meshes, dev)
         r0, c0, rows, cols = (a.reshape(-1) for a in _pixel_boxes(tri, cams))   # [V * F], view-major
         count = rows * cols
+        if solids is not None and any(solids):
+            winding = torch.tensor([int(w) for w in solids], dtype=torch.float64, device=dev)[mesh_of]
+            count = torch.where(_turned_away(tri, cams.eye, winding).reshape(-1), 0, count)
         live = torch.nonzero(count).squeeze(1)                                    # host sync
         if len(live) == 0:
             return keys.view(len(meshes), nv, s, s)
@@ -325,6 +330,20 @@ def cast_meshes(meshes, cams: PinholeCameras, max_pairs: int | None = None):
             best = _pair_keys(cams.dirs[:, ray0 + pixel], factors[:, item], ids)
             keys.scatter_reduce_(0, key0 + pixel, best, "amin")
     return keys.view(len(meshes), nv, s, s)
+
+
+def _turned_away(tri, eye, winding):
+    """bool[V, F]: the triangle faces away from the view's camera, clearly (not edge-on), given its
+    solid's winding (1 outward, -1 inward, 0: never). For a pinhole camera every ray's
+    Moller-Trumbore determinant has the sign of (v0 - eye) . (e2 x e1), positive on a face turned
+    towards the camera when the solid is wound outward; float64 here, a relative margin of 1e-6."""
+    t = tri.double()
+    v0, e1, e2 = t[:, 0], t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+    n = torch.cross(e2, e1, dim=-1)                                           # [F, 3]
+    rel = v0[None] - eye.double()[:, None]                                    # [V, F, 3]
+    facing = (rel * n[None]).sum(-1) * winding[None]
+    margin = 1e-6 * rel.norm(dim=-1) * n.norm(dim=-1)[None]
+    return (winding[None] != 0) & (facing < -margin)
 
 
 def keys_to_hits(keys):

@@ -107,7 +107,8 @@ def render_batch(prepared: list, az: tuple, el: tuple, resolution: int, fov: flo
     out: list[dict] = []
     for b in range(0, len(prepared), per_batch):
         part = prepared[b:b + per_batch]
-        keys = torch_engine.cast_meshes([(p.verts, p.faces) for p in part], cams, max_pairs)
+        keys = torch_engine.cast_meshes([(p.verts, p.faces) for p in part], cams, max_pairs,
+                                        solids=[getattr(p, "solid", 0) for p in part])
         with torch.no_grad():
             views = _shade(part, keys, with_depth, with_normals)
             del keys
