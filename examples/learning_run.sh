@@ -16,7 +16,7 @@ PROMPTS=${PROMPTS:-32}        # training prompts per step (fresh ones each step)
 GROUP=${GROUP:-8}             # G
 LR=${LR:-2e-5}
 MINIBATCH=${MINIBATCH:-64}    # sequences per optimizer update (several updates per step)
-MICRO=${MICRO:-8}             # sequences per forward pass (exact gradient accumulation; larger on a GPU)
+MICRO=${MICRO:-auto}          # sequences per forward pass (exact gradient accumulation): auto = 8 on a CPU, by memory on a GPU
 KL_MAX=${KL_MAX:-10}          # per-token k3 cap (verl's low_var_kl); 0 = uncapped
 WARMUP=${WARMUP:-16}          # optimizer updates of linear LR warm-up (counted across steps)
 BETA=${BETA:-0.01}
