@@ -243,7 +243,8 @@ def run_trl(root: Path, policy: Path, texts: list[str], max_completion: int, arg
             "completions": mean("completions"), "tokens": tokens, "max_completion_length": max_completion,
             "generate_s": gen_s, "score_and_ref_s": gas_s - gen_s, "update_s": step_s - gas_s,
             "step_s": step_s, "tok_per_s": tokens / step_s, "trl_metrics": trainer.state.log_history[-1:],
-            "gradient_checkpointing": bool(getattr(trainer.args, next(iter(no_checkpointing)))), "dtype": str(trainer.model.dtype)}
+            "gradient_checkpointing": bool(getattr(trainer.args, next(iter(no_checkpointing)))),
+            "dtype": str(trainer.model.dtype)}
 
 
 # ---- the report --------------------------------------------------------------------------------------

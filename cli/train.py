@@ -126,8 +126,9 @@ def _load_toml(ctx, param, value):
 @handle_errors
 def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_p, top_k, max_reasoning_tokens,
             dynamic_sampling, ref_dir, stages, device, dtype, lora_rank, save_every, keep_checkpoints, overlap,
-            eval_every, eval_bench, eval_limit, tensorboard, profile_step, time_limit, allow_changes, steps, prompts_per_step, mode,
-            group_size, views, resolution, supersample, meshes, sheet, gen_batch_size, render_backend, rewards, **kw):
+            eval_every, eval_bench, eval_limit, tensorboard, profile_step, time_limit, allow_changes, steps,
+            prompts_per_step, mode, group_size, views, resolution, supersample, meshes, sheet, gen_batch_size,
+            render_backend, rewards, **kw):
     """Run N iterations of sample -> render -> score -> update in one process, with the policy,
     reference, optimizer, codec, renderer and reward models loaded once.
 
@@ -157,7 +158,8 @@ def command(config, prompts, policy_dir, out, sampling_preset, temperature, top_
         render_backend=render_backend, rewards=rewards, seed=opts.seed, sampling_preset=sampling_preset,
         sampling_overrides=overrides, rl=rl, lora_rank=lora_rank, ref=ref_dir, save_every=save_every,
         keep_checkpoints=keep_checkpoints, overlap=overlap, stages=stage_specs, eval_every=eval_every,
-        eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, profile_step=profile_step, time_limit=time_limit, device=device, dtype=dtype,
+        eval_bench=eval_bench, eval_limit=eval_limit, tensorboard=tensorboard, profile_step=profile_step,
+        time_limit=time_limit, device=device, dtype=dtype,
         allow_changes=allow_changes, quiet=opts.quiet, overwrite=opts.overwrite)
     if config is not None and not Path(config).is_file():
         raise InputError(f"{config}: no such settings file")

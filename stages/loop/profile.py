@@ -36,7 +36,8 @@ def profiled(run_dir: Path, step: int):
     out = Path(run_dir) / "profile"
     text = io.StringIO()
     for key, rows in ROWS.items():
-        text.write(f"# rl3d train: step {step}, the main thread's Python functions by {key} seconds\n")
+        text.write(f"# rl3d train: step {step}, Python functions by {key} seconds (the threads this Python's "
+                   f"cProfile sees: see stages/loop/profile.py)\n")
         pstats.Stats(py, stream=text).sort_stats(key).print_stats(rows)
     with atomic_path(out / f"step-{step:06d}.txt") as tmp:
         Path(tmp).write_text(text.getvalue())

@@ -94,7 +94,7 @@ def solid_winding(verts, faces) -> int:
         return 0
     v = np.asarray(verts, np.float64)[np.asarray(faces, np.int64)]
     volume = np.einsum("ij,ij->i", v[:, 0], np.cross(v[:, 1], v[:, 2])).sum() / 6.0
-    extent = float(np.ptp(v.reshape(-1, 3), axis=0).max()) if len(v) else 0.0
+    extent = float(np.ptp(v.reshape(-1, 3), axis=0).max())
     if not abs(volume) > 1e-9 * max(extent, 1e-12) ** 3:
         return 0
     return 1 if volume > 0 else -1
@@ -215,7 +215,8 @@ def render_views(mesh, azimuths, elevations, resolution: int = 512, fov: float =
     resolved by `downsample`; 1 (the default here) casts one ray through each pixel's centre.
     skip_back_faces (torch): a solid's faces turned away from a camera are not cast against
     (about 2x faster; solid_winding; the same images but for a few pixels in a million where a ray
-    slips between two faces of a closed surface). Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
+    slips between two faces of a closed surface).
+    Returns rgb uint8[V,H,W,3], depth float32[V,H,W] (z-depth in mesh units, 0 where empty),
     normal float32[V,H,W,3] (camera space, 0 where empty; None unless with_normals) and mask
     bool[V,H,W].
     """

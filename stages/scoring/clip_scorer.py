@@ -274,34 +274,25 @@ class ClipScorer:
             done += len(pixels)
 
     @staticmethod
-    def _loaded(paths: list[str]) -> list:
-        """Per path its RGB image (load_rgb, or the pixels this process rendered into it and still
-        holds: held_views), or None when it does not read."""
-        images = []
-        for p in paths:
-            if (px := held_views.held(p)) is not None:
-                images.append(Image.fromarray(np.asarray(px)))
-                continue
-            try:
-                images.append(load_rgb(p))
-            except (OSError, ValueError):
-                images.append(None)
-        return images
+    def _read(path: str):
+        """The pixels this process rendered into `path` and still holds (held_views: uint8[H, W, 3]),
+        else the file as an RGB image (load_rgb), else None when it does not read."""
+        if (px := held_views.held(path)) is not None:
+            return np.asarray(px)
+        try:
+            return load_rgb(path)
+        except (OSError, ValueError):
+            return None
 
-    @staticmethod
-    def _decoded(paths: list[str]) -> list:
-        """Per path its RGB pixels uint8[H, W, 3] (held or decoded), or None when it does not read
-        (background threads)."""
-        out = []
-        for p in paths:
-            if (px := held_views.held(p)) is not None:
-                out.append(np.asarray(px))
-                continue
-            try:
-                out.append(np.asarray(load_rgb(p)))
-            except (OSError, ValueError):
-                out.append(None)
-        return out
+    @classmethod
+    def _loaded(cls, paths: list[str]) -> list:
+        """Per path its RGB image, or None when it does not read."""
+        return [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in map(cls._read, paths)]
+
+    @classmethod
+    def _decoded(cls, paths: list[str]) -> list:
+        """Per path its RGB pixels uint8[H, W, 3], or None when it does not read (background threads)."""
+        return [None if im is None else np.asarray(im) for im in map(cls._read, paths)]
 
     def _embeddings(self, pixel_values: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings of preprocessed pixels (any device)."""
