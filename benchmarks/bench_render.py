@@ -9,6 +9,8 @@ mesh at `--resolution` with `--supersample` K x K rays per pixel (the render com
   and anti-aliasing on the device (the same image bits as the baseline, checked here);
 - torch batched: the same, skipping each closed mesh's faces turned away from the camera (the
   default; images compared with the all-faces ones here);
+- on a GPU, two sizes of the same: 4x the meshes a batch (fewer host round trips) and 4x the
+  (ray, triangle) pairs a caster step (fewer, larger kernels);
 - open3d per mesh (when installed): Embree on the CPU, one mesh at a time;
 - with --stage: the whole `rl3d render` command with the torch backend on a directory of GLBs
   (reading meshes, worker processes, PNG writing; no contact sheets), views/s end to end.
@@ -129,6 +131,8 @@ def main():
     rows = [("torch per mesh (baseline)", best_of(baseline, a.repeats, sync))]
     rows.append(("torch batched, all faces", best_of(batched_all_faces, a.repeats, sync)))
     rows.append(("torch batched", best_of(batched, a.repeats, sync)))
+    if cuda:
+        rows += sized_variants(prepared, az, el, res, k, device, a.repeats, sync)
     if open3d_available():
         rows.append(("open3d per mesh (cpu)", best_of(
             lambda: [render_views(m, az, el, res, with_normals=False, backend="open3d", supersample=k)
@@ -146,6 +150,28 @@ def main():
     print("goal: >= 500 views/s at 512 px on one H100/H200 (torch batched)")
     if a.profile:
         print_profile(batched, sync, cuda)
+
+
+def sized_variants(prepared, az, el, res: int, k: int, device: str, repeats: int, sync) -> list:
+    """The batched renderer with 4x the meshes a batch, and with 4x the pairs a caster step."""
+    import torch
+
+    from rl3d.stages.raycast import torch_engine, torch_renderer
+
+    rows = []
+    default = torch_renderer.CUDA_BATCH_RAYS
+    try:
+        torch_renderer.CUDA_BATCH_RAYS = default * 4
+        rows.append(("torch batched, 4x meshes a batch", best_of(
+            lambda: torch_renderer.render_batch(prepared, az, el, res, 40.0, device, k), repeats, sync)))
+    except torch.OutOfMemoryError as e:
+        print(f"4x meshes a batch: {type(e).__name__}")
+    finally:
+        torch_renderer.CUDA_BATCH_RAYS = default
+    rows.append(("torch batched, 4x pairs a step", best_of(
+        lambda: torch_renderer.render_batch(prepared, az, el, res, 40.0, device, k,
+                                            max_pairs=4 * torch_engine.CUDA_PAIRS), repeats, sync)))
+    return rows
 
 
 def print_profile(fn, sync, cuda: bool, rows: int = 25) -> None:
