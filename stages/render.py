@@ -239,14 +239,14 @@ def _render_batch(args) -> list[dict]:
     return [r for job in jobs for r in render_one(job, out, opts)]
 
 
-def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions) -> list:
+def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions, device_rgb: bool = False) -> list:
     """Views of prepared meshes from the torch renderer, in batches; a batch that fails is
     rendered again mesh by mesh, so that one bad mesh fails alone (its entry is the exception)."""
     from rl3d.stages.raycast import torch_renderer  # torch: imported only for this backend (see renderer.py)
 
     def batch(part):
         return torch_renderer.render_batch(part, az, el, opts.resolution, opts.fov, opts.device, opts.supersample,
-                                           with_depth=opts.depth, with_normals=opts.normals)
+                                           with_depth=opts.depth, with_normals=opts.normals, device_rgb=device_rgb)
     try:
         return batch(prepared)
     except Exception as e:
@@ -266,7 +266,9 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     """torch backend: `workers` processes read and prepare meshes (framing, colour tables) and
     encode and write the PNGs (threads instead when workers <= 1), while this process renders
     batches of many meshes at once on the device. Rows keep input order. `hold`: keep each written
-    view in memory for a later stage of this process (held_views).
+    view in memory for a later stage of this process (held_views): on a GPU the device's copy, where
+    the CLIP term's model runs (no host stacking and copying back), else the host's; meshes past
+    the room left are read from their files.
 
     The views reach the writer processes pickled. Handing them over through /dev/shm instead was
     measured on an H100 (rl3d train's default step, 4.8 GB of views): render took 11.7 s both ways,
@@ -283,7 +285,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     writes: deque = deque()     # futures of write_job not yet known to be done
     results: list = []          # per job, in input order: its rows or the future of its write
     rgb: dict[int, object] = {}  # job index -> its views, to be held (held_views), within its room
-    room = held_views.room() if hold else 0
+    rooms: dict = {}  # held_views.room per kind of views (None: host arrays, else device tensors)
 
     def refill():  # a few batches read ahead of the caster
         while len(reads) < 3 * per_batch and (job := next(todo, None)) is not None:
@@ -302,7 +304,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     with pool as pool:
         for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
             ready = [(job, rows, p) for job, rows, p in part if p is not None]
-            views = iter(_render_prepared([p for *_, p in ready], az, el, opts) if ready else [])
+            views = iter(_render_prepared([p for *_, p in ready], az, el, opts, device_rgb=hold) if ready else [])
             for job, rows, p in part:
                 res = next(views) if p is not None else None
                 if isinstance(res, Exception):
@@ -311,9 +313,13 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                     results.append(rows)
                     continue
                 writes.append(pool.submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
-                if res["rgb"].nbytes <= room:
-                    rgb[len(results)] = res["rgb"]
-                    room -= res["rgb"].nbytes
+                if hold:  # a batch cut by the room stays on the device whole (its meshes share a tensor)
+                    mine, where = (res["device_rgb"], opts.device) if "device_rgb" in res else (res["rgb"], None)
+                    left = rooms[where] if where in rooms else held_views.room(where)
+                    if mine.nbytes <= left:
+                        rgb[len(results)] = mine
+                        left -= mine.nbytes
+                    rooms[where] = left
                 results.append(writes[-1])
             while len(writes) > 2 * per_batch + max(workers, WRITER_THREADS):  # bounds the images held
                 writes.popleft().result()

@@ -93,14 +93,17 @@ def _shade(prepared: list, keys, with_depth: bool, with_normals: bool) -> dict:
 
 def render_batch(prepared: list, az: tuple, el: tuple, resolution: int, fov: float, device: str,
                  supersample: int = 1, with_depth: bool = True, with_normals: bool | None = None,
-                 max_pairs: int | None = None) -> list[dict]:
+                 max_pairs: int | None = None, device_rgb: bool = False) -> list[dict]:
     """Render prepared meshes (renderer.prepare_mesh with these angles and fov) on `device`, as
     many at once as meshes_per_batch allows. Per mesh, numpy: rgb uint8[V,H,W,3], mask bool[V,H,W],
     depth float32[V,H,W] (None unless with_depth) and normal float32[V,H,W,3] (None unless
     with_normals; default: when the meshes were prepared with normals) - renderer.render_views'
-    arrays, bit for bit."""
+    arrays, bit for bit. `device_rgb` on a device other than the CPU: also "device_rgb", the rgb
+    left on the device (a torch uint8[V,H,W,3] slice of its batch's tensor, the same bits); on the
+    CPU the numpy rgb is that memory already, and no key is added."""
     if with_normals is None:
         with_normals = all(p.normals is not None for p in prepared)
+    device_rgb = device_rgb and torch.device(device).type != "cpu"
     size = int(resolution) * supersample
     cams = device_cameras(tuple(az), tuple(el), size, float(fov), str(device))
     per_batch = meshes_per_batch(len(az), size, device)
@@ -114,6 +117,8 @@ def render_batch(prepared: list, az: tuple, el: tuple, resolution: int, fov: flo
             del keys
             if supersample > 1:
                 views = downsample(views, supersample)
-            host = {k: None if v is None else v.cpu().numpy() for k, v in views.items()}
-        out += [{k: None if v is None else v[i] for k, v in host.items()} for i in range(len(part))]
+            got = {k: None if v is None else v.cpu().numpy() for k, v in views.items()}
+            if device_rgb:  # unsupersampled, rgb views the RGBA buffer: kept as is, it would hold 4/3 its bytes
+                got["device_rgb"] = views["rgb"].contiguous()
+        out += [{k: None if v is None else v[i] for k, v in got.items()} for i in range(len(part))]
     return out

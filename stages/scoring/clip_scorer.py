@@ -275,10 +275,11 @@ class ClipScorer:
 
     @staticmethod
     def _read(path: str):
-        """The pixels this process rendered into `path` and still holds (held_views: uint8[H, W, 3]),
-        else the file as an RGB image (load_rgb), else None when it does not read."""
+        """The pixels this process rendered into `path` and still holds (held_views: uint8[H, W, 3],
+        a numpy array or a torch tensor on the device that cast it), else the file as an RGB image
+        (load_rgb), else None when it does not read."""
         if (px := held_views.held(path)) is not None:
-            return np.asarray(px)
+            return px if isinstance(px, torch.Tensor) else np.asarray(px)
         try:
             return load_rgb(path)
         except (OSError, ValueError):
@@ -287,12 +288,17 @@ class ClipScorer:
     @classmethod
     def _loaded(cls, paths: list[str]) -> list:
         """Per path its RGB image, or None when it does not read."""
-        return [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in map(cls._read, paths)]
+        def image(im):
+            if isinstance(im, torch.Tensor):  # PIL's processor takes host pixels
+                im = im.cpu().numpy()
+            return Image.fromarray(im) if isinstance(im, np.ndarray) else im
+        return [image(im) for im in map(cls._read, paths)]
 
     @classmethod
     def _decoded(cls, paths: list[str]) -> list:
-        """Per path its RGB pixels uint8[H, W, 3], or None when it does not read (background threads)."""
-        return [None if im is None else np.asarray(im) for im in map(cls._read, paths)]
+        """Per path its RGB pixels uint8[H, W, 3] (a held tensor stays one, on its device), or None when
+        it does not read (background threads)."""
+        return [im if im is None or isinstance(im, torch.Tensor) else np.asarray(im) for im in map(cls._read, paths)]
 
     def _embeddings(self, pixel_values: torch.Tensor) -> np.ndarray:
         """L2-normalised image embeddings of preprocessed pixels (any device)."""
@@ -302,16 +308,20 @@ class ClipScorer:
 
     def _encode_on_device(self, paths: list[str], batch_size: int):
         """_encode_images with only the decoding in background threads: resizing, cropping and
-        normalising run on the device (device_preprocessing), batched by image size."""
+        normalising run on the device (device_preprocessing), batched by image size. Held tensors
+        (held_views) are stacked on the device, arrays on the host and copied over."""
         done = 0
         for images in prepared_batches(paths, self._decoded, batch_size):
             out = np.full((len(images), self.model.config.projection_dim), np.nan, np.float32)
             by_size: dict[tuple, list[int]] = {}
             for i, im in enumerate(images):
-                if im is not None:
-                    by_size.setdefault(im.shape, []).append(i)
-            for idx in by_size.values():
-                px = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
+                if im is not None:  # tensors apart from arrays: each kind is stacked where it lives
+                    by_size.setdefault((isinstance(im, torch.Tensor), *im.shape), []).append(i)
+            for (tensors, *_), idx in by_size.items():
+                if tensors:
+                    px = torch.stack([images[i].to(self.device) for i in idx])
+                else:
+                    px = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
                 out[idx] = self._embeddings(self.device_pixels(px))
             yield paths[done:done + len(images)], out
             done += len(images)
