@@ -124,3 +124,25 @@ def test_per_token_kl_is_capped_and_uncapped_on_request(tiny):
     loss, _ = policy_loss(logp, logp.detach(), ref, torch.zeros(B), w, RLConfig(beta=0.01, kl_max=10))
     (g,) = torch.autograd.grad(loss, W)
     assert float(g.abs().max()) == 0.0
+
+
+def test_loss_masks_of_a_minibatch_are_each_rows_loss_mask():
+    """minibatch_weights takes every row's mask in one call: the same as row by row, padded with False."""
+    import random
+
+    from rl3d.stages.rl.update import loss_mask, loss_masks
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(40):
+        plen = rng.randint(2, 9)
+        length = plen + rng.randint(1, 30)
+        re_end = plen + rng.randint(0, 8)
+        rows.append({"input_ids": list(range(length)), "prompt_len": plen, "reasoning_end": re_end,
+                     "mesh_end": min(length - 1, re_end + rng.randint(1, 20)), "reasoning_truncated": i % 3 == 0})
+    rows[5].pop("reasoning_truncated")  # older tables: the column absent means False
+    masks = loss_masks(rows)
+    assert masks.shape == (40, max(len(r["input_ids"]) - r["prompt_len"] for r in rows))
+    for i, r in enumerate(rows):
+        one = loss_mask(r)
+        assert torch.equal(masks[i, :len(one)], one) and not masks[i, len(one):].any()

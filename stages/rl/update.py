@@ -137,15 +137,21 @@ def run_updates(rows: list[dict], scorer, opt, acc, special, cfg: RLConfig, with
 
 
 def minibatch_weights(mb: list[dict], loss_agg: str) -> tuple[torch.Tensor, int]:
-    """(aggregation weights [rows, width] of the whole minibatch, tokens that carry a choice)."""
-    masks = [loss_mask(r) for r in mb]
-    lens = torch.tensor([int(m.sum()) for m in masks])
+    """(aggregation weights [rows, width] of the whole minibatch, tokens that carry a choice): the
+    rows' loss_mask, computed for all rows at once (one row at a time cost ~0.3 ms a row)."""
+    mask = loss_masks(mb)
     levels = torch.tensor([LEVELS.index(r["level"]) for r in mb])
-    width = max(len(m) for m in masks)
-    mask = torch.zeros(len(mb), width, dtype=torch.bool)
-    for i, m in enumerate(masks):
-        mask[i, :len(m)] = m
-    return token_weights(mask, levels, loss_agg), int(lens.sum())
+    return token_weights(mask, levels, loss_agg), int(mask.sum())
+
+
+def loss_masks(rows: list[dict]) -> torch.Tensor:
+    """bool[rows, longest completion]: each row's loss_mask, padded with False."""
+    def column(key, default=None):
+        return torch.tensor([int(r[key]) if default is None else bool(r.get(key, default)) for r in rows])
+    plen, lens = column("prompt_len"), torch.tensor([len(r["input_ids"]) for r in rows])
+    kinds = completion_kinds(plen, column("reasoning_end"), column("mesh_end"), lens,
+                             column("reasoning_truncated", False), int((lens - plen).max()))
+    return (kinds == KIND_REASONING) | (kinds == KIND_MESH)
 
 
 def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc, special, cfg: RLConfig,
