@@ -138,6 +138,16 @@ def inside(root: str | os.PathLike, rel: str | os.PathLike) -> Path:
     return path
 
 
+def child(folder: Path, name: str) -> Path:
+    """folder / name for a plain file name (no separator or NUL, not . or ..), which cannot lead
+    out of folder: the many files of one folder checked once with inside() need no resolving each
+    (resolving both paths took ~0.6 ms a file, 4 s of a default step's 7,168 PNGs). A link already
+    at that name is replaced by the atomic write, not followed."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise InputError(f"{folder / name}: refusing to write outside {folder}")
+    return folder / name
+
+
 def part_path(out: Path, shard: Shard) -> Path:
     return inside(out, f"part-{shard.tag}.parquet")
 

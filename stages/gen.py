@@ -123,15 +123,15 @@ class MeshWriter:
         self.own_pool = pool is None
         self.pool = None if self.out is None else \
             (pool if pool is not None else ThreadPoolExecutor(workers or min(8, usable_cores())))
+        self.folder = None if self.out is None else shards_io.inside(self.out, shards_io.MESHES)
         self.pending: list = []
 
     def __call__(self, grid: np.ndarray, sample_id: str) -> str | None:
         if self.pool is None:
             return None
-        rel = f"{shards_io.MESHES}/{sample_id}.glb"
-        path = shards_io.inside(self.out, rel)  # checked here: an id that escapes the folder fails at once
+        path = shards_io.child(self.folder, f"{sample_id}.glb")  # an id that would leave the folder fails at once
         self.pending.append(self.pool.submit(_write_mesh_file, grid, path, self.coloured))
-        return rel
+        return f"{shards_io.MESHES}/{path.name}"
 
     def __enter__(self) -> "MeshWriter":
         return self

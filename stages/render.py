@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,22 +158,21 @@ def write_job(job: dict, rows: list[dict], res: dict | None, out: str, opts: Ren
         return rows
     az, el = [r["azimuth"] for r in rows], [r["elevation"] for r in rows]
     rel = Path(shards_io.IMAGES) / _safe_dir_name(job["sample_id"])
+    folder = shards_io.inside(out, rel)  # once a mesh: its files' own names cannot lead out of it
+
+    def write(name: str, pixels) -> str:
+        images.save_png(pixels, shards_io.child(folder, name))
+        return str(rel / name)
     for i, r in enumerate(rows):
-        r["image_path"] = str(rel / f"view-{i:02d}.png")
-        images.save_png(res["rgb"][i], shards_io.inside(out, r["image_path"]))
+        r["image_path"] = write(f"view-{i:02d}.png", res["rgb"][i])
         if opts.depth:
-            r["depth_path"] = str(rel / f"depth-{i:02d}.png")
-            images.save_png(images.depth_millimetres(res["depth"][i]), shards_io.inside(out, r["depth_path"]))
+            r["depth_path"] = write(f"depth-{i:02d}.png", images.depth_millimetres(res["depth"][i]))
         if opts.normals:
-            r["normal_path"] = str(rel / f"normal-{i:02d}.png")
-            images.save_png(images.normal_colours(res["normal"][i], res["mask"][i]),
-                            shards_io.inside(out, r["normal_path"]))
+            r["normal_path"] = write(f"normal-{i:02d}.png", images.normal_colours(res["normal"][i], res["mask"][i]))
     if opts.sheet:
         caption = job["sample_id"] + (f"  |  {job['prompt']}" if job.get("prompt") else "")
         labels = [f"az {a:.0f}  el {e:.0f}" for a, e in zip(az, el)]
-        sheet_rel = str(rel / "sheet.png")
-        images.save_png(images.contact_sheet(res["rgb"], caption, labels, opts.background),
-                        shards_io.inside(out, sheet_rel))
+        sheet_rel = write("sheet.png", images.contact_sheet(res["rgb"], caption, labels, opts.background))
         for r in rows:
             r["sheet_path"] = sheet_rel
     return rows
@@ -263,23 +262,24 @@ def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions, 
 
 def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, workers: int,
                     resident_pool=None, hold: bool = False) -> list[dict]:
-    """torch backend: `workers` processes read and prepare meshes (framing, colour tables) and
-    encode and write the PNGs (threads instead when workers <= 1), while this process renders
-    batches of many meshes at once on the device. Rows keep input order. `hold`: keep each written
-    view in memory for a later stage of this process (held_views): on a GPU the device's copy, where
-    the CLIP term's model runs (no host stacking and copying back), else the host's; meshes past
-    the room left are read from their files.
+    """torch backend: `workers` processes read and prepare meshes (framing, colour tables), threads
+    of this process encode and write the PNGs (threads do both when workers <= 1), while this
+    process renders batches of many meshes at once on the device. Rows keep input order. `hold`:
+    keep each written view in memory for a later stage of this process (held_views): on a GPU the
+    device's copy, where the CLIP term's model runs (no host stacking and copying back), else the
+    host's; meshes past the room left are read from their files.
 
-    The views reach the writer processes pickled. Handing them over through /dev/shm instead was
-    measured on an H100 (rl3d train's default step, 4.8 GB of views): render took 11.7 s both ways,
-    so the simpler path stays (docs/performance.md)."""
+    The views stay in this process: pickled to writer processes they were 4.8 GB a step through
+    one pipe (rl3d train's default step), ~13 ms a mesh on the 2-core box, while PNG encoding
+    (images.png_bytes) is zlib and numpy work that lets go of the GIL."""
     from rl3d.stages.raycast.torch_renderer import meshes_per_batch
 
     az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
     per_batch = min(len(jobs), meshes_per_batch(len(az), opts.resolution * opts.supersample, opts.device))
     keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
-    pool = _pool_or_new(resident_pool, workers) if resident_pool is not None or workers > 1 else \
-        ThreadPoolExecutor(WRITER_THREADS)
+    processes = resident_pool is not None or workers > 1
+    pool = _pool_or_new(resident_pool, workers) if processes else ThreadPoolExecutor(WRITER_THREADS)
+    writer = ThreadPoolExecutor(max(workers, WRITER_THREADS), thread_name_prefix="rl3d-png") if processes else None
     todo = iter(jobs)
     reads: deque = deque()      # (job, future of prepare_job), in input order
     writes: deque = deque()     # futures of write_job not yet known to be done
@@ -301,7 +301,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 refill()
             yield part
 
-    with pool as pool:
+    with pool as pool, writer or nullcontext():
         for part in progress.track(read_batches(), total=-(-len(jobs) // per_batch), desc="render"):
             ready = [(job, rows, p) for job, rows, p in part if p is not None]
             views = iter(_render_prepared([p for *_, p in ready], az, el, opts, device_rgb=hold) if ready else [])
@@ -312,7 +312,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 if res is None:
                     results.append(rows)
                     continue
-                writes.append(pool.submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
+                writes.append((writer or pool).submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
                 if hold:  # a batch cut by the room stays on the device whole (its meshes share a tensor)
                     mine, where = (res["device_rgb"], opts.device) if "device_rgb" in res else (res["rgb"], None)
                     left = rooms[where] if where in rooms else held_views.room(where)

@@ -136,3 +136,16 @@ def test_no_loader_in_the_package_can_run_code():
             if ".from_pretrained(" in line and "trust_remote_code" not in line and "def " not in line:
                 offenders.append(f"{f}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_child_takes_only_plain_file_names(tmp_path):
+    """shards.child: a file of a folder checked once with inside(); a name that is not a plain file
+    name is refused, whatever the folder."""
+    from rl3d.formats.errors import InputError
+    from rl3d.formats.shards import child
+
+    assert child(tmp_path, "view-00.png") == tmp_path / "view-00.png"
+    assert child(tmp_path, "a..b.glb") == tmp_path / "a..b.glb"
+    for name in ("", ".", "..", "../x.png", "a/b.png", "a\\b.png", "x\0.png", "/etc/passwd"):
+        with pytest.raises(InputError, match="refusing to write outside"):
+            child(tmp_path, name)
