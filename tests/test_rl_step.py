@@ -336,3 +336,56 @@ def test_a_killed_run_metrics_write_leaves_no_file_a_reader_takes(tmp_path):
     rows = pa.table({"step": pa.array([1], pa.int64()), "name": ["loss"], "value": [0.5]})
     append_run_metrics(tmp_path / "metrics.parquet", rows)
     assert not stale.exists() and read_run_metrics(tmp_path)["loss"] == ([1.0], [0.5])
+
+
+def test_suspect_rows_hold_every_row_sample_problem_refuses():
+    """check_step_inputs checks the samples column by column (inputs.suspect_rows) and only the
+    suspects row by row: the suspects are exactly the rows sample_problem refuses, on tables with
+    every kind of defect, so the error names the same first row as a row-by-row scan."""
+    import math
+    import random
+
+    import pyarrow as pa
+
+    from rl3d.stages.rl.inputs import sample_problem, suspect_rows
+
+    rng = random.Random(7)
+
+    def row(i):
+        plen, n = rng.randint(1, 6), rng.randint(8, 20)
+        ids = [rng.randrange(50) for _ in range(plen + n)]
+        r = {"sample_id": f"s{i}", "input_ids": ids, "prompt_len": plen, "reasoning_start": plen,
+             "reasoning_end": plen + 2, "mesh_start": plen + 3, "mesh_end": plen + n - 1,
+             "logprobs": [-0.5] * n, "status": "ok"}
+        defect = rng.randrange(12)
+        if defect == 0:
+            r["input_ids"][rng.randrange(len(ids))] = 50 + rng.randrange(3)       # outside the vocabulary
+        elif defect == 1:
+            r["input_ids"][0] = -1
+        elif defect == 2:
+            r["logprobs"][rng.randrange(n)] = rng.choice([math.nan, math.inf, None])
+        elif defect == 3:
+            r["logprobs"] = r["logprobs"][:-1]                                      # one short
+        elif defect == 4:
+            r["reasoning_end"], r["mesh_start"] = r["mesh_start"], r["reasoning_end"]  # out of order
+        elif defect == 5:
+            r["mesh_end"] = None
+        elif defect == 6:
+            r["prompt_len"] = len(ids) + rng.randrange(2)                            # past the sequence
+        elif defect == 7:
+            r["input_ids"] = r["input_ids"] + [1] * 20                                # past max positions
+        elif defect == 8:  # a failed row: spans and log-prob counts are not checked, finiteness is
+            r.update(status="decode_error", mesh_end=None, logprobs=r["logprobs"][:2])
+        elif defect == 9:
+            r.update(status="decode_error", input_ids=[], prompt_len=0, logprobs=[])
+        return r
+
+    for trial in range(20):
+        rows = [row(i) for i in range(rng.randint(1, 40))]
+        table = pa.Table.from_pylist(rows)
+        refused = [i for i, r in enumerate(table.to_pylist()) if sample_problem(r, 50, 30)]
+        assert suspect_rows(table, 50, 30) == refused
+        cut = len(rows) // 2  # a table read from several parts holds several chunks
+        assert suspect_rows(pa.concat_tables([table.slice(0, cut), table.slice(cut)]), 50, 30) == refused
+        assert suspect_rows(table, None, None) == [i for i, r in enumerate(table.to_pylist())
+                                                   if sample_problem(r, None, None)]

@@ -7,6 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.policy.limits import model_limits
@@ -27,10 +31,11 @@ def check_step_inputs(policy_dir, samples_path, rewards_path, cfg: RLConfig) -> 
     tables.require_rows(samples, str(samples_path), "samples")
     tables.require_unique(samples, ("sample_id",), str(samples_path))
     tables.require_unique(rewards, ("sample_id",), str(rewards_path))
-    for n, s in enumerate(samples.to_pylist(), 1):
+    for n in suspect_rows(samples, limits.vocab_size, limits.max_positions):
+        s = samples.slice(n, 1).to_pylist()[0]
         why = sample_problem(s, limits.vocab_size, limits.max_positions)
         if why:
-            raise InputError(f"{samples_path}: row {n} (sample {s['sample_id']!r}): {why}")
+            raise InputError(f"{samples_path}: row {n + 1} (sample {s['sample_id']!r}): {why}")
     for n, (sid, total, status) in enumerate(zip(*(rewards.column(c).to_pylist()
                                                    for c in ("sample_id", "total", "status"))), 1):
         if status == "ok" and (total is None or not math.isfinite(total)):
@@ -39,6 +44,43 @@ def check_step_inputs(policy_dir, samples_path, rewards_path, cfg: RLConfig) -> 
         if total is not None and not abs(total) <= MAX_TOTAL:  # group statistics of such totals overflow to NaN
             raise InputError(f"{rewards_path}: row {n} (sample {sid!r}): total {total} outside "
                              f"[-{MAX_TOTAL:g}, {MAX_TOTAL:g}]")
+
+
+def suspect_rows(samples: pa.Table, vocab_size: int | None, max_positions: int | None) -> list[int]:
+    """Indices of the rows sample_problem may refuse, in order: the same conditions column by column
+    in pyarrow (a default step's 560k token ids and log-probs took ~0.3 s row by row in Python), so
+    that only these rows are checked one by one for the message."""
+    n = samples.num_rows
+    ids, lps = samples.column("input_ids").combine_chunks(), samples.column("logprobs").combine_chunks()
+    length = pc.fill_null(pc.list_value_length(ids), 0)
+    plen = samples.column("prompt_len")
+    ok = pc.fill_null(pc.equal(samples.column("status"), "ok"), False)
+    bad = pc.invert(pc.and_(pc.greater(plen, 0), pc.less(plen, pc.add(length, pc.cast(pc.invert(ok), pa.int64())))))
+    bad = pc.fill_null(bad, True)
+    if max_positions is not None:
+        bad = pc.or_(bad, pc.greater(length, max_positions))
+    spans = [samples.column(k) for k in ("prompt_len", "reasoning_start", "reasoning_end", "mesh_start", "mesh_end")]
+    disorder = pc.or_(pc.greater(spans[-1], length), pc.is_null(spans[-1]))
+    for a, b in zip(spans, spans[1:]):
+        disorder = pc.or_(disorder, pc.or_(pc.is_null(a), pc.greater(a, b)))
+    n_lps = pc.fill_null(pc.list_value_length(lps), 0)
+    disorder = pc.or_(disorder, pc.not_equal(n_lps, pc.subtract(length, plen)))
+    bad = pc.or_(bad, pc.and_(ok, pc.fill_null(disorder, True)))
+    rows = set(np.flatnonzero(np.asarray(bad.to_numpy(zero_copy_only=False), bool)).tolist()) if n else set()
+    flat_ids = pc.list_flatten(ids)
+    if vocab_size is not None and len(flat_ids):
+        out = pc.or_(pc.less(flat_ids, 0), pc.greater_equal(flat_ids, vocab_size))
+        rows |= _parents(ids, out)
+    flat_lps = pc.list_flatten(lps)
+    if len(flat_lps):
+        rows |= _parents(lps, pc.invert(pc.fill_null(pc.is_finite(flat_lps), False)))
+    return sorted(r for r in rows if 0 <= r < n)
+
+
+def _parents(lists, flags) -> set[int]:
+    """Rows of a list column holding a flagged value (flags: one per flattened value)."""
+    hit = np.flatnonzero(np.asarray(pc.fill_null(flags, True).to_numpy(zero_copy_only=False), bool))
+    return set(np.asarray(pc.list_parent_indices(lists))[hit].tolist()) if len(hit) else set()
 
 
 def sample_problem(s: dict, vocab_size: int | None, max_positions: int | None) -> str | None:
