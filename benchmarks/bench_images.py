@@ -2,7 +2,10 @@
 PNG encoding by Pillow at zlib level 6 (its default) and 1, and by rl3d's encoder (images.png_bytes:
 every row Up-filtered by one numpy subtraction, zlib level 1), decoding each, the contact sheet's
 tile resize (Lanczos from 512 px, and box-reduced first), and the CLIP reward's preprocessing
-(the image processor on the CPU against the same steps in torch, here on the CPU too).
+(the image processor on the CPU against the same steps in torch, here on the CPU too). Then a
+mesh's files as render writes them (6 views and the contact sheet, write_job) by one worker a core:
+Pillow's encoder in processes (the views pickled to them: before), rl3d's encoder in processes, and
+rl3d's encoder in threads of one process (now).
 
     python benchmarks/bench_images.py                  # renders 4 synth objects x 6 views at 512 px first
     python benchmarks/bench_images.py --views DIR      # any folder of view-*.png
@@ -89,6 +92,51 @@ def main() -> None:
         print(f"{name:<45} {ms:8.2f} ms/view  {note}")
     print(f"ratios: encode level 6 / level 1 {rows[0][1] / rows[2][1]:.2f}x, Pillow level 1 / rl3d's "
           f"{rows[2][1] / rows[4][1]:.2f}x, decode {rows[1][1] / rows[3][1]:.2f}x, sheet tile {rows[5][1] / rows[6][1]:.2f}x")
+    mesh_writes(np.stack(arrays[:6]) if len(arrays) >= 6 else np.stack(arrays))
+
+
+def pillow_png(array, path) -> None:
+    """The render's PNG writing before rl3d's encoder."""
+    from rl3d.formats.shards import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+
+
+def mesh_writes(rgb: np.ndarray, meshes: int = 64) -> None:
+    """Milliseconds a mesh for render's write_job over `meshes` meshes, one worker a core."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    from rl3d.stages import render
+    from rl3d.stages.raycast import images
+
+    workers = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    opts = render.RenderOptions(len(rgb), "default", render.DEFAULT_ELEVATION, rgb.shape[1], "white",
+                                render.DEFAULT_FOV, False, False, True, "object", "torch", "cpu", 1, True)
+    rows = [{"sample_id": "m", "view": i, "azimuth": 60.0 * i, "elevation": 20.0, "status": "ok"} for i in range(len(rgb))]
+    fast = images.save_png
+    times = []
+    for name, encoder, pool in (("Pillow's encoder, processes", pillow_png, ProcessPoolExecutor),
+                                ("rl3d's encoder, processes", fast, ProcessPoolExecutor),
+                                ("rl3d's encoder, threads", fast, ThreadPoolExecutor)):
+        images.save_png = encoder  # before the processes start: forked workers keep it
+        best = float("inf")
+        try:
+            for _ in range(2):
+                with pool(workers) as ex, tempfile.TemporaryDirectory() as out:
+                    list(ex.map(abs, range(workers)))  # workers up before the clock starts
+                    t0 = time.perf_counter()
+                    jobs = [ex.submit(render.write_job, {"sample_id": f"m{k}", "prompt": "a red chair"},
+                                      [dict(r) for r in rows], {"rgb": rgb}, out, opts) for k in range(meshes)]
+                    for j in jobs:
+                        j.result()
+                    best = min(best, (time.perf_counter() - t0) / meshes * 1e3)
+        finally:
+            images.save_png = fast
+        times.append(best)
+        print(f"a mesh's {len(rgb)} views and sheet, {name:<28} {best:8.2f} ms/mesh  ({workers} workers)")
+    print(f"ratio: before / now {times[0] / times[2]:.2f}x")
 
 
 if __name__ == "__main__":
