@@ -66,3 +66,20 @@ def test_save_png_writes_uint8_through_png_bytes_and_16_bit_depth_through_pillow
     images.save_png(depth, tmp_path / "d.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "d.png")).astype(np.uint16), depth)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_contact_sheets_drawn_by_several_threads_equal_one_drawn_alone():
+    """render's writers are threads: each draws captions with its own font objects, so sheets made
+    at the same time are the sheet made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    views = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    labels = [f"az {a}  el 20" for a in range(0, 360, 60)]
+
+    def sheet(i):
+        return images.contact_sheet(views, f"sample-{i % 3}  |  a red chair with four legs", labels, "white", tile=48)
+    alone = [sheet(i) for i in range(3)]
+    with ThreadPoolExecutor(4) as ex:
+        together = list(ex.map(sheet, range(24)))
+    assert all(np.array_equal(s, alone[i % 3]) for i, s in enumerate(together))

@@ -1,9 +1,9 @@
 """Rendered arrays as image files: views, 16-bit depth, normal maps and a captioned contact sheet."""
 from __future__ import annotations
 
-import functools
 import math
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -62,9 +62,16 @@ def normal_colours(normal: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(nrm, 0, 255).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=4)
+_FONTS = threading.local()
+
+
 def _font(size: int):
-    return ImageFont.load_default(size=size)  # parsed once a process, not once a sheet
+    """The caption font, parsed once a thread, not once a sheet (a FreeType face is not to be used
+    by two threads at once, and render's writers are threads)."""
+    fonts = _FONTS.__dict__.setdefault("by_size", {})
+    if size not in fonts:
+        fonts[size] = ImageFont.load_default(size=size)
+    return fonts[size]
 
 
 def contact_sheet(rgb: np.ndarray, caption: str, labels: list[str], background, tile: int = 256) -> np.ndarray:
