@@ -285,7 +285,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
     writes: deque = deque()     # futures of write_job not yet known to be done
     results: list = []          # per job, in input order: its rows or the future of its write
     rgb: dict[int, object] = {}  # job index -> its views, to be held (held_views), within its room
-    rooms: dict = {}  # held_views.room per kind of views (None: host arrays, else device tensors)
+    room = None  # bytes left to hold: held_views.room where the views are (device or host), asked once
 
     def refill():  # a few batches read ahead of the caster
         while len(reads) < 3 * per_batch and (job := next(todo, None)) is not None:
@@ -315,11 +315,10 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
                 writes.append((writer or pool).submit(write_job, job, rows, {k: res[k] for k in keep}, out, opts))
                 if hold:  # a batch cut by the room stays on the device whole (its meshes share a tensor)
                     mine, where = (res["device_rgb"], opts.device) if "device_rgb" in res else (res["rgb"], None)
-                    left = rooms[where] if where in rooms else held_views.room(where)
-                    if mine.nbytes <= left:
+                    room = held_views.room(where) if room is None else room
+                    if mine.nbytes <= room:
                         rgb[len(results)] = mine
-                        left -= mine.nbytes
-                    rooms[where] = left
+                        room -= mine.nbytes
                 results.append(writes[-1])
             while len(writes) > 2 * per_batch + max(workers, WRITER_THREADS):  # bounds the images held
                 writes.popleft().result()

@@ -204,11 +204,7 @@ def _add_mismatch(total: dict[str, float], part: dict[str, float]) -> None:
 
 def loss_mask(row: dict) -> torch.Tensor:
     """Positions that carry a choice: reasoning tokens, the unforced <mesh-start> and mesh tokens."""
-    kinds = completion_kinds(torch.tensor([row["prompt_len"]]), torch.tensor([row["reasoning_end"]]),
-                             torch.tensor([row["mesh_end"]]), torch.tensor([len(row["input_ids"])]),
-                             torch.tensor([bool(row.get("reasoning_truncated", False))]),
-                             len(row["input_ids"]) - row["prompt_len"])[0]
-    return (kinds == KIND_REASONING) | (kinds == KIND_MESH)
+    return loss_masks([row])[0]
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
