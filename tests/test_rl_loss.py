@@ -127,10 +127,19 @@ def test_per_token_kl_is_capped_and_uncapped_on_request(tiny):
 
 
 def test_loss_masks_of_a_minibatch_are_each_rows_loss_mask():
-    """minibatch_weights takes every row's mask in one call: the same as row by row, padded with False."""
+    """minibatch_weights takes every row's mask in one call: the same as each row's kinds taken
+    alone (completion_kinds of that row), padded with False; row_masks cuts each to its completion."""
     import random
 
-    from rl3d.stages.rl.update import loss_mask, loss_masks
+    from rl3d.stages.policy.sequence import KIND_MESH, KIND_REASONING, completion_kinds
+    from rl3d.stages.rl.update import loss_masks, row_masks
+
+    def alone(r):
+        plen, n = r["prompt_len"], len(r["input_ids"])
+        kinds = completion_kinds(torch.tensor([plen]), torch.tensor([r["reasoning_end"]]), torch.tensor([r["mesh_end"]]),
+                                 torch.tensor([n]), torch.tensor([bool(r.get("reasoning_truncated", False))]),
+                                 n - plen)[0]
+        return (kinds == KIND_REASONING) | (kinds == KIND_MESH)
 
     rng = random.Random(0)
     rows = []
@@ -143,6 +152,8 @@ def test_loss_masks_of_a_minibatch_are_each_rows_loss_mask():
     rows[5].pop("reasoning_truncated")  # older tables: the column absent means False
     masks = loss_masks(rows)
     assert masks.shape == (40, max(len(r["input_ids"]) - r["prompt_len"] for r in rows))
-    for i, r in enumerate(rows):
-        one = loss_mask(r)
+    for i, (r, cut) in enumerate(zip(rows, row_masks(rows))):
+        one = alone(r)
         assert torch.equal(masks[i, :len(one)], one) and not masks[i, len(one):].any()
+        assert torch.equal(cut, one)
+    assert row_masks([]) == []

@@ -50,8 +50,7 @@ def recompute_old_logprobs(rows: list[dict], scorer, special, acc, cfg: RLConfig
     cfg.tis_cap > 0 each row also gets row["tis"], its truncated importance weights."""
     score_rows(rows, scorer, special, acc, cfg.micro_batch, "old_logp", cfg.length_buckets)
     sums: dict[str, float] = {}
-    for r in rows:
-        mask = loss_mask(r)
+    for r, mask in zip(rows, row_masks(rows)):
         stored = torch.as_tensor(r["logprobs"], dtype=torch.float32)[:len(mask)]
         _add_mismatch(sums, logprob_mismatch(r["old_logp"][:len(mask)], stored, mask, cfg.clip_low, cfg.clip_high))
         if cfg.tis_cap > 0:
@@ -69,10 +68,9 @@ def truncated_importance_weights(old_logp: torch.Tensor, behaviour_logp: torch.T
 def tis_metrics(rows: list[dict], cap: float) -> dict[str, float]:
     """Mean truncated importance weight over the tokens that carry a choice, and the fraction cut at the cap."""
     total, clipped, n = 0.0, 0.0, 0
-    for r in rows:
-        if "tis" not in r:
-            continue
-        w = r["tis"][loss_mask(r)[:len(r["tis"])]]
+    weighted = [r for r in rows if "tis" in r]
+    for r, mask in zip(weighted, row_masks(weighted)):
+        w = r["tis"][mask[:len(r["tis"])]]
         total += float(w.sum())
         clipped += float((w >= cap).sum())
         n += int(w.numel())
@@ -200,6 +198,14 @@ def accumulate_gradients(mb: list[dict], weights_all: torch.Tensor, scorer, acc,
 def _add_mismatch(total: dict[str, float], part: dict[str, float]) -> None:
     for k, v in part.items():
         total[k] = max(total.get(k, 0.0), v) if k == "abs_max" else total.get(k, 0.0) + v
+
+
+def row_masks(rows: list[dict]) -> list[torch.Tensor]:
+    """Each row's loss_mask, as long as its completion, computed for all rows at once."""
+    if not rows:
+        return []
+    masks = loss_masks(rows)
+    return [m[:len(r["input_ids"]) - int(r["prompt_len"])] for r, m in zip(rows, masks)]
 
 
 def loss_mask(row: dict) -> torch.Tensor:
