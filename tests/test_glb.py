@@ -37,6 +37,32 @@ def test_glb_roundtrip_keeps_face_colours_exactly(tmp_path):
     assert set(before.values()) <= palette and len(set(before.values())) == 4
 
 
+def test_voxel_mesh_written_without_unmerging_equals_the_unmerged_file(tmp_path):
+    """A voxel mesh (each cube face owns its 4 vertices) is written with its own vertices, 4 a quad;
+    a mesh whose shared vertices join faces of two colours is unmerged (3 a face). Both read back
+    with the same triangles, face colours and flat normals as the mesh."""
+    import trimesh
+
+    mesh = grid_to_mesh(house())
+    write_glb(mesh, tmp_path / "own.glb")
+    own = read_glb(tmp_path / "own.glb")
+    assert len(own.vertices) == len(mesh.vertices) == 2 * len(mesh.faces)
+    # the same mesh welded: its vertices join faces of other colours and normals, so it is unmerged
+    welded = trimesh.Trimesh(mesh.vertices, mesh.faces, face_colors=mesh.visual.face_colors, process=True)
+    assert len(welded.vertices) < len(mesh.vertices)
+    write_glb(welded, tmp_path / "welded.glb")
+    unmerged = read_glb(tmp_path / "welded.glb")
+    assert len(unmerged.vertices) == 3 * len(unmerged.faces)
+
+    def keyed(m):
+        tri = np.round(np.asarray(m.triangles).reshape(len(m.faces), 9), 6)
+        return sorted(zip(map(tuple, tri.tolist()), map(tuple, face_rgb(m).tolist())))
+
+    assert keyed(own) == keyed(unmerged) == keyed(mesh)
+    for m in (own, unmerged):  # each vertex's normal is its face's: flat shading in any viewer
+        assert np.allclose(np.asarray(m.vertex_normals)[m.faces], np.asarray(m.face_normals)[:, None], atol=1e-6)
+
+
 def test_glb_orientation_y_up_z_front(tmp_path):
     g = np.zeros((32, 32, 32), np.uint8)
     g[15, 30, 15] = color_id("yellow")  # high y
