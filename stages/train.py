@@ -440,14 +440,21 @@ class TrainJob:
     # ---- overlap: the next step's sampling beside this step's scoring and update ---------------
 
     _next_gen = None
+    _switch_interval = None  # the interpreter's own, while the overlap's shorter one is set
 
     def _start_gen(self, step: int) -> None:
         """Sample step `step` on a thread with the sampling copy as it is (the policy before the
-        current step's update); the copy is refreshed when the thread is joined."""
+        current step's update); the copy is refreshed when the thread is joined. Meanwhile the
+        interpreter hands the GIL over every OVERLAP_SWITCH_S instead of every 5 ms: the sampling
+        thread needs it for a moment at each token (a graph replay) and would otherwise wait up to
+        5 ms a token behind the main thread's Python (benchmarks/bench_switch_interval.py)."""
         d = step_dir(self.run_dir, step)
         if self.main:
             self.feed.job(step).run(StageOptions(out=d / "prompts", quiet=True))
         self._barrier()
+        if self._switch_interval is None:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(OVERLAP_SWITCH_S)
         self._next_gen = _Background(self._gen_on_own_stream, step, self.sampler)
 
     def _join_overlap(self) -> None:
@@ -455,6 +462,10 @@ class TrainJob:
         pending, self._next_gen = self._next_gen, None
         if pending is not None:
             pending.join()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+        if pending is not None:
             if pending.error is not None:
                 raise pending.error
 
@@ -613,6 +624,12 @@ def write_update_record(record: Path, adv_rows, metrics: dict, config: dict, pol
     if record.exists():
         shutil.rmtree(record)
     tmp.rename(record)
+
+
+# The GIL's switch interval while a step samples beside the main thread (--overlap 1): on the 2-core
+# box 0.2 ms kept a thread that needs the GIL for microseconds between device waits at ~2x its time
+# alone beside a thread running Python nonstop (5 ms: ~19x), which kept ~88% of its own speed.
+OVERLAP_SWITCH_S = 0.0002
 
 
 class _Background(threading.Thread):

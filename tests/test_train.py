@@ -363,8 +363,22 @@ def test_tis_weights_scale_the_policy_gradient_term_only():
     assert RLConfig(old_logprobs="recompute", tis_cap=math.inf).check().tis_cap == math.inf
 
 
-def test_overlap_with_a_frozen_policy_and_no_cap_gives_the_same_loss(setup, tmp_path):
+def test_overlap_with_a_frozen_policy_and_no_cap_gives_the_same_loss(setup, tmp_path, monkeypatch):
+    """... and the background sampling runs under the overlap's short GIL switch interval, which is
+    the interpreter's own again once the run ends."""
+    import sys
+
+    from rl3d.stages import train as train_stage
+
     root, policy, prompts = setup
+    seen, own = [], sys.getswitchinterval()
+    background = train_stage.TrainJob._gen_on_own_stream
+
+    def recording(self, step, sampler):
+        seen.append(sys.getswitchinterval())
+        return background(self, step, sampler)
+
+    monkeypatch.setattr(train_stage.TrainJob, "_gen_on_own_stream", recording)
     frozen = ["--lr", "0", "--micro-batch", "4", "--old-logprobs", "recompute"]
     base = ["train", "--prompts", str(prompts), "--policy", str(policy), "--steps", "2", "--prompts-per-step", "2",
             "-G", "2", *RENDER, *SAMPLING, *frozen]
@@ -379,6 +393,7 @@ def test_overlap_with_a_frozen_policy_and_no_cap_gives_the_same_loss(setup, tmp_
     # the overlapped step 2 was sampled by the initial policy, the sequential one by step 1's
     pa_, pb = (tables.provenance(tmp_path / r / "step-000002" / "gen").policy for r in ("seq", "ovl"))
     assert pb.endswith("#step3") and pa_.endswith("#step1")
+    assert seen == [pytest.approx(train_stage.OVERLAP_SWITCH_S)] and sys.getswitchinterval() == own > 10 * seen[0]
 
 
 def test_bad_settings_fail_before_anything_is_written(setup, tmp_path):
