@@ -127,14 +127,20 @@ def samples_command(run, step_a, step_b, out):
 @command.command("ablations", short_help="Tables, curves and renders of one ablation experiment.")
 @click.argument("exp_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="EXP_DIR")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for <name>.md, <name>_curves.png, <name>_renders.png and <name>.json, <name> being EXP_DIR's folder name.")
+              help="Folder for <name>.md, <name>_learning.png, <name>_curves.png, <name>_renders.png and "
+                   "<name>.json, <name> being EXP_DIR's folder name.")
 @handle_errors
 def ablations_command(exp_dir, out):
     """Summarise one experiment of examples/ablations/ (an EXP_DIR with experiment.json, arms/ and
-    baseline/): per arm and benchmark, each metric's mean over seeds with a 95% t-interval, the
-    paired per-prompt change from the starting policy, the headline metric per category, wall time
-    and machine, the commands; training curves and a render grid of the start and each arm.
-    Refuses runs of another experiment, starting policy or held-out prompt set (exit 2).
+    baseline/): the findings the experiment script declares (`finding` in examples/ablations/common.sh),
+    each judged arm against arm paired by held-out prompt, with its verdict (reproduced, reversed, not
+    reproduced, not separated: then the seeds or prompts that would separate the arms); one figure of
+    learning curves per arm (held-out all attributes right, spec accuracy, CLIP, and the training KL;
+    mean and seed band); per arm and benchmark, each metric's mean over seeds with a 95% t-interval,
+    the paired per-prompt change from the starting policy, the headline metric per category, wall
+    time and machine, the commands; training curves and a render grid of the start and each arm.
+    Refuses runs of another experiment, starting policy or held-out prompt set, and arms whose
+    held-out samples do not pair (exit 2).
 
     \b
     Examples:

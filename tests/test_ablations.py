@@ -233,19 +233,23 @@ PROMPTS = [("p0", "spatial", "a red cube"), ("p1", "spatial", "a pink tree"), ("
 
 
 def write_eval(d: Path, policy_id: str, correct: dict[str, list[bool]], prompt_set: str = "prompts-abc.jsonl",
-               name: str = "policy"):
+               name: str = "policy", prompts=PROMPTS, clip: dict[str, list[float]] | None = None,
+               config: dict | None = None, level: str = "fine"):
     """One fabricated `rl3d eval` output: per_sample rows (spec_all_correct per sample), metrics, renders;
-    eval names the policy's folder after the policy dir (step-N/policy -> policy)."""
+    eval names the policy's folder after the policy dir (step-N/policy -> policy). `clip`: each sample's
+    CLIP score per prompt (default 50, 51 when right); `config`: the eval's options as its metrics
+    table records them (its sampling seed); `level`: the final level in the sample ids."""
     (d / name).mkdir(parents=True)
     (d / "report.md").write_text("report")
     (d / prompt_set).write_text("\n".join(json.dumps({"prompt_id": p, "category": c, "prompt": t})
-                                          for p, c, t in PROMPTS))
+                                          for p, c, t in prompts))
     rows, renders = [], []
-    for pid, cat, _ in PROMPTS:
+    for pid, cat, _ in prompts:
         for i, ok in enumerate(correct[pid]):
-            sid = f"{pid}-{i}-fine"
+            sid = f"{pid}-{i}-{level}"
             rows.append({"sample_id": sid, "prompt_id": pid, "category": cat, "status": "ok",
-                         "spec_all_correct": ok, "spec_accuracy": 1.0 if ok else 0.5, "clip_score": 50.0 + ok})
+                         "spec_all_correct": ok, "spec_accuracy": 1.0 if ok else 0.5,
+                         "clip_score": clip[pid][i] if clip else 50.0 + ok})
             img = d / name / "renders" / "_images" / f"{sid}.png"
             img.parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8), "red" if ok else "gray").save(img)
@@ -254,11 +258,16 @@ def write_eval(d: Path, policy_id: str, correct: dict[str, list[bool]], prompt_s
     pq.write_table(pa.Table.from_pylist(rows), d / name / "per_sample.parquet")
     pq.write_table(pa.Table.from_pylist(renders), d / name / "renders" / "part-00000-of-00001.parquet")
     (d / "metrics").mkdir()
-    pq.write_table(pa.table({"name": ["all/spec_all_correct"], "value": [0.5], "policy_id": [policy_id]}),
-                   d / "metrics" / "part-00000-of-00001.parquet")
+    metrics = pa.table({"name": ["all/spec_all_correct"], "value": [0.5], "policy_id": [policy_id]})
+    if config is not None:
+        metrics = tables.with_metadata(metrics, "metrics", config)
+    pq.write_table(metrics, d / "metrics" / "part-00000-of-00001.parquet")
 
 
-def write_run(run: Path, arm: str, seed: int, start: str, correct, experiment="algorithm", knobs=None):
+def write_run(run: Path, arm: str, seed: int, start: str, correct, experiment="algorithm", knobs=None, step=2,
+              **eval_options):
+    """A fabricated run of an arm: arm.json, its first step's samples table (the starting policy),
+    metrics.parquet, wall.tsv and the evaluation of its step `step` (write_eval's `eval_options`)."""
     run.mkdir(parents=True)
     (run / "arm.json").write_text(json.dumps({"experiment": experiment, "arm": arm, "seed": seed,
                                               "baseline": "hi-grpo", "mode": "hi-grpo", "knobs": knobs or {}}))
@@ -268,7 +277,8 @@ def write_run(run: Path, arm: str, seed: int, start: str, correct, experiment="a
     pq.write_table(pa.table({"step": [1.0, 1.0, 1.0, 2.0, 2.0, 2.0], "name": ["reward_mean_fine", "kl", "entropy"] * 2,
                              "value": [2.7, 1e-4, 0.02, 2.8 + seed / 100, 2e-3, 0.03]}), run / "metrics.parquet")
     (run / "wall.tsv").write_text("train\t100\tNVIDIA H100 80GB HBM3\n")
-    write_eval(run / "eval" / "step-000002" / "synth-reasoning", f"{run}/step-000002/policy@w{seed}#step2", correct)
+    write_eval(run / "eval" / f"step-{step:06d}" / "synth-reasoning",
+               f"{run}/step-{step:06d}/policy@w{seed}#step{step}", correct, **eval_options)
 
 
 def fabricated(tmp_path, start="aaa", baseline="aaa") -> Path:

@@ -8,7 +8,11 @@ baseline/NAME/eval/step-000000/BENCH/ (the starting policy scored once per gener
 Numbers per arm: a metric's mean over seeds with a 95% t-interval over seeds (each seed's value is
 the mean over its held-out samples), and the paired change from the arm's baseline per held-out
 prompt (learning.paired_prompt_change: seeds pooled per prompt, bootstrap over prompts). Runs that do
-not share the experiment, the starting weights or the held-out prompt set are refused (InputError)."""
+not share the experiment, the starting weights or the held-out prompt set are refused (InputError).
+
+Arm against arm: the findings an experiment script declares (experiment.json's "findings"), each
+judged by findings.py. Learning curves: per arm the mean over seeds and the seed band of held-out
+"all attributes right", spec accuracy and CLIP at every scored step, and the training KL."""
 from __future__ import annotations
 
 import json
@@ -21,7 +25,7 @@ import pyarrow.parquet as pq
 
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
-from rl3d.stages.scoring.charts import line_sheet, render_grid
+from rl3d.stages.scoring.charts import band_sheet, line_sheet, render_grid
 from rl3d.stages.scoring.learning import paired_prompt_change
 from rl3d.stages.scoring.run_metrics import read_run_metrics
 
@@ -37,6 +41,9 @@ DEFAULT_METRICS = ["clip_score", "single_component_rate", "mesh_decoded"]
 LABELS = {"spec_all_correct": "all attributes right", "spec_accuracy": "spec accuracy", "clip_score": "CLIP score",
           "reference_iou": "IoU vs truth", "single_component_rate": "single component",
           "watertight_rate": "watertight", "mesh_decoded": "mesh decoded"}
+# the held-out panels of the learning-curves figure (synth-reasoning), before the training KL
+HELDOUT_PANELS = {"spec_all_correct": "share of samples", "spec_accuracy": "share of spec checks passed",
+                  "clip_score": "CLIP score (0-100)"}
 # two-sided 95% Student t quantiles by degrees of freedom (seeds - 1)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -53,6 +60,13 @@ class Evaluation:
     prompt_set: str             # the eval's prompts-<hash>.jsonl name
     policy_id: str
     rows: list[dict] = field(default_factory=list)
+    start_weights: str = ""     # the weights the scored policy was trained from (a baseline's own)
+    sampling_seed: int | None = None        # the eval's --seed, where its metrics table records it
+    samples_per_prompt: int | None = None   # its --samples-per-prompt, likewise
+
+    @property
+    def label(self) -> str:
+        return f"start ({self.arm})" if self.seed is None else f"{self.arm} seed {self.seed} step {self.step}"
 
 
 @dataclass
@@ -82,13 +96,14 @@ def load_experiment(exp_dir: Path) -> Experiment:
     meta = json.loads(meta_file.read_text())
     arms: dict[str, dict[int, Path]] = {}
     arm_meta: dict[str, dict] = {}
+    starts: dict[Path, str] = {}
     for arm_file in sorted(exp_dir.glob("arms/*/seed-*/arm.json")):
         a = json.loads(arm_file.read_text())
         if a.get("experiment") != meta["experiment"]:
             raise InputError(f"{arm_file}: a run of experiment {a.get('experiment')!r}, not {meta['experiment']!r}; "
                              f"runs of different experiments are not summarised together")
         run = arm_file.parent
-        _check_start(run, meta["start_weights"])
+        starts[run] = _check_start(run, meta["start_weights"])
         arms.setdefault(a["arm"], {})[int(a["seed"])] = run
         arm_meta.setdefault(a["arm"], a)
     evals = [e for d in sorted(exp_dir.glob("baseline/*")) for e in _evaluations(d, d.name, None)]
@@ -96,28 +111,36 @@ def load_experiment(exp_dir: Path) -> Experiment:
         if weights_of(b.policy_id) != meta["start_weights"]:
             raise InputError(f"{b.out}: baseline policy {b.policy_id} is not the experiment's starting policy "
                              f"(weights {meta['start_weights']})")
-    evals += [e for arm, seeds in arms.items() for seed, run in seeds.items() for e in _evaluations(run, arm, seed)]
-    for bench in {e.bench for e in evals}:
-        sets = {e.prompt_set for e in evals if e.bench == bench}
+        b.start_weights = weights_of(b.policy_id)
+    evals += [e for arm, seeds in arms.items() for seed, run in seeds.items()
+              for e in _evaluations(run, arm, seed, starts[run])]
+    for bench in sorted({e.bench for e in evals}):
+        on_bench = [e for e in evals if e.bench == bench]
+        sets = sorted({e.prompt_set for e in on_bench})
         if len(sets) > 1:
-            raise InputError(f"{exp_dir}: {bench} was scored on different prompt sets ({', '.join(sorted(sets))}); "
-                             f"runs scored differently are not compared")
+            # the set most evaluations used is the experiment's; name an evaluation of another one
+            usual = max(sets, key=lambda s: sum(e.prompt_set == s for e in on_bench))
+            odd = next(e for e in on_bench if e.prompt_set != usual)
+            raise InputError(f"{odd.out / (odd.prompt_set or 'prompts-*.jsonl')}: {odd.label} was scored on {bench} "
+                             f"prompts {odd.prompt_set or '(none recorded)'}, the rest of {exp_dir} on {usual}; runs "
+                             f"scored on different prompt sets are not compared")
     return Experiment(exp_dir, meta, arms, arm_meta, evals)
 
 
-def _check_start(run: Path, start_weights: str) -> None:
+def _check_start(run: Path, start_weights: str) -> str:
     """The run's first step sampled from the experiment's starting weights: the policy its rewards
-    (or, unpacked, its samples) table records."""
+    (or, unpacked, its samples) table records. Returns those weights ("" for a run not started yet)."""
     tables_ = [run / "step-000001" / name for name in ("rewards", "gen") if (run / "step-000001" / name).exists()]
     if not tables_:
-        return  # not started yet: nothing of it is summarised
+        return ""  # not started yet: nothing of it is summarised
     policy = tables.provenance(tables_[0]).policy or ""
     if weights_of(policy) != start_weights:
         raise InputError(f"{tables_[0]}: made from {policy or 'an unrecorded policy'}, not the experiment's starting "
                          f"weights {start_weights}; runs from different starting policies are not compared")
+    return start_weights
 
 
-def _evaluations(run: Path, arm: str, seed: int | None) -> list[Evaluation]:
+def _evaluations(run: Path, arm: str, seed: int | None, start_weights: str = "") -> list[Evaluation]:
     out = []
     for bench_dir in sorted(run.glob("eval/step-*/*")):
         # eval names a policy's folder after the policy dir's base name (step-N/policy -> policy)
@@ -126,9 +149,11 @@ def _evaluations(run: Path, arm: str, seed: int | None) -> list[Evaluation]:
             continue  # unfinished: left out until its rerun completes it
         prompt_sets = sorted(p.name for p in bench_dir.glob("prompts-*.jsonl"))
         metrics = tables.read_table(bench_dir / "metrics", "metrics").to_pylist()
+        config = tables.table_config(bench_dir / "metrics")  # the eval's options: its sampling seed
         out.append(Evaluation(arm, seed, int(bench_dir.parent.name.split("-")[1]), bench_dir.name, bench_dir,
                               per_sample[0].parent, prompt_sets[0] if prompt_sets else "",
-                              metrics[0]["policy_id"] if metrics else "", pq.read_table(per_sample[0]).to_pylist()))
+                              metrics[0]["policy_id"] if metrics else "", pq.read_table(per_sample[0]).to_pylist(),
+                              start_weights, config.get("seed"), config.get("samples_per_prompt")))
     return out
 
 
@@ -287,6 +312,64 @@ def plot_curves(exp: Experiment, out: Path) -> Path:
     return line_sheet([(titles[k], v) for k, v in panels.items()], out)
 
 
+def seed_band(values_by_step: dict[int, list[float]]) -> dict:
+    """Per step with values: the mean over seeds, the lowest and highest seed, and how many seeds."""
+    steps = sorted(s for s, v in values_by_step.items() if v)
+    v = [values_by_step[s] for s in steps]
+    return {"steps": steps, "mean": [float(np.mean(x)) for x in v], "low": [float(min(x)) for x in v],
+            "high": [float(max(x)) for x in v], "seeds": [len(x) for x in v]}
+
+
+def heldout_curves(exp: Experiment, bench: str = "synth-reasoning") -> list[dict]:
+    """The learning-curves figure's data, one panel per metric: the held-out metrics of HELDOUT_PANELS
+    on `bench` at every step a checkpoint was scored, then the KL to the starting policy of the
+    runs' metrics.parquet at every training step. Per arm a seed_band; step 0 is the starting policy
+    (the arm's baseline evaluation; a KL of 0, its distance to itself)."""
+    panels = []
+    for metric, ylabel in HELDOUT_PANELS.items():
+        series = {}
+        for arm in exp.arms:
+            by_step: dict[int, list[float]] = {}
+            base = next((e for e in exp.evals if e.seed is None and e.bench == bench
+                         and e.arm == exp.arm_meta[arm].get("baseline")), None)
+            for e in ([base] if base else []) + arm_evals(exp, arm, bench):
+                v = eval_mean(e, metric)
+                if v is not None:
+                    by_step.setdefault(e.step, []).append(v)
+            if any(s > 0 for s in by_step):  # an arm with no scored checkpoint has no curve yet
+                series[arm] = seed_band(by_step)
+        panels.append({"metric": metric, "bench": bench, "ylabel": ylabel,
+                       "title": f"{LABELS[metric]}, held-out {bench}", "series": series})
+    series, no_kl = {}, []
+    for arm, seeds in exp.arms.items():
+        by_step = {0: []}
+        for run in seeds.values():
+            if (run / "metrics.parquet").exists():
+                steps, values = read_run_metrics(run / "metrics.parquet").get("kl", ([], []))
+                by_step[0] += [0.0] if steps else []
+                for step, v in zip(steps, values):
+                    by_step.setdefault(int(step), []).append(v)
+        if len(by_step) > 1:
+            series[arm] = seed_band(by_step)
+        else:
+            no_kl.append(arm)  # an arm without a KL term (beta 0) records none
+    panels.append({"metric": "kl", "bench": "training", "ylabel": "KL per token (k3)", "series": series,
+                   "title": "KL to the starting policy, training batches" +
+                            (f" (none recorded: {', '.join(no_kl)})" if no_kl else "")})
+    return panels
+
+
+def plot_heldout(exp: Experiment, out: Path, panels: list[dict] | None = None) -> Path:
+    """One figure of the experiment's learning curves (`panels`, default heldout_curves): a panel per
+    metric, per arm the mean over seeds and a band from the lowest to the highest seed."""
+    panels = [(p["title"], p["ylabel"], {arm: (c["steps"], c["mean"], c["low"], c["high"])
+                                         for arm, c in p["series"].items()})
+              for p in (heldout_curves(exp) if panels is None else panels)]
+    title = (f"{exp.folder}: learning curves. Line: mean over seeds; band: lowest to highest seed; "
+             f"step 0: the starting policy")
+    return band_sheet(panels, out, title)
+
+
 def _mean_curve(curves: list[tuple[list[float], list[float]]]):
     by_step: dict[float, list[float]] = {}
     for steps, values in curves:
@@ -367,7 +450,12 @@ def experiment_commands(exp: Experiment) -> list[str]:
     return lines
 
 
-def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[str]:
+def markdown(exp: Experiment, curves: Path | None, grid: Path | None, findings: list[dict] | None = None,
+             heldout: Path | None = None) -> list[str]:
+    """The experiment's section: settings, the findings table (`findings`, findings.finding_rows) and
+    the learning-curves figure (`heldout`) first, then per benchmark the tables, wall time, commands."""
+    from rl3d.stages.experiments.findings import METHOD, finding_table  # findings imports this module
+
     name = exp.meta["experiment"]
     s = exp.meta["settings"]
     lines = [f"## Experiment: {name}" + (f" (folder {exp.folder})" if exp.folder != name else ""), "",
@@ -385,6 +473,10 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
         lines += ["Not scored yet (the tables hold only the steps scored; training curves are drawn): " +
                   ", ".join(f"{arm} seed {seed} (step {', '.join(missing)}; reached step {step})"
                             for arm, seed, missing, step in unscored) + ".", ""]
+    if findings:
+        lines += ["### Findings", "", METHOD.format(script=name), "", *finding_table(findings), ""]
+    if heldout:
+        lines += [f"![{name}: learning curves per arm, mean and seed band]({heldout.name})", ""]
     for bench in sorted({e.bench for e in exp.evals}):
         metrics = BENCH_METRICS.get(bench, DEFAULT_METRICS)
         rows = arm_rows(exp, bench)
@@ -415,22 +507,29 @@ def markdown(exp: Experiment, curves: Path | None, grid: Path | None) -> list[st
 
 
 def summarize(exp_dir: Path, out: Path) -> dict:
-    """Write OUT/<folder>.md, <folder>_curves.png, <folder>_renders.png and <folder>.json (the
-    numbers), <folder> being the experiment folder's name; return the paths."""
+    """Write OUT/<folder>.md, <folder>_learning.png (held-out learning curves and KL),
+    <folder>_curves.png (training curves), <folder>_renders.png and <folder>.json (the numbers, the
+    findings and the learning curves' data), <folder> being the experiment folder's name; return the paths."""
+    from rl3d.stages.experiments.findings import finding_rows  # findings imports this module
+
     exp = load_experiment(exp_dir)
+    findings = finding_rows(exp)  # first: a comparison it refuses writes nothing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # named after the folder, not the experiment: one experiment run at other sizes in another
     # folder must not overwrite the first one's summary
     name = exp.folder
+    learning = heldout_curves(exp)
+    heldout = plot_heldout(exp, out / f"{name}_learning.png", learning) if exp.arms else None
     curves = plot_curves(exp, out / f"{name}_curves.png") if exp.arms else None
     grid = render_sheet(exp, out / f"{name}_renders.png")
     md = out / f"{name}.md"
-    md.write_text("\n".join(markdown(exp, curves, grid)))
+    md.write_text("\n".join(markdown(exp, curves, grid, findings, heldout)))
     numbers = {bench: arm_rows(exp, bench) for bench in sorted({e.bench for e in exp.evals})}
     (out / f"{name}.json").write_text(json.dumps({"experiment": exp.meta, "results": numbers,
+                                                  "findings": findings, "learning_curves": learning,
                                                   "wall": wall_times(exp)}, indent=2))
-    return {"markdown": md, "curves": curves, "renders": grid, "numbers": out / f"{name}.json"}
+    return {"markdown": md, "learning": heldout, "curves": curves, "renders": grid, "numbers": out / f"{name}.json"}
 
 
 # ---------------------------------------------------------------- where the learning signal is

@@ -177,3 +177,51 @@ def _save(img: Image.Image, path: Path) -> Path:
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", optimize=True)
     return path
+
+
+def band_sheet(panels: list[tuple[str, str, dict]], path: Path, title: str = "", columns: int = 2,
+               width: int = 600, height: int = 380) -> Path:
+    """Panels of lines with shaded bands on one image, `columns` per row, each about width x height.
+    A panel is (title, y label, curves), curves name -> (steps, mean, low, high): a line through the
+    means with the band from low to high shaded. A name keeps its colour in every panel, and one
+    legend for the whole figure sits right of the panels, where it covers no data."""
+    rows = math.ceil(len(panels) / columns)
+    names = list(dict.fromkeys(n for _, _, curves in panels for n in curves))
+    style = {n: (PALETTE[i % len(PALETTE)], ("-", "--", ":")[i // len(PALETTE) % 3]) for i, n in enumerate(names)}
+    legend_w = 40 + 7 * max((len(n) for n in names), default=0)
+    fig = _figure(width * columns + legend_w, height * rows + (40 if title else 0))
+    handles = {}
+    for i, (panel_title, ylabel, curves) in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        xs = []
+        for name, (steps, mean, low, high) in curves.items():
+            colour, dash = style[name]
+            pts = [(x, m, lo, hi) for x, m, lo, hi in zip(steps, mean, low, high) if _finite(m)]
+            if not pts:
+                continue
+            x, m, lo, hi = (list(v) for v in zip(*pts))
+            xs += x
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+            # markers only where they stay apart (every eval step, not every training step of 100)
+            handles[name], = ax.plot(x, m, color=colour, linestyle=dash, linewidth=1.8,
+                                     marker="o" if len(x) <= 30 else None, markersize=4, label=name)
+        if not xs:
+            ax.text(0.5, 0.5, "nothing scored yet", transform=ax.transAxes, ha="center", va="center", color="#777777")
+        elif all(float(x).is_integer() for x in xs):
+            # steps scored every 10: ticks on round multiples (0, 20, 40), not 0, 15, 30
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+            if max(xs) - min(xs) < 1:
+                ax.set_xlim(min(xs) - 1, max(xs) + 1)
+        ax.set_title(panel_title, loc="left", fontsize=11)
+        ax.set_xlabel("training step", fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=10)
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=12, x=0.01, ha="left")
+    if handles:
+        fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles],
+                   loc="outside right upper", frameon=False, fontsize=10)
+    return _save_figure(fig, path)
