@@ -5,6 +5,12 @@
 EXPERIMENT=algorithm
 . "$(dirname "$0")/common.sh"
 start_experiment
+finding "Token ratio beats GSPO's sequence ratio (GSPO's own clip range)" base '>' gspo spec_all_correct clip_score
+finding "Token ratio beats a sequence ratio (the token clip range)" base '>' gspo-ratio spec_all_correct clip_score
+finding "Token-level loss averaging beats sequence-level" base '>' sequence-agg spec_all_correct clip_score
+finding "Removing the KL term hurts" base '>' beta0 spec_all_correct clip_score
+finding "Dynamic sampling helps" dynamic-sampling '>' base spec_all_correct clip_score
+finding "Decoupled clip 0.2 / 0.28 beats symmetric 0.2 / 0.2" base '>' symmetric-clip spec_all_correct clip_score
 baseline hi-grpo "$(shipped_policy)" hi-grpo
 arm base
 arm sequence-agg LOSS_AGG=sequence

@@ -105,6 +105,29 @@ Path(out).write_text(json.dumps(new, indent=2) + "\n")
 EOF
 }
 
+# finding "CLAIM" ARM OP OTHER METRIC...: one of the paper's findings this experiment tests, for
+# `rl3d learning-summary ablations` to judge (stages/experiments/findings.py): ARM's held-out METRIC
+# is higher (OP '>') or lower ('<') than OTHER's, paired by held-out prompt. A side is an arm or
+# ARM@STEP (its runs' score at training step STEP; default: the last step both sides were scored
+# at); a METRIC is a per-sample metric of rl3d eval on synth-reasoning (spec_all_correct,
+# spec_accuracy, clip_score, ...) or BENCH:METRIC on another benchmark. Declared after
+# start_experiment and before the arms, so that a call stopped by its budget has recorded them;
+# every call records the script's findings anew (start_experiment's experiment.json has none).
+finding() {
+  [ $# -ge 5 ] || { echo "finding: expected \"CLAIM\" ARM OP OTHER METRIC..., got: $*" >&2; exit 2; }
+  case $3 in '>'|'<') ;; *) echo "finding \"$1\": OP is '>' or '<', not '$3'" >&2; exit 2 ;; esac
+  if [ "$DRY_RUN" = 1 ]; then echo "finding \"$1\": $2 $3 $4 on ${*:5}"; return; fi
+  python3 - "$EXP_DIR/experiment.json" "$@" <<'EOF'
+import json, sys
+from pathlib import Path
+path, claim, arm, op, other, *metrics = sys.argv[1:]
+meta = json.loads(Path(path).read_text())
+entry = {"claim": claim, "arm": arm, "op": op, "other": other, "metrics": metrics}
+meta["findings"] = [f for f in meta.get("findings", []) if f["claim"] != claim] + [entry]
+Path(path).write_text(json.dumps(meta, indent=2) + "\n")
+EOF
+}
+
 device_name() {  # the card (or CPU) a call ran on, for the results' wall-time table
   # read all of nvidia-smi's lines first: `| head -1` under pipefail failed on a SIGPIPE with
   # several cards and appended a "CPU" line after the card's name

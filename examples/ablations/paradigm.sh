@@ -8,6 +8,14 @@
 EXPERIMENT=paradigm
 . "$(dirname "$0")/common.sh"
 start_experiment
+finding "Reasoning text before the mesh helps (paper: CLIP 22.7 -> 24.0)" \
+  flat-reasoning '>' flat-mesh-only spec_all_correct clip_score
+finding "Hi-GRPO beats flat GRPO (paper: 26.5 -> 29.3)" hi-grpo '>' flat-reasoning spec_all_correct clip_score
+finding "Level 2 only beats level 1 only (paper: 26.0 vs 24.8)" level2-only '>' level1-only spec_all_correct clip_score
+finding "Both levels beat level 2 only (paper: 28.7 vs 26.0)" hi-grpo '>' level2-only spec_all_correct clip_score
+finding "Both levels beat level 1 only (paper: 28.7 vs 24.8)" hi-grpo '>' level1-only spec_all_correct clip_score
+finding "Back-flow of R_low into level 1 (the paper's lambda 1) beats none" \
+  hi-grpo '>' hi-grpo-lambda0 spec_all_correct clip_score
 mesh_only=$(mesh_only_policy)
 baseline hi-grpo "$(shipped_policy)" hi-grpo
 baseline flat "$(shipped_policy)" flat
