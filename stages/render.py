@@ -238,6 +238,11 @@ def _render_batch(args) -> list[dict]:
     return [r for job in jobs for r in render_one(job, out, opts)]
 
 
+def written_views(opts: RenderOptions) -> set[str]:
+    """The views render writes as files: rgb always, depth and normals (with their mask) when asked."""
+    return {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
+
+
 def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions, device_rgb: bool = False) -> list:
     """Views of prepared meshes from the torch renderer, in batches; a batch that fails is
     rendered again mesh by mesh, so that one bad mesh fails alone (its entry is the exception)."""
@@ -245,7 +250,8 @@ def _render_prepared(prepared: list, az: tuple, el: tuple, opts: RenderOptions, 
 
     def batch(part):
         return torch_renderer.render_batch(part, az, el, opts.resolution, opts.fov, opts.device, opts.supersample,
-                                           with_depth=opts.depth, with_normals=opts.normals, device_rgb=device_rgb)
+                                           with_depth=opts.depth, with_normals=opts.normals, device_rgb=device_rgb,
+                                           host=written_views(opts))
     try:
         return batch(prepared)
     except Exception as e:
@@ -276,7 +282,7 @@ def _render_batched(jobs: list[dict], out: str, opts: RenderOptions, progress, w
 
     az, el = angle_tuples(*view_angles(opts.views, opts.preset, opts.elevation))
     per_batch = min(len(jobs), meshes_per_batch(len(az), opts.resolution * opts.supersample, opts.device))
-    keep = {"rgb"} | ({"depth"} if opts.depth else set()) | ({"normal", "mask"} if opts.normals else set())
+    keep = written_views(opts)
     processes = resident_pool is not None or workers > 1
     pool = _pool_or_new(resident_pool, workers) if processes else ThreadPoolExecutor(WRITER_THREADS)
     writer = ThreadPoolExecutor(max(workers, WRITER_THREADS), thread_name_prefix="rl3d-png") if processes else None

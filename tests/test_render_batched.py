@@ -171,3 +171,21 @@ def test_all_faces_is_another_render_config_on_torch_only(tmp_path):
     assert torch_a["skip_back_faces"] is True and torch_b["skip_back_faces"] is False
     if engines.open3d_available():
         assert "skip_back_faces" not in render.RenderJob(d, views=1, resolution=16, backend="open3d").config()
+
+
+def test_render_batch_brings_back_only_the_views_asked_for():
+    """render asks for the views it writes (rgb alone by default): the others come back as None and
+    the asked ones are the same bits as with everything asked."""
+    from rl3d.stages.raycast.renderer import prepare_mesh as prepare
+    from rl3d.stages.render import RenderOptions, written_views
+
+    az, el = angle_tuples(*view_angles(2))
+    prepared = [prepare(m, az, el) for m in meshes()]
+    every = torch_renderer.render_batch(prepared, az, el, 24, 40.0, "cpu", 2)
+    asked = written_views(RenderOptions())
+    assert asked == {"rgb"}
+    some = torch_renderer.render_batch(prepared, az, el, 24, 40.0, "cpu", 2, host=asked)
+    for a, b in zip(every, some):
+        assert set(b) == set(a) and b["mask"] is None and b["depth"] is None and b["normal"] is None
+        assert np.array_equal(a["rgb"], b["rgb"])
+    assert written_views(RenderOptions(depth=True, normals=True)) == {"rgb", "depth", "normal", "mask"}
