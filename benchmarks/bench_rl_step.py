@@ -11,12 +11,16 @@ forward, update, checkpoint) once per variant and prints one table:
 tokens = every token of the kept sequences (prompt and completion) per epoch; MFU = 6 N tokens /
 update seconds / peak, N = the model's parameters (a tied head counted once). The baseline is the
 settings rl-step had before these options: no length buckets, the unfused AdamW, no gradient
-checkpointing, the stored log-probs as pi_old.
+checkpointing, the stored log-probs as pi_old, fp32 weights under bf16 autocast (bf16-weights: bf16
+weights with fp32 masters in the optimizer; on a CPU it needs --dtype bfloat16, which leaves the
+baseline in fp32 there).
 
     python benchmarks/bench_rl_step.py --shape tiny                  # CPU check, well under a minute
     python benchmarks/bench_rl_step.py --shape 0.5b --device cuda    # G=8 x 2 levels x 1024 mesh tokens
     python benchmarks/bench_rl_step.py --shape 1.5b --device cuda --prompts 32 \\
         --variants baseline,buckets+fused,buckets+fused+ckpt
+    python benchmarks/bench_rl_step.py --shape 0.5b --device cuda --prompts 16 \\
+        --variants baseline,bf16-weights,buckets+fused,buckets+fused+bf16-weights
 
 Defaults per shape: tiny = 1 prompt, 128 mesh tokens, micro-batch 4, minibatch 8; 0.5b and 1.5b =
 64 prompts (1,024 sequences), 1,024 mesh tokens, micro-batch 32, minibatch 256.
@@ -33,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from accelerate.state import AcceleratorState
 
 from rl3d.formats import shards, tables
+from rl3d.formats.errors import InputError
 from rl3d.stages.contract import Progress
 from rl3d.stages.policy.checkpoint import default_policy_dir, load_codec_for, read_policy_meta, save_policy
 from rl3d.stages.policy.tokenizer import load_tokenizer, special_ids
@@ -56,8 +62,11 @@ VARIANTS = {
     "buckets+fused": {"length_buckets": True, "fused_adamw": True},
     "buckets+fused+ckpt": {"length_buckets": True, "fused_adamw": True, "gradient_checkpointing": True},
     "buckets+fused+recompute": {"length_buckets": True, "fused_adamw": True, "old_logprobs": "recompute"},
+    "bf16-weights": {"bf16_weights": True},
+    "buckets+fused+bf16-weights": {"length_buckets": True, "fused_adamw": True, "bf16_weights": True},
 }
-BASELINE = {"length_buckets": False, "fused_adamw": False, "gradient_checkpointing": False, "old_logprobs": "stored"}
+BASELINE = {"length_buckets": False, "fused_adamw": False, "gradient_checkpointing": False, "old_logprobs": "stored",
+            "bf16_weights": False}
 
 
 def random_policy(out: Path, shape: str, vocab: int | None, device: str) -> tuple[Path, int]:
@@ -144,6 +153,9 @@ def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
+    # accelerate keeps one mixed-precision setting a process; a variant starts as its own rl-step
+    # process would (on a CPU, bf16-weights computes in bf16 and the baseline in fp32)
+    AcceleratorState._reset_state(reset_partial_state=True)
     try:
         s = run_rl_step(policy_dir, root / "gen", root / "rewards", out, cfg,
                         run_metrics=str(root / "metrics.parquet"), device=args.device, dtype=args.dtype,
@@ -151,6 +163,8 @@ def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -
                         lora_rank=args.lora_rank)
     except torch.OutOfMemoryError:  # a row of the table, not the end of the run (e.g. 1.5b without ckpt)
         s = {"oom": True}
+    except InputError as e:  # a variant this device and dtype cannot run (bf16-weights on a CPU in fp32)
+        s = {"refused": str(e)}
     s["command_s"] = time.time() - t0
     s["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     shutil.rmtree(out, ignore_errors=True)  # 1.5B: 18 GB of weights and optimizer state per variant
@@ -233,12 +247,15 @@ def profile_variant(name: str, policy_dir: Path, root: Path, args) -> None:
 def print_table(results: dict, tokens: int, n_params: int, peak_tflops: float) -> None:
     """One row per variant; "x baseline" is the update's tokens/s against the baseline's, same run."""
     base = results["baseline"]
-    base_tps = None if base.get("oom") else tokens / max(base["update_s"], 1e-9)
+    base_tps = None if base.get("oom") or base.get("refused") else tokens / max(base["update_s"], 1e-9)
     print("| variant | tokens/s | MFU | x baseline | ref s | old s | update s | save s | load s | peak GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, s in results.items():
         if s.get("oom"):
             print(f"| {n} | out of memory | | | | | | | | {s['peak_gb']:.1f} |")
+            continue
+        if s.get("refused"):
+            print(f"| {n} | not run: {s['refused']} | | | | | | | | |")
             continue
         tps = tokens / max(s["update_s"], 1e-9)
         mfu = 6 * n_params * tps / (peak_tflops * 1e12)

@@ -49,7 +49,8 @@ Several GPUs (same options):
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
               show_default="bfloat16 autocast on CUDA, float32 on CPU",
-              help="Compute dtype (weights and optimizer state stay float32).")
+              help="Compute dtype (weights and optimizer state stay float32; --bf16-weights keeps the trained "
+                   "weights in bf16 and, with bfloat16 here, computes in bf16 on a CPU too).")
 @common_options(seed_help="Random seed (minibatch order).",
                 overwrite_help="Redo the update even if --out is a complete checkpoint.")
 @handle_errors

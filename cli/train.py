@@ -118,7 +118,9 @@ def _load_toml(ctx, param, value):
               help="Resume with settings other than RUN/train.json's (recorded there as a change).")
 @click.option("--device", default=None, show_default="cuda if available, else cpu", help="torch device.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16"]),
-              show_default="bfloat16 on CUDA, float32 on CPU", help="Sampling dtype (training keeps float32 weights).")
+              show_default="bfloat16 on CUDA, float32 on CPU",
+              help="Sampling dtype (training keeps float32 weights; --bf16-weights keeps the trained weights in "
+                   "bf16 and, with bfloat16 here, trains in bf16 on a CPU too).")
 @click.option("--lora-rank", type=int, default=0, show_default=True, help="LoRA rank: train an adapter on the initial policy (checkpoints hold the adapter, and a merged policy at held-out eval steps and the last step).")
 @common_options(seed_help="Random seed: prompt order, sampling (step s samples with seed + s), minibatch order.",
                 overwrite_help="Start the run over: the old run folder is set aside beside it and removed once "

@@ -81,6 +81,12 @@ UPDATE_OPTIONS = [
                        "float summation order)."),
     click.option("--fused-adamw/--no-fused-adamw", default=True, show_default=True,
                   help="torch's fused AdamW kernel when every trained weight is on CUDA (no effect on CPU)."),
+    click.option("--bf16-weights/--no-bf16-weights", default=False, show_default=True,
+                  help="Keep the trained weights in bf16 and their float32 master copies (and AdamW's state) in "
+                       "the optimizer: no cast of every weight for every product under autocast. Gradients sum "
+                       "and clip in float32; checkpoints hold the float32 masters. Needs bf16 compute (CUDA, or "
+                       "--dtype bfloat16 on a CPU); not with --lora-rank or FSDP. Not yet measured on a GPU, hence "
+                       "off by default."),
     click.option("--tis-cap", type=float, default=0.0, show_default=True,
                   help="Truncated importance sampling: weight each token by min(pi_old / pi_behaviour, C) (needs "
                        "--old-logprobs recompute; `rl3d train --overlap 1` sets C = 2). 0 = off."),

@@ -62,12 +62,13 @@ class RLStepJob(DirJob):
         self.cfg, self.options = cfg, options
 
     def config(self) -> dict:
-        return asdict(self.cfg)
+        return settings_compared(asdict(self.cfg))
 
     def recorded_config(self, out: Path) -> dict | None:
         recorded = read_json_record(out / self.marker, "rl-step record").get("config")
         # every rl-step writes it; a hand-made record without it is taken as is
-        return recorded.get("rl") if isinstance(recorded, dict) else None
+        rl = recorded.get("rl") if isinstance(recorded, dict) else None
+        return settings_compared(rl) if isinstance(rl, dict) else None
 
     def temp_dir(self, out: Path) -> Path:
         return out.with_name(f".{out.name}.rl-tmp")  # the name `rl3d status` counts as a started step
@@ -133,6 +134,16 @@ class RLStepJob(DirJob):
         if not self.learner.acc.is_main_process:
             metrics["save_s"] = round(time.time() - self.save_started, 3)
         return {**fields, **summary_fields(metrics)}
+
+
+# settings added after checkpoints were made, with the value those checkpoints computed with: a rerun
+# compares them only when set otherwise, so an existing step is still taken as complete
+ADDED_SETTINGS = {"bf16_weights": False}
+
+
+def settings_compared(rl: dict) -> dict:
+    """An update's recorded settings as a rerun compares them (ADDED_SETTINGS left out at their old value)."""
+    return {k: v for k, v in rl.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
 
 
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,

@@ -10,6 +10,7 @@ fields (request_template, chat_template, system_prompt, sampling): docs/checkpoi
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -237,6 +238,8 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         if isinstance(e, OSError) or code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out / "model.safetensors")) from None
+    if state_dict is not None:
+        _record_written_dtype(tmp, model, state_dict)
     strip_loader_keys(tokenizer)  # a loaded-and-resaved tokenizer writes the bytes it was saved with
     tokenizer.save_pretrained(str(tmp))
     if codec_ref is None and codec.external:
@@ -258,6 +261,18 @@ def save_policy(out: str | os.PathLike, model, tokenizer, codec, step: int = 0, 
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     return out
+
+
+def _record_written_dtype(out: Path, model, state_dict: dict) -> None:
+    """config.json's dtype made that of the weights written: save_pretrained records the live
+    model's, which differs when `state_dict` holds other tensors (--bf16-weights saves the float32
+    masters of bf16 parameters). Rewritten only then, the way save_pretrained writes it."""
+    written = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
+    if written is None or written == model.dtype:
+        return
+    config = copy.deepcopy(model.config)
+    config.dtype = str(written).removeprefix("torch.")
+    config.save_pretrained(str(out))
 
 
 def _without_tied_copies(model, state_dict: dict) -> dict:

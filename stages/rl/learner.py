@@ -25,7 +25,7 @@ from rl3d.stages.policy.checkpoint import VISION_MODULES, freeze_vision, load_op
 from rl3d.stages.policy.device import no_cudnn_attention, resolve_device_dtype
 from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
-from rl3d.stages.rl import processes
+from rl3d.stages.rl import master_weights, processes
 from rl3d.stages.rl.advantages import compute_advantages
 from rl3d.stages.rl.micro_batch import AUTO, auto_rows
 from rl3d.stages.rl.rl_config import RLConfig
@@ -47,17 +47,23 @@ class UpdateResult:
 
 class Learner:
     """One policy in training. `policy_dir` is loaded in float32 (bf16 autocast on CUDA; a LoRA
-    run's frozen base in bf16 there); its optimizer.pt, when there is one, continues the parent's
-    AdamW state. The reference (the run's initial policy unless `ref_dir`) is loaded at the first
-    update that needs it, or is the LoRA base itself with its adapter off."""
+    run's frozen base in bf16 there; with cfg.bf16_weights the trained weights in bf16 and their
+    float32 masters in the optimizer, master_weights.py); its optimizer.pt, when there is one,
+    continues the parent's AdamW state. The reference (the run's initial policy unless `ref_dir`)
+    is loaded at the first update that needs it, or is the LoRA base itself with its adapter off."""
 
     def __init__(self, policy_dir, cfg: RLConfig, ref_dir=None, device=None, dtype=None, lora_rank: int = 0,
                  progress: Progress | None = None, lora_from=None):
         self.cfg, self.lora_rank, self.progress = cfg, lora_rank, progress or Progress(quiet=True)
         torch.manual_seed(cfg.seed)
         device_type = resolve_device_dtype(device)[0].type
-        self.use_bf16 = device_type == "cuda" and (dtype in (None, "bfloat16"))
-        self.acc = acc = Accelerator(mixed_precision="bf16" if self.use_bf16 else "no", cpu=device_type == "cpu")
+        # bf16 compute: on CUDA unless --dtype float32; on a CPU only for --bf16-weights with --dtype bfloat16
+        self.use_bf16 = (device_type == "cuda" and dtype in (None, "bfloat16")) or \
+            (cfg.bf16_weights and dtype == "bfloat16")
+        accelerator = master_weights.MasterWeightsAccelerator if cfg.bf16_weights else Accelerator
+        self.acc = acc = accelerator(mixed_precision="bf16" if self.use_bf16 else "no", cpu=device_type == "cpu")
+        if cfg.bf16_weights:  # before any model loads
+            master_weights.check_setup(self.use_bf16, lora_rank, acc.distributed_type)
         # under a distributed launch each process owns one GPU (acc.device); "cuda" alone would mean cuda:0
         on = str(acc.device) if acc.num_processes > 1 or device is None else device
         # LoRA trains only the adapter (peft keeps it in float32): its frozen base needs no fp32 master
@@ -78,14 +84,26 @@ class Learner:
         model.config.use_cache = False
         self.special = policy.special
         self.initial = str(ref_dir or meta.get("initial_policy") or Path(policy_dir).resolve())
+        # --bf16-weights: the trained weights become bf16; AdamW updates their float32 masters
+        self.master_weights = master_weights.MasterWeights(model) if cfg.bf16_weights else None
         self.fused = use_fused_adamw(model, cfg, acc)
-        opt = make_optimizer(model, cfg, self.fused)
+        opt = make_optimizer(model, cfg, self.fused, self.master_weights.masters if self.master_weights else None)
+        if self.master_weights:
+            self.master_weights.copy_back_after_steps(opt)
         # the temperature is set per update from the samples (CompletionLogprobs.temperature)
         self.scorer, self.opt = acc.prepare(CompletionLogprobs(model, self.special, 1.0), opt)
+        if self.master_weights:
+            self.master_weights.attach(self.scorer, acc.num_processes)
+            acc.master_weights = self.master_weights
         # a policy dir's optimizer.pt is the full model's: a LoRA learner takes only its own checkpoint's
         parent_opt = Path(lora_from or policy_dir) / "optimizer.pt"
         if parent_opt.exists() and (not lora_rank or lora_from is not None):
-            processes.load_optimizer_state(self.scorer, self.opt, load_optimizer_state(parent_opt))
+            state = load_optimizer_state(parent_opt)
+            if self.master_weights:  # the same name-keyed state, onto the masters
+                self.master_weights.load_optimizer_state(acc.unwrap_model(self.scorer), self.opt, state,
+                                                         str(parent_opt))
+            else:
+                processes.load_optimizer_state(self.scorer, self.opt, state)
             set_fused(self.opt, self.fused)  # the parent's state carries its own run's kernel choice
         self.ref_scorer = None
         # a LoRA run's reference is its own base with the adapter switched off: no second copy
@@ -190,8 +208,14 @@ class Learner:
 
     def full_state(self) -> tuple[dict | None, dict | None]:
         """Full CPU weights and optimizer state, gathered by every process (under FSDP each holds a
-        shard); (None, None) for LoRA, whose adapter is merged on save."""
-        return (None, None) if self.lora_rank else processes.full_state(self.scorer, self.opt)
+        shard); (None, None) for LoRA, whose adapter is merged on save. With --bf16-weights the
+        trained weights are their float32 masters: the same tensors and keys as without it."""
+        if self.lora_rank:
+            return None, None
+        if self.master_weights:
+            return (self.master_weights.weights(self.model),
+                    self.master_weights.optimizer_state(self.acc.unwrap_model(self.scorer), self.opt))
+        return processes.full_state(self.scorer, self.opt)
 
     def lora_state(self) -> tuple[dict, dict]:
         """(adapter weights, optimizer state) as full CPU tensors: what a LoRA run checkpoints (the
@@ -251,9 +275,12 @@ def use_fused_adamw(model, cfg: RLConfig, acc) -> bool:
             and acc.distributed_type != DistributedType.FSDP)
 
 
-def make_optimizer(model, cfg: RLConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW over the trained weights (fused: see use_fused_adamw)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model, cfg: RLConfig, fused: bool,
+                   params: list[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trained weights (fused: see use_fused_adamw), or over `params` in their
+    place (--bf16-weights: their float32 masters, in the same order)."""
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                              **({"fused": True} if fused else {}))
 

@@ -19,6 +19,7 @@ CPU_ROWS = 8
 MAX_ROWS = 256
 MEMORY_SHARE = 0.5
 OPTIMIZER_BYTES = 12   # a trained fp32 weight's gradient (4) and AdamW's two moments (8)
+MASTER_BYTES = 4       # a trained weight stored in 16 bits also has an fp32 master copy (--bf16-weights)
 LOGIT_BYTES = 12       # a head row a token: logits, log-softmax and their gradient
 
 
@@ -37,9 +38,10 @@ def activation_bytes_per_token(config, checkpointing: bool) -> int:
 
 
 def state_bytes(model: torch.nn.Module) -> int:
-    """Weights as stored, plus gradient and AdamW state for the trained ones."""
-    return sum(p.numel() * (p.element_size() + (OPTIMIZER_BYTES if p.requires_grad else 0))
-               for p in model.parameters())
+    """Weights as stored, plus gradient and AdamW state (and an fp32 master below 32 bits) for the trained ones."""
+    def trained(p):
+        return OPTIMIZER_BYTES + (MASTER_BYTES if p.element_size() < 4 else 0)
+    return sum(p.numel() * (p.element_size() + (trained(p) if p.requires_grad else 0)) for p in model.parameters())
 
 
 def auto_rows(model: torch.nn.Module, device: torch.device, longest: int, checkpointing: bool,

@@ -64,6 +64,7 @@ class RLConfig:
     old_logprobs: str = "stored"     # pi_old: stored (gen's log-probs) | recompute (no-grad pass before the update)
     length_buckets: bool = False     # sort each minibatch's sequences by length before cutting micro-batches
     fused_adamw: bool = True         # torch's fused AdamW kernel when every trained weight is on CUDA
+    bf16_weights: bool = False       # trained weights in bf16, their fp32 masters in the optimizer (master_weights.py)
     seed: int = 0
     temperature: float | None = None  # None: the temperature the samples were drawn with
     train_levels: str = "all"        # hi-grpo: all | coarse | fine, the level whose tokens train (ablations)
