@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
-from rl3d.stages.experiments.ablations import group_spread, nucleus_frozen, summarize
+from rl3d.stages.experiments.ablations import group_spread, nucleus_frozen
+from rl3d.stages.experiments.summary import summarize
 from rl3d.stages.scoring.learning import (before_after_sheet, eval_rows, heldout_table, paired_prompt_change,
                                           plot_runs, reward_variance_shares)
 

@@ -16,7 +16,8 @@ from PIL import Image
 from rl3d.cli.main import main as cli
 from rl3d.formats import tables
 from rl3d.formats.errors import InputError
-from rl3d.stages.experiments.ablations import load_experiment, summarize
+from rl3d.stages.experiments.ablations import load_experiment
+from rl3d.stages.experiments.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["common.sh", "paradigm.sh", "algorithm.sh", "rewards.sh", "scaling.sh", "attributes.sh"]

@@ -16,9 +16,10 @@ from test_ablations import ROOT, calls, stub_env, write_eval, write_run
 
 from rl3d.cli.main import main as cli
 from rl3d.formats.errors import InputError
-from rl3d.stages.experiments.ablations import Evaluation, heldout_curves, load_experiment, summarize
+from rl3d.stages.experiments.ablations import Evaluation, heldout_curves, load_experiment
 from rl3d.stages.experiments.findings import (check_paired, compare, declared_findings, finding_rows, finding_table,
                                               parse_side, power, prompts_needed, seeds_needed, verdict, welch_interval)
+from rl3d.stages.experiments.summary import summarize
 
 PROMPTS = [(f"q{i:02d}", ("spatial", "organic")[i % 2], f"object {i}") for i in range(12)]
 SAMPLES = 2
