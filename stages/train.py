@@ -110,6 +110,8 @@ class TrainOptions:
         for flag in ("meshes", "sheet"):  # recorded only when off: runs made before the option resume unchanged
             if d[flag]:
                 d.pop(flag)
+        if not d["rl"].get("bf16_weights"):  # recorded only when on, likewise
+            d["rl"].pop("bf16_weights", None)
         d["out"] = str(Path(self.out).resolve())
         d["prompts"] = self.prompts if self.prompts == "synth" else str(Path(self.prompts).resolve())
         d["policy"] = str(Path(self.policy).resolve()) if self.policy else str(default_policy_dir())

@@ -418,3 +418,16 @@ def test_two_process_ddp_averages_the_master_gradients_like_one_process(tmp_path
     moved = sum(float(((w1[k] - w0[k]) ** 2).sum()) for k in w1) ** 0.5
     apart = sum(float(((w1[k] - w2[k]) ** 2).sum()) for k in w1) ** 0.5
     assert moved > 0 and apart < 0.15 * moved
+
+
+def test_train_records_bf16_weights_only_when_on(tmp_path):
+    """A run made before the option resumes unchanged: its train.json has no rl.bf16_weights, and
+    neither has a run's record with the option off."""
+    import dataclasses
+
+    from rl3d.stages.rl.rl_config import RLConfig
+    from rl3d.stages.train import TrainOptions
+
+    off = TrainOptions(prompts="synth", out=tmp_path / "run").settings()
+    on = TrainOptions(prompts="synth", out=tmp_path / "run", rl=dataclasses.replace(RLConfig(), bf16_weights=True)).settings()
+    assert "bf16_weights" not in off["rl"] and on["rl"]["bf16_weights"] is True
