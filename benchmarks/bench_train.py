@@ -6,6 +6,7 @@ the ratio. Optionally a third arm with --overlap 1.
     python benchmarks/bench_train.py --device cpu --prompts 2 -G 2 --views 1 --resolution 32 --steps 2 \
         --max-reasoning-tokens 8
     python benchmarks/bench_train.py --overlap --json out.json
+    python benchmarks/bench_train.py --skip-commands --overlap --profile-step 3 --keep runs/bench   # profiles in runs/bench/*/profile/
 
 Both arms write RUN/step-NNNNNN/{gen,renders,rewards} the same way; the pipeline's rl-step writes a
 full checkpoint every step (it must: the next gen loads it), the loop one at the end.
@@ -76,6 +77,8 @@ def train(run: Path, prompts: Path, a, env: dict, overlap: int) -> dict:
         args += ["--gen-batch-size", str(a.gen_batch_size)]
     if a.max_reasoning_tokens:
         args += ["--max-reasoning-tokens", str(a.max_reasoning_tokens)]
+    if a.profile_step:
+        args += ["--profile-step", str(a.profile_step)]
     t0 = time.time()
     summary = sh(args, env)
     summary["wall_s"] = time.time() - t0
@@ -95,6 +98,8 @@ def main() -> None:
     p.add_argument("--gen-batch-size", type=int, default=None, help="rl3d train --gen-batch-size")
     p.add_argument("--policy", default=None, help="policy dir (default: the embedded default)")
     p.add_argument("--max-reasoning-tokens", type=int, default=None, help="reasoning budget (default: the policy's)")
+    p.add_argument("--profile-step", type=int, default=0,
+                   help="rl3d train --profile-step in each train arm (RUN/profile/; keep the runs with --keep)")
     p.add_argument("--overlap", action="store_true", help="also time rl3d train --overlap 1")
     p.add_argument("--skip-commands", action="store_true", help="time rl3d train only")
     p.add_argument("--keep", default=None, help="keep the runs in this folder")
