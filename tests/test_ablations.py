@@ -2,6 +2,7 @@
 fabricated experiment folder, including its refusal to mix runs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -517,3 +518,40 @@ def test_a_packed_run_that_must_train_again_starts_empty(tmp_path):
     (aside,) = (packed / "stale/base").glob("seed-2.*")
     assert (aside / "step-000001/rewards/part-00000-of-00001.parquet").read_text() == "attempt one, seed 2"
     assert "moved to" in r.stdout + r.stderr
+
+
+def test_pack_with_checkpoints_lets_a_stopped_run_continue(tmp_path):
+    """pack.sh --checkpoints keeps what a run of rl3d train needs to go on (its settings and its newest
+    checkpoint), so the rerun continues it instead of training it again; a finished, scored run keeps
+    no checkpoint and its mark; an unknown option exits 2."""
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1 2", STEPS="2", ARMS="base",
+                   BENCHES="synth-reasoning", ENGINE="train")
+    script = str(ROOT / "examples/ablations/algorithm.sh")
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True)
+    runs = {s: tmp_path / f"exp/arms/base/seed-{s}" for s in (1, 2)}
+    for run in runs.values():
+        (run / "train.json").write_text('{"settings": {}}')
+    # seed 2 stopped by its time budget after step 1: its newest checkpoint is step 1, nothing scored
+    shutil.rmtree(runs[2] / "checkpoints/step-000002")
+    shutil.rmtree(runs[2] / "eval/step-000002")
+    one = runs[2] / "checkpoints/step-000001"
+    one.mkdir(parents=True)
+    (one / "train_state.json").write_text('{"step": 1}')
+    (one / "model.safetensors").write_text("weights after step 1")
+    pack = str(ROOT / "examples/ablations/pack.sh")
+    bad = subprocess.run(["bash", pack, str(tmp_path / "exp"), str(tmp_path / "pk"), "--all"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    subprocess.run(["bash", pack, str(tmp_path / "exp"), str(tmp_path / "pk"), "--checkpoints"],
+                   check=True, capture_output=True)
+    packed = tmp_path / "pk/exp/arms/base"
+    assert (packed / "seed-1/PACKED").exists() and not (packed / "seed-1/checkpoints").exists()
+    assert not (packed / "seed-2/PACKED").exists() and (packed / "seed-2/train.json").exists()
+    assert (packed / "seed-2/checkpoints/step-000001/model.safetensors").read_text() == "weights after step 1"
+    (tmp_path / "calls.log").unlink()
+    r = subprocess.run(["bash", script], env={**env, "EXP_DIR": str(tmp_path / "pk/exp")}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    trained = [c for c in calls(tmp_path) if c.startswith("train")]
+    assert len(trained) == 1 and "seed-2" in trained[0]  # continued in its own folder, not moved aside
+    assert not (tmp_path / "pk/exp/stale").exists()
+    assert (packed / "seed-2/checkpoints/step-000001/model.safetensors").exists()
+    assert any(c.startswith("eval") and "seed-2/checkpoints/step-000002 " in c for c in calls(tmp_path))
