@@ -555,3 +555,30 @@ def test_pack_with_checkpoints_lets_a_stopped_run_continue(tmp_path):
     assert not (tmp_path / "pk/exp/stale").exists()
     assert (packed / "seed-2/checkpoints/step-000001/model.safetensors").exists()
     assert any(c.startswith("eval") and "seed-2/checkpoints/step-000002 " in c for c in calls(tmp_path))
+
+
+def test_score_every_scores_each_arm_at_those_steps_and_rl3d_train_checkpoints_them(tmp_path):
+    """SCORE_EVERY=K: each arm is scored every K steps and at its last, recorded in experiment.json and
+    read back by the summariser; rl3d train (ENGINE=train) saves a checkpoint at every step to score,
+    also where an arm's EVAL_AT steps are not multiples of learning_run.sh's default."""
+    from rl3d.stages.experiments.ablations import planned_steps, score_steps
+
+    assert score_steps(50, 10) == [10, 20, 30, 40, 50] and score_steps(25, "10") == [10, 20, 25]
+    assert score_steps(6, None) == score_steps(6, "") == [6]
+    env = stub_env(tmp_path, EXP_DIR=str(tmp_path / "exp"), SEEDS="1", STEPS="3", ARMS="base",
+                   BENCHES="synth-reasoning", ENGINE="train", SCORE_EVERY="2")
+    subprocess.run(["bash", str(ROOT / "examples/ablations/algorithm.sh")], env=env, check=True, capture_output=True)
+    c = calls(tmp_path)
+    (train,) = [x for x in c if x.startswith("train")]
+    assert "--save-every 1 " in train  # steps 2 and 3: only a checkpoint every step holds both
+    scored = sorted(x.split("checkpoints/")[1].split()[0] for x in c if x.startswith("eval") and "seed-1" in x)
+    assert scored == ["step-000002", "step-000003"]
+    exp = load_experiment(tmp_path / "exp")
+    assert exp.meta["settings"]["SCORE_EVERY"] == 2 and planned_steps(exp, "base") == [2, 3]
+
+    scaling = stub_env(tmp_path, EXP_DIR=str(tmp_path / "scaling"), SEEDS="1", STEPS="2", ARMS="prompts-x1",
+                       BENCHES="synth-reasoning", ENGINE="train")
+    (tmp_path / "calls.log").unlink()
+    subprocess.run(["bash", str(ROOT / "examples/ablations/scaling.sh")], env=scaling, check=True, capture_output=True)
+    (train,) = [x for x in calls(tmp_path) if x.startswith("train")]
+    assert "--steps 6 " in train and "--save-every 2 " in train  # EVAL_AT 2 4 6

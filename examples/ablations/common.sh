@@ -26,8 +26,10 @@ ARMS=${ARMS:-}                    # only these arms (names as in the experiment 
 export STEPS=${STEPS:-10} PROMPTS=${PROMPTS:-64} GROUP=${GROUP:-8} LR=${LR:-1e-4} MINIBATCH=${MINIBATCH:-64}
 export MICRO=${MICRO:-32} SHARDS=${SHARDS:-4} WARMUP=${WARMUP:-16} KL_MAX=${KL_MAX:-10} BETA=${BETA:-0.01}
 export VIEWS=${VIEWS:-4} RES=${RES:-128} BATCH=${BATCH:-512} FAILED=${FAILED:-penalty}
-# held-out scoring: rl3d eval on each benchmark at the arm's last step
+# held-out scoring: rl3d eval on each benchmark at the arm's last step, and every SCORE_EVERY steps
+# before it when set (an arm's EVAL_AT knob names its own steps)
 BENCHES=${BENCHES:-"synth-reasoning text-reasoning"}
+SCORE_EVERY=${SCORE_EVERY:-}
 BENCH_LIMIT=${BENCH_LIMIT:-}      # prompts per category (empty: the whole benchmark)
 EVAL_SAMPLES=${EVAL_SAMPLES:-4}   # samples per prompt
 EVAL_VIEWS=${EVAL_VIEWS:-4}
@@ -89,6 +91,8 @@ settings = {"STEPS": $STEPS, "PROMPTS": $PROMPTS, "GROUP": $GROUP, "LR": $LR, "M
             "EVAL_VIEWS": $EVAL_VIEWS, "EVAL_RES": $EVAL_RES, "EVAL_SUPERSAMPLE": $EVAL_SUPERSAMPLE, "EVAL_SEED": $EVAL_SEED}
 if "$ENGINE" != "steps":  # rl3d train draws its own training prompts: another experiment (folders before it had none)
     settings["ENGINE"] = "$ENGINE"
+if "$SCORE_EVERY":  # recorded when set, likewise
+    settings["SCORE_EVERY"] = int("$SCORE_EVERY")
 new = {"experiment": experiment, "start_weights": weights_hash(Path(start)), "settings": settings,
        "command_env": {"SEEDS": "$SEEDS", "MICRO": $MICRO, "SHARDS": $SHARDS, "BATCH": $BATCH}}
 if out == "/dev/null":
@@ -181,7 +185,7 @@ arm() {
   eval_at=$(for k in "${knobs[@]}"; do case $k in EVAL_AT=*) echo "${k#EVAL_AT=}" ;; esac; done)
   steps=$(for k in "${knobs[@]}"; do case $k in STEPS=*) echo "${k#STEPS=}" ;; esac; done)
   steps=${steps:-$STEPS}
-  eval_at=${eval_at:-$steps}
+  eval_at=${eval_at:-$(score_steps "$steps")}
   for s in $SEEDS; do
     run="$EXP_DIR/arms/$name/seed-$s"
     if [ "$DRY_RUN" = 1 ]; then
@@ -202,6 +206,18 @@ EOF
   done
 }
 
+# score_steps STEPS: the steps an arm of STEPS steps is scored at without an EVAL_AT knob (as
+# ablations.planned_steps reads them back)
+score_steps() {
+  python3 -c "from rl3d.stages.experiments.ablations import score_steps; import sys; print(*score_steps(int(sys.argv[1]), sys.argv[2]))" \
+    "$1" "$SCORE_EVERY"
+}
+# save_every "STEPS": the largest number of steps that divides each step to score, so that rl3d
+# train (ENGINE=train) writes a checkpoint at each of them
+save_every() {
+  python3 -c "import math, sys; print(math.gcd(*map(int, sys.argv[1:])))" $1
+}
+
 # train_and_score RUN ARM SEED STEPS EVAL_AT MODE START [KNOB=VALUE ...]: one seed of an arm
 train_and_score() {
   local run=$1 name=$2 s=$3 steps=$4 eval_at=$5 mode=$6 start=$7; shift 7
@@ -211,7 +227,7 @@ train_and_score() {
     set_aside_packed "$run" "$name" "$s"
     log "train $name seed $s${CUDA_VISIBLE_DEVICES:+ (GPU $CUDA_VISIBLE_DEVICES)}"
     env POLICY0="$start" "$@" RUN="$run" GEN_SEED=$((10000 * s)) HELDOUT=0 BASELINE=0 STOP_AFTER="$left" \
-      RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 &
+      EVAL_EVERY="$(save_every "$eval_at")" RL3D="$RL3D" bash "$LEARNING_RUN" >> "$run/train.log" 2>&1 &
     local trainer=$! scorer src=0
     # a run scored at several steps scores each checkpoint while the later steps train, so that its
     # evaluations do not all wait for the last step (a 6-step run then fits in one slice)

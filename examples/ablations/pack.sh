@@ -31,11 +31,13 @@ needed_checkpoints() {
   python3 - "$1" <<'PY'
 import json, sys
 from pathlib import Path
+from rl3d.stages.experiments.ablations import score_steps
 run = Path(sys.argv[1])
 settings = json.load(open("experiment.json"))["settings"]
 knobs = json.load(open(run / "arm.json")).get("knobs", {})
 last = int(knobs.get("STEPS") or settings["STEPS"])
-scored_at = {int(n) for n in str(knobs.get("EVAL_AT") or last).split()}  # as ablations.planned_steps
+scored_at = {int(n) for n in str(knobs["EVAL_AT"]).split()} if knobs.get("EVAL_AT") else \
+    set(score_steps(last, settings.get("SCORE_EVERY")))  # as ablations.planned_steps
 benches = str(settings.get("BENCHES") or "").split()
 done = sorted(c for c in (run / "checkpoints").glob("step-*") if (c / "train_state.json").is_file())
 need = {c for c in done if int(c.name[5:]) in scored_at

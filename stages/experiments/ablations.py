@@ -237,10 +237,21 @@ def scored_seeds(exp: Experiment, arm: str) -> list[int]:
     return sorted({e.seed for e in exp.evals if e.arm == arm and e.seed is not None})
 
 
+def score_steps(steps: int, every=None) -> list[int]:
+    """The steps a run of `steps` steps is scored at without an EVAL_AT knob: every `every` steps
+    (the experiment's SCORE_EVERY; None or empty: none) and the last."""
+    every = int(every) if every else 0
+    return sorted(set(range(every, steps, every)) | {steps}) if every > 0 else [steps]
+
+
 def planned_steps(exp: Experiment, arm: str) -> list[int]:
-    """The steps the arm's runs are scored at: the arm's EVAL_AT, else its STEPS, else the experiment's."""
+    """The steps the arm's runs are scored at: the arm's EVAL_AT, else score_steps of its STEPS (else
+    the experiment's) and the experiment's SCORE_EVERY."""
     knobs = exp.arm_meta[arm].get("knobs") or {}
-    return [int(n) for n in str(knobs.get("EVAL_AT") or knobs.get("STEPS") or exp.meta["settings"]["STEPS"]).split()]
+    if knobs.get("EVAL_AT"):
+        return [int(n) for n in str(knobs["EVAL_AT"]).split()]
+    settings = exp.meta["settings"]
+    return score_steps(int(knobs.get("STEPS") or settings["STEPS"]), settings.get("SCORE_EVERY"))
 
 
 def planned_benches(exp: Experiment) -> list[str]:
