@@ -542,7 +542,7 @@ def test_pack_with_checkpoints_lets_a_stopped_run_continue(tmp_path):
     bad = subprocess.run(["bash", pack, str(tmp_path / "exp"), str(tmp_path / "pk"), "--all"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
     subprocess.run(["bash", pack, str(tmp_path / "exp"), str(tmp_path / "pk"), "--checkpoints"],
-                   check=True, capture_output=True)
+                   env=env, check=True, capture_output=True)  # the environment's python3 holds rl3d
     packed = tmp_path / "pk/exp/arms/base"
     assert (packed / "seed-1/PACKED").exists() and not (packed / "seed-1/checkpoints").exists()
     assert not (packed / "seed-2/PACKED").exists() and (packed / "seed-2/train.json").exists()

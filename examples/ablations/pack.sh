@@ -49,9 +49,13 @@ PY
 }
 for run in arms/*/seed-*; do
   [ -d "$dst/$run" ] || continue
-  if [ "$with_checkpoints" = 1 ] && [ -f "$run/train.json" ] && [ -n "$(needed_checkpoints "$run")" ]; then
+  needed=""
+  if [ "$with_checkpoints" = 1 ] && [ -f "$run/train.json" ]; then
+    needed=$(needed_checkpoints "$run") || { echo "pack.sh: $src/$run: cannot list its checkpoints" >&2; exit 1; }
+  fi
+  if [ -n "$needed" ]; then
     cp --parents -t "$dst" "$run/train.json"
-    needed_checkpoints "$run" | while read -r c; do cp -r --parents -t "$dst" "$c"; done
+    for c in $needed; do cp -r --parents -t "$dst" "$c"; done
     continue
   fi
   # a packed run without checkpoints cannot continue, only be trained again. The mark tells the
