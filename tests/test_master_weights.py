@@ -338,7 +338,7 @@ def test_a_train_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(ru
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(v.dtype == torch.float32 for v in wa.values()) and any(not torch.equal(wa[k], w1[k]) for k in w1)
     r = train(resumed, "--no-bf16-weights")
-    assert r.exit_code == 2 and "rl.bf16_weights: True -> False" in _one_error_line(r.output)
+    assert r.exit_code == 2 and "rl.bf16_weights: True -> (default)" in _one_error_line(r.output)
 
 
 def _one_error_line(output: str) -> str:

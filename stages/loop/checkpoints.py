@@ -61,7 +61,7 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
         changed = sorted(k for k in set(current) | set(settings)
                          if k not in RESUMABLE and current.get(k) != settings.get(k))
         if changed and not allow_changes:
-            shown = ", ".join(_change(k, current.get(k), settings.get(k)) for k in changed[:4])
+            shown = ", ".join(_change(k, current, settings) for k in changed[:4])
             raise InputError(f"{path}: the run was started with other settings ({shown}); "
                              f"resume with the same ones, or pass --allow-changes")
         if not write:
@@ -77,12 +77,18 @@ def record_settings(run: Path, settings: dict, allow_changes: bool, write: bool 
         shards_io.atomic_write_json(path, {"settings": settings})
 
 
-def _change(key: str, old, new) -> str:
-    """One changed setting for a person; of a group of settings (the update's), only the ones that differ."""
+def _change(key: str, before: dict, after: dict) -> str:
+    """One changed setting for a person; of a group of settings (the update's), only the ones that
+    differ. A setting recorded only when not at its default (TrainOptions.settings) shows as "(default)"."""
+    old, new = before.get(key), after.get(key)
     if isinstance(old, dict) and isinstance(new, dict):
-        return ", ".join(f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        return ", ".join(f"{key}.{k}: {_shown(old, k)} -> {_shown(new, k)}"
                          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-    return f"{key}: {old!r} -> {new!r}"
+    return f"{key}: {_shown(before, key)} -> {_shown(after, key)}"
+
+
+def _shown(settings: dict, key: str) -> str:
+    return repr(settings[key]) if key in settings else "(default)"
 
 
 # settings a resume may change without --allow-changes: where the run folder is, how long to run
