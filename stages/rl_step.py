@@ -22,7 +22,7 @@ from rl3d.formats import tables
 from rl3d.formats.errors import InputError
 from rl3d.stages.contract import DirJob, Progress, StageOptions, read_json_record
 from rl3d.stages.policy.checkpoint import carried_meta, policy_id, read_policy_meta, rng_state, save_policy, sft_step_of
-from rl3d.stages.rl.rl_config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig, settings_compared
 from rl3d.stages.rl.inputs import check_step_inputs
 from rl3d.stages.rl.learner import (TIMERS, Learner, make_optimizer, read_batch, set_fused,  # noqa: F401
                                     summary_fields, update_tables, use_fused_adamw)
@@ -134,16 +134,6 @@ class RLStepJob(DirJob):
         if not self.learner.acc.is_main_process:
             metrics["save_s"] = round(time.time() - self.save_started, 3)
         return {**fields, **summary_fields(metrics)}
-
-
-# settings added after checkpoints were made, with the value those checkpoints computed with: a rerun
-# compares them only when set otherwise, so an existing step is still taken as complete
-ADDED_SETTINGS = {"bf16_weights": False}
-
-
-def settings_compared(rl: dict) -> dict:
-    """An update's recorded settings as a rerun compares them (ADDED_SETTINGS left out at their old value)."""
-    return {k: v for k, v in rl.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
 
 
 def run_rl_step(policy_dir, samples_path, rewards_path, out, cfg: RLConfig, ref_dir=None,

@@ -51,7 +51,7 @@ from rl3d.stages.raycast import held_views
 from rl3d.stages.render import RenderJob, worker_pool
 from rl3d.stages.reward import RewardJob, host_pool
 from rl3d.stages.rewards.reward_config import backend_class, load_config
-from rl3d.stages.rl.rl_config import RLConfig
+from rl3d.stages.rl.rl_config import RLConfig, settings_compared
 from rl3d.stages.rl.inputs import check_step_inputs
 from rl3d.stages.rl.learner import Learner, read_batch, summary_fields, update_tables
 from rl3d.stages.scoring.run_metrics import append_run_metrics, write_tensorboard
@@ -110,8 +110,7 @@ class TrainOptions:
         for flag in ("meshes", "sheet"):  # recorded only when off: runs made before the option resume unchanged
             if d[flag]:
                 d.pop(flag)
-        if not d["rl"].get("bf16_weights"):  # recorded only when on, likewise
-            d["rl"].pop("bf16_weights", None)
+        d["rl"] = settings_compared(d["rl"])  # likewise for update settings added since
         d["out"] = str(Path(self.out).resolve())
         d["prompts"] = self.prompts if self.prompts == "synth" else str(Path(self.prompts).resolve())
         d["policy"] = str(Path(self.policy).resolve()) if self.policy else str(default_policy_dir())
@@ -467,9 +466,8 @@ class TrainJob:
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
             self._switch_interval = None
-        if pending is not None:
-            if pending.error is not None:
-                raise pending.error
+        if pending is not None and pending.error is not None:
+            raise pending.error
 
     # ---- weights: the sampling copy, checkpoints ------------------------------------------------
 

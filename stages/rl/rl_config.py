@@ -22,6 +22,17 @@ UPDATE_MODES = {
 }
 
 
+# settings added after checkpoints and runs were made, with the value those computed with: a rerun
+# or a resume compares them only when set otherwise, so what exists is still taken as made alike
+ADDED_SETTINGS = {"bf16_weights": False}
+
+
+def settings_compared(rl: dict) -> dict:
+    """An update's recorded settings as a rerun (rl-step) or a resume (rl3d train's train.json)
+    compares them: ADDED_SETTINGS left out at their old value."""
+    return {k: v for k, v in rl.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
+
+
 def check_modes(**modes: str) -> None:
     """InputError for a mode value that is not one of UPDATE_MODES[name] ("--adv-std 'grup': expected one of
     group, none"), so a typo through the Python API fails instead of silently changing the update."""

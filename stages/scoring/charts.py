@@ -97,17 +97,24 @@ def draw_lines(ax: Axes, title: str, curves: dict[str, tuple[list[float], list[f
         pts = [(x, y) for x, y in zip(xv, yv) if _finite(y)]
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, linewidth=1.6,
                 color=PALETTE[i % len(PALETTE)], label=name)
+    step_axes(ax, xs, title, "step")
+    if curves:
+        ax.legend(frameon=False, fontsize=8)
+
+
+def step_axes(ax: Axes, xs: list[float], title: str, xlabel: str, label_size: int | None = None,
+              tick_steps: list[int] | None = None) -> None:
+    """An axes of training steps: an integer axis when the steps are integers (ticks at multiples of
+    `tick_steps` when given), the title left, a light grid, no top or right spine."""
     if xs and all(float(x).is_integer() for x in xs):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, **({"steps": tick_steps} if tick_steps else {})))
         if max(xs) - min(xs) < 1:  # one step only: widen, or the axis shows fractions of a step
             ax.set_xlim(min(xs) - 1, max(xs) + 1)
     ax.set_title(title, loc="left", fontsize=11)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel, **({"fontsize": label_size} if label_size else {}))
     ax.grid(alpha=0.3)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    if curves:
-        ax.legend(frameon=False, fontsize=8)
 
 
 def line_chart(title: str, curves: dict[str, tuple[list[float], list[float]]], path: Path,
@@ -207,18 +214,10 @@ def band_sheet(panels: list[tuple[str, str, dict]], path: Path, title: str = "",
                                      marker="o" if len(x) <= 30 else None, markersize=4, label=name)
         if not xs:
             ax.text(0.5, 0.5, "nothing scored yet", transform=ax.transAxes, ha="center", va="center", color="#777777")
-        elif all(float(x).is_integer() for x in xs):
-            # steps scored every 10: ticks on round multiples (0, 20, 40), not 0, 15, 30
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
-            if max(xs) - min(xs) < 1:
-                ax.set_xlim(min(xs) - 1, max(xs) + 1)
-        ax.set_title(panel_title, loc="left", fontsize=11)
-        ax.set_xlabel("training step", fontsize=10)
+        # steps scored every 10: ticks on round multiples (0, 20, 40), not 0, 15, 30
+        step_axes(ax, xs, panel_title, "training step", label_size=10, tick_steps=[1, 2, 5, 10])
         ax.set_ylabel(ylabel, fontsize=10)
         ax.tick_params(labelsize=9)
-        ax.grid(alpha=0.3)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
     if title:
         fig.suptitle(title, fontsize=12, x=0.01, ha="left")
     if handles:
