@@ -302,3 +302,20 @@ def test_training_curves_name_the_run_and_put_changing_rewards_first(tmp_path):
                                        "curve-kl.png", "curve-loss.png"]
     two = report.curve_charts([str(run), str(run / "metrics.parquet")], tmp_path / "plots2", max_charts=1)
     assert len(two) == 1  # two runs of one folder name: two lines ("demo", "demo'"), one chart
+
+
+def test_line_panel_without_values_says_so_and_each_tick_carries_its_scale():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from rl3d.stages.scoring.charts import draw_lines
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    empty, tiny = fig.subplots(1, 2)
+    draw_lines(empty, "entropy", {})
+    draw_lines(tiny, "kl", {"a": ([1, 2, 3], [1e-5, 3e-5, 2e-5])})
+    fig.canvas.draw()
+    assert [t.get_text() for t in empty.texts] == ["not recorded in these runs"]
+    assert len(tiny.texts) == 0 and tiny.get_legend() is not None
+    assert tiny.yaxis.get_offset_text().get_text() == ""  # no shared "1e-5" above the axis, under the title
+    assert "3e-05" in [t.get_text() for t in tiny.get_yticklabels()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 from rl3d.formats.shards import atomic_path
@@ -98,8 +98,13 @@ def draw_lines(ax: Axes, title: str, curves: dict[str, tuple[list[float], list[f
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, linewidth=1.6,
                 color=PALETTE[i % len(PALETTE)], label=name)
     step_axes(ax, xs, title, "step")
-    if curves:
+    if any(_finite(y) for _, yv in curves.values() for y in yv):
         ax.legend(frameon=False, fontsize=8)
+    else:  # an empty frame would read as a chart that failed to draw
+        ax.text(0.5, 0.5, "not recorded in these runs", transform=ax.transAxes, ha="center", va="center",
+                color="0.45", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
 
 
 def step_axes(ax: Axes, xs: list[float], title: str, xlabel: str, label_size: int | None = None,
@@ -110,6 +115,8 @@ def step_axes(ax: Axes, xs: list[float], title: str, xlabel: str, label_size: in
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, **({"steps": tick_steps} if tick_steps else {})))
         if max(xs) - min(xs) < 1:  # one step only: widen, or the axis shows fractions of a step
             ax.set_xlim(min(xs) - 1, max(xs) + 1)
+    # each tick its own value: matplotlib's shared scale ("1e-5") sits where the title is
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
     ax.set_title(title, loc="left", fontsize=11)
     ax.set_xlabel(xlabel, **({"fontsize": label_size} if label_size else {}))
     ax.grid(alpha=0.3)
