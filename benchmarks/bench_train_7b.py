@@ -14,6 +14,7 @@ merged 15 GB policy only at the last step.
 
     python benchmarks/bench_train_7b.py                              # 7B shape, 10 steps (a GPU)
     python benchmarks/bench_train_7b.py --tiny --device cpu --steps 2  # the same path at toy size
+    python benchmarks/bench_train_7b.py --steps 6 --overlap 1          # sampling beside the scoring
 
 A random-init policy never picks <mesh-start> by itself, so each sequence spends the whole reasoning
 budget, then the 1,024 mesh tokens the codec needs: every step samples the longest sequences it can.
@@ -131,6 +132,8 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--overlap", type=int, default=0, choices=[0, 1], help="rl3d train --overlap")
+    ap.add_argument("--profile-step", type=int, default=0, help="rl3d train --profile-step (RUN/profile; with --keep)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the policy and the run in this folder")
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     a = ap.parse_args()
@@ -148,7 +151,7 @@ def main() -> None:
             "-G", str(a.group_size), "--mode", a.mode, "--lora-rank", str(a.lora_rank), "--gradient-checkpointing",
             "--micro-batch", str(a.micro_batch), "--max-reasoning-tokens", str(a.max_reasoning_tokens),
             "--views", str(a.views), "--resolution", str(a.resolution), "--save-every", "1", "--lr", "1e-5",
-            "--device", a.device, "--json"]
+            "--device", a.device, "--overlap", str(a.overlap), "--profile-step", str(a.profile_step), "--json"]
     print("$ rl3d " + " ".join(argv[3:]), file=sys.stderr, flush=True)
     t0 = time.time()
     with GpuMemory() as mem:
