@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from rl3d.formats.errors import InputError
-from rl3d.stages.rl.micro_batch import parse_micro_batch
+from rl3d.stages.rl.micro_batch import parse_checkpointing, parse_micro_batch
 
 
 class MicroBatch(click.ParamType):
@@ -20,6 +20,18 @@ class MicroBatch(click.ParamType):
 
 
 MICRO_BATCH = MicroBatch()
+
+
+class Checkpointing(click.ParamType):
+    """--gradient-checkpointing [on|off|auto] (alone: on)."""
+
+    name = "on|off|auto"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_checkpointing(value)
+        except ValueError:
+            self.fail(f"{value!r}: expected on, off or auto", param, ctx)
 
 
 def update_options(f):
@@ -71,8 +83,12 @@ UPDATE_OPTIONS = [
     click.option("--train-levels", type=click.Choice(["all", "coarse", "fine"]), default="all", show_default=True,
                   help="hi-grpo: train both levels' tokens, or one level's only (an ablation); the other level's "
                        "rewards still reach the advantages through the back-flow."),
-    click.option("--gradient-checkpointing", is_flag=True,
-                  help="Recompute activations in the backward pass (less memory)."),
+    click.option("--gradient-checkpointing", type=Checkpointing(), is_flag=False, flag_value="on", default="off",
+                  show_default=True,
+                  help="Recompute activations in the backward pass (less memory, about a third more compute); "
+                       "alone means on. auto: only where the micro-batch (4 sequences under --micro-batch auto) "
+                       "would not fit the card's memory without it, judged each update from its longest sequence; "
+                       "off on a CPU."),
     click.option("--old-logprobs", type=click.Choice(["stored", "recompute"]), default="stored", show_default=True,
                   help="pi_old of the ratio: the log-probs gen stored, or recompute them with a no-grad pass of the "
                        "policy before the update (verl's default; one more forward). docs/rl.md: the mismatch metrics."),

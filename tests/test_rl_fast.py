@@ -282,6 +282,67 @@ def test_micro_batch_auto_on_a_gpu_fills_half_the_memory_left(monkeypatch):
     assert mb.auto_rows(model, torch.device("cpu"), 800, False) == mb.CPU_ROWS
 
 
+def test_gradient_checkpointing_auto_recomputes_only_where_the_micro_batch_would_not_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    from rl3d.stages.rl import micro_batch as mb
+
+    model = torch.nn.Linear(1000, 1000)
+    model.config = SimpleNamespace(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, vocab_size=159859)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 << 30))
+    fit = mb.rows_that_fit(model, torch.device("cuda"), 1130, False)
+    assert 1 <= fit < 8  # the 7B shape's activations: a few ~1,130-token sequences fit without recomputing
+    assert mb.rows_that_fit(model, torch.device("cuda"), 1130, True) > fit
+    assert mb.needs_checkpointing(model, torch.device("cuda"), 1130, fit + 1)
+    assert not mb.needs_checkpointing(model, torch.device("cuda"), 1130, fit)
+    assert mb.needs_checkpointing(model, torch.device("cuda"), 1130, "auto") == (fit < mb.MIN_ROWS)
+    assert not mb.needs_checkpointing(model, torch.device("cuda"), 100, "auto")
+    assert not mb.needs_checkpointing(model, torch.device("cpu"), 100_000, 256)
+
+
+def test_gradient_checkpointing_auto_switches_per_update_and_trains_the_same(run, tmp_path, monkeypatch):
+    from rl3d.stages.rl import learner
+
+    root, policy, _ = run
+    switched = []
+    real = learner.set_checkpointing
+    monkeypatch.setattr(learner, "set_checkpointing", lambda model, on: (switched.append(on), real(model, on)))
+    run_step(root, policy, tmp_path / "cpu", beta=0.01, gradient_checkpointing="auto")
+    assert switched == []  # a CPU never recomputes
+    run_step(root, policy, tmp_path / "plain", beta=0.01)
+    monkeypatch.setattr(learner, "needs_checkpointing", lambda *a: True)
+    run_step(root, policy, tmp_path / "auto", beta=0.01, gradient_checkpointing="auto")
+    assert switched == [True]
+    a, b, c = _weights(tmp_path / "plain"), _weights(tmp_path / "auto"), _weights(tmp_path / "cpu")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+        assert torch.equal(c[k], a[k])
+
+
+@pytest.mark.parametrize("args,value", [([], False), (["--gradient-checkpointing"], True),
+                                        (["--gradient-checkpointing", "auto"], "auto"),
+                                        (["--gradient-checkpointing", "off"], False),
+                                        (["--gradient-checkpointing", "on", "--length-buckets"], True)])
+def test_gradient_checkpointing_option_is_on_alone_or_takes_on_off_auto(args, value):
+    import click
+
+    from rl3d.cli.update_options import update_options
+
+    @click.command()
+    @update_options
+    def probe(**kw):
+        print(repr(kw["gradient_checkpointing"]))
+
+    r = CliRunner().invoke(probe, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == repr(value)
+    assert RLConfig(gradient_checkpointing=value).check().gradient_checkpointing == value
+    bad = CliRunner().invoke(probe, ["--gradient-checkpointing", "sometimes"])
+    assert bad.exit_code == 2 and "expected on, off or auto" in bad.output
+    with pytest.raises(InputError, match="--gradient-checkpointing sometimes: expected on, off or auto"):
+        RLConfig(gradient_checkpointing="sometimes").check()
+
+
 def test_micro_batch_option_takes_a_number_or_auto():
     assert RLConfig(micro_batch="auto").check().micro_batch == "auto"
     with pytest.raises(InputError, match="--micro-batch 0: must be >= 1 or auto"):

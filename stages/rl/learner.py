@@ -27,7 +27,7 @@ from rl3d.stages.policy.sampler import CompletionLogprobs
 from rl3d.stages.policy.sequence import LEVELS
 from rl3d.stages.rl import master_weights, processes
 from rl3d.stages.rl.advantages import compute_advantages
-from rl3d.stages.rl.micro_batch import AUTO, auto_rows
+from rl3d.stages.rl.micro_batch import AUTO, auto_rows, needs_checkpointing
 from rl3d.stages.rl.rl_config import RLConfig
 from rl3d.stages.rl.inputs import learned_nothing
 from rl3d.stages.rl.loss import diagnostics, mismatch_metrics
@@ -77,9 +77,10 @@ class Learner:
             model = with_lora(model, lora_rank)
             if lora_from is not None:  # a LoRA run's checkpoint: its adapter on the base policy
                 load_adapter(model, Path(lora_from) / ADAPTER_DIR)
-        if cfg.gradient_checkpointing:  # the newer name where transformers has it (the old one warns)
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+        self.checkpointing = False
+        if cfg.gradient_checkpointing is True:  # "auto": decided per update from the batch (_sized)
+            set_checkpointing(model, True)
+            self.checkpointing = True
         model.train()
         model.config.use_cache = False
         self.special = policy.special
@@ -193,13 +194,26 @@ class Learner:
         return UpdateResult(metrics, adv_rows, warnings)
 
     def _sized(self, cfg: RLConfig, kept: list[dict]) -> RLConfig:
-        """cfg with micro_batch "auto" made a number for this batch (micro_batch.py)."""
-        if cfg.micro_batch != AUTO:
+        """cfg with gradient checkpointing "auto" made on or off and micro_batch "auto" made a number,
+        for this batch (micro_batch.py)."""
+        if cfg.micro_batch != AUTO and cfg.gradient_checkpointing != AUTO:
             return cfg
         longest = max((len(r["input_ids"]) for r in kept), default=1)
         # a separate reference model takes memory too (loaded in bf16 on CUDA)
         reference = 0 if (self.reference_is_base or cfg.beta == 0) else \
             sum(p.numel() for p in self.model.parameters()) * (2 if self.use_bf16 else 4)
+        if cfg.gradient_checkpointing == AUTO:
+            need = needs_checkpointing(self.model, self.acc.device, longest, cfg.micro_batch, reference)
+            # one setting for all processes (the card with the least memory decides)
+            need = processes.min_over_processes(self.acc, 0 if need else 1) == 0
+            if need != self.checkpointing:
+                set_checkpointing(self.model, need)
+                self.checkpointing = need
+                self.progress.log(f"rl-step: gradient checkpointing auto: {'on' if need else 'off'} "
+                                  f"(longest sequence {longest} tokens)")
+            cfg = dataclasses.replace(cfg, gradient_checkpointing=need)
+        if cfg.micro_batch != AUTO:
+            return cfg
         rows = auto_rows(self.model, self.acc.device, longest, cfg.gradient_checkpointing, reference)
         # every process must cut the same micro-batches (their backward passes pair up): the smallest card's
         rows = processes.min_over_processes(self.acc, rows)
@@ -264,6 +278,15 @@ def kept_samples(samples: list[dict], adv_rows) -> list[dict]:
             by_id[a.sample_id]["advantage"] = a.advantage
             kept.append(by_id[a.sample_id])
     return kept
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Recompute (or keep) each decoder layer's activations in the backward pass; the newer method
+    names where transformers has them (the old ones warn)."""
+    if on:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
 
 
 def use_fused_adamw(model, cfg: RLConfig, acc) -> bool:

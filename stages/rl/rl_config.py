@@ -71,7 +71,7 @@ class RLConfig:
     min_std: float = 0.0
     failed_rewards: str = "drop-group"  # drop-group | error | penalty
     failed_penalty: float = 0.0      # the total a policy failure (empty mesh) gets under "penalty"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # True | False | "auto": micro_batch.needs_checkpointing
     old_logprobs: str = "stored"     # pi_old: stored (gen's log-probs) | recompute (no-grad pass before the update)
     length_buckets: bool = False     # sort each minibatch's sequences by length before cutting micro-batches
     fused_adamw: bool = True         # torch's fused AdamW kernel when every trained weight is on CUDA
@@ -93,6 +93,8 @@ class RLConfig:
             if isinstance(v, str) or v < low:
                 raise InputError(f"--{name.replace('_', '-')} {v}: must be >= {low}"
                                  + (f" or {AUTO}" if name == "micro_batch" else ""))
+        if self.gradient_checkpointing not in (True, False, AUTO):
+            raise InputError(f"--gradient-checkpointing {self.gradient_checkpointing}: expected on, off or {AUTO}")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v) and not (f.name == "tis_cap" and v == math.inf):
