@@ -15,6 +15,15 @@ merged 15 GB policy only at the last step.
     python benchmarks/bench_train_7b.py                              # 7B shape, 10 steps (a GPU)
     python benchmarks/bench_train_7b.py --tiny --device cpu --steps 2  # the same path at toy size
     python benchmarks/bench_train_7b.py --steps 6 --overlap 1          # sampling beside the scoring
+    python benchmarks/bench_train_7b.py --lora-rank 0 --steps 3 \
+        --launch "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 4"  # full FT, FSDP
+    python benchmarks/bench_train_7b.py --tiny --device cpu --lora-rank 0 --steps 2 \
+        --launch "torchrun --standalone --nproc_per_node 2"         # the launched path at toy size (DDP, gloo)
+
+Under --launch, rollouts are split over the processes as rl3d train splits them; the figures are
+per GPU (peak memory of each card) and the update's tokens/s a GPU with its model FLOPs utilisation:
+6 x trained parameters a token for full fine-tuning, 4 x for LoRA (no gradient of the frozen
+weights), recomputation under activation checkpointing not counted, over --peak-tflops a GPU.
 
 A random-init policy never picks <mesh-start> by itself, so each sequence spends the whole reasoning
 budget, then the 1,024 mesh tokens the codec needs: every step samples the longest sequences it can.
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -82,20 +92,23 @@ def dir_bytes(d: Path) -> int:
 
 
 class GpuMemory:
-    """Peak used memory of GPU 0 as nvidia-smi reports it (every process on the card), sampled."""
+    """Peak used memory of each GPU as nvidia-smi reports it (every process on the card), sampled."""
 
     def __init__(self, period_s: float = 0.5):
-        self.peak_mib, self.period_s = 0, period_s
+        self.peak_mib: dict[int, int] = {}
+        self.period_s = period_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self):
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
-                self.peak_mib = max(self.peak_mib, int(out.split()[0]))
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                for line in out.strip().splitlines():
+                    i, used = (int(x) for x in line.split(","))
+                    self.peak_mib[i] = max(self.peak_mib.get(i, 0), used)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 return
             self._stop.wait(self.period_s)
 
@@ -108,6 +121,31 @@ class GpuMemory:
         self._stop.set()
 
 
+def update_figures(run: Path, trained_params: int, lora: bool, gpus: int, peak_tflops: float) -> list[dict]:
+    """Per trained step: the update's seconds, the tokens its forward and backward passes took (the
+    kept samples' whole sequences), tokens/s a GPU and model FLOPs utilisation."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run / "metrics.parquet").to_pylist()
+    by_step: dict[int, dict] = {}
+    for r in t:
+        by_step.setdefault(int(r["step"]), {})[r["name"]] = r["value"]
+    flops_per_token = (4 if lora else 6) * trained_params
+    out = []
+    for step, m in sorted(by_step.items()):
+        gen = run / f"step-{step:06d}" / "gen"
+        lengths = [len(ids) for f in sorted(gen.glob("part-*.parquet"))
+                   for ids in pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist()]
+        if not lengths or not m.get("update_s"):
+            continue
+        tokens = sum(lengths) * m.get("kept_samples", len(lengths)) / len(lengths)
+        per_gpu = tokens / m["update_s"] / gpus
+        out.append({"step": step, "update_s": round(m["update_s"], 2), "sequence_tokens": int(tokens),
+                    "tokens_per_s_per_gpu": round(per_gpu, 1),
+                    "mfu": round(per_gpu * flops_per_token / (peak_tflops * 1e12), 4)})
+    return out
+
+
 def checkpoints(run: Path) -> list[dict]:
     """What each kept checkpoint holds: its files and their size."""
     out = []
@@ -117,6 +155,43 @@ def checkpoints(run: Path) -> list[dict]:
                     "merged_policy": any(f.endswith(".safetensors") and not f.startswith("adapter") for f in files),
                     "files": files})
     return out
+
+
+def processes_of(launcher: list[str]) -> int:
+    """The process count a launcher command line asks for (1 without one)."""
+    for flag in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
+        if flag in launcher:
+            return int(launcher[launcher.index(flag) + 1])
+        for word in launcher:
+            if word.startswith(flag + "="):
+                return int(word.split("=", 1)[1])
+    return 1
+
+
+def train_summary(stdout: str) -> dict:
+    """rl3d train's --json summary: the main process's line (launched processes share stdout)."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(d, dict) and d.get("stage") == "train":
+            return d
+    raise SystemExit("rl3d train printed no summary line")
+
+
+def trained_parameters(policy: Path, lora_rank: int) -> int:
+    """Parameters whose FLOPs count: the language model's (the vision tower is frozen and sees no
+    image in a text-only run); with LoRA the frozen base still computes every product."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(policy)
+    text = getattr(cfg, "text_config", None) or cfg
+    h, inner, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    return layers * (attention + 3 * h * inner) + text.vocab_size * h  # the head; embeddings are lookups
 
 
 def main() -> None:
@@ -134,6 +209,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--overlap", type=int, default=0, choices=[0, 1], help="rl3d train --overlap")
     ap.add_argument("--profile-step", type=int, default=0, help="rl3d train --profile-step (RUN/profile; with --keep)")
+    ap.add_argument("--launch", default=None,
+                    help='a multi-process launcher for rl3d train, e.g. "accelerate launch --config_file '
+                         'examples/accelerate/fsdp.yaml --num_processes 4" or "torchrun --standalone --nproc_per_node 2"')
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="a GPU's dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the policy and the run in this folder")
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     a = ap.parse_args()
@@ -146,7 +225,9 @@ def main() -> None:
         res["policy"] = build_policy(policy, a.tiny, a.device)
         print(f"policy: {json.dumps(res['policy'])}", file=sys.stderr, flush=True)
     run = root / "run"
-    argv = [sys.executable, "-m", "rl3d.cli.main", "train", "--prompts", "synth", "--policy", str(policy),
+    launcher = shlex.split(a.launch) if a.launch else [sys.executable]
+    gpus = processes_of(launcher)
+    argv = [*launcher, "-m", "rl3d.cli.main", "train", "--prompts", "synth", "--policy", str(policy),
             "--out", str(run), "--steps", str(a.steps), "--prompts-per-step", str(a.prompts),
             "-G", str(a.group_size), "--mode", a.mode, "--lora-rank", str(a.lora_rank), "--gradient-checkpointing",
             "--micro-batch", str(a.micro_batch), "--max-reasoning-tokens", str(a.max_reasoning_tokens),
@@ -160,14 +241,19 @@ def main() -> None:
     if proc.returncode != 0:
         print(f"rl3d train failed (exit {proc.returncode})", file=sys.stderr)
         sys.exit(proc.returncode)
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = train_summary(proc.stdout)
     res["train"] = summary
+    res["processes"] = gpus
     res["peak_gpu_mib"] = mem.peak_mib or None
     res["checkpoints"] = checkpoints(run)
+    res["update"] = update_figures(run, trained_parameters(policy, a.lora_rank), a.lora_rank > 0, gpus, a.peak_tflops)
     print(json.dumps({k: summary.get(k) for k in ("steps", "seconds_per_step", "steady_seconds_per_step",
                                                    "phase_seconds")}))
-    print(f"{a.steps} steps in {res['wall_s']} s (model loading included); peak GPU memory "
+    print(f"{a.steps} steps in {res['wall_s']} s (model loading included), {gpus} process(es); peak GPU memory "
           f"{res['peak_gpu_mib']} MiB ({res['device']})")
+    for u in res["update"]:
+        print(f"  update of step {u['step']}: {u['update_s']} s, {u['sequence_tokens']} tokens, "
+              f"{u['tokens_per_s_per_gpu']} tokens/s a GPU, MFU {100 * u['mfu']:.1f}% of {a.peak_tflops:g} TFLOP/s")
     for c in res["checkpoints"]:
         print(f"  {c['checkpoint']}: {c['mb']} MB, merged policy {'yes' if c['merged_policy'] else 'no'}")
     if a.json:
