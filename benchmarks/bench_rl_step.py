@@ -21,6 +21,8 @@ baseline in fp32 there).
         --variants baseline,buckets+fused,buckets+fused+ckpt
     python benchmarks/bench_rl_step.py --shape 0.5b --device cuda --prompts 16 \\
         --variants baseline,bf16-weights,buckets+fused,buckets+fused+bf16-weights
+    python benchmarks/bench_rl_step.py --shape 0.5b --device cuda --prompts 16 \
+        --variants baseline,left-padded          # right-padded batches (no mask: flash) against the old layout
 
 Defaults per shape: tiny = 1 prompt, 128 mesh tokens, micro-batch 4, minibatch 8; 0.5b and 1.5b =
 64 prompts (1,024 sequences), 1,024 mesh tokens, micro-batch 32, minibatch 256.
@@ -54,6 +56,7 @@ DEFAULTS = {"tiny": {"prompts": 1, "mesh_tokens": 128, "micro_batch": 4, "miniba
             "0.5b": {"prompts": 64, "mesh_tokens": 1024, "micro_batch": 32, "minibatch": 256},
             "1.5b": {"prompts": 64, "mesh_tokens": 1024, "micro_batch": 32, "minibatch": 256},
             "7b": {"prompts": 4, "mesh_tokens": 1024, "micro_batch": 8, "minibatch": 64}}
+LEFT_PADDED = "left_padded"
 # variant name -> the RLConfig settings it changes from the baseline
 VARIANTS = {
     "baseline": {},
@@ -63,6 +66,9 @@ VARIANTS = {
     "buckets+fused+ckpt": {"length_buckets": True, "fused_adamw": True, "gradient_checkpointing": True},
     "buckets+fused+recompute": {"length_buckets": True, "fused_adamw": True, "old_logprobs": "recompute"},
     "bf16-weights": {"bf16_weights": True},
+    # the update's batches as they were before right padding: prompts left-padded, so every forward
+    # carries a padding mask (memory-efficient attention instead of flash); not an RLConfig setting
+    "left-padded": {LEFT_PADDED: True},
     "buckets+fused+bf16-weights": {"length_buckets": True, "fused_adamw": True, "bf16_weights": True},
 }
 BASELINE = {"length_buckets": False, "fused_adamw": False, "gradient_checkpointing": False, "old_logprobs": "stored",
@@ -147,6 +153,8 @@ def synthetic_batch(policy_dir: Path, root: Path, prompts: int, group: int, mesh
 
 def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -> dict:
     """One rl-step with the variant's settings; its timers, and the peak GPU memory."""
+    settings = dict(settings)
+    left_padded = settings.pop(LEFT_PADDED, False)
     cfg = RLConfig(**{**BASELINE, **settings}, micro_batch=args.micro_batch, minibatch=args.minibatch,
                    beta=args.beta, lr=1e-6, seed=0)
     out = root / f"out-{name}"
@@ -156,6 +164,10 @@ def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -
     # accelerate keeps one mixed-precision setting a process; a variant starts as its own rl-step
     # process would (on a CPU, bf16-weights computes in bf16 and the baseline in fp32)
     AcceleratorState._reset_state(reset_partial_state=True)
+    from rl3d.stages.rl import update
+    collate = update.collate
+    if left_padded:
+        update.collate = lambda rows, special, device=None, right_padded=False: collate(rows, special, device)
     try:
         s = run_rl_step(policy_dir, root / "gen", root / "rewards", out, cfg,
                         run_metrics=str(root / "metrics.parquet"), device=args.device, dtype=args.dtype,
@@ -165,6 +177,8 @@ def run_variant(name: str, policy_dir: Path, root: Path, args, settings: dict) -
         s = {"oom": True}
     except InputError as e:  # a variant this device and dtype cannot run (bf16-weights on a CPU in fp32)
         s = {"refused": str(e)}
+    finally:
+        update.collate = collate
     s["command_s"] = time.time() - t0
     s["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     shutil.rmtree(out, ignore_errors=True)  # 1.5B: 18 GB of weights and optimizer state per variant

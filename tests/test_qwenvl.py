@@ -179,12 +179,13 @@ def test_stored_logprobs_match_a_recomputation_and_a_plain_forward(loop):
     root, policy_dir, run = loop
     rows = tables.read_table(run / "gen", "samples").to_pylist()[:4]
     pol = load_policy(policy_dir, device="cpu")
-    batch = collate(rows, pol.special)
-    with torch.no_grad():
-        lp, mask = CompletionLogprobs(pol.model, pol.special, 0.7)(**batch)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"]) - r["prompt_len"]
-        np.testing.assert_allclose(lp[i, :n].numpy(), r["logprobs"], atol=2e-4)
+    for right_padded in (False, True):  # the update's layout: no padding mask reaches the model
+        batch = collate(rows, pol.special, right_padded=right_padded)
+        with torch.no_grad():
+            lp, mask = CompletionLogprobs(pol.model, pol.special, 0.7)(**batch)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"]) - r["prompt_len"]
+            np.testing.assert_allclose(lp[i, :n].numpy(), r["logprobs"], atol=2e-4)
     # the mesh tokens' log-probs from a plain (unpadded, no position ids) forward of one sequence
     r = rows[0]
     ids = torch.tensor([r["input_ids"]])

@@ -69,6 +69,43 @@ def test_chunked_logprobs_equal_plain_log_softmax_with_and_without_grad(run):
         assert (c - a).abs().max() <= 1e-5 * a.abs().max() + 1e-7
 
 
+def test_right_padded_batches_need_no_attention_mask_and_give_the_same_logprobs_and_gradients(run, monkeypatch):
+    """The update's layout: every sequence at column 0, pads only after it. No padding mask reaches
+    attention (its plain causal kernel), and log-probs and gradients equal the left-padded batch's."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    root, policy, rows = run
+    pol = load_policy(policy, device="cpu", dtype="float32")
+    rows = rows[:6]
+    assert len({len(r["input_ids"]) for r in rows}) > 1 and len({r["prompt_len"] for r in rows}) >= 1
+    masks = []
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        masks.append(attention_mask)
+        return sdpa_attention_forward(module, q, k, v, attention_mask, **kw)
+
+    AttentionInterface.register("rl3d_spy", spy)
+    AttentionMaskInterface.register("rl3d_spy", sdpa_mask)  # the masks sdpa gets
+    pol.model.set_attn_implementation("rl3d_spy")
+    params = [p for p in pol.model.parameters() if p.requires_grad]
+    out = {}
+    for layout in (False, True):
+        b = collate(rows, pol.special, right_padded=layout)
+        masks.clear()
+        lp, real = completion_logprobs(pol.model, b["input_ids"], b["attention_mask"], b["prompt_lens"],
+                                       b["kinds"], pol.special)
+        out[layout] = (lp, real, torch.autograd.grad(lp.sum(), params), b["input_ids"].shape[1], masks[:])
+    left, right = out[False], out[True]
+    assert all(m is not None for m in left[4]) and all(m is None for m in right[4])
+    assert right[3] == max(len(r["input_ids"]) for r in rows) <= left[3]
+    assert torch.equal(left[1], right[1])
+    torch.testing.assert_close(right[0].detach(), left[0].detach(), atol=1e-5, rtol=0)
+    for a, c in zip(left[2], right[2]):
+        assert (c - a).abs().max() <= 1e-5 * a.abs().max() + 1e-7
+
+
 def test_recompute_on_fp32_cpu_has_no_mismatch_and_gives_the_stored_update(run, tmp_path):
     root, policy, _ = run
     s_stored = run_step(root, policy, tmp_path / "stored", beta=0.01, minibatch=6)

@@ -194,19 +194,23 @@ def completion_kinds(prompt_lens: torch.Tensor, reasoning_end: torch.Tensor, mes
     return torch.where(p < lengths[:, None], k, KIND_PAD)
 
 
-def collate(rows: list[dict], special: SpecialIds, device=None) -> dict:
+def collate(rows: list[dict], special: SpecialIds, device=None, right_padded: bool = False) -> dict:
     """Samples-table rows -> a batch for completion_logprobs: prompts left-padded so every completion
-    starts at the same column (the sampler's layout), completions right-padded.
+    starts at the same column (the sampler's layout), completions right-padded. `right_padded`: every
+    sequence starts at column 0 and only its end is padded; a causal model then needs no padding mask
+    (no token attends to the pads after it), so attention can take its fused causal kernel (flash)
+    instead of a masked one, and the batch is at most as wide (its longest sequence).
     Each row needs input_ids, prompt_len, reasoning_end, mesh_end and reasoning_truncated."""
     n = len(rows)
     plen = torch.tensor([int(r["prompt_len"]) for r in rows])
     lens = torch.tensor([len(r["input_ids"]) for r in rows])
     P, T = int(plen.max()), int((lens - plen).max())
-    ids = torch.full((n, P + T), special.pad, dtype=torch.long)
-    att = torch.zeros((n, P + T), dtype=torch.long)
+    width = int(lens.max()) if right_padded else P + T
+    ids = torch.full((n, width), special.pad, dtype=torch.long)
+    att = torch.zeros((n, width), dtype=torch.long)
     for i, r in enumerate(rows):  # per row, not per token: a copy of each sequence
         seq = torch.as_tensor(r["input_ids"], dtype=torch.long)
-        s = P - int(plen[i])
+        s = 0 if right_padded else P - int(plen[i])
         ids[i, s:s + len(seq)] = seq
         att[i, s:s + len(seq)] = 1
     kinds = completion_kinds(plen, torch.tensor([int(r["reasoning_end"]) for r in rows]),

@@ -31,7 +31,7 @@ class UpdateStats:
 
 def logprobs(net, rows: list[dict], special, acc) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [B, T] of each row's completion under `net`, position kinds [B, T])."""
-    b = collate(rows, special, device=acc.device)
+    b = collate(rows, special, device=acc.device, right_padded=True)
     with acc.autocast():
         lp, _ = net(b["input_ids"], b["attention_mask"], b["prompt_lens"], b["kinds"])
     return lp, b["kinds"]
