@@ -21,7 +21,7 @@ baseline in fp32 there).
         --variants baseline,buckets+fused,buckets+fused+ckpt
     python benchmarks/bench_rl_step.py --shape 0.5b --device cuda --prompts 16 \\
         --variants baseline,bf16-weights,buckets+fused,buckets+fused+bf16-weights
-    python benchmarks/bench_rl_step.py --shape 0.5b --device cuda --prompts 16 \
+    python benchmarks/bench_rl_step.py --shape 0.5b --device cuda --prompts 16 \\
         --variants baseline,left-padded          # right-padded batches (no mask: flash) against the old layout
 
 Defaults per shape: tiny = 1 prompt, 128 mesh tokens, micro-batch 4, minibatch 8; 0.5b and 1.5b =

@@ -15,9 +15,9 @@ merged 15 GB policy only at the last step.
     python benchmarks/bench_train_7b.py                              # 7B shape, 10 steps (a GPU)
     python benchmarks/bench_train_7b.py --tiny --device cpu --steps 2  # the same path at toy size
     python benchmarks/bench_train_7b.py --steps 6 --overlap 1          # sampling beside the scoring
-    python benchmarks/bench_train_7b.py --lora-rank 0 --steps 3 \
+    python benchmarks/bench_train_7b.py --lora-rank 0 --steps 3 \\
         --launch "accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 4"  # full FT, FSDP
-    python benchmarks/bench_train_7b.py --tiny --device cpu --lora-rank 0 --steps 2 \
+    python benchmarks/bench_train_7b.py --tiny --device cpu --lora-rank 0 --steps 2 \\
         --launch "torchrun --standalone --nproc_per_node 2"         # the launched path at toy size (DDP, gloo)
 
 Under --launch, rollouts are split over the processes as rl3d train splits them; the figures are
@@ -126,21 +126,20 @@ def update_figures(run: Path, trained_params: int, lora: bool, gpus: int, peak_t
     kept samples' whole sequences), tokens/s a GPU and model FLOPs utilisation."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(run / "metrics.parquet").to_pylist()
-    by_step: dict[int, dict] = {}
-    for r in t:
-        by_step.setdefault(int(r["step"]), {})[r["name"]] = r["value"]
+    from rl3d.stages.scoring.run_metrics import read_run_metrics
+
+    metrics = {name: dict(zip(*curve)) for name, curve in read_run_metrics(run / "metrics.parquet").items()}
     flops_per_token = (4 if lora else 6) * trained_params
     out = []
-    for step, m in sorted(by_step.items()):
-        gen = run / f"step-{step:06d}" / "gen"
+    for step, update_s in sorted(metrics.get("update_s", {}).items()):
+        gen = run / f"step-{int(step):06d}" / "gen"
         lengths = [len(ids) for f in sorted(gen.glob("part-*.parquet"))
                    for ids in pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist()]
-        if not lengths or not m.get("update_s"):
+        if not lengths or not update_s:
             continue
-        tokens = sum(lengths) * m.get("kept_samples", len(lengths)) / len(lengths)
-        per_gpu = tokens / m["update_s"] / gpus
-        out.append({"step": step, "update_s": round(m["update_s"], 2), "sequence_tokens": int(tokens),
+        tokens = sum(lengths) * metrics.get("kept_samples", {}).get(step, len(lengths)) / len(lengths)
+        per_gpu = tokens / update_s / gpus
+        out.append({"step": int(step), "update_s": round(update_s, 2), "sequence_tokens": int(tokens),
                     "tokens_per_s_per_gpu": round(per_gpu, 1),
                     "mfu": round(per_gpu * flops_per_token / (peak_tflops * 1e12), 4)})
     return out
@@ -180,7 +179,7 @@ def train_summary(stdout: str) -> dict:
     raise SystemExit("rl3d train printed no summary line")
 
 
-def trained_parameters(policy: Path, lora_rank: int) -> int:
+def trained_parameters(policy: Path) -> int:
     """Parameters whose FLOPs count: the language model's (the vision tower is frozen and sees no
     image in a text-only run); with LoRA the frozen base still computes every product."""
     from transformers import AutoConfig
@@ -233,7 +232,7 @@ def main() -> None:
             "--micro-batch", str(a.micro_batch), "--max-reasoning-tokens", str(a.max_reasoning_tokens),
             "--views", str(a.views), "--resolution", str(a.resolution), "--save-every", "1", "--lr", "1e-5",
             "--device", a.device, "--overlap", str(a.overlap), "--profile-step", str(a.profile_step), "--json"]
-    print("$ rl3d " + " ".join(argv[3:]), file=sys.stderr, flush=True)
+    print("$ " + " ".join(argv), file=sys.stderr, flush=True)
     t0 = time.time()
     with GpuMemory() as mem:
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
@@ -246,7 +245,7 @@ def main() -> None:
     res["processes"] = gpus
     res["peak_gpu_mib"] = mem.peak_mib or None
     res["checkpoints"] = checkpoints(run)
-    res["update"] = update_figures(run, trained_parameters(policy, a.lora_rank), a.lora_rank > 0, gpus, a.peak_tflops)
+    res["update"] = update_figures(run, trained_parameters(policy), a.lora_rank > 0, gpus, a.peak_tflops)
     print(json.dumps({k: summary.get(k) for k in ("steps", "seconds_per_step", "steady_seconds_per_step",
                                                    "phase_seconds")}))
     print(f"{a.steps} steps in {res['wall_s']} s (model loading included), {gpus} process(es); peak GPU memory "

@@ -364,16 +364,16 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     B, L = input_ids.shape
     T = kinds.shape[1]
-    pos = position_ids_from_mask(attention_mask)
     first = attention_mask.long().argmax(1)  # column of each row's first token
     # every row's tokens a prefix of it (collate(right_padded=True)): causal attention alone keeps the
     # pads after a row's tokens out of them, so no mask goes to the model and attention is its plain
-    # causal kernel (flash on a GPU; a padding mask forces the memory-efficient one)
+    # causal kernel (flash on a GPU; a padding mask forces the memory-efficient one). The positions
+    # count on through the pads: transformers reads a position that does not step by 1 as the start
+    # of another packed sequence and would build a block mask after all.
     if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        attention_mask = None
-        # positions counting on through the pads: transformers reads a position that does not step by 1
-        # as the start of another packed sequence and would build a block mask after all
-        pos = torch.arange(L, device=input_ids.device).expand(B, L)
+        attention_mask, pos = None, torch.arange(L, device=input_ids.device).expand(B, L)
+    else:
+        pos = position_ids_from_mask(attention_mask)
     cols = first[:, None] + prompt_lens[:, None].to(first.device) + torch.arange(T, device=first.device)[None]
     targets = input_ids.gather(1, cols.clamp(max=L - 1))
     pred_cols = (cols - 1).clamp(0, L - 1)  # the position whose output predicts each target
